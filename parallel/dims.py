@@ -1,0 +1,64 @@
+"""Parallel degrees of a job, resolved and checked against the world size and the model
+before any process group exists."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout; ``key`` names the config key at fault."""
+
+    def __init__(self, key: str, value, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key}={value!r}: {expected}")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    world_size: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def uses_fsdp(self) -> bool:
+        return self.world_size > 1 and self.dp > 1
+
+
+def resolve_parallel_dims(
+    *, dp_replicate: int, dp_shard: int, tp: int, pp: int, pp_schedule: str, world_size: int
+) -> ParallelDims:
+    for key, v in (("parallel.dp_replicate", dp_replicate), ("parallel.tp", tp), ("parallel.pp", pp)):
+        if v < 1:
+            raise LayoutError(key, v, "must be >= 1")
+    if pp_schedule not in PP_SCHEDULES:
+        raise LayoutError("parallel.pp_schedule", pp_schedule, f"one of {', '.join(PP_SCHEDULES)}")
+    if tp > 1:
+        raise LayoutError("parallel.tp", tp, "tensor parallelism is not available in this build yet; use 1")
+    if pp > 1:
+        raise LayoutError("parallel.pp", pp, "pipeline parallelism is not available in this build yet; use 1")
+    others = dp_replicate * tp * pp
+    if dp_shard == -1:
+        if world_size % others:
+            raise LayoutError(
+                "parallel.dp_replicate", dp_replicate,
+                f"dp_replicate*tp*pp={others} must divide the world size {world_size}",
+            )
+        dp_shard = world_size // others
+    elif dp_shard < 1:
+        raise LayoutError("parallel.dp_shard", dp_shard, "must be >= 1, or -1 for the rest of the world size")
+    product = dp_replicate * dp_shard * tp * pp
+    if product != world_size:
+        raise LayoutError(
+            "parallel.dp_shard", dp_shard,
+            f"dp_replicate*dp_shard*tp*pp = {dp_replicate}*{dp_shard}*{tp}*{pp} = {product} "
+            f"must equal the world size {world_size}",
+        )
+    return ParallelDims(dp_replicate, dp_shard, tp, pp, world_size)

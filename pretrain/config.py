@@ -1,0 +1,130 @@
+"""Structured config of a training job: the dataclasses Hydra validates against.
+
+Every YAML file under configs/ is merged onto these, so a misspelt key or a wrong type
+fails at composition, naming the key, before any process or process group exists."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import sysconfig
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from .model.args import LlamaArgs
+
+
+@dataclass
+class ParallelConfig:
+    # Degrees; their product must equal the world size. dp_shard=-1 takes what is left.
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    # FSDP2: free unsharded params after forward (re-gathered in backward).
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    # Deterministic kernels and no data-order nondeterminism: two runs of one config on
+    # the same machine give bitwise-identical losses.
+    deterministic: bool = False
+    seq_len: int = 256
+    # Sequences per data-parallel rank per micro-batch.
+    local_batch_size: int = 8
+    grad_accum_steps: int = 1
+    # Global-norm gradient clipping; 0 disables.
+    max_norm: float = 1.0
+    # auto | cpu | cuda
+    device: str = "auto"
+    # auto (bf16 params + fp32 reduce on CUDA, fp32 on CPU) | bf16 | fp32
+    mixed_precision: str = "auto"
+    # Intra-op threads per process; null = cores / processes on the node.
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # cosine | linear | wsd | constant (each after a linear warmup)
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    # Floor of the decay, as a fraction of lr.
+    min_lr_ratio: float = 0.1
+    # wsd only: fraction of the steps spent in the final linear decay.
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class TokenizerConfig:
+    # bpe: a byte-level BPE trained by the project on the corpus and cached.
+    kind: str = "bpe"
+    vocab_size: int = 4096
+    # Bytes of the corpus (files in sorted order) used to train the BPE.
+    train_bytes: int = 8_000_000
+    # Where trained tokenizers are cached, keyed by a fingerprint of corpus and settings.
+    cache_dir: str = "${oc.env:HOME}/.cache/llama-pretrain/tokenizers"
+    # A tokenizer.json to use as is instead of training one.
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # text_folder: every file under `root` matching `glob` is one document.
+    source: str = "text_folder"
+    root: str = MISSING
+    glob: str = "**/*.py"
+    # Files larger than this are skipped (generated tables, data blobs).
+    max_file_bytes: int = 1_000_000
+    shuffle: bool = True
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    console: bool = True
+    tensorboard: bool = True
+    # Peak FLOP/s per device for MFU; null = table for known GPUs, a matmul probe on CPU.
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class CheckpointConfig:
+    # Save a DCP checkpoint every N steps (and at the end); 0 disables.
+    interval: int = 0
+    # Keep only the newest N complete checkpoints; 0 keeps all.
+    keep_last: int = 2
+    # Resume from the newest complete checkpoint in the run dir when there is one.
+    resume: bool = True
+
+
+@dataclass
+class JobConfig:
+    model: LlamaArgs = field(default_factory=LlamaArgs)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def register_configs() -> None:
+    """Idempotent: the schema goes into Hydra's ConfigStore, resolvers into OmegaConf."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    if not OmegaConf.has_resolver("stdlib_dir"):
+        # The Python standard library's own sources: text every interpreter ships.
+        OmegaConf.register_new_resolver("stdlib_dir", _stdlib_dir)

@@ -1,0 +1,152 @@
+"""Convert Llama weights and configs between Hugging Face's layout and ours.
+
+Ours keeps Meta's RoPE layout (rotated pairs are adjacent), HF's rotates halves, so
+q/k projection rows are permuted on the way through; everything else is renamed."""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict
+
+import torch
+
+from .model.args import LlamaArgs, RopeScaling
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def _meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    head_dim = w.shape[0] // n_heads
+    return w.view(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    head_dim = w.shape[0] // n_heads
+    return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def hf_to_ours(hf_sd: Dict[str, torch.Tensor], args: LlamaArgs) -> Dict[str, torch.Tensor]:
+    """HF ``LlamaForCausalLM`` state dict -> ours. Unknown keys raise (naming them)."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, w in hf_sd.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # a derived buffer; ours recomputes it from the config
+        if key in _TOP_NAMES:
+            name = _TOP_NAMES[key]
+            if name == "output.weight" and args.tie_embeddings:
+                continue
+            out[name] = w
+            continue
+        m = _LAYER.match(key)
+        if not m or m.group(2) not in _LAYER_NAMES:
+            raise KeyError(f"unexpected Hugging Face weight {key!r}")
+        sub = _LAYER_NAMES[m.group(2)]
+        if sub == "attention.wq.weight":
+            w = _hf_to_meta_rows(w, args.n_heads)
+        elif sub == "attention.wk.weight":
+            w = _hf_to_meta_rows(w, args.n_kv_heads)
+        out[f"layers.{m.group(1)}.{sub}"] = w
+    if not args.tie_embeddings and "output.weight" not in out:
+        raise KeyError("untied model but the Hugging Face weights have no 'lm_head.weight'")
+    return out
+
+
+def ours_to_hf(sd: Dict[str, torch.Tensor], args: LlamaArgs) -> Dict[str, torch.Tensor]:
+    top = {v: k for k, v in _TOP_NAMES.items()}
+    layer = {v: k for k, v in _LAYER_NAMES.items()}
+    out: Dict[str, torch.Tensor] = {}
+    for key, w in sd.items():
+        if key in top:
+            out[top[key]] = w
+            continue
+        _, idx, sub = key.split(".", 2)
+        if sub == "attention.wq.weight":
+            w = _meta_to_hf_rows(w, args.n_heads)
+        elif sub == "attention.wk.weight":
+            w = _meta_to_hf_rows(w, args.n_kv_heads)
+        out[f"model.layers.{idx}.{layer[sub]}"] = w
+    if args.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def args_from_hf_config(cfg: Dict[str, Any], name: str = "hf") -> LlamaArgs:
+    """``config.json`` of a HF Llama -> LlamaArgs."""
+    rs = cfg.get("rope_scaling")
+    scaling = None
+    if rs:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind != "llama3":
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (expected 'llama3')")
+        scaling = RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        )
+    n_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim")
+    if head_dim == cfg["hidden_size"] // n_heads:
+        head_dim = None  # the default; keeps configs round-tripping equal
+    return LlamaArgs(
+        name=name,
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+        head_dim=head_dim,
+        ffn_hidden_dim=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def hf_config_from_args(args: LlamaArgs) -> Dict[str, Any]:
+    cfg: Dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.resolved_head_dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rope_scaling": None,
+    }
+    if args.rope_scaling is not None:
+        rs = args.rope_scaling
+        cfg["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        }
+    return cfg

@@ -1,0 +1,214 @@
+"""Llama 3.x decoder: RMSNorm -> GQA attention with llama3-scaled RoPE -> SwiGLU.
+
+Plain nn.Modules that know nothing of parallelism. Built on the meta device, then
+materialized with ``to_empty`` + ``init_weights`` so any size can be constructed free."""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import LlamaArgs, RopeScaling
+
+# init_fn(tensor, std, fqn): fills ``tensor`` in place with a truncated normal of ``std``.
+InitFn = Callable[[torch.Tensor, float, str], None]
+
+
+def param_seed(seed: int, fqn: str) -> int:
+    """A generator seed per (run seed, parameter name): init does not depend on the
+    order parameters are visited in, nor on how they are sharded."""
+    return (seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63 - 1)
+
+
+def seeded_trunc_normal_(tensor: torch.Tensor, std: float, fqn: str, seed: int) -> None:
+    gen = torch.Generator(device=tensor.device).manual_seed(param_seed(seed, fqn))
+    with torch.no_grad():
+        nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
+
+
+def llama3_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> torch.Tensor:
+    """Inverse frequencies of RoPE, with Llama 3's long-context scaling applied:
+    long wavelengths are divided by ``factor``, short ones kept, the band between
+    interpolated smoothly."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.float()
+    old_ctx = scaling.original_max_position_embeddings
+    low_wavelen = old_ctx / scaling.low_freq_factor
+    high_wavelen = old_ctx / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, interpolated)
+    scaled = torch.where(wavelen < high_wavelen, inv_freq, scaled)
+    return scaled.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim (Meta's layout).
+
+    x: (B, S, H, D); cos/sin: (B or 1, S, D/2). Computed in fp32 and cast back."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.resolved_head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # -1 instead of n_heads: under tensor parallel each rank holds a slice of heads.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+
+    def forward(self, x, cos, sin, attn_mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama 3.x. ``forward`` returns logits; the loss lives in the trainer."""
+
+    def __init__(self, args: LlamaArgs, rope_cache_len: Optional[int] = None):
+        super().__init__()
+        self.args = args
+        self.rope_cache_len = rope_cache_len or min(args.max_position_embeddings, 8192)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed "0".."n-1" keeps FQNs stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied heads reuse the embedding matrix in forward rather than sharing a Parameter
+        # between two modules: shared Parameters come apart under to_empty and sharding.
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        half = args.resolved_head_dim // 2
+        self.register_buffer("rope_cos", torch.empty(self.rope_cache_len, half), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(self.rope_cache_len, half), persistent=False)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE tables; needed after ``to_empty`` and before loading weights."""
+        a = self.args
+        inv_freq = llama3_inv_freq(a.resolved_head_dim, a.rope_theta, a.rope_scaling)
+        pos = torch.arange(self.rope_cache_len, dtype=torch.float32)
+        angles = torch.outer(pos, inv_freq)
+        self.rope_cos.copy_(angles.cos())
+        self.rope_sin.copy_(angles.sin())
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, init_fn: Optional[InitFn] = None) -> None:
+        """Truncated-normal init (cut at 3 std); attention and MLP output projections are
+        depth-scaled by 1/sqrt(2 * n_layers), an untied head uses dim**-0.5.
+
+        ``init_fn`` lets the parallel layer fill sharded tensors so that the values do
+        not depend on the layout; by default each tensor draws from its own seeded
+        generator."""
+        if init_fn is None:
+            init_fn = lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, seed)  # noqa: E731
+        self.init_buffers()
+        a = self.args
+        std = a.init_std
+        out_std = std / math.sqrt(2 * a.n_layers)
+        for fqn, p in self.named_parameters():
+            if fqn.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif fqn.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                init_fn(p, out_std, fqn)
+            elif fqn == "output.weight":
+                init_fn(p, a.dim**-0.5, fqn)
+            else:
+                init_fn(p, std, fqn)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        seqlen = tokens.shape[1]
+        if position_ids is None:
+            cos, sin = self.rope_cos[:seqlen].unsqueeze(0), self.rope_sin[:seqlen].unsqueeze(0)
+        else:
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, attn_mask)
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied embedding counts once), works on meta-device models."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_llama(args: LlamaArgs, rope_cache_len: Optional[int] = None, device="meta") -> Llama:
+    with torch.device(device):
+        return Llama(args, rope_cache_len)

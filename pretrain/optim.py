@@ -1,0 +1,51 @@
+"""AdamW and learning-rate schedules (each a pure function of the step, so a resumed run
+needs nothing but the step to continue the curve)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+
+
+def lr_multiplier(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float,
+                  decay_fraction: float) -> float:
+    """Multiplier of the peak lr for optimizer update ``step`` (1-based)."""
+    if warmup > 0 and step <= warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "wsd":
+        decay_steps = max(1, math.ceil(decay_fraction * total))
+        start = total - decay_steps
+        if step <= start:
+            return 1.0
+        p = min(1.0, (step - start) / decay_steps)
+        return 1.0 - (1.0 - min_ratio) * p
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * p
+    raise ValueError(f"optim.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
+
+
+def build_lr_fn(cfg, total_steps: int) -> Callable[[int], float]:
+    return lambda step: cfg.lr * lr_multiplier(
+        step, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
+        min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction,
+    )
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (embedding included), none on norm weights."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)

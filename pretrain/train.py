@@ -1,0 +1,193 @@
+"""The training loop: build the model on meta, shard it, materialize it, then step:
+micro-batches with gradient accumulation, global-norm clipping, AdamW, schedule, metrics."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.loader import TextFolderBatches
+from data_pipeline.text_folder import list_text_files
+from parallel import distributed as pdist
+from parallel.dims import ParallelDims
+from parallel.env import LaunchEnv
+from parallel.init import clip_grad_norm_, shard_aware_init
+
+from .config import JobConfig
+from .flops import flops_per_token, peak_flops
+from .metrics import MetricsSink, peak_memory_gb
+from .model.llama import build_llama, count_parameters, seeded_trunc_normal_
+from .optim import build_lr_fn, build_optimizer
+from .tokenizers import load_tokenizer
+
+log = logging.getLogger("pretrain")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def set_determinism(on: bool, device: torch.device) -> None:
+    if not on:
+        return
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+def resolve_dtypes(mode: str, device: torch.device):
+    """(param dtype for compute, gradient-reduce dtype). Master weights stay fp32."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "fp32"
+    if mode == "bf16":
+        return torch.bfloat16, torch.float32
+    return torch.float32, torch.float32
+
+
+def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path) -> List[Dict[str, float]]:
+    """Runs the job; returns the logged metrics (on every rank, identical)."""
+    t, device = cfg.train, pdist.pick_device(cfg.train.device, env)
+    threads = t.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(threads)
+    set_determinism(t.deterministic, device)
+    pdist.init_distributed(env, device)
+    try:
+        return _train(cfg, env, dims, run_dir, device)
+    finally:
+        pdist.shutdown_distributed()
+
+
+def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, device: torch.device):
+    t = cfg.train
+    is_rank0 = env.rank == 0
+    run_dir = Path(pdist.broadcast_object(str(run_dir)))
+    seed_everything(t.seed)
+
+    tokenizer = load_tokenizer(cfg.data, env)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} tokens but "
+            f"model.vocab_size={cfg.model.vocab_size}"
+        )
+
+    model = build_llama(cfg.model, rope_cache_len=t.seq_len, device="meta")
+    n_params = count_parameters(model)
+    param_dtype, reduce_dtype = resolve_dtypes(t.mixed_precision, device)
+    mesh = pdist.build_device_mesh(dims, device)
+    if dims.uses_fsdp:
+        from parallel.fsdp import apply_fsdp
+
+        apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                   reshard_after_forward=cfg.parallel.reshard_after_forward, hsdp=dims.dp_replicate > 1)
+    model.to_empty(device=device)
+    base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, t.seed)  # noqa: E731
+    model.init_weights(init_fn=shard_aware_init(base_init))
+    # Without FSDP, bf16 compute comes from autocast (weights stay fp32 masters).
+    autocast = (torch.autocast(device.type, dtype=param_dtype)
+                if not dims.uses_fsdp and param_dtype != torch.float32 else nullcontext())
+
+    optimizer = build_optimizer(model, cfg.optim)
+    lr_at = build_lr_fn(cfg.optim, t.steps)
+
+    # Data-parallel coordinates: replicate-major, like the mesh.
+    dp_rank, dp_world = env.rank // (dims.tp * dims.pp), dims.dp
+    files = list_text_files(cfg.data.root, cfg.data.glob, cfg.data.max_file_bytes)
+    batches = TextFolderBatches(files, tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
+                                dp_rank=dp_rank, dp_world_size=dp_world, seed=t.seed,
+                                shuffle=cfg.data.shuffle)
+
+    from .checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, is_rank0=is_rank0)
+    start_step, tokens_seen = ckpt.maybe_resume(model, optimizer)
+    batches.skip(start_step * t.grad_accum_steps)
+
+    tokens_per_step = dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
+    fpt = flops_per_token(cfg.model, t.seq_len)
+    peak = peak_flops(device, cfg.logging.peak_tflops)
+    sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps,
+                       tensorboard=cfg.logging.tensorboard, console=cfg.logging.console)
+    if is_rank0:
+        log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d | world %d (%s) | %s %s",
+                 run_dir, f"{n_params:,}", dims.dp_replicate, dims.dp_shard, env.world_size,
+                 env.launcher, device.type, str(param_dtype).removeprefix("torch."))
+        if start_step:
+            log.info("resumed from step %d", start_step)
+
+    history: List[Dict[str, float]] = []
+    loop_start = window_start = time.perf_counter()
+    window_tokens, window_steps, data_wait = 0, 0, 0.0
+    model.train()
+    try:
+        for step in range(start_step + 1, t.steps + 1):
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(t.grad_accum_steps):
+                d0 = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - d0
+                inputs = batch["input_ids"].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True)
+                with autocast:
+                    logits = model(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+                (loss / t.grad_accum_steps).backward()
+                loss_sum += loss.detach()
+            grad_norm = clip_grad_norm_(model.parameters(), t.max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            window_steps += 1
+
+            if step % cfg.logging.every == 0 or step == t.steps:
+                loss_avg = pdist.all_reduce_mean((loss_sum / t.grad_accum_steps).reshape(1))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                elapsed = now - window_start
+                tps = window_tokens / elapsed
+                mem = pdist.all_reduce_max(torch.tensor([peak_memory_gb(device)], device=device))
+                metrics = {
+                    "loss": loss_avg.item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tps,
+                    "tokens_per_s_per_device": tps / env.world_size,
+                    "tokens_seen": float(tokens_seen),
+                    "mfu": fpt * tps / (peak * env.world_size),
+                    "mem_gb": mem.item(),
+                    "step_time_s": elapsed / window_steps,
+                    "data_wait_share": data_wait / elapsed,
+                }
+                steps_done = step - start_step
+                eta = (now - loop_start) / steps_done * (t.steps - step)
+                sink.log(step, metrics, eta_s=eta)
+                history.append({"step": step, **metrics})
+                window_start, window_tokens, window_steps, data_wait = time.perf_counter(), 0, 0, 0.0
+
+            if ckpt.due(step, t.steps):
+                ckpt.save(step, tokens_seen, model, optimizer)
+        ckpt.wait()
+    finally:
+        sink.close()
+    if is_rank0:
+        log.info("done: %d steps | metrics %s | tensorboard %s", t.steps, run_dir / "metrics.jsonl", run_dir / "tb")
+    return history

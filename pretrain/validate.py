@@ -1,0 +1,81 @@
+"""Cross-field checks of a composed job config, run before any process group exists.
+Each failure names the key, the value and what would be valid."""
+from __future__ import annotations
+
+from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
+
+from .config import JobConfig
+from .optim import SCHEDULES
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, value, expected: str):
+        self.key = key
+        super().__init__(f"{key}={value!r}: {expected}")
+
+
+def _require(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, expected)
+
+
+def _one_of(key: str, value, choices) -> None:
+    _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
+
+
+def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    for key, v in (("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                   ("model.n_kv_heads", m.n_kv_heads), ("model.ffn_hidden_dim", m.ffn_hidden_dim),
+                   ("model.vocab_size", m.vocab_size)):
+        _require(v >= 1, key, v, "must be >= 1")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+             f"must divide model.n_heads={m.n_heads} (grouped-query attention)")
+    if m.head_dim is None:
+        _require(m.dim % m.n_heads == 0, "model.n_heads", m.n_heads,
+                 f"must divide model.dim={m.dim} (or set model.head_dim)")
+    _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE rotates pairs)")
+    if m.rope_scaling is not None:
+        rs = m.rope_scaling
+        _require(rs.high_freq_factor > rs.low_freq_factor, "model.rope_scaling.high_freq_factor",
+                 rs.high_freq_factor, f"must exceed low_freq_factor={rs.low_freq_factor}")
+        _require(rs.factor >= 1, "model.rope_scaling.factor", rs.factor, "must be >= 1")
+
+    _require(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    _require(t.seq_len >= 1, "train.seq_len", t.seq_len, "must be >= 1")
+    _require(t.seq_len <= m.max_position_embeddings, "train.seq_len", t.seq_len,
+             f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
+    _require(t.local_batch_size >= 1, "train.local_batch_size", t.local_batch_size, "must be >= 1")
+    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    _require(t.max_norm >= 0, "train.max_norm", t.max_norm, "must be >= 0 (0 disables clipping)")
+    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+    _one_of("train.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
+    if t.num_threads is not None:
+        _require(t.num_threads >= 1, "train.num_threads", t.num_threads, "must be >= 1 or null")
+
+    _one_of("optim.name", o.name, ("adamw",))
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
+             "two values in [0, 1)")
+    _require(0 <= o.warmup_steps, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
+
+    _one_of("data.source", d.source, ("text_folder",))
+    _one_of("data.tokenizer.kind", d.tokenizer.kind, ("bpe",))
+    _require(d.tokenizer.path is not None or d.tokenizer.vocab_size <= m.vocab_size,
+             "data.tokenizer.vocab_size", d.tokenizer.vocab_size,
+             f"must be <= model.vocab_size={m.vocab_size}")
+
+    _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, "must be >= 1")
+    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
+    _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 0")
+
+    p = cfg.parallel
+    try:
+        dims = resolve_parallel_dims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
+                                     pp_schedule=p.pp_schedule, world_size=world_size)
+    except LayoutError as e:
+        raise ConfigError(e.key, e.value, e.expected) from None
+    return dims
