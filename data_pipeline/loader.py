@@ -10,7 +10,7 @@ from typing import Dict, Iterator, List
 
 import torch
 
-from .packing import pack_windows
+from .packing import pack_windows, shuffle_windows
 from .text_folder import iter_documents
 from .tokenizer import Tokenizer
 
@@ -39,17 +39,19 @@ class TextFolderBatches:
         dp_world_size: int,
         seed: int,
         shuffle: bool = True,
+        shuffle_buffer: int = 0,
     ):
         self.files, self.tokenizer = files, tokenizer
         self.seq_len, self.local_batch_size = seq_len, local_batch_size
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.windows_seen = 0  # global window index of the next window (all ranks agree)
         self._it = self._windows()
 
     def _windows(self) -> Iterator[List[int]]:
         docs = _tokenized_docs(self.tokenizer, iter_documents(self.files, self.seed, self.shuffle))
-        return pack_windows(docs, self.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
+        windows = pack_windows(docs, self.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
+        return shuffle_windows(windows, self.shuffle_buffer if self.shuffle else 0, self.seed)
 
     def __iter__(self):
         return self

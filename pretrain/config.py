@@ -84,7 +84,9 @@ class DataConfig:
     glob: str = "**/*.py"
     # Files larger than this are skipped (generated tables, data blobs).
     max_file_bytes: int = 1_000_000
+    # Shuffle file order each epoch and windows through a buffer of this many windows.
     shuffle: bool = True
+    shuffle_buffer: int = 1024
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 

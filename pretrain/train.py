@@ -109,7 +109,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     files = list_text_files(cfg.data.root, cfg.data.glob, cfg.data.max_file_bytes)
     batches = TextFolderBatches(files, tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
                                 dp_rank=dp_rank, dp_world_size=dp_world, seed=t.seed,
-                                shuffle=cfg.data.shuffle)
+                                shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer)
 
     from .checkpoint import Checkpointer
 
@@ -132,6 +132,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     history: List[Dict[str, float]] = []
     loop_start = window_start = time.perf_counter()
     window_tokens, window_steps, data_wait = 0, 0, 0.0
+    # Sum of per-step mean losses since the last log: the logged loss is their average.
+    window_loss = torch.zeros((), device=device)
     model.train()
     try:
         for step in range(start_step + 1, t.steps + 1):
@@ -150,6 +152,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
                 (loss / t.grad_accum_steps).backward()
                 loss_sum += loss.detach()
+            window_loss += loss_sum / t.grad_accum_steps
             grad_norm = clip_grad_norm_(model.parameters(), t.max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -157,8 +160,9 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             window_tokens += tokens_per_step
             window_steps += 1
 
-            if step % cfg.logging.every == 0 or step == t.steps:
-                loss_avg = pdist.all_reduce_mean((loss_sum / t.grad_accum_steps).reshape(1))
+            # The first and last steps are always logged: the curve has both ends.
+            if step % cfg.logging.every == 0 or step in (start_step + 1, t.steps):
+                loss_avg = pdist.all_reduce_mean((window_loss / window_steps).reshape(1))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
@@ -182,6 +186,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 sink.log(step, metrics, eta_s=eta)
                 history.append({"step": step, **metrics})
                 window_start, window_tokens, window_steps, data_wait = time.perf_counter(), 0, 0, 0.0
+                window_loss.zero_()
 
             if ckpt.due(step, t.steps):
                 ckpt.save(step, tokens_seen, model, optimizer)

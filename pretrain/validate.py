@@ -63,6 +63,7 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
 
     _one_of("data.source", d.source, ("text_folder",))
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0 (0 or 1 disables)")
     _one_of("data.tokenizer.kind", d.tokenizer.kind, ("bpe",))
     _require(d.tokenizer.path is not None or d.tokenizer.vocab_size <= m.vocab_size,
              "data.tokenizer.vocab_size", d.tokenizer.vocab_size,
