@@ -1,0 +1,99 @@
+"""Shared helpers: run real training jobs as subprocesses (single, torchrun, srun-like)
+on a tiny Llama and the standard library's json package as corpus."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.ffn_hidden_dim=128", "model.vocab_size=512",
+    "data.glob=json/*.py", "data.tokenizer.vocab_size=512", "data.shuffle_buffer=16",
+    "train.seq_len=32", "train.steps=5", "optim.lr=1e-3", "optim.warmup_steps=2",
+    "logging.tensorboard=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tok_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tokenizers"))
+
+
+def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_job(run_dir: Path, overrides: Sequence[str], *, tok_cache: str, nproc: int = 1,
+            launcher: str = "single", check: bool = True, timeout: int = 300,
+            tiny: bool = True) -> subprocess.CompletedProcess:
+    args = [*(TINY if tiny else []), f"data.tokenizer.cache_dir={tok_cache}", *overrides,
+            f"hydra.run.dir={run_dir}"]
+    if launcher == "single":
+        cmd = [sys.executable, "-m", "pretrain", *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "pretrain", *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    elif launcher == "srun":
+        proc = _simulated_srun(args, nproc, timeout)
+    else:
+        raise ValueError(launcher)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"job failed (rc={proc.returncode}):\nSTDOUT\n{proc.stdout[-4000:]}\n"
+                             f"STDERR\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _simulated_srun(args, nproc: int, timeout: int) -> subprocess.CompletedProcess:
+    """What `srun --ntasks N` sets for each task, on one node; no torchrun involved."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = _env({
+            "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": str(nproc),
+            "SLURM_NTASKS": str(nproc), "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": str(nproc),
+            "MASTER_PORT": str(port),
+        })
+        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs, rc = [], 0
+    for p in procs:
+        o, e = p.communicate(timeout=timeout)
+        outs.append((o, e))
+        rc = rc or p.returncode
+    return subprocess.CompletedProcess(procs[0].args, rc, "".join(o for o, _ in outs),
+                                       "".join(e for _, e in outs))
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> List[float]:
+    return [m["loss"] for m in read_metrics(run_dir)]

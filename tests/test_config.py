@@ -1,0 +1,93 @@
+"""Config errors fail before any process group, naming the key; the schema covers every
+file under configs/."""
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO, run_job
+from pretrain.config import register_configs
+from pretrain.validate import ConfigError, validate_job
+
+
+def _compose(*overrides):
+    register_configs()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.stpes=5", "stpes"),
+    ("optim.lrr=0.1", "lrr"),
+    ("train.steps=abc", "train.steps"),
+    ("train.deterministic=maybe", "train.deterministic"),
+])
+def test_bad_keys_and_types_exit_nonzero_naming_the_key(tmp_path, tok_cache, override, key):
+    proc = run_job(tmp_path, [override], tok_cache=tok_cache, check=False)
+    assert proc.returncode != 0
+    assert key in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_impossible_layout_fails_in_every_worker_before_process_group(tmp_path, tok_cache):
+    proc = run_job(tmp_path, ["parallel.dp_shard=3"], tok_cache=tok_cache, nproc=2,
+                   launcher="torchrun", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert out.count("config error: parallel.dp_shard=3") == 2  # both ranks, on their own
+    assert "must equal the world size 2" in out
+    assert "run dir" not in out  # training never started
+
+
+def test_cross_field_rules_exit_2(tmp_path, tok_cache):
+    proc = run_job(tmp_path, ["model.n_kv_heads=3"], tok_cache=tok_cache, check=False)
+    assert proc.returncode == 2
+    assert "config error: model.n_kv_heads=3" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides,world,key", [
+    (["model.n_heads=6"], 1, "model.n_kv_heads"),  # 6 % 4
+    (["model.dim=250", "model.n_heads=4", "model.n_kv_heads=2"], 1, "model.n_heads"),
+    (["train.seq_len=300000"], 1, "train.seq_len"),
+    (["train.local_batch_size=0"], 1, "train.local_batch_size"),
+    (["train.grad_accum_steps=0"], 1, "train.grad_accum_steps"),
+    (["optim.schedule=step"], 1, "optim.schedule"),
+    (["train.mixed_precision=fp8"], 1, "train.mixed_precision"),
+    (["parallel.dp_replicate=3"], 4, "parallel.dp_replicate"),
+    (["parallel.dp_shard=2"], 4, "parallel.dp_shard"),
+    (["parallel.tp=2"], 2, "parallel.tp"),
+    (["parallel.pp_schedule=foo"], 1, "parallel.pp_schedule"),
+    (["data.tokenizer.vocab_size=9000"], 1, "data.tokenizer.vocab_size"),
+])
+def test_validation_names_the_key(overrides, world, key):
+    cfg = _compose(*overrides)
+    with pytest.raises(ConfigError) as e:
+        validate_job(cfg, world)
+    assert e.value.key == key
+
+
+def test_every_config_file_composes_and_validates():
+    for group in ("model", "parallel", "data", "optim", "train", "logging", "checkpoint", "experiment"):
+        for f in sorted((REPO / "configs" / group).glob("*.yaml")):
+            extra = ["data.root=/tmp"] if f.stem == "text_folder" else []
+            cfg = _compose(f"{group}={f.stem}", *extra)
+            world = 4 if f.stem == "hsdp" else 1
+            validate_job(cfg, world)
+
+
+def test_hsdp_and_auto_shard_resolution():
+    from parallel.dims import resolve_parallel_dims
+
+    d = resolve_parallel_dims(dp_replicate=2, dp_shard=-1, tp=1, pp=1, pp_schedule="1f1b", world_size=8)
+    assert (d.dp_replicate, d.dp_shard, d.dp) == (2, 4, 8)
+
+
+def test_help_lists_groups():
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for group in ("model:", "parallel:", "optim:", "experiment:"):
+        assert group in proc.stdout
+    assert "llama3_2_1b" in proc.stdout

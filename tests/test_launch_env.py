@@ -1,0 +1,48 @@
+"""Rank/world/master discovery from torchrun and SLURM variables."""
+import pytest
+
+from parallel.env import detect_launch_env, expand_hostlist
+
+
+@pytest.mark.parametrize("spec,hosts", [
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("a1,b[2-3]", ["a1", "b2", "b3"]),
+    ("gpu-[1-2]-x[8-9]", ["gpu-1-x8", "gpu-1-x9", "gpu-2-x8", "gpu-2-x9"]),
+    ("n[009-011]", ["n009", "n010", "n011"]),
+    ("solo", ["solo"]),
+])
+def test_expand_hostlist(spec, hosts):
+    assert expand_hostlist(spec) == hosts
+
+
+@pytest.mark.parametrize("bad", ["n[1-", "n]1[", "n[3-1]"])
+def test_bad_hostlist_raises(bad):
+    with pytest.raises(ValueError):
+        expand_hostlist(bad)
+
+
+def test_slurm_tasks():
+    env = detect_launch_env({
+        "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_STEP_NODELIST": "node[01-03,07]", "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+        "SLURM_JOB_ID": "123456",
+    })
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 2)
+    assert env.master_addr == "node01" and env.launcher == "slurm"
+    assert env.master_port == 20000 + 123456 % 10000
+
+
+def test_torchrun_wins_inside_srun():
+    env = detect_launch_env({
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400",
+        "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2",
+    })
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (
+        3, 4, 1, "10.0.0.1", "torchrun")
+
+
+def test_batch_script_without_srun_is_single():
+    # Inside an sbatch script SLURM_NTASKS is set, but no step tasks: one process.
+    env = detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"})
+    assert env.world_size == 1 and env.launcher == "single"
