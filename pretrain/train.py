@@ -20,6 +20,7 @@ from parallel.dims import ParallelDims
 from parallel.env import LaunchEnv
 from parallel.init import clip_grad_norm_, shard_aware_init
 
+from .checkpoint import Checkpointer
 from .config import JobConfig
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsSink, peak_memory_gb
@@ -110,8 +111,6 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     batches = TextFolderBatches(files, tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
                                 dp_rank=dp_rank, dp_world_size=dp_world, seed=t.seed,
                                 shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer)
-
-    from .checkpoint import Checkpointer
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, is_rank0=is_rank0)
     start_step, tokens_seen = ckpt.maybe_resume(model, optimizer)

@@ -72,23 +72,31 @@ def test_torchrun_and_srun_tasks_agree(tmp_path, tok_cache):
     assert (s / ".hydra" / "config.yaml").is_file()
 
 
-def test_resume_continues_the_exact_curve(tmp_path, tok_cache):
+@pytest.mark.parametrize("nproc", [1, 2], ids=["single", "fsdp2"])
+def test_resume_continues_the_exact_curve(tmp_path, tok_cache, nproc):
+    launch = dict(tok_cache=tok_cache, nproc=nproc, launcher="torchrun" if nproc > 1 else "single")
     overrides = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep_last=0", "train.local_batch_size=2"]
     straight = tmp_path / "straight"
-    run_job(straight, overrides, tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    run_job(straight, overrides, **launch)
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
     # A run that "died" after its step-3 checkpoint, mid-way through saving step 6.
     resumed = tmp_path / "resumed"
-    run_job(resumed, ["train.steps=6", "checkpoint.interval=3", "train.local_batch_size=2"],
-            tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    run_job(resumed, ["train.steps=6", "checkpoint.interval=3", "train.local_batch_size=2"], **launch)
     (resumed / "checkpoints" / "step-6").rename(resumed / "checkpoints" / "step-6.partial")
     lines = (resumed / "metrics.jsonl").read_text().splitlines()[:3]
     (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
-    proc = run_job(resumed, overrides, tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    proc = run_job(resumed, overrides, **launch)
     out = proc.stderr + proc.stdout
     assert "resumed from step 3" in out and "removing incomplete checkpoint" in out
     assert not (resumed / "checkpoints" / "step-6.partial").exists()
     assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3, 4, 5, 6]
     assert losses(resumed) == losses(straight)  # bit for bit, after the resume too
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path, tok_cache):
+    run_job(tmp_path, ["train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=2",
+                       "train.local_batch_size=2"], tok_cache=tok_cache)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    assert (tmp_path / "checkpoints" / "step-6" / "meta.json").is_file()
