@@ -51,6 +51,16 @@ def set_determinism(on: bool, device: torch.device) -> None:
     torch.use_deterministic_algorithms(True)
 
 
+def default_threads(local_world_size: int) -> int:
+    """A launcher that bound this process to some cores (srun --cpu-bind, taskset) already
+    split the node: use them all. Otherwise share the node's cores between local ranks."""
+    total = os.cpu_count() or 1
+    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    if mine < total:
+        return mine
+    return max(1, total // local_world_size)
+
+
 def resolve_dtypes(mode: str, device: torch.device):
     """(param dtype for compute, gradient-reduce dtype). Master weights stay fp32."""
     if mode == "auto":
@@ -63,7 +73,7 @@ def resolve_dtypes(mode: str, device: torch.device):
 def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path) -> List[Dict[str, float]]:
     """Runs the job; returns the logged metrics (on every rank, identical)."""
     t, device = cfg.train, pdist.pick_device(cfg.train.device, env)
-    threads = t.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    threads = t.num_threads or default_threads(env.local_world_size)
     torch.set_num_threads(threads)
     set_determinism(t.deterministic, device)
     pdist.init_distributed(env, device)

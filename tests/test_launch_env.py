@@ -46,3 +46,20 @@ def test_batch_script_without_srun_is_single():
     # Inside an sbatch script SLURM_NTASKS is set, but no step tasks: one process.
     env = detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"})
     assert env.world_size == 1 and env.launcher == "single"
+
+
+def test_default_threads_respects_binding():
+    import os
+
+    from pretrain.train import default_threads
+
+    total = os.cpu_count()
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, set(range(total)))  # unbound: share the node
+        assert default_threads(1) == total
+        assert default_threads(2) == max(1, total // 2)
+        os.sched_setaffinity(0, {0})  # bound to one core, as srun --cpu-bind would
+        assert default_threads(1) == 1
+    finally:
+        os.sched_setaffinity(0, before)
