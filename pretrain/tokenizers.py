@@ -3,8 +3,9 @@ corpus once and cached (trained by one process per node, checked equal on every 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Sequence
 
-from data_pipeline.text_folder import list_text_files
 from data_pipeline.tokenizer import HFTokenizer, bpe_cache_path, corpus_sample, train_bpe
 from parallel import distributed as pdist
 from parallel.env import LaunchEnv
@@ -12,11 +13,11 @@ from parallel.env import LaunchEnv
 log = logging.getLogger("pretrain")
 
 
-def load_tokenizer(data_cfg, env: LaunchEnv) -> HFTokenizer:
+def load_tokenizer(data_cfg, files: Sequence[Path], env: LaunchEnv) -> HFTokenizer:
+    """``files``: the job's corpus in sorted order (the BPE trains on its first bytes)."""
     tc = data_cfg.tokenizer
     if tc.path:
         return HFTokenizer(tc.path)
-    files = list_text_files(data_cfg.root, data_cfg.glob, data_cfg.max_file_bytes)
     texts = corpus_sample(files, tc.train_bytes)
     path = bpe_cache_path(tc.cache_dir, texts, tc.vocab_size)
     if env.local_rank == 0 and not path.exists():

@@ -71,7 +71,7 @@ def resolve_dtypes(mode: str, device: torch.device):
 
 
 def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path) -> List[Dict[str, float]]:
-    """Runs the job; returns the logged metrics (on every rank, identical)."""
+    """Runs the job; returns the logged metrics (every rank computes them; losses agree)."""
     t, device = cfg.train, pdist.pick_device(cfg.train.device, env)
     threads = t.num_threads or default_threads(env.local_world_size)
     torch.set_num_threads(threads)
@@ -89,7 +89,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     run_dir = Path(pdist.broadcast_object(str(run_dir)))
     seed_everything(t.seed)
 
-    tokenizer = load_tokenizer(cfg.data, env)
+    files = list_text_files(cfg.data.root, cfg.data.glob, cfg.data.max_file_bytes)
+    tokenizer = load_tokenizer(cfg.data, files, env)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} tokens but "
@@ -117,7 +118,6 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
 
     # Data-parallel coordinates: replicate-major, like the mesh.
     dp_rank, dp_world = env.rank // (dims.tp * dims.pp), dims.dp
-    files = list_text_files(cfg.data.root, cfg.data.glob, cfg.data.max_file_bytes)
     batches = TextFolderBatches(files, tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
                                 dp_rank=dp_rank, dp_world_size=dp_world, seed=t.seed,
                                 shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer)
