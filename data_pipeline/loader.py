@@ -45,7 +45,7 @@ class TextFolderBatches:
         self.seq_len, self.local_batch_size = seq_len, local_batch_size
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
-        self.windows_seen = 0  # global window index of the next window (all ranks agree)
+        self.windows_seen = 0  # global index of the next window of the shared stream
         self._it = self._windows()
 
     def _windows(self) -> Iterator[List[int]]:

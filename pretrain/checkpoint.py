@@ -59,9 +59,6 @@ class Checkpointer:
             for _, path in done[:-keep]:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def wait(self) -> None:
-        """Saves are synchronous in this version; kept so the loop's shape stays fixed."""
-
     def maybe_resume(self, model, optimizer) -> Tuple[int, int]:
         """(step, tokens_seen) to continue from; (0, 0) for a fresh start."""
         if self.is_rank0 and self.root.is_dir():

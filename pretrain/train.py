@@ -199,7 +199,6 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
 
             if ckpt.due(step, t.steps):
                 ckpt.save(step, tokens_seen, model, optimizer)
-        ckpt.wait()
     finally:
         sink.close()
     if is_rank0:
