@@ -90,6 +90,18 @@ def _simulated_srun(args, nproc: int, timeout: int) -> subprocess.CompletedProce
                                        "".join(e for _, e in outs))
 
 
+def compose_job(*overrides: str):
+    """The job config (dataclasses) that `python -m pretrain <overrides>` would get."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pretrain.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
 def read_metrics(run_dir: Path) -> List[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -4,18 +4,9 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from conftest import REPO, run_job
-from pretrain.config import register_configs
+from conftest import REPO, compose_job, run_job
 from pretrain.validate import ConfigError, validate_job
-
-
-def _compose(*overrides):
-    register_configs()
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
 
 
 @pytest.mark.parametrize("override,key", [
@@ -63,7 +54,7 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["data.tokenizer.vocab_size=9000"], 1, "data.tokenizer.vocab_size"),
 ])
 def test_validation_names_the_key(overrides, world, key):
-    cfg = _compose(*overrides)
+    cfg = compose_job(*overrides)
     with pytest.raises(ConfigError) as e:
         validate_job(cfg, world)
     assert e.value.key == key
@@ -73,7 +64,7 @@ def test_every_config_file_composes_and_validates():
     for group in ("model", "parallel", "data", "optim", "train", "logging", "checkpoint", "experiment"):
         for f in sorted((REPO / "configs" / group).glob("*.yaml")):
             extra = ["data.root=/tmp"] if f.stem == "text_folder" else []
-            cfg = _compose(f"{group}={f.stem}", *extra)
+            cfg = compose_job(f"{group}={f.stem}", *extra)
             world = 4 if f.stem == "hsdp" else 1
             validate_job(cfg, world)
 

@@ -3,20 +3,12 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from conftest import REPO
-from pretrain.config import register_configs
+from conftest import compose_job
 from pretrain.model import build_llama, count_parameters
 
-
 def model_args(name: str):
-    register_configs()
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={name}"])
-    return OmegaConf.to_object(cfg).model
-
+    return compose_job(f"model={name}").model
 
 @pytest.mark.parametrize("name,expected", [
     ("llama3_2_1b", 1_235_814_400),
@@ -29,14 +21,12 @@ def test_published_parameter_counts_on_meta(name, expected):
     assert all(p.is_meta for p in model.parameters())  # nothing allocated
     assert count_parameters(model) == expected
 
-
 def test_published_hyperparameters():
     a = model_args("llama3_2_1b")
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden_dim) == (2048, 16, 32, 8, 8192)
     assert a.tie_embeddings and a.rope_scaling.factor == 32.0 and a.rope_theta == 500000.0
     b = model_args("llama3_1_8b")
     assert not b.tie_embeddings and b.rope_scaling.factor == 8.0 and b.ffn_hidden_dim == 14336
-
 
 def test_init_weights_truncated_and_depth_scaled():
     a = model_args("debug")
@@ -61,7 +51,6 @@ def test_init_weights_truncated_and_depth_scaled():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
     again.init_weights(seed=4)
     assert not torch.equal(model.tok_embeddings.weight, again.tok_embeddings.weight)
-
 
 def test_causal_and_gqa_shapes():
     a = model_args("debug")
