@@ -1,73 +1,203 @@
-"""The minimal training data path: folder of text -> tokenizer -> packed windows -> the
-batches of one data-parallel rank.
+"""The batches of one data-parallel rank, with a state that resumes exactly and
+reshards elastically.
 
-Windows are numbered globally; DP rank r of R takes windows r, r+R, r+2R, ... so that a
-step's global batch is the same set of sequences whatever R is (layouts compare exactly)."""
+Every row of a step's global batch is fed by its own ``L = streams_per_row`` streams
+(*slots*), taking one window from each in turn: a job has S = dp_world x local_batch_size
+x grad_accum_steps x L slots; DP rank ``r`` owns rows ``r*R .. r*R+R-1`` (``R =
+local_batch_size x grad_accum_steps``) and row ``q`` owns slots ``q*L .. q*L+L-1``;
+micro-batch ``m`` of a step takes rows ``m*local_batch_size ..``. Consecutive windows of
+a row come from L different places in the corpus (long documents do not fill a row's
+consecutive steps), and a step's global batch is the same set of sequences for any
+split of it into ranks and micro-batches (2 ranks x 4 rows = 1 rank x 8 rows = 1 rank x
+4 rows x 2 accumulation steps), which lets layouts be compared exactly and makes a
+resume with another DP degree but the same global batch bit-exact. Loader workers
+(``num_workers``) split the rank's rows between them (worker w takes rows w, w+W, ...);
+the main process joins one piece from each worker, in worker order, per batch, so the
+batches do not depend on the worker count either.
+
+Each piece carries its slots' states *after* that batch, so the rank's state is exact
+however far workers prefetched. Resume: with the same number of slots each slot continues
+from its own state (bit-for-bit the batches of an uninterrupted run); with another number
+(another global batch size) ``stream.reshard`` redistributes the remaining work, so no
+document is repeated or lost."""
 from __future__ import annotations
 
-from itertools import islice
-from typing import Dict, Iterator, List
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .packing import pack_windows, shuffle_windows
-from .text_folder import iter_documents
-from .tokenizer import Tokenizer
+from .sources import Source
+from .stream import SlotStream, UnitPlan, fresh_slot_state, key_source, reshard
 
-_ENCODE_CHUNK = 16  # documents per encode_batch call
+log = logging.getLogger("data_pipeline")
 
 
-def _tokenized_docs(tokenizer: Tokenizer, texts: Iterator) -> Iterator[List[int]]:
-    while True:
-        chunk = [text for _, text in islice(texts, _ENCODE_CHUNK)]
-        if not chunk:
+@dataclass
+class LoaderSpec:
+    seq_len: int
+    local_batch_size: int
+    dp_rank: int
+    dp_world: int
+    num_workers: int
+    seed: int
+    shuffle: bool
+    grad_accum_steps: int = 1
+    streams_per_row: int = 1
+
+    @property
+    def rows(self) -> int:
+        """Rows this rank reads per optimizer step."""
+        return self.local_batch_size * self.grad_accum_steps
+
+
+class _RowsDataset(IterableDataset):
+    """Yields, per batch, this worker's rows: one window per row from the row's next slot."""
+
+    def __init__(self, sources, plans, weights, tokenizer, spec: LoaderSpec, rows: List[dict], n_workers: int):
+        self.sources, self.plans, self.weights = sources, plans, weights
+        self.tokenizer, self.spec, self.rows, self.n_workers = tokenizer, spec, rows, n_workers
+
+    def __iter__(self):
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        mine = list(range(w, len(self.rows), self.n_workers))
+        window = self.spec.seq_len + 1
+        lanes = [[SlotStream(self.sources, self.plans, self.weights, self.tokenizer, window, st)
+                  for st in self.rows[q]["slots"]] for q in mine]
+        nxt = [self.rows[q]["next"] for q in mine]
+        n_src = len(self.sources)
+        while True:
+            wins, skipped = [], 0
+            for i, streams in enumerate(lanes):
+                wins.append(streams[nxt[i]].next_window())
+                skipped += streams[nxt[i]].take_skipped()
+                nxt[i] = (nxt[i] + 1) % len(streams)
+            keys = np.stack([x[1] for x in wins])
+            yield {
+                "rows": mine,
+                "tokens": torch.from_numpy(np.stack([x[0] for x in wins])),
+                "doc_ids": torch.from_numpy(keys),
+                "positions": torch.from_numpy(np.stack([x[2] for x in wins])),
+                "source_tokens": torch.from_numpy(np.bincount(key_source(keys).ravel(), minlength=n_src)),
+                "skipped": skipped,
+                "states": [{"slots": [s.state_dict() for s in streams], "next": n} for streams, n in zip(lanes, nxt)],
+            }
+
+
+class RankLoader:
+    """Iterator of batch dicts: ``input_ids``/``labels``/``positions``/``doc_ids``
+    (local_batch_size x seq_len), ``window_doc_ids`` (the keys of all seq_len+1 window
+    tokens, for the audit), ``source_tokens`` (tokens per source) and ``skipped`` (both
+    counted on a step's first micro-batch)."""
+
+    def __init__(self, sources: Sequence[Source], weights: Sequence[float], tokenizer, spec: LoaderSpec):
+        self.sources, self.weights, self.tokenizer, self.spec = list(sources), list(weights), tokenizer, spec
+        self.plans = [UnitPlan(len(s.units), spec.seed, i, spec.shuffle) for i, s in enumerate(sources)]
+        for s in self.sources:
+            if s.tokenized:  # documents are also shuffled inside a block of shards
+                s.seed, s.shuffle = spec.seed, spec.shuffle
+        b, lanes = spec.rows, spec.streams_per_row
+        self.n_workers = min(spec.num_workers, b)
+        self.num_slots = spec.dp_world * b * lanes
+        self.first = spec.dp_rank * b * lanes  # this rank's first slot
+        self.states = [{"slots": [fresh_slot_state(self.first + q * lanes + j, self.num_slots, len(sources))
+                                  for j in range(lanes)], "next": 0} for q in range(b)]
+        self._it = None
+        self._step_rows = None  # the current step's rows, handed out one micro-batch at a time
+        self._micro = 0
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Valid at optimizer-step boundaries (after the step's last micro-batch)."""
+        if self._micro:
+            raise RuntimeError("loader state requested in the middle of a step's micro-batches")
+        return {"num_slots": self.num_slots, "streams_per_row": self.spec.streams_per_row, "rows": self.states,
+                "dp_rank": self.spec.dp_rank, "dp_world": self.spec.dp_world, "n_sources": len(self.sources)}
+
+    def load_rank_states(self, saved: List[dict]) -> None:
+        """``saved``: the state_dict of every DP rank of the checkpointed job."""
+        if self._it is not None:
+            raise RuntimeError("load the loader state before iterating")
+        n_src = {s["n_sources"] for s in saved}
+        if n_src != {len(self.sources)}:
+            raise ValueError(f"the checkpoint's loader read {sorted(n_src)} sources, this job has "
+                             f"{len(self.sources)}: data.source or data.mixture changed")
+        old_slots, old_lanes = saved[0]["num_slots"], saved[0]["streams_per_row"]
+        by_slot = {}
+        for s in saved:
+            for row in s["rows"]:
+                for st in row["slots"]:
+                    by_slot[st["slot"]] = st
+        if sorted(by_slot) != list(range(old_slots)):
+            raise ValueError(f"loader state is incomplete: {len(by_slot)} of {old_slots} streams saved")
+        lanes, b = self.spec.streams_per_row, self.spec.rows
+        if (old_slots, old_lanes) == (self.num_slots, lanes):
+            rows = {q: row for s in saved for q, row in enumerate(s["rows"], start=s["dp_rank"] * len(s["rows"]))}
+            first_row = self.first // lanes
+            self.states = [rows[first_row + q] for q in range(b)]
             return
-        yield from tokenizer.encode_batch(chunk)
+        slots = reshard([by_slot[i] for i in range(old_slots)], self.num_slots)
+        self.states = [{"slots": slots[self.first + q * lanes:self.first + (q + 1) * lanes], "next": 0}
+                       for q in range(b)]
+        if self.spec.dp_rank == 0:
+            log.info("data loader resharded from %d to %d streams", old_slots, self.num_slots)
 
-
-class TextFolderBatches:
-    """Iterator of {"input_ids", "labels"} LongTensors of shape (local_batch_size, seq_len)."""
-
-    def __init__(
-        self,
-        files,
-        tokenizer: Tokenizer,
-        *,
-        seq_len: int,
-        local_batch_size: int,
-        dp_rank: int,
-        dp_world_size: int,
-        seed: int,
-        shuffle: bool = True,
-        shuffle_buffer: int = 0,
-    ):
-        self.files, self.tokenizer = files, tokenizer
-        self.seq_len, self.local_batch_size = seq_len, local_batch_size
-        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
-        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
-        self.windows_seen = 0  # global index of the next window of the shared stream
-        self._it = self._windows()
-
-    def _windows(self) -> Iterator[List[int]]:
-        docs = _tokenized_docs(self.tokenizer, iter_documents(self.files, self.seed, self.shuffle))
-        windows = pack_windows(docs, self.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
-        return shuffle_windows(windows, self.shuffle_buffer if self.shuffle else 0, self.seed)
+    # -- iteration -----------------------------------------------------------------------
+    def _start(self):
+        ds = _RowsDataset(self.sources, self.plans, self.weights, self.tokenizer, self.spec, self.states,
+                          max(1, self.n_workers))
+        if self.n_workers == 0:
+            return iter(ds)
+        return iter(DataLoader(ds, batch_size=None, num_workers=self.n_workers, prefetch_factor=4,
+                               multiprocessing_context="fork"))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
-        rows = []
-        while len(rows) < self.local_batch_size:
-            window = next(self._it)
-            if self.windows_seen % self.dp_world_size == self.dp_rank:
-                rows.append(window)
-            self.windows_seen += 1
-        t = torch.tensor(rows, dtype=torch.long)
-        return {"input_ids": t[:, :-1], "labels": t[:, 1:]}
+        if self._micro == 0:
+            self._step_rows = self._next_step()
+        lbs, m = self.spec.local_batch_size, self._micro
+        self._micro = (m + 1) % self.spec.grad_accum_steps
+        if self.spec.grad_accum_steps == 1:
+            return self._step_rows
+        rows = slice(m * lbs, (m + 1) * lbs)
+        return {k: (v[rows] if k not in ("source_tokens", "skipped") else v * (m == 0))
+                for k, v in self._step_rows.items()}
 
-    def skip(self, n_batches: int) -> None:
-        """Advance past ``n_batches`` of this rank's batches (resume by replay: this
-        minimal path has no seek)."""
-        for _ in range(n_batches):
-            next(self)
+    def _next_step(self) -> Dict[str, torch.Tensor]:
+        if self._it is None:
+            self._it = self._start()
+        # One piece per worker, in worker order (the DataLoader's round robin).
+        pieces = [next(self._it) for _ in range(max(1, self.n_workers))]
+        b, s1 = self.spec.rows, self.spec.seq_len + 1
+        tokens = torch.empty(b, s1, dtype=torch.int64)
+        doc_ids = torch.empty(b, s1, dtype=torch.int64)
+        positions = torch.empty(b, s1, dtype=torch.int64)
+        for p in pieces:
+            rows = p["rows"]
+            tokens[rows], doc_ids[rows], positions[rows] = p["tokens"], p["doc_ids"], p["positions"]
+            for q, st in zip(rows, p["states"]):
+                self.states[q] = st
+        return {
+            "input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "positions": positions[:, :-1],
+            "doc_ids": doc_ids[:, :-1], "window_doc_ids": doc_ids,
+            "source_tokens": sum(p["source_tokens"] for p in pieces),
+            "skipped": sum(p["skipped"] for p in pieces),
+        }
+
+    def close(self) -> None:
+        self._it = None
+
+
+def listing_skips(sources: Sequence[Source]) -> int:
+    n = 0
+    for s in sources:
+        for path, why in s.listing_skipped[:5]:
+            log.warning("skipped %s: %s", path, why)
+        n += len(s.listing_skipped)
+    return n

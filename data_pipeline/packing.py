@@ -1,37 +1,94 @@
-"""Documents -> token windows of seq_len+1 (inputs and shifted labels). Each document is
-wrapped as <|begin_of_text|> ... <|end_of_text|>; a remainder carries into the next window."""
+"""Documents -> windows of seq_len+1 tokens (inputs and labels shifted by one).
+
+Every document is wrapped as ``<|begin_of_text|> ... <|end_of_text|>`` and the documents
+are concatenated; a window takes the next seq_len+1 tokens and the remainder carries into
+the next window, so no token is padded, dropped or repeated. Along with the tokens a
+window carries, per token, the key of its document and a position id that restarts at
+each document (and at the window start: attention never reaches the previous window), so
+that ``data.document_masking`` can make attention block-causal per document.
+
+The packer's state is a list of *fragments* still to be emitted, in order: literal runs of
+tokens (the tail of earlier documents, always shorter than a window) and a reference to
+the document being split (source, unit, cursor, token offset), rebuilt by re-reading that
+one document on restore, so a long document never lands in the state."""
 from __future__ import annotations
 
-import random
-from typing import Iterable, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+# A document handed to the packer: its key, the wrapped tokens and a resumable reference.
+#   ref = {"src": i, "g": unit index, "c": cursor}
+Piece = Tuple[int, np.ndarray, dict]
 
 
-def pack_windows(docs: Iterable[Sequence[int]], seq_len: int, bos_id: int, eos_id: int) -> Iterator[List[int]]:
-    window = seq_len + 1
-    buf: List[int] = []
-    for ids in docs:
-        buf.append(bos_id)
-        buf.extend(ids)
-        buf.append(eos_id)
-        while len(buf) >= window:
-            yield buf[:window]
-            del buf[:window]
+class Packer:
+    def __init__(self, window: int, bos_id: int, eos_id: int):
+        self.window, self.bos_id, self.eos_id = window, bos_id, eos_id
+        # (key, tokens, ref or None, start offset of tokens inside the wrapped document)
+        self._segs: List[Tuple[int, np.ndarray, Optional[dict], int]] = []
+        self._len = 0
+
+    def wrap(self, tokens: np.ndarray) -> np.ndarray:
+        out = np.empty(len(tokens) + 2, dtype=np.int64)
+        out[0], out[-1] = self.bos_id, self.eos_id
+        out[1:-1] = tokens
+        return out
+
+    def add(self, key: int, wrapped: np.ndarray, ref: Optional[dict], offset: int = 0) -> None:
+        if len(wrapped) > offset:
+            self._segs.append((key, wrapped[offset:], ref, offset))
+            self._len += len(wrapped) - offset
+
+    def ready(self) -> bool:
+        return self._len >= self.window
+
+    def cut(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, doc keys, positions) of the next window; requires ``ready()``."""
+        need, toks, keys, pos = self.window, [], [], []
+        while need:
+            key, seg, ref, off = self._segs[0]
+            take = min(need, len(seg))
+            toks.append(seg[:take])
+            keys.append(np.full(take, key, dtype=np.int64))
+            pos.append(np.arange(take, dtype=np.int64))
+            if take == len(seg):
+                self._segs.pop(0)
+            else:
+                self._segs[0] = (key, seg[take:], ref, off + take)
+            need -= take
+        self._len -= self.window
+        return np.concatenate(toks), np.concatenate(keys), np.concatenate(pos)
+
+    def state_dict(self) -> List[dict]:
+        frags = []
+        for i, (key, seg, ref, off) in enumerate(self._segs):
+            last = i == len(self._segs) - 1
+            if last and ref is not None:
+                frags.append({"key": key, "ref": ref, "off": off})
+            else:
+                frags.append({"key": key, "tokens": seg.tolist()})
+        return frags
+
+    def load_fragments(self, frags: List[dict], fetch: Callable[[dict], np.ndarray]) -> None:
+        """Append saved fragments; ``fetch(ref)`` returns a referenced document wrapped."""
+        for fr in frags:
+            if "tokens" in fr:
+                self.add(fr["key"], np.asarray(fr["tokens"], dtype=np.int64), None)
+            else:
+                self.add(fr["key"], fetch(fr["ref"]), fr["ref"], fr["off"])
+
+    def segments(self) -> Iterator[Tuple[int, int]]:
+        for key, seg, _, _ in self._segs:
+            yield key, len(seg)
 
 
-def shuffle_windows(windows: Iterable[List[int]], buffer_size: int, seed: int) -> Iterator[List[int]]:
-    """Seeded shuffle buffer: consecutive windows of one long document are spread out,
-    so a batch mixes documents. Deterministic for a seed, so every rank sees one order."""
-    if buffer_size <= 1:
-        yield from windows
-        return
-    rng = random.Random(f"windows:{seed}")
-    buf: List[List[int]] = []
-    for w in windows:
-        if len(buf) < buffer_size:
-            buf.append(w)
-            continue
-        i = rng.randrange(buffer_size)
-        yield buf[i]
-        buf[i] = w
-    rng.shuffle(buf)
-    yield from buf
+def pack_all(docs, window: int, bos_id: int, eos_id: int) -> List[Dict[str, np.ndarray]]:
+    """Pack a finite list of token lists (tests and tools); the remainder is dropped."""
+    p, out = Packer(window, bos_id, eos_id), []
+    for i, d in enumerate(docs):
+        p.add(i, p.wrap(np.asarray(d, dtype=np.int64)), None)
+        while p.ready():
+            t, k, pos = p.cut()
+            out.append({"tokens": t, "keys": k, "positions": pos})
+    return out

@@ -1,48 +1,169 @@
-"""Tokenizers behind one small interface, and a byte-level BPE the project trains on a
-corpus and caches (the demo's: a 128k vocabulary would dominate a CPU run)."""
+"""Tokenizers behind one interface (``encode``, ``encode_batch``, ``decode``, ``bos_id``,
+``eos_id``, ``vocab_size``, ``fingerprint``):
+
+- ``llama3``: Llama 3's exact 128,256-token vocabulary, bundled offline in the
+  ``quicktok-v1`` wheel (the default for Llama configs);
+- ``tiktoken``: Meta's original ``tokenizer.model`` (base64 ranks) through tiktoken with
+  the Llama 3 split pattern and its 256 special tokens;
+- ``hf``: a Hugging Face ``tokenizer.json`` through ``tokenizers``;
+- ``bpe``: a small byte-level BPE trained on the job's corpus and cached (the demo's).
+
+Text is encoded as plain text (special-token strings in a document are not parsed); the
+packer wraps every document as ``<|begin_of_text|> ... <|end_of_text|>``.
+
+The fingerprint of a rank-table tokenizer (llama3, tiktoken) is a hash of its token bytes
+in rank order and its special tokens, so quicktok and Meta's file agree on it and shards
+pretokenized with one load with the other."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Protocol, Sequence
+from typing import Iterable, List, Sequence, Tuple
+
+import numpy as np
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 
+# Llama 3's split pattern (from Meta's published tokenizer; a fact of the format).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_BASE = 128_000
 
-class Tokenizer(Protocol):
-    bos_id: int
-    eos_id: int
-    vocab_size: int
-    fingerprint: str
 
-    def encode(self, text: str) -> List[int]: ...
+def llama3_special_tokens() -> List[str]:
+    """The 256 special tokens in id order, 128000..128255."""
+    named = [BOS, EOS, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+             "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    return named + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
 
-    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+def _ranks_fingerprint(token_bytes: Sequence[bytes], specials: Sequence[str]) -> str:
+    h = hashlib.sha256(b"ranks-v1")
+    for b in token_bytes:
+        h.update(len(b).to_bytes(2, "little"))
+        h.update(b)
+    for s in specials:
+        h.update(s.encode() + b"\0")
+    return "ranks-" + h.hexdigest()[:16]
+
+
+def _flat(ids: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=int(offsets[-1]))
+    return flat, offsets
+
+
+class Llama3Tokenizer:
+    """Llama 3 exact, offline, from quicktok's bundled vocabulary."""
+
+    kind = "llama3"
+
+    def __init__(self):
+        import quicktok
+
+        self._enc = quicktok.get_encoding("llama3")
+        self.path = "quicktok:llama3"
+        self.vocab_size = self._enc.n_vocab
+        self.bos_id = self._enc.encode_single_token(BOS)
+        self.eos_id = self._enc.encode_single_token(EOS)
+        self._fingerprint = None
+
+    def __reduce__(self):
+        return (Llama3Tokenizer, ())
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            ranks = [self._enc.decode_single_token_bytes(i) for i in range(LLAMA3_NUM_BASE)]
+            self._fingerprint = _ranks_fingerprint(ranks, llama3_special_tokens())
+        return self._fingerprint
+
+    def encode(self, text: str) -> List[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """(flat uint32 tokens, int64 offsets): document i is tokens[off[i]:off[i+1]]."""
+        return self._enc.encode_batch(list(texts), 1, False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+
+class TiktokenTokenizer:
+    """Meta's ``tokenizer.model`` (lines of ``<base64 token> <rank>``) through tiktoken."""
+
+    kind = "tiktoken"
+
+    def __init__(self, path: str | os.PathLike):
+        import tiktoken
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.tokenizer.path={str(path)!r}: no such tiktoken model file")
+        ranks = {}
+        for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok)] = int(rank)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}") from e
+        specials = llama3_special_tokens()
+        n = len(ranks)
+        self._enc = tiktoken.Encoding(
+            name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+            special_tokens={s: n + i for i, s in enumerate(specials)},
+        )
+        self.path, self.vocab_size = str(path), n + len(specials)
+        self.bos_id, self.eos_id = n, n + 1
+        by_rank = sorted(ranks, key=ranks.__getitem__)
+        self.fingerprint = _ranks_fingerprint(by_rank, specials)
+
+    def __reduce__(self):
+        return (TiktokenTokenizer, (self.path,))
+
+    def encode(self, text: str) -> List[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        return _flat([self._enc.encode_ordinary(t) for t in texts])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode([int(i) for i in ids])
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` (tokenizers library). Text is encoded without
-    special tokens; documents are wrapped with bos/eos by the packer."""
+    """A Hugging Face ``tokenizer.json`` (tokenizers library), used for ``hf`` and the
+    trained ``bpe``; it must define ``<|begin_of_text|>`` and ``<|end_of_text|>``."""
+
+    kind = "hf"
 
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+            raise FileNotFoundError(f"data.tokenizer.path={str(path)!r}: no such tokenizer.json")
         raw = path.read_bytes()
         self._tok = _Tok.from_str(raw.decode())
         self.path = str(path)
-        self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+        self.fingerprint = "file-" + hashlib.sha256(raw).hexdigest()[:16]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._required_id(BOS)
         self.eos_id = self._required_id(EOS)
+
+    def __reduce__(self):
+        return (HFTokenizer, (self.path,))
 
     def _required_id(self, token: str) -> int:
         idx = self._tok.token_to_id(token)
@@ -53,23 +174,24 @@ class HFTokenizer:
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        return _flat([e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def corpus_sample(files: Iterable[Path], max_bytes: int) -> List[str]:
-    """The first ``max_bytes`` of the corpus, files in the given order, whole files."""
-    out, total = [], 0
-    for f in files:
-        if total >= max_bytes:
-            break
-        text = f.read_text(encoding="utf-8", errors="replace")
-        out.append(text)
-        total += len(text.encode())
-    return out
+Tokenizer = Llama3Tokenizer | TiktokenTokenizer | HFTokenizer
+
+
+def write_tiktoken_model(tok: Llama3Tokenizer, out_path: str | os.PathLike) -> Path:
+    """Write the bundled Llama 3 ranks in Meta's ``tokenizer.model`` format (what Meta
+    ships; useful for tools that want the file)."""
+    out_path = Path(out_path)
+    lines = [base64.b64encode(tok._enc.decode_single_token_bytes(i)) + b" " + str(i).encode()
+             for i in range(LLAMA3_NUM_BASE)]
+    out_path.write_bytes(b"\n".join(lines) + b"\n")
+    return out_path
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int, out_path: str | os.PathLike) -> HFTokenizer:
@@ -104,21 +226,59 @@ def bpe_cache_path(cache_dir: str, texts: Sequence[str], vocab_size: int) -> Pat
     return Path(cache_dir) / f"bpe{vocab_size}-{h.hexdigest()[:16]}.json"
 
 
+def sample_texts(docs: Iterable[str], max_bytes: int) -> List[str]:
+    """The first ``max_bytes`` of a document stream, whole documents."""
+    out, total = [], 0
+    for text in docs:
+        if total >= max_bytes:
+            break
+        out.append(text)
+        total += len(text.encode())
+    return out
+
+
+def build_tokenizer(kind: str, path: str | None = None) -> Tokenizer:
+    """A ready tokenizer of kind llama3, tiktoken or hf (bpe is trained by the caller)."""
+    if kind == "llama3":
+        return Llama3Tokenizer()
+    if kind == "tiktoken":
+        if not path:
+            raise ValueError("data.tokenizer.kind=tiktoken needs data.tokenizer.path (Meta's tokenizer.model)")
+        return TiktokenTokenizer(path)
+    if kind in ("hf", "bpe"):
+        if not path:
+            raise ValueError(f"data.tokenizer.kind={kind} needs data.tokenizer.path (a tokenizer.json)")
+        return HFTokenizer(path)
+    raise ValueError(f"data.tokenizer.kind={kind!r}: expected one of llama3, tiktoken, hf, bpe")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """python -m data_pipeline.tokenizer ROOT GLOB VOCAB OUT: train a BPE on a folder."""
+    """python -m data_pipeline.tokenizer train|export-llama3 ...: train a small BPE on any
+    data source, or write the bundled Llama 3 ranks as a tiktoken tokenizer.model."""
     import argparse
 
-    from .text_folder import list_text_files
-
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("root")
-    p.add_argument("glob")
-    p.add_argument("vocab_size", type=int)
-    p.add_argument("out")
-    p.add_argument("--train-bytes", type=int, default=8_000_000)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE on the first bytes of a source")
+    t.add_argument("--source", default="text_folder", choices=["text_folder", "jsonl", "parquet", "hf_dataset"])
+    t.add_argument("--path", required=True, help="file, folder, glob or fsspec URL")
+    t.add_argument("--glob", default=None)
+    t.add_argument("--field", default="text")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--train-bytes", type=int, default=8_000_000)
+    t.add_argument("out")
+    e = sub.add_parser("export-llama3", help="write Llama 3's ranks as tokenizer.model")
+    e.add_argument("out")
     a = p.parse_args(argv)
-    files = list_text_files(a.root, a.glob, max_file_bytes=10**9)
-    tok = train_bpe(corpus_sample(files, a.train_bytes), a.vocab_size, a.out)
+    if a.cmd == "export-llama3":
+        write_tiktoken_model(Llama3Tokenizer(), a.out)
+        print(f"wrote {a.out}", file=sys.stderr)
+        return 0
+    from .sources import SourceSpec, build_source
+
+    spec = SourceSpec(kind=a.source, path=a.path, glob=a.glob, field=a.field)
+    src = build_source(spec)
+    tok = train_bpe(sample_texts(src.iter_texts(), a.train_bytes), a.vocab_size, a.out)
     print(f"wrote {a.out}: vocab {tok.vocab_size}, fingerprint {tok.fingerprint}", file=sys.stderr)
     return 0
 

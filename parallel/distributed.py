@@ -61,6 +61,13 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         values = values.clone()

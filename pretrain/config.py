@@ -9,7 +9,7 @@ import sysconfig
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
 from .model.args import LlamaArgs
 
@@ -65,28 +65,67 @@ class OptimConfig:
 
 @dataclass
 class TokenizerConfig:
-    # bpe: a byte-level BPE trained by the project on the corpus and cached.
-    kind: str = "bpe"
+    # llama3: Llama 3's exact 128,256-token vocabulary, bundled offline (quicktok-v1).
+    # tiktoken: Meta's tokenizer.model at `path`. hf: a tokenizer.json at `path`.
+    # bpe: a byte-level BPE trained on the corpus and cached (or the one at `path`).
+    kind: str = "llama3"
+    # bpe only: vocabulary size to train.
     vocab_size: int = 4096
-    # Bytes of the corpus (files in sorted order) used to train the BPE.
+    # bpe only: bytes of the corpus (first documents in listing order) used to train it.
     train_bytes: int = 8_000_000
-    # Where trained tokenizers are cached, keyed by a fingerprint of corpus and settings.
+    # bpe only: where trained tokenizers are cached, keyed by corpus and settings.
     cache_dir: str = "${oc.env:HOME}/.cache/llama-pretrain/tokenizers"
-    # A tokenizer.json to use as is instead of training one.
+    # tiktoken/hf: the tokenizer file; bpe: use this tokenizer.json instead of training.
     path: Optional[str] = None
 
 
 @dataclass
-class DataConfig:
-    # text_folder: every file under `root` matching `glob` is one document.
+class SourceConfig:
+    # text_folder | jsonl | parquet | hf_dataset | pretokenized (mixture: see data.mixture).
     source: str = "text_folder"
-    root: str = MISSING
-    glob: str = "**/*.py"
-    # Files larger than this are skipped (generated tables, data blobs).
-    max_file_bytes: int = 1_000_000
-    # Shuffle file order each epoch and windows through a buffer of this many windows.
+    # A file, a folder (searched with `glob`), a glob, or an fsspec URL (s3://, gs://, ...);
+    # hf_dataset: a folder written by Dataset.save_to_disk; pretokenized: a shard folder.
+    path: Optional[str] = None
+    # Pattern under a folder `path`; null = **/*.txt, **/*.jsonl* or **/*.parquet by source.
+    glob: Optional[str] = None
+    # jsonl: the JSON field holding the text; parquet / hf_dataset: the column.
+    field: str = "text"
+    # hf_dataset: the split of a saved DatasetDict.
+    split: Optional[str] = None
+    # text_folder: larger files are skipped (and counted).
+    max_file_bytes: int = 100_000_000
+    # jsonl (uncompressed): a file is read in units of this many bytes, each shuffled as one.
+    chunk_bytes: int = 1_048_576
+    # hf_dataset / pretokenized: rows (documents) per unit.
+    rows_per_unit: int = 1024
+
+
+@dataclass
+class MixtureEntry(SourceConfig):
+    # Name shown in the metrics (data/tokens/<name>); default source<i>.
+    name: Optional[str] = None
+    # Relative share of tokens drawn from this source.
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    # Several sources with weights, used when source=mixture.
+    mixture: List[MixtureEntry] = field(default_factory=list)
+    # Shuffle unit order each epoch (by seed and epoch); pretokenized also shuffles
+    # documents inside a unit. false reads in listing order.
     shuffle: bool = True
-    shuffle_buffer: int = 1024
+    # Streams feeding each batch row in turn (more = consecutive steps of a row come from
+    # more places in the corpus); part of the data order, like the seed.
+    streams_per_row: int = 8
+    # Loader worker processes per rank (tokenize and pack off the training thread);
+    # 0 = in the training process.
+    num_workers: int = 1
+    # Block-causal attention per document inside a window, with positions restarting at
+    # each document. false = plain causal attention across the packed window.
+    document_masking: bool = False
+    # Write <run dir>/data_audit/rank-<r>.jsonl: per step, tokens taken from each document.
+    audit: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 

@@ -1,33 +1,62 @@
-"""Which tokenizer a job uses: a given tokenizer.json, or a BPE trained on the job's own
-corpus once and cached (trained by one process per node, checked equal on every rank)."""
+"""The job's data sources and tokenizer: built from the config on every rank, the BPE (if
+any) trained once per node and cached, and the tokenizer checked equal on every rank and
+against pretokenized shards."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence, Tuple
 
-from data_pipeline.tokenizer import HFTokenizer, bpe_cache_path, corpus_sample, train_bpe
+from data_pipeline.sources import Source, SourceSpec, build_source
+from data_pipeline.tokenizer import Tokenizer, bpe_cache_path, build_tokenizer, sample_texts, train_bpe
 from parallel import distributed as pdist
 from parallel.env import LaunchEnv
 
 log = logging.getLogger("pretrain")
 
+_SPEC_KEYS = ("path", "glob", "field", "split", "max_file_bytes", "chunk_bytes", "rows_per_unit")
 
-def load_tokenizer(data_cfg, files: Sequence[Path], env: LaunchEnv) -> HFTokenizer:
-    """``files``: the job's corpus in sorted order (the BPE trains on its first bytes)."""
+
+def build_sources(data_cfg) -> Tuple[List[Source], List[float], List[str]]:
+    """(sources, weights, names) for data.source or data.mixture."""
+    if data_cfg.source == "mixture":
+        entries = [(f"data.mixture.{i}.", e, e.weight, e.name or f"source{i}") for i, e in enumerate(data_cfg.mixture)]
+    else:
+        entries = [("data.", data_cfg, 1.0, data_cfg.source)]
+    sources, weights, names = [], [], []
+    for key, e, weight, name in entries:
+        spec = SourceSpec(kind=e.source, key=key, name=name, **{k: getattr(e, k) for k in _SPEC_KEYS})
+        sources.append(build_source(spec))
+        weights.append(float(weight))
+        names.append(name)
+    return sources, weights, names
+
+
+def load_tokenizer(data_cfg, sources: Sequence[Source], env: LaunchEnv) -> Tokenizer:
     tc = data_cfg.tokenizer
-    if tc.path:
-        return HFTokenizer(tc.path)
-    texts = corpus_sample(files, tc.train_bytes)
-    path = bpe_cache_path(tc.cache_dir, texts, tc.vocab_size)
-    if env.local_rank == 0 and not path.exists():
-        log.info("training a %d-token BPE on %d files (%.1f MB) -> %s", tc.vocab_size, len(texts),
-                 sum(map(len, texts)) / 1e6, path)
-        train_bpe(texts, tc.vocab_size, path)
-    pdist.barrier()
-    tok = HFTokenizer(path)
+    if tc.kind == "bpe" and not tc.path:
+        text_sources = [s for s in sources if not s.tokenized]
+        if not text_sources:
+            raise ValueError("data.tokenizer.kind=bpe without data.tokenizer.path needs a text source to train on")
+        texts = sample_texts((t for s in text_sources for t in s.iter_texts()), tc.train_bytes)
+        path = bpe_cache_path(tc.cache_dir, texts, tc.vocab_size)
+        if env.local_rank == 0 and not path.exists():
+            log.info("training a %d-token BPE on %d documents (%.1f MB) -> %s", tc.vocab_size, len(texts),
+                     sum(map(len, texts)) / 1e6, path)
+            train_bpe(texts, tc.vocab_size, path)
+        pdist.barrier()
+        tok = build_tokenizer("hf", str(path))
+    else:
+        tok = build_tokenizer(tc.kind, tc.path)
     prints = set(pdist.all_gather_object(tok.fingerprint))
     if len(prints) != 1:
         raise RuntimeError(f"ranks disagree on the tokenizer ({sorted(prints)}); is {tc.cache_dir} "
                            "different per node with different corpora?")
+    for s in sources:
+        if s.tokenized and s.fingerprint != tok.fingerprint:
+            made = s.manifest["tokenizer"]
+            raise ValueError(
+                f"{s.spec.key}path={s.spec.path!r}: shards were made with tokenizer {made.get('kind')} "
+                f"{made.get('path', '')} (fingerprint {s.fingerprint}), but data.tokenizer is {tc.kind} "
+                f"{getattr(tok, 'path', '')} (fingerprint {tok.fingerprint}); pretokenize again or set "
+                "data.tokenizer to the shards' tokenizer")
     return tok

@@ -2,6 +2,7 @@
 micro-batches with gradient accumulation, global-norm clipping, AdamW, schedule, metrics."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -13,8 +14,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.loader import TextFolderBatches
-from data_pipeline.text_folder import list_text_files
+from data_pipeline.loader import LoaderSpec, RankLoader, listing_skips
 from parallel import distributed as pdist
 from parallel.dims import ParallelDims
 from parallel.env import LaunchEnv
@@ -26,7 +26,7 @@ from .flops import flops_per_token, peak_flops
 from .metrics import MetricsSink, peak_memory_gb
 from .model.llama import build_llama, count_parameters, seeded_trunc_normal_
 from .optim import build_lr_fn, build_optimizer
-from .tokenizers import load_tokenizer
+from .tokenizers import build_sources, load_tokenizer
 
 log = logging.getLogger("pretrain")
 
@@ -61,6 +61,44 @@ def default_threads(local_world_size: int) -> int:
     return max(1, total // local_world_size)
 
 
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) boolean mask, True where a query may attend: causal and same document."""
+    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
+class DataAudit:
+    """data.audit: per step, how many tokens this DP rank took from each document."""
+
+    def __init__(self, run_dir: Path, dp_rank: int):
+        self._f = open(run_dir / "data_audit" / f"rank-{dp_rank}.jsonl", "a")
+        self._counts: Dict[int, int] = {}
+
+    def add(self, window_doc_ids: torch.Tensor) -> None:
+        keys, counts = torch.unique(window_doc_ids, return_counts=True)
+        for k, c in zip(keys.tolist(), counts.tolist()):
+            self._counts[k] = self._counts.get(k, 0) + c
+
+    def end_step(self, step: int) -> None:
+        self._f.write(json.dumps({"step": step, "docs": {str(k): c for k, c in sorted(self._counts.items())}}) + "\n")
+        self._f.flush()
+        self._counts = {}
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def truncate(run_dir: Path, last_step: int) -> None:
+        """Before a run (or a resumed one) writes: drop steps after the checkpoint it
+        starts from, in every rank's file (a resumed job may have fewer ranks)."""
+        out = run_dir / "data_audit"
+        out.mkdir(parents=True, exist_ok=True)
+        for f in out.glob("rank-*.jsonl"):
+            keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+            f.write_text("".join(ln + "\n" for ln in keep))
+
+
 def resolve_dtypes(mode: str, device: torch.device):
     """(param dtype for compute, gradient-reduce dtype). Master weights stay fp32."""
     if mode == "auto":
@@ -89,8 +127,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     run_dir = Path(pdist.broadcast_object(str(run_dir)))
     seed_everything(t.seed)
 
-    files = list_text_files(cfg.data.root, cfg.data.glob, cfg.data.max_file_bytes)
-    tokenizer = load_tokenizer(cfg.data, files, env)
+    sources, weights, source_names = build_sources(cfg.data)
+    tokenizer = load_tokenizer(cfg.data, sources, env)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} tokens but "
@@ -116,15 +154,27 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     optimizer = build_optimizer(model, cfg.optim)
     lr_at = build_lr_fn(cfg.optim, t.steps)
 
-    # Data-parallel coordinates: replicate-major, like the mesh.
+    # Data-parallel coordinates: replicate-major, like the mesh. TP and PP ranks of one DP
+    # group run identical loaders; one of them writes the loader state and the audit.
     dp_rank, dp_world = env.rank // (dims.tp * dims.pp), dims.dp
-    batches = TextFolderBatches(files, tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
-                                dp_rank=dp_rank, dp_world_size=dp_world, seed=t.seed,
-                                shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer)
+    is_dp_leader = env.rank % (dims.tp * dims.pp) == 0
+    loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
+        seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
+        num_workers=cfg.data.num_workers, seed=t.seed, shuffle=cfg.data.shuffle, grad_accum_steps=t.grad_accum_steps,
+        streams_per_row=cfg.data.streams_per_row))
+    listing_skipped = listing_skips(sources) if is_rank0 else 0
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, is_rank0=is_rank0)
-    start_step, tokens_seen = ckpt.maybe_resume(model, optimizer)
-    batches.skip(start_step * t.grad_accum_steps)
+    start_step, tokens_seen, loader_states = ckpt.maybe_resume(model, optimizer)
+    if loader_states is not None:
+        loader.load_rank_states(loader_states)
+    if cfg.data.audit and is_rank0:
+        DataAudit.truncate(run_dir, start_step)
+    pdist.barrier()
+    audit = DataAudit(run_dir, dp_rank) if cfg.data.audit and is_dp_leader else None
+    # Cumulative over the run (this process): tokens per source and skipped records.
+    src_tokens = torch.zeros(len(sources), dtype=torch.float64)
+    skipped = torch.zeros(1, dtype=torch.float64)
 
     tokens_per_step = dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
     fpt = flops_per_token(cfg.model, t.seq_len)
@@ -152,12 +202,20 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             loss_sum = torch.zeros((), device=device)
             for _ in range(t.grad_accum_steps):
                 d0 = time.perf_counter()
-                batch = next(batches)
+                batch = next(loader)
                 data_wait += time.perf_counter() - d0
+                src_tokens += batch["source_tokens"]
+                skipped += batch["skipped"]
+                if audit is not None:
+                    audit.add(batch["window_doc_ids"])
                 inputs = batch["input_ids"].to(device, non_blocking=True)
                 labels = batch["labels"].to(device, non_blocking=True)
+                positions, mask = None, None
+                if cfg.data.document_masking:
+                    positions = batch["positions"].to(device, non_blocking=True)
+                    mask = document_mask(batch["doc_ids"].to(device, non_blocking=True))
                 with autocast:
-                    logits = model(inputs)
+                    logits = model(inputs, position_ids=positions, attn_mask=mask)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
                 (loss / t.grad_accum_steps).backward()
                 loss_sum += loss.detach()
@@ -166,6 +224,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tokens_per_step
+            if audit is not None:
+                audit.end_step(step)
             window_tokens += tokens_per_step
             window_steps += 1
 
@@ -178,6 +238,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 elapsed = now - window_start
                 tps = window_tokens / elapsed
                 mem = pdist.all_reduce_max(torch.tensor([peak_memory_gb(device)], device=device))
+                data_counts = pdist.all_reduce_sum(torch.cat([src_tokens, skipped]).to(device)).cpu()
+                data_counts /= dims.tp * dims.pp  # every rank of a DP group counted the same batches
                 metrics = {
                     "loss": loss_avg.item(),
                     "lr": lr,
@@ -189,7 +251,13 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                     "mem_gb": mem.item(),
                     "step_time_s": elapsed / window_steps,
                     "data_wait_share": data_wait / elapsed,
+                    "data/skipped": data_counts[-1].item() + listing_skipped,
                 }
+                total_src = max(data_counts[:-1].sum().item(), 1.0)
+                for name, n in zip(source_names, data_counts[:-1].tolist()):
+                    metrics[f"data/tokens/{name}"] = n
+                    if len(source_names) > 1:
+                        metrics[f"data/share/{name}"] = n / total_src
                 steps_done = step - start_step
                 eta = (now - loop_start) / steps_done * (t.steps - step)
                 sink.log(step, metrics, eta_s=eta)
@@ -198,9 +266,13 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 window_loss.zero_()
 
             if ckpt.due(step, t.steps):
-                ckpt.save(step, tokens_seen, model, optimizer)
+                ckpt.save(step, tokens_seen, model, optimizer,
+                          loader_state=loader.state_dict() if is_dp_leader else None)
     finally:
         sink.close()
+        loader.close()
+        if audit is not None:
+            audit.close()
     if is_rank0:
         log.info("done: %d steps | metrics %s | tensorboard %s", t.steps, run_dir / "metrics.jsonl", run_dir / "tb")
     return history

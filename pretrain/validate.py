@@ -62,12 +62,33 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
 
-    _one_of("data.source", d.source, ("text_folder",))
-    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0 (0 or 1 disables)")
-    _one_of("data.tokenizer.kind", d.tokenizer.kind, ("bpe",))
-    _require(d.tokenizer.path is not None or d.tokenizer.vocab_size <= m.vocab_size,
-             "data.tokenizer.vocab_size", d.tokenizer.vocab_size,
-             f"must be <= model.vocab_size={m.vocab_size}")
+    from data_pipeline.sources import SOURCE_KINDS
+
+    _one_of("data.source", d.source, (*SOURCE_KINDS, "mixture"))
+    if d.source == "mixture":
+        _require(len(d.mixture) > 0, "data.mixture", list(d.mixture), "at least one source when data.source=mixture")
+        _require(len(d.mixture) <= 16, "data.mixture", len(d.mixture), "at most 16 sources")
+        for i, e in enumerate(d.mixture):
+            _one_of(f"data.mixture.{i}.source", e.source, SOURCE_KINDS)
+            _require(e.path is not None, f"data.mixture.{i}.path", e.path, "a path")
+            _require(e.weight > 0, f"data.mixture.{i}.weight", e.weight, "must be > 0")
+    else:
+        _require(d.path is not None, "data.path", d.path, f"a path for data.source={d.source}")
+    _require(d.streams_per_row >= 1, "data.streams_per_row", d.streams_per_row, "must be >= 1")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _require(0 < d.chunk_bytes <= 1 << 23, "data.chunk_bytes", d.chunk_bytes, "must be in (0, 8388608]")
+    _require(d.rows_per_unit > 0, "data.rows_per_unit", d.rows_per_unit, "must be > 0")
+    _one_of("data.tokenizer.kind", d.tokenizer.kind, ("llama3", "tiktoken", "hf", "bpe"))
+    if d.tokenizer.kind in ("tiktoken", "hf"):
+        _require(d.tokenizer.path is not None, "data.tokenizer.path", d.tokenizer.path,
+                 f"a tokenizer file for data.tokenizer.kind={d.tokenizer.kind}")
+    if d.tokenizer.kind == "llama3":
+        _require(m.vocab_size >= 128256, "model.vocab_size", m.vocab_size,
+                 ">= 128256 for data.tokenizer.kind=llama3 (or pick another tokenizer)")
+    if d.tokenizer.kind == "bpe":
+        _require(d.tokenizer.path is not None or d.tokenizer.vocab_size <= m.vocab_size,
+                 "data.tokenizer.vocab_size", d.tokenizer.vocab_size,
+                 f"must be <= model.vocab_size={m.vocab_size}")
 
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, "must be >= 1")
     _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")

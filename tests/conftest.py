@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent
 TINY = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "model.ffn_hidden_dim=128", "model.vocab_size=512",
-    "data.glob=json/*.py", "data.tokenizer.vocab_size=512", "data.shuffle_buffer=16",
+    "data.glob=json/*.py", "data.tokenizer.vocab_size=512",
     "train.seq_len=32", "train.steps=5", "optim.lr=1e-3", "optim.warmup_steps=2",
     "logging.tensorboard=false",
 ]

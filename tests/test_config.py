@@ -52,6 +52,13 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["parallel.tp=2"], 2, "parallel.tp"),
     (["parallel.pp_schedule=foo"], 1, "parallel.pp_schedule"),
     (["data.tokenizer.vocab_size=9000"], 1, "data.tokenizer.vocab_size"),
+    (["data.source=csv"], 1, "data.source"),
+    (["data=jsonl", "model=llama3_2_1b"], 1, "data.path"),
+    (["data=jsonl", "data.path=/x"], 1, "model.vocab_size"),  # llama3 tokenizer needs 128256
+    (["data.tokenizer.kind=tiktoken"], 1, "data.tokenizer.path"),
+    (["data.num_workers=-1"], 1, "data.num_workers"),
+    (["data=mixture", "model=llama3_2_1b", "data.mixture.0.path=/a", "data.mixture.1.path=/b",
+      "data.mixture.1.weight=0"], 1, "data.mixture.1.weight"),
 ])
 def test_validation_names_the_key(overrides, world, key):
     cfg = compose_job(*overrides)
@@ -63,7 +70,11 @@ def test_validation_names_the_key(overrides, world, key):
 def test_every_config_file_composes_and_validates():
     for group in ("model", "parallel", "data", "optim", "train", "logging", "checkpoint", "experiment"):
         for f in sorted((REPO / "configs" / group).glob("*.yaml")):
-            extra = ["data.root=/tmp"] if f.stem == "text_folder" else []
+            extra = []
+            if group == "data" and f.stem != "stdlib":  # user data: a path and a Llama-size vocab
+                extra = ["model=llama3_2_1b", "data.path=/tmp", "data.mixture.0.path=/tmp", "data.mixture.1.path=/tmp"]
+                if f.stem != "mixture":
+                    extra = extra[:2]
             cfg = compose_job(f"{group}={f.stem}", *extra)
             world = 4 if f.stem == "hsdp" else 1
             validate_job(cfg, world)

@@ -1,0 +1,150 @@
+"""python -m data_pipeline.pretokenize: turn any source into token shards.
+
+Output folder:
+  tokens-00000.bin   the documents' tokens back to back (uint16 when the vocabulary fits,
+                     else uint32), without bos/eos (the packer adds them)
+  index-00000.npy    int64 offsets, n_docs + 1: document i is tokens[idx[i]:idx[i+1]]
+  manifest.json      format, dtype, tokenizer (kind, fingerprint, vocab size, bos, eos),
+                     the shards with their counts, and the source it came from
+
+The manifest is written last, under a temporary name then renamed: a folder without one
+is an unfinished run, and the ``pretokenized`` source refuses it. Bad records are skipped
+and counted exactly as the streaming loader does."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+
+from .sources import MANIFEST, SHARD_FORMAT, SourceSpec, build_source
+from .tokenizer import build_tokenizer
+
+log = logging.getLogger("data_pipeline")
+
+
+class ShardWriter:
+    def __init__(self, out: Path, dtype, shard_tokens: int):
+        self.out, self.dtype, self.shard_tokens = out, dtype, shard_tokens
+        self.shards: List[dict] = []
+        self._toks: List[np.ndarray] = []
+        self._lens: List[int] = []
+        self._n = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self._toks.append(tokens.astype(self.dtype, copy=False))
+        self._lens.append(len(tokens))
+        self._n += len(tokens)
+        if self._n >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lens:
+            return
+        i = len(self.shards)
+        name, index = f"tokens-{i:05d}.bin", f"index-{i:05d}.npy"
+        np.concatenate(self._toks).tofile(self.out / name)
+        offsets = np.zeros(len(self._lens) + 1, dtype=np.int64)
+        np.cumsum(self._lens, out=offsets[1:])
+        np.save(self.out / index, offsets)
+        self.shards.append({"tokens": name, "index": index, "n_docs": len(self._lens), "n_tokens": int(offsets[-1])})
+        self._toks, self._lens, self._n = [], [], 0
+
+
+def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1 << 28,
+                batch_docs: int = 256, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    source = build_source(spec)
+    if source.tokenized:
+        raise ValueError("--source pretokenized: the input is already tokenized")
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, dtype, shard_tokens)
+    skipped = [0]
+
+    def on_skip(where, reason):
+        skipped[0] += 1
+        if skipped[0] <= 5:
+            log.warning("skipped a record: %s: %s", where, reason)
+
+    n_docs = n_tokens = 0
+    bar = tqdm(source.units, desc="pretokenize", unit="unit", disable=not progress, file=sys.stderr)
+    pending: List[str] = []
+
+    def encode(texts):
+        nonlocal n_docs, n_tokens
+        flat, off = tokenizer.encode_batch(texts)
+        for j in range(len(texts)):
+            writer.add(np.asarray(flat[off[j]:off[j + 1]]))
+        n_docs += len(texts)
+        n_tokens += int(off[-1])
+
+    for unit in bar:
+        for _, _, text in source.iter_docs(unit, 0, on_skip):
+            pending.append(text)
+            if len(pending) >= batch_docs:
+                encode(pending)
+                pending = []
+        bar.set_postfix(docs=n_docs, tokens=n_tokens, skipped=skipped[0], refresh=False)
+    if pending:
+        encode(pending)
+    writer.flush()
+    manifest = {
+        "format": SHARD_FORMAT,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": {"kind": getattr(tokenizer, "kind", "?"), "path": getattr(tokenizer, "path", ""),
+                      "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
+        "source": {"kind": spec.kind, "path": spec.path, "glob": spec.glob, "field": spec.field},
+        "n_docs": n_docs, "n_tokens": n_tokens, "skipped": skipped[0] + len(source.listing_skipped),
+        "shards": writer.shards,
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.pretokenize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, choices=["text_folder", "jsonl", "parquet", "hf_dataset"])
+    p.add_argument("--path", required=True, help="file, folder, glob or fsspec URL")
+    p.add_argument("--glob", default=None, help="pattern under a folder path (default per source)")
+    p.add_argument("--field", default="text", help="JSON field / column holding the text")
+    p.add_argument("--split", default=None, help="split of a saved DatasetDict")
+    p.add_argument("--max-file-bytes", type=int, default=100_000_000, help="text_folder: skip larger files")
+    p.add_argument("--tokenizer", default="llama3", choices=["llama3", "tiktoken", "hf"])
+    p.add_argument("--tokenizer-path", default=None, help="tokenizer.model (tiktoken) or tokenizer.json (hf)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("out", type=Path)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if a.out.exists() and any(a.out.iterdir()):
+        if not a.overwrite:
+            print(f"error: {a.out} exists and is not empty (pass --overwrite to replace it)", file=sys.stderr)
+            return 2
+        shutil.rmtree(a.out)
+    spec = SourceSpec(kind=a.source, path=a.path, glob=a.glob, field=a.field, split=a.split,
+                      max_file_bytes=a.max_file_bytes, key="--")
+    try:
+        tok = build_tokenizer(a.tokenizer, a.tokenizer_path)
+        m = pretokenize(spec, tok, a.out, shard_tokens=a.shard_tokens)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out}: {m['n_docs']:,} documents, {m['n_tokens']:,} tokens in {len(m['shards'])} shard(s), "
+          f"{m['dtype']}, {m['skipped']} skipped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

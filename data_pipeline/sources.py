@@ -1,0 +1,423 @@
+"""Data sources as lists of *units* read by position.
+
+A unit is the smallest piece a loader slot reads on its own: a text file, a byte range of
+an uncompressed JSONL file (lines are owned by the range they start in), a whole
+compressed JSONL file, a Parquet row group, a range of rows of a saved Hugging Face
+dataset, or a block of documents of pretokenized shards. Listing units is cheap (sizes,
+Parquet metadata, manifests), so every rank lists the same units at start-up.
+
+Inside a unit a document is addressed by a *cursor*: the byte offset from the range start
+(uncompressed JSONL), the line number (compressed JSONL), the row (Parquet, datasets,
+pretokenized) or 0 (a text file). ``iter_docs(unit, cursor)`` resumes there directly: by
+seek for JSONL, by row for the rest; only compressed JSONL, which has no random access,
+re-decompresses up to the cursor.
+
+Bad records (malformed JSON, a missing or non-string field, invalid UTF-8, empty
+documents, empty files) are skipped and reported through ``on_skip(where, reason)``; a
+missing path, an empty glob or an unreadable file raises at listing time with the path."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+SkipFn = Callable[[str, str], None]
+# (cursor of this document, cursor after it, payload: str text or np.ndarray tokens)
+Doc = Tuple[int, int, Any]
+
+DEFAULT_GLOBS = {
+    "text_folder": "**/*.txt",
+    "jsonl": "**/*.jsonl*",
+    "parquet": "**/*.parquet",
+}
+SOURCE_KINDS = ("text_folder", "jsonl", "parquet", "hf_dataset", "pretokenized")
+
+
+@dataclass
+class SourceSpec:
+    kind: str
+    path: str
+    glob: Optional[str] = None
+    field: str = "text"
+    max_file_bytes: int = 100_000_000
+    chunk_bytes: int = 1 << 20
+    rows_per_unit: int = 1024
+    split: Optional[str] = None
+    name: str = ""
+    # The config key prefix named in errors (data. or data.mixture.<i>.).
+    key: str = "data."
+
+
+def _fs(path: str):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs, root
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def list_files(spec: SourceSpec) -> Tuple[Any, List[str]]:
+    """(filesystem, sorted file paths): ``path`` is a file, a folder searched with
+    ``glob``, or a glob itself; local paths or fsspec URLs."""
+    fs, root = _fs(spec.path)
+    pattern = spec.glob or DEFAULT_GLOBS.get(spec.kind, "**/*")
+    if _has_magic(root):
+        files = fs.glob(root)
+    elif fs.isdir(root):
+        files = fs.glob(root.rstrip("/") + "/" + pattern)
+    elif fs.exists(root):
+        files = [root]
+    else:
+        raise FileNotFoundError(f"{spec.key}path={spec.path!r}: no such file or directory")
+    files = sorted(f for f in files if fs.isfile(f))
+    if not files:
+        raise FileNotFoundError(f"{spec.key}glob={pattern!r} matched no file under {spec.key}path={spec.path!r}")
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or type(fs).__name__ == "LocalFileSystem":
+        for f in files:
+            if not os.access(f, os.R_OK):
+                raise PermissionError(f"{spec.key}path: cannot read {f}")
+    return fs, files
+
+
+class Source:
+    """Base: ``units`` (a list), ``iter_docs(unit, cursor)``, ``unit_label(unit)``."""
+
+    tokenized = False  # payloads are token arrays (pretokenized) rather than text
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.units: List[tuple] = []
+        self.listing_skipped: List[Tuple[str, str]] = []
+
+    def iter_docs(self, unit, cursor: int, on_skip: SkipFn) -> Iterator[Doc]:
+        raise NotImplementedError
+
+    def unit_label(self, unit) -> str:
+        return str(unit)
+
+    def read_one(self, unit, cursor: int) -> Any:
+        """The payload of the document at ``cursor`` (used to rebuild a partly packed one)."""
+        for c, _, payload in self.iter_docs(unit, cursor, lambda *_: None):
+            if c == cursor:
+                return payload
+            break
+        raise RuntimeError(f"no document at cursor {cursor} of {self.unit_label(unit)}: the data changed "
+                           "since the checkpoint was written")
+
+    def iter_texts(self) -> Iterator[str]:
+        """Every document in listing order (tokenizer training, pretokenizing)."""
+        for u in self.units:
+            for _, _, payload in self.iter_docs(u, 0, lambda *_: None):
+                yield payload
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_cache", None)
+        return state
+
+
+def _decode(raw: bytes, where: str, on_skip: SkipFn) -> Optional[str]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        on_skip(where, f"invalid UTF-8 at byte {e.start}")
+        return None
+    if not text:
+        on_skip(where, "empty document")
+        return None
+    return text
+
+
+class TextFolderSource(Source):
+    """One document per file."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self.fs, files = list_files(spec)
+        for f in files:
+            size = self.fs.size(f)
+            if size == 0:
+                self.listing_skipped.append((f, "empty file"))
+            elif size > spec.max_file_bytes:
+                self.listing_skipped.append((f, f"larger than {spec.key}max_file_bytes={spec.max_file_bytes}"))
+            else:
+                self.units.append((f,))
+        if not self.units:
+            raise FileNotFoundError(f"{spec.key}path={spec.path!r}: every matched file is empty or too large")
+
+    def iter_docs(self, unit, cursor, on_skip):
+        if cursor > 0:
+            return
+        (path,) = unit
+        with self.fs.open(path, "rb") as f:
+            text = _decode(f.read(), path, on_skip)
+        if text is not None:
+            yield 0, 1, text
+
+
+def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn) -> Optional[str]:
+    if not line.strip():
+        return None  # blank lines are separators, not records
+    try:
+        obj = json.loads(line)
+    except UnicodeDecodeError as e:
+        on_skip(where, f"invalid UTF-8 ({e.reason})")
+        return None
+    except ValueError as e:
+        on_skip(where, f"malformed JSON ({e})")
+        return None
+    if not isinstance(obj, dict) or field not in obj:
+        on_skip(where, f"no field {field!r}")
+        return None
+    text = obj[field]
+    if not isinstance(text, str):
+        on_skip(where, f"field {field!r} is {type(text).__name__}, not a string")
+        return None
+    if not text:
+        on_skip(where, "empty document")
+        return None
+    return text
+
+
+class JsonlSource(Source):
+    """JSON Lines; ``.gz`` and ``.zst`` files are read as streams (one unit per file),
+    plain files in ranges of ``chunk_bytes`` reached by seek."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self.fs, files = list_files(spec)
+        for f in files:
+            size = self.fs.size(f)
+            if size == 0:
+                self.listing_skipped.append((f, "empty file"))
+            elif f.endswith((".gz", ".zst")):
+                self.units.append((f, 0, -1))
+            else:
+                for a in range(0, size, spec.chunk_bytes):
+                    self.units.append((f, a, min(a + spec.chunk_bytes, size)))
+        if not self.units:
+            raise FileNotFoundError(f"{spec.key}path={spec.path!r}: every matched file is empty")
+
+    def unit_label(self, unit):
+        path, a, b = unit
+        return path if b < 0 else f"{path}[{a}:{b}]"
+
+    def iter_docs(self, unit, cursor, on_skip):
+        path, a, b = unit
+        if b < 0:
+            yield from self._iter_compressed(path, cursor, on_skip)
+            return
+        with self.fs.open(path, "rb") as f:
+            pos = a + cursor
+            if pos > 0 and cursor == 0:
+                # A range starts at the first line that begins inside it.
+                f.seek(pos - 1)
+                if f.read(1) != b"\n":
+                    f.readline()
+                pos = f.tell()
+            else:
+                f.seek(pos)
+            while pos < b:
+                line = f.readline()
+                if not line:
+                    return
+                nxt = pos + len(line)
+                text = _jsonl_record(line, self.spec.field, f"{path}@byte{pos}", on_skip)
+                if text is not None:
+                    yield pos - a, nxt - a, text
+                pos = nxt
+
+    def _iter_compressed(self, path, cursor, on_skip):
+        with self.fs.open(path, "rb") as raw:
+            if path.endswith(".gz"):
+                stream = gzip.GzipFile(fileobj=raw)
+            else:
+                import zstandard
+
+                stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+            try:
+                for lineno, line in enumerate(stream):
+                    if lineno < cursor:
+                        continue
+                    text = _jsonl_record(line, self.spec.field, f"{path}:{lineno + 1}", on_skip)
+                    if text is not None:
+                        yield lineno, lineno + 1, text
+            except (OSError, EOFError) as e:  # truncated or corrupt archive: skip the rest
+                on_skip(path, f"unreadable compressed stream ({e})")
+
+
+class ParquetSource(Source):
+    """One unit per row group; only the configured column is read."""
+
+    def __init__(self, spec: SourceSpec):
+        import pyarrow.parquet as pq
+
+        super().__init__(spec)
+        self.fs, files = list_files(spec)
+        for f in files:
+            try:
+                pf = pq.ParquetFile(self.fs.open(f, "rb"))
+            except Exception as e:  # noqa: BLE001 (arrow raises several types)
+                raise ValueError(f"{spec.key}path: {f} is not a readable Parquet file ({e})") from e
+            names = pf.schema_arrow.names
+            if spec.field not in names:
+                raise ValueError(f"{spec.key}field={spec.field!r}: {f} has no such column (columns: {names})")
+            for rg in range(pf.metadata.num_row_groups):
+                if pf.metadata.row_group(rg).num_rows:
+                    self.units.append((f, rg))
+        if not self.units:
+            raise FileNotFoundError(f"{spec.key}path={spec.path!r}: every matched Parquet file is empty")
+
+    def unit_label(self, unit):
+        return f"{unit[0]}#rowgroup{unit[1]}"
+
+    def _file(self, path):
+        import pyarrow.parquet as pq
+
+        cache = self.__dict__.setdefault("_cache", {})
+        if path not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            cache[path] = pq.ParquetFile(self.fs.open(path, "rb"))
+        return cache[path]
+
+    def iter_docs(self, unit, cursor, on_skip):
+        path, rg = unit
+        col = self._file(path).read_row_group(rg, columns=[self.spec.field]).column(0)
+        for row in range(cursor, len(col)):
+            value = col[row].as_py()
+            where = f"{path}#rowgroup{rg}:row{row}"
+            if isinstance(value, bytes):
+                value = _decode(value, where, on_skip)
+            elif value is None:
+                on_skip(where, f"field {self.spec.field!r} is null")
+                continue
+            elif not isinstance(value, str):
+                on_skip(where, f"field {self.spec.field!r} is {type(value).__name__}, not a string")
+                continue
+            elif not value:
+                on_skip(where, "empty document")
+                continue
+            if value is not None:
+                yield row, row + 1, value
+
+
+class HFDatasetSource(Source):
+    """A Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (a DatasetDict
+    needs ``split``); units are ranges of ``rows_per_unit`` rows."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        ds = self._dataset()
+        if spec.field not in ds.column_names:
+            raise ValueError(f"{spec.key}field={spec.field!r}: dataset at {spec.path} has columns {ds.column_names}")
+        n = len(ds)
+        if n == 0:
+            raise FileNotFoundError(f"{spec.key}path={spec.path!r}: the dataset has no rows")
+        self.units = [(a, min(a + spec.rows_per_unit, n)) for a in range(0, n, spec.rows_per_unit)]
+
+    def _dataset(self):
+        cache = self.__dict__.setdefault("_cache", {})
+        if "ds" not in cache:
+            import datasets
+
+            fs, root = _fs(self.spec.path)
+            if not fs.exists(root):
+                raise FileNotFoundError(f"{self.spec.key}path={self.spec.path!r}: no such dataset directory")
+            ds = datasets.load_from_disk(self.spec.path)
+            if isinstance(ds, datasets.DatasetDict):
+                if self.spec.split not in ds:
+                    raise ValueError(f"{self.spec.key}split={self.spec.split!r}: {self.spec.path} holds "
+                                     f"splits {list(ds)}")
+                ds = ds[self.spec.split]
+            cache["ds"] = ds
+        return cache["ds"]
+
+    def unit_label(self, unit):
+        return f"{self.spec.path}[rows {unit[0]}:{unit[1]}]"
+
+    def iter_docs(self, unit, cursor, on_skip):
+        a, b = unit
+        values = self._dataset()[a + cursor:b][self.spec.field]
+        for i, value in enumerate(values, start=cursor):
+            where = f"{self.spec.path}:row{a + i}"
+            if not isinstance(value, str):
+                on_skip(where, f"field {self.spec.field!r} is {type(value).__name__}, not a string")
+            elif not value:
+                on_skip(where, "empty document")
+            else:
+                yield i, i + 1, value
+
+
+MANIFEST = "manifest.json"
+SHARD_FORMAT = "llama-pretrain-tokens-v1"
+
+
+class PretokenizedSource(Source):
+    """Token shards written by ``python -m data_pipeline.pretokenize``: memory-mapped,
+    documents shuffled within blocks of ``rows_per_unit`` and blocks shuffled globally."""
+
+    tokenized = True
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        fs, root = _fs(spec.path)
+        mpath = root.rstrip("/") + "/" + MANIFEST
+        if not fs.exists(mpath):
+            raise FileNotFoundError(f"{spec.key}path={spec.path!r}: no {MANIFEST} (make shards with "
+                                    "python -m data_pipeline.pretokenize)")
+        with fs.open(mpath, "rb") as f:
+            self.manifest = json.loads(f.read())
+        if self.manifest.get("format") != SHARD_FORMAT:
+            raise ValueError(f"{mpath}: format {self.manifest.get('format')!r}, expected {SHARD_FORMAT!r}")
+        if type(fs).__name__ != "LocalFileSystem":
+            raise ValueError(f"{spec.key}path={spec.path!r}: pretokenized shards are memory-mapped and must be "
+                             "on a local or mounted filesystem")
+        self.root = root
+        for i, shard in enumerate(self.manifest["shards"]):
+            for a in range(0, shard["n_docs"], spec.rows_per_unit):
+                self.units.append((i, a, min(a + spec.rows_per_unit, shard["n_docs"])))
+        if not self.units:
+            raise FileNotFoundError(f"{spec.key}path={spec.path!r}: the shards hold no documents")
+        # Set by the loader: documents are permuted within a unit by (seed, unit).
+        self.seed, self.shuffle = 0, True
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    def _shard(self, i):
+        cache = self.__dict__.setdefault("_cache", {})
+        if i not in cache:
+            s = self.manifest["shards"][i]
+            tokens = np.memmap(os.path.join(self.root, s["tokens"]), dtype=self.manifest["dtype"], mode="r")
+            index = np.load(os.path.join(self.root, s["index"]), mmap_mode="r")
+            cache[i] = (tokens, index)
+        return cache[i]
+
+    def unit_label(self, unit):
+        return f"{self.manifest['shards'][unit[0]]['tokens']}[docs {unit[1]}:{unit[2]}]"
+
+    def iter_docs(self, unit, cursor, on_skip):
+        i, a, b = unit
+        tokens, index = self._shard(i)
+        order = np.random.default_rng([self.seed, i, a]).permutation(b - a) if self.shuffle else None
+        for row in range(cursor, b - a):
+            d = a + (int(order[row]) if order is not None else row)
+            yield row, row + 1, tokens[index[d]:index[d + 1]]
+
+
+def build_source(spec: SourceSpec) -> Source:
+    classes = {"text_folder": TextFolderSource, "jsonl": JsonlSource, "parquet": ParquetSource,
+               "hf_dataset": HFDatasetSource, "pretokenized": PretokenizedSource}
+    if spec.kind not in classes:
+        raise ValueError(f"{spec.key}source={spec.kind!r}: expected one of {', '.join(classes)}")
+    return classes[spec.kind](spec)

@@ -1,0 +1,224 @@
+"""One loader *slot*: a stream of windows; each row of the global batch cycles through
+``streams_per_row`` of them (see loader.py).
+
+Which units a slot reads is arithmetic. Units are numbered globally across epochs: unit
+``g`` is ``units[perm_e[g % N]]`` of epoch ``e = g // N``, where ``perm_e`` is a seeded
+permutation (the identity without shuffling). A slot first drains an explicit queue of
+(unit, cursor) pairs (empty on a fresh start), then takes the progression ``next,
+next + stride, ...``; fresh slot ``s`` starts with ``next = s, stride = S``. So within an
+epoch every document is read by exactly one slot, and the whole position of a slot is a
+few integers plus the packer's fragments: ``reshard`` turns the states of S slots into
+those of S' slots so that the remaining work is covered exactly once.
+
+With several sources (a mixture) each source has its own progression, and the next
+document comes from the source with the lowest ``(tokens_i + u_i * mean_doc_len_i) /
+weight_i``, where ``u_i`` is a seeded Exp(1) draw per pick: the token counts track the
+weights to within about one document per stream (a deficit round robin), and the jitter
+makes streams start on different sources with probability proportional to the weights
+(the minimum of Exp(w_i) variables), so the realized mixture is right from the first
+steps. Deterministic for (seed, slot, documents so far), hence exactly resumable."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+
+from .packing import Packer
+from .sources import Source
+
+log = logging.getLogger("data_pipeline")
+
+# Document keys: source (4 bits) | global unit index (36 bits) | cursor in unit (23 bits).
+_UNIT_BITS, _CUR_BITS = 36, 23
+# A tokenizer call takes up to this many documents or characters (read-ahead stays small).
+_ENCODE_DOCS, _ENCODE_CHARS = 32, 1 << 16
+_MAX_SKIP_LOGS = 5
+
+
+def doc_key(src: int, g: int, cursor: int) -> int:
+    return (src << (_UNIT_BITS + _CUR_BITS)) | ((g & ((1 << _UNIT_BITS) - 1)) << _CUR_BITS) | (cursor & ((1 << _CUR_BITS) - 1))
+
+
+def key_source(keys: np.ndarray) -> np.ndarray:
+    return keys >> (_UNIT_BITS + _CUR_BITS)
+
+
+class UnitPlan:
+    """The global unit order of one source: unit g -> base unit index."""
+
+    def __init__(self, n_units: int, seed: int, src: int, shuffle: bool):
+        self.n, self.seed, self.src, self.shuffle = n_units, seed, src, shuffle
+        self._perms: Dict[int, np.ndarray] = {}
+
+    def epoch(self, g: int) -> int:
+        return g // self.n
+
+    def unit(self, g: int) -> int:
+        e, i = divmod(g, self.n)
+        if not self.shuffle:
+            return i
+        if e not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            self._perms[e] = np.random.default_rng([self.seed, self.src, e]).permutation(self.n)
+        return int(self._perms[e][i])
+
+
+def fresh_reader_state(slot: int, stride: int) -> dict:
+    return {"queue": [], "qi": 0, "next": slot, "stride": stride, "cur": None}
+
+
+def fresh_slot_state(slot: int, num_slots: int, n_sources: int) -> dict:
+    return {"slot": slot, "readers": [fresh_reader_state(slot, num_slots) for _ in range(n_sources)],
+            "packer": [], "mix_tokens": [0] * n_sources, "mix_docs": [0] * n_sources}
+
+
+class _Reader:
+    """Documents of one source for one slot, with the reader state after each one."""
+
+    def __init__(self, source: Source, plan: UnitPlan, state: dict, on_skip):
+        self.source, self.plan, self._log_skip = source, plan, on_skip
+        self.n_skipped = 0  # records skipped so far (read ahead included)
+        self.queue = [tuple(x) for x in state["queue"]]
+        self.qi, self.next, self.stride = state["qi"], state["next"], state["stride"]
+        self.cur = tuple(state["cur"]) if state["cur"] is not None else None
+
+    def __iter__(self):
+        while True:
+            if self.cur is not None:
+                g, c = self.cur
+            elif self.qi < len(self.queue):
+                g, c = self.queue[self.qi]
+                self.qi += 1
+            else:
+                g, c = self.next, 0
+                self.next += self.stride
+            self.cur = (g, c)
+            unit = self.source.units[self.plan.unit(g)]
+            for cursor, after, payload in self.source.iter_docs(unit, c, self.on_skip):
+                self.cur = (g, after)
+                yield g, cursor, payload, self.snapshot(), self.n_skipped
+            self.cur = None
+
+    def on_skip(self, where: str, reason: str) -> None:
+        self.n_skipped += 1
+        self._log_skip(where, reason)
+
+    def snapshot(self) -> dict:
+        return {"queue": self.queue, "qi": self.qi, "next": self.next, "stride": self.stride,
+                "cur": list(self.cur) if self.cur is not None else None}
+
+
+class SlotStream:
+    """Iterator of windows (tokens, keys, positions) for one slot, with ``state_dict``."""
+
+    def __init__(self, sources: Sequence[Source], plans: Sequence[UnitPlan], weights: Sequence[float],
+                 tokenizer, window: int, state: dict):
+        self.sources, self.plans, self.tok = sources, plans, tokenizer
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.slot = state["slot"]
+        self._skip_logged = 0
+        self.mix_tokens = list(state["mix_tokens"])
+        self.mix_docs = list(state["mix_docs"])
+        self.readers = [_Reader(s, p, r, self._on_skip) for s, p, r in zip(sources, plans, state["readers"])]
+        # Committed reader states: after the last document handed to the packer; and the
+        # records skipped before it (read-ahead skips count once their turn comes).
+        self.reader_states = [r.snapshot() for r in self.readers]
+        self._skips_committed = [0] * len(sources)
+        self._skips_reported = 0
+        self._iters = [self._tokenized(i) for i in range(len(sources))]
+        self.packer = Packer(window, tokenizer.bos_id, tokenizer.eos_id)
+        self.packer.load_fragments(state["packer"], self._fetch)
+
+    def _on_skip(self, where: str, reason: str) -> None:
+        if self._skip_logged < _MAX_SKIP_LOGS:
+            self._skip_logged += 1
+            log.warning("skipped a record: %s: %s%s", where, reason,
+                        "" if self._skip_logged < _MAX_SKIP_LOGS else " (further skips are only counted)")
+
+    def _fetch(self, ref: dict) -> np.ndarray:
+        src = self.sources[ref["src"]]
+        payload = src.read_one(src.units[self.plans[ref["src"]].unit(ref["g"])], ref["c"])
+        toks = payload if src.tokenized else self.tok.encode_batch([payload])[0]
+        return self.packer.wrap(toks)
+
+    def _tokenized(self, i: int) -> Iterator[tuple]:
+        """(key, wrapped tokens, ref, reader state after) for source i, tokenized in batches."""
+        src, reader = self.sources[i], iter(self.readers[i])
+        while True:
+            batch, chars = [next(reader)], 0
+            while not src.tokenized and len(batch) < _ENCODE_DOCS:
+                chars += len(batch[-1][2])
+                if chars >= _ENCODE_CHARS:
+                    break
+                batch.append(next(reader))
+            if src.tokenized:
+                toks = [batch[0][2]]
+            else:
+                flat, off = self.tok.encode_batch([b[2] for b in batch])
+                toks = [flat[off[j]:off[j + 1]] for j in range(len(batch))]
+            for (g, c, _, snap, n_skipped), t in zip(batch, toks):
+                yield doc_key(i, g, c), self.packer.wrap(t), {"src": i, "g": g, "c": c}, snap, n_skipped
+
+    def _pick_source(self) -> int:
+        if len(self.sources) == 1:
+            return 0
+        tokens, docs = np.asarray(self.mix_tokens, dtype=np.float64), np.asarray(self.mix_docs, dtype=np.float64)
+        seen = docs > 0
+        default = (tokens[seen] / docs[seen]).mean() if seen.any() else 1.0
+        mean_len = np.where(seen, tokens / np.maximum(docs, 1), default)
+        u = np.random.default_rng([self.plans[0].seed, self.slot, int(docs.sum())]).exponential(size=len(tokens))
+        return int(np.argmin((tokens + u * mean_len) / self.weights))
+
+    def next_window(self):
+        while not self.packer.ready():
+            i = self._pick_source()
+            key, wrapped, ref, snap, n_skipped = next(self._iters[i])
+            self.packer.add(key, wrapped, ref)
+            self.reader_states[i] = snap
+            self._skips_committed[i] = n_skipped
+            self.mix_tokens[i] += len(wrapped)
+            self.mix_docs[i] += 1
+        return self.packer.cut()
+
+    def take_skipped(self) -> int:
+        """Records skipped before the documents packed since the last call."""
+        total = sum(self._skips_committed)
+        n, self._skips_reported = total - self._skips_reported, total
+        return n
+
+    def state_dict(self) -> dict:
+        return {"slot": self.slot, "readers": [dict(r) for r in self.reader_states],
+                "packer": self.packer.state_dict(), "mix_tokens": list(self.mix_tokens),
+                "mix_docs": list(self.mix_docs)}
+
+
+def reshard(states: List[dict], new_slots: int) -> List[dict]:
+    """Slot states for ``new_slots`` slots that cover exactly the work the given states
+    had left: units started or owed below each source's frontier go to explicit queues
+    (round robin), the progression restarts at the frontier with the new stride, and the
+    packers' fragments and mixture counts move to slot ``old % new_slots``."""
+    states = sorted(states, key=lambda s: s["slot"])
+    n_src = len(states[0]["readers"])
+    out = [{"slot": s, "readers": [], "packer": [], "mix_tokens": [0] * n_src, "mix_docs": [0] * n_src}
+           for s in range(new_slots)]
+    for i in range(n_src):
+        olds = [st["readers"][i] for st in states]
+        frontier = max(r["next"] for r in olds)
+        items = []
+        for r in olds:
+            if r["cur"] is not None:
+                items.append(tuple(r["cur"]))
+            items.extend(tuple(x) for x in r["queue"][r["qi"]:])
+            items.extend((g, 0) for g in range(r["next"], frontier, r["stride"]))
+        items.sort()
+        for s in range(new_slots):
+            out[s]["readers"].append({"queue": [list(x) for x in items[s::new_slots]], "qi": 0,
+                                      "next": frontier + s, "stride": new_slots, "cur": None})
+    for st in states:
+        tgt = out[st["slot"] % new_slots]
+        tgt["packer"].extend(st["packer"])
+        for k in ("mix_tokens", "mix_docs"):
+            tgt[k] = [a + b for a, b in zip(tgt[k], st[k])]
+    return out
