@@ -7,9 +7,12 @@
 4. data_wait share of step time in a short real training run (the demo's model, one
    process, data.num_workers=1).
 
-Corpus: this interpreter's standard library sources, one JSONL record per file,
-repeated to ``--mb`` megabytes. Last line: machine-readable key=value pairs, with
-ratio = streaming tokens/s per worker (1 worker) / raw tokenizer tokens/s."""
+Corpus: this interpreter's standard library sources (subpackages included), one JSONL
+record per file, up to ``--mb`` megabytes of distinct text. Every measurement runs in its
+own fresh process and reads the corpus once: quicktok caches pieces it has seen, so a
+second pass over the same text would flatter whichever path ran second. Last line:
+machine-readable key=value pairs, with ratio = streaming tokens/s per worker (1 worker) /
+raw tokenizer tokens/s."""
 from __future__ import annotations
 
 import argparse
@@ -32,13 +35,17 @@ from data_pipeline.tokenizer import Llama3Tokenizer  # noqa: E402
 
 
 def corpus(mb: float) -> list[str]:
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("**/*.py"))
     out, size = [], 0
-    while size < mb * 1e6:
-        for t in texts:
+    for f in files:
+        if "site-packages" in f.parts or f.stat().st_size > 500_000:
+            continue
+        t = f.read_text(encoding="utf-8", errors="replace")
+        if t.strip():
             out.append(t)
             size += len(t)
+        if size >= mb * 1e6:
+            break
     return out
 
 
@@ -46,7 +53,8 @@ def loader_rate(source, tok, workers: int, seq_len: int, batch: int, tokens: int
     spec = LoaderSpec(seq_len=seq_len, local_batch_size=batch, dp_rank=0, dp_world=1, num_workers=workers,
                       seed=0, shuffle=True)
     ld = RankLoader([source], [1.0], tok, spec)
-    next(ld)  # start-up (worker fork, first batch) is not throughput
+    for _ in range(4):  # start-up (worker fork, first batches) is not throughput
+        next(ld)
     per_batch, n = batch * (seq_len + 1), 0
     t0 = time.perf_counter()
     while n < tokens:
@@ -67,40 +75,57 @@ def data_wait_share(steps: int) -> float:
     return sum(r["data_wait_share"] for r in rows) / len(rows)
 
 
+def measure(what: str, d: Path, seq_len: int, batch: int) -> float:
+    tok = Llama3Tokenizer()
+    n_tokens = json.loads((d / "shards" / "manifest.json").read_text())["n_tokens"]
+    budget = int(n_tokens * 0.8)  # stay inside one epoch: each document read once
+    if what == "raw":
+        docs = [json.loads(line)["text"] for line in (d / "c.jsonl").read_text().splitlines()]
+        t0, n = time.perf_counter(), 0
+        for i in range(0, len(docs), 32):
+            flat, _ = tok.encode_batch(docs[i:i + 32])
+            n += len(flat)
+        return n / (time.perf_counter() - t0)
+    if what == "pretok":
+        src = build_source(SourceSpec("pretokenized", str(d / "shards"), rows_per_unit=64))
+        return loader_rate(src, tok, 0, seq_len, batch, budget)
+    src = build_source(SourceSpec("jsonl", str(d / "c.jsonl")))
+    return loader_rate(src, tok, int(what[1:]), seq_len, batch, budget)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--mb", type=float, default=8.0, help="corpus size")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=float, default=12.0, help="corpus size (distinct text)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=60, help="0 skips the training run")
+    p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.measure:
+        print(measure(a.measure, Path(a.dir), a.seq_len, a.batch))
+        return
 
-    tok = Llama3Tokenizer()
     docs = corpus(a.mb)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         (d / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+        m = pretokenize(SourceSpec("jsonl", str(d / "c.jsonl")), Llama3Tokenizer(), d / "shards", progress=False)
 
-        tok.encode_batch(docs[:8])
-        t0 = time.perf_counter()
-        n_raw = 0
-        for i in range(0, len(docs), 32):
-            flat, _ = tok.encode_batch(docs[i:i + 32])
-            n_raw += len(flat)
-        raw = n_raw / (time.perf_counter() - t0)
+        def run(what):
+            out = subprocess.run([sys.executable, __file__, "--measure", what, "--dir", str(d), "--seq-len",
+                                  str(a.seq_len), "--batch", str(a.batch)], check=True, capture_output=True,
+                                 text=True).stdout
+            return float(out.split()[-1])
 
-        src = build_source(SourceSpec("jsonl", str(d / "c.jsonl")))
-        budget = int(n_raw * 0.8)  # stay inside one epoch
-        rates = {w: loader_rate(src, tok, w, a.seq_len, a.batch, budget) for w in (0, 1, 2)}
-
-        pretokenize(SourceSpec("jsonl", str(d / "c.jsonl")), tok, d / "shards", progress=False)
-        shards = build_source(SourceSpec("pretokenized", str(d / "shards"), rows_per_unit=64))
-        pretok = loader_rate(shards, tok, 0, a.seq_len, a.batch, budget)
+        raw = run("raw")
+        rates = {w: run(f"w{w}") for w in (0, 1, 2)}
+        pretok = run("pretok")
 
     wait = data_wait_share(a.train_steps) if a.train_steps else float("nan")
     ratio = rates[1] / raw
-    print(f"corpus: {len(docs)} documents, {n_raw / 1e6:.2f} M Llama 3 tokens; seq_len {a.seq_len}, "
-          f"batch {a.batch}; {os.cpu_count()} cores")
+    print(f"corpus: {len(docs)} documents, {m['n_tokens'] / 1e6:.2f} M Llama 3 tokens; seq_len {a.seq_len}, "
+          f"batch {a.batch}, 8 streams per row; {os.cpu_count()} cores; each path in a fresh process")
     print(f"{'path':<44}{'tokens/s':>14}{'per worker':>14}")
     print(f"{'raw tokenizer (quicktok llama3, 1 thread)':<44}{raw:>14,.0f}{raw:>14,.0f}")
     for w in (0, 1, 2):

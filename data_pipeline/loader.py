@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .packing import positions as _positions
 from .sources import Source
 from .stream import SlotStream, UnitPlan, fresh_slot_state, key_source, reshard
 
@@ -47,6 +48,8 @@ class LoaderSpec:
     shuffle: bool
     grad_accum_steps: int = 1
     streams_per_row: int = 1
+    # Emit position ids restarting at each document (for document masking).
+    positions: bool = False
 
     @property
     def rows(self) -> int:
@@ -54,12 +57,34 @@ class LoaderSpec:
         return self.local_batch_size * self.grad_accum_steps
 
 
+class _Piece:
+    """One worker's rows of a batch. A plain object, so the DataLoader leaves its numpy
+    arrays alone (no per-batch shared-memory tensors: pickled bytes through the pipe are
+    several times cheaper for batches this size)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _runs(keys: np.ndarray):
+    start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return keys[start], np.diff(np.r_[start, len(keys)])
+
+
 class _RowsDataset(IterableDataset):
     """Yields, per batch, this worker's rows: one window per row from the row's next slot."""
 
-    def __init__(self, sources, plans, weights, tokenizer, spec: LoaderSpec, rows: List[dict], n_workers: int):
+    def __init__(self, sources, plans, weights, tokenizer, spec: LoaderSpec, rows: List[dict], n_workers: int,
+                 ship_states: bool):
         self.sources, self.plans, self.weights = sources, plans, weights
         self.tokenizer, self.spec, self.rows, self.n_workers = tokenizer, spec, rows, n_workers
+        # Worker processes send their rows' states with every batch; in process, the
+        # loader reads them from the live streams when asked (``live``).
+        self.ship_states, self.live = ship_states, None
+
+    def live_states(self) -> List[dict]:
+        _, lanes, nxt = self.live
+        return [{"slots": [s.state_dict() for s in streams], "next": n} for streams, n in zip(lanes, nxt)]
 
     def __iter__(self):
         info = get_worker_info()
@@ -69,6 +94,7 @@ class _RowsDataset(IterableDataset):
         lanes = [[SlotStream(self.sources, self.plans, self.weights, self.tokenizer, window, st)
                   for st in self.rows[q]["slots"]] for q in mine]
         nxt = [self.rows[q]["next"] for q in mine]
+        self.live = (mine, lanes, nxt)
         n_src = len(self.sources)
         while True:
             wins, skipped = [], 0
@@ -76,16 +102,20 @@ class _RowsDataset(IterableDataset):
                 wins.append(streams[nxt[i]].next_window())
                 skipped += streams[nxt[i]].take_skipped()
                 nxt[i] = (nxt[i] + 1) % len(streams)
-            keys = np.stack([x[1] for x in wins])
-            yield {
-                "rows": mine,
-                "tokens": torch.from_numpy(np.stack([x[0] for x in wins])),
-                "doc_ids": torch.from_numpy(keys),
-                "positions": torch.from_numpy(np.stack([x[2] for x in wins])),
-                "source_tokens": torch.from_numpy(np.bincount(key_source(keys).ravel(), minlength=n_src)),
-                "skipped": skipped,
-                "states": [{"slots": [s.state_dict() for s in streams], "next": n} for streams, n in zip(lanes, nxt)],
-            }
+            # Document keys run-length encoded: a window holds a handful of documents.
+            runs = [_runs(x[1]) for x in wins]
+            src_tokens = np.zeros(n_src, dtype=np.int64)
+            for k, n in runs:
+                np.add.at(src_tokens, key_source(k), n)
+            yield _Piece(
+                rows=mine,
+                tokens=np.stack([x[0] for x in wins]).astype(np.int32),
+                doc_runs=runs,
+                source_tokens=src_tokens,
+                skipped=skipped,
+                states=[{"slots": [s.state_dict(with_queue=False) for s in streams], "next": n}
+                        for streams, n in zip(lanes, nxt)] if self.ship_states else None,
+            )
 
 
 class RankLoader:
@@ -106,7 +136,7 @@ class RankLoader:
         self.first = spec.dp_rank * b * lanes  # this rank's first slot
         self.states = [{"slots": [fresh_slot_state(self.first + q * lanes + j, self.num_slots, len(sources))
                                   for j in range(lanes)], "next": 0} for q in range(b)]
-        self._it = None
+        self._it = self._ds = None
         self._step_rows = None  # the current step's rows, handed out one micro-batch at a time
         self._micro = 0
 
@@ -115,8 +145,11 @@ class RankLoader:
         """Valid at optimizer-step boundaries (after the step's last micro-batch)."""
         if self._micro:
             raise RuntimeError("loader state requested in the middle of a step's micro-batches")
-        return {"num_slots": self.num_slots, "streams_per_row": self.spec.streams_per_row, "rows": self.states,
-                "dp_rank": self.spec.dp_rank, "dp_world": self.spec.dp_world, "n_sources": len(self.sources)}
+        if self._ds is not None and not self._ds.ship_states and self._ds.live is not None:
+            self.states = self._ds.live_states()
+        return _json_safe({"num_slots": self.num_slots, "streams_per_row": self.spec.streams_per_row,
+                           "rows": self.states, "dp_rank": self.spec.dp_rank, "dp_world": self.spec.dp_world,
+                           "n_sources": len(self.sources)})
 
     def load_rank_states(self, saved: List[dict]) -> None:
         """``saved``: the state_dict of every DP rank of the checkpointed job."""
@@ -148,8 +181,8 @@ class RankLoader:
 
     # -- iteration -----------------------------------------------------------------------
     def _start(self):
-        ds = _RowsDataset(self.sources, self.plans, self.weights, self.tokenizer, self.spec, self.states,
-                          max(1, self.n_workers))
+        ds = self._ds = _RowsDataset(self.sources, self.plans, self.weights, self.tokenizer, self.spec,
+                                     self.states, max(1, self.n_workers), ship_states=self.n_workers > 0)
         if self.n_workers == 0:
             return iter(ds)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.n_workers, prefetch_factor=4,
@@ -166,8 +199,15 @@ class RankLoader:
         if self.spec.grad_accum_steps == 1:
             return self._step_rows
         rows = slice(m * lbs, (m + 1) * lbs)
-        return {k: (v[rows] if k not in ("source_tokens", "skipped") else v * (m == 0))
-                for k, v in self._step_rows.items()}
+        out = {}
+        for k, v in self._step_rows.items():
+            if v is None:
+                out[k] = None
+            elif k in ("source_tokens", "skipped"):  # counted once per step
+                out[k] = v * (m == 0)
+            else:
+                out[k] = v[rows]
+        return out
 
     def _next_step(self) -> Dict[str, torch.Tensor]:
         if self._it is None:
@@ -175,23 +215,45 @@ class RankLoader:
         # One piece per worker, in worker order (the DataLoader's round robin).
         pieces = [next(self._it) for _ in range(max(1, self.n_workers))]
         b, s1 = self.spec.rows, self.spec.seq_len + 1
-        tokens = torch.empty(b, s1, dtype=torch.int64)
-        doc_ids = torch.empty(b, s1, dtype=torch.int64)
-        positions = torch.empty(b, s1, dtype=torch.int64)
+        # numpy, not torch: torch's indexed copies wake OpenMP threads that then spin on
+        # cores the loader workers and the training step need.
+        tokens = np.empty((b, s1), dtype=np.int64)
+        doc_ids = np.empty((b, s1), dtype=np.int64)
         for p in pieces:
-            rows = p["rows"]
-            tokens[rows], doc_ids[rows], positions[rows] = p["tokens"], p["doc_ids"], p["positions"]
-            for q, st in zip(rows, p["states"]):
+            tokens[p.rows] = p.tokens
+            for q, (k, n) in zip(p.rows, p.doc_runs):
+                doc_ids[q] = np.repeat(k, n)
+            for q, st in zip(p.rows, p.states or ()):
+                for old, new in zip(self.states[q]["slots"], st["slots"]):
+                    for r_old, r_new in zip(old["readers"], new["readers"]):
+                        r_new["queue"] = r_old["queue"]
                 self.states[q] = st
+        positions = torch.from_numpy(_positions(doc_ids)) if self.spec.positions else None
+        tokens, doc_ids = torch.from_numpy(tokens), torch.from_numpy(doc_ids)
         return {
-            "input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "positions": positions[:, :-1],
+            "input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
+            "positions": positions[:, :-1] if positions is not None else None,
             "doc_ids": doc_ids[:, :-1], "window_doc_ids": doc_ids,
-            "source_tokens": sum(p["source_tokens"] for p in pieces),
-            "skipped": sum(p["skipped"] for p in pieces),
+            "source_tokens": torch.from_numpy(sum(p.source_tokens for p in pieces)),
+            "skipped": sum(p.skipped for p in pieces),
         }
 
     def close(self) -> None:
-        self._it = None
+        if self._ds is not None and not self._ds.ship_states and self._ds.live is not None:
+            self.states = self._ds.live_states()
+        self._it = self._ds = None
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
 
 def listing_skips(sources: Sequence[Source]) -> int:

@@ -43,22 +43,24 @@ class Packer:
     def ready(self) -> bool:
         return self._len >= self.window
 
-    def cut(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens, doc keys, positions) of the next window; requires ``ready()``."""
-        need, toks, keys, pos = self.window, [], [], []
+    def cut(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(tokens, doc keys) of the next window; requires ``ready()``. Position ids follow
+        from the keys (``positions``)."""
+        need, toks, keys, lens = self.window, [], [], []
         while need:
             key, seg, ref, off = self._segs[0]
             take = min(need, len(seg))
             toks.append(seg[:take])
-            keys.append(np.full(take, key, dtype=np.int64))
-            pos.append(np.arange(take, dtype=np.int64))
+            keys.append(key)
+            lens.append(take)
             if take == len(seg):
                 self._segs.pop(0)
             else:
                 self._segs[0] = (key, seg[take:], ref, off + take)
             need -= take
         self._len -= self.window
-        return np.concatenate(toks), np.concatenate(keys), np.concatenate(pos)
+        tokens = toks[0] if len(toks) == 1 else np.concatenate(toks)
+        return tokens, np.repeat(np.asarray(keys, dtype=np.int64), lens)
 
     def state_dict(self) -> List[dict]:
         frags = []
@@ -67,7 +69,7 @@ class Packer:
             if last and ref is not None:
                 frags.append({"key": key, "ref": ref, "off": off})
             else:
-                frags.append({"key": key, "tokens": seg.tolist()})
+                frags.append({"key": key, "tokens": seg})  # an array; lists only in JSON
         return frags
 
     def load_fragments(self, frags: List[dict], fetch: Callable[[dict], np.ndarray]) -> None:
@@ -83,12 +85,22 @@ class Packer:
             yield key, len(seg)
 
 
+def positions(doc_ids: np.ndarray) -> np.ndarray:
+    """Position ids for (rows, n) document keys: restarting at each document and at the
+    window start (attention never reaches the previous window)."""
+    n = doc_ids.shape[1]
+    idx = np.broadcast_to(np.arange(n), doc_ids.shape)
+    start = np.ones(doc_ids.shape, dtype=bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return idx - np.maximum.accumulate(np.where(start, idx, 0), axis=1)
+
+
 def pack_all(docs, window: int, bos_id: int, eos_id: int) -> List[Dict[str, np.ndarray]]:
     """Pack a finite list of token lists (tests and tools); the remainder is dropped."""
     p, out = Packer(window, bos_id, eos_id), []
     for i, d in enumerate(docs):
         p.add(i, p.wrap(np.asarray(d, dtype=np.int64)), None)
         while p.ready():
-            t, k, pos = p.cut()
-            out.append({"tokens": t, "keys": k, "positions": pos})
+            t, k = p.cut()
+            out.append({"tokens": t, "keys": k, "positions": positions(k[None])[0]})
     return out

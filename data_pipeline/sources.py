@@ -60,6 +60,15 @@ def _fs(path: str):
     return fs, root
 
 
+def _is_local(fs) -> bool:
+    return type(fs).__name__ == "LocalFileSystem"
+
+
+def open_binary(fs, path: str):
+    """Local files with the builtin open (fsspec's path handling costs ~1 ms per open)."""
+    return open(path, "rb") if _is_local(fs) else fs.open(path, "rb")
+
+
 def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
@@ -80,7 +89,7 @@ def list_files(spec: SourceSpec) -> Tuple[Any, List[str]]:
     files = sorted(f for f in files if fs.isfile(f))
     if not files:
         raise FileNotFoundError(f"{spec.key}glob={pattern!r} matched no file under {spec.key}path={spec.path!r}")
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or type(fs).__name__ == "LocalFileSystem":
+    if _is_local(fs):
         for f in files:
             if not os.access(f, os.R_OK):
                 raise PermissionError(f"{spec.key}path: cannot read {f}")
@@ -157,7 +166,7 @@ class TextFolderSource(Source):
         if cursor > 0:
             return
         (path,) = unit
-        with self.fs.open(path, "rb") as f:
+        with open_binary(self.fs, path) as f:
             text = _decode(f.read(), path, on_skip)
         if text is not None:
             yield 0, 1, text
@@ -215,7 +224,7 @@ class JsonlSource(Source):
         if b < 0:
             yield from self._iter_compressed(path, cursor, on_skip)
             return
-        with self.fs.open(path, "rb") as f:
+        with open_binary(self.fs, path) as f:
             pos = a + cursor
             if pos > 0 and cursor == 0:
                 # A range starts at the first line that begins inside it.
@@ -236,7 +245,7 @@ class JsonlSource(Source):
                 pos = nxt
 
     def _iter_compressed(self, path, cursor, on_skip):
-        with self.fs.open(path, "rb") as raw:
+        with open_binary(self.fs, path) as raw:
             if path.endswith(".gz"):
                 stream = gzip.GzipFile(fileobj=raw)
             else:
@@ -378,7 +387,7 @@ class PretokenizedSource(Source):
             self.manifest = json.loads(f.read())
         if self.manifest.get("format") != SHARD_FORMAT:
             raise ValueError(f"{mpath}: format {self.manifest.get('format')!r}, expected {SHARD_FORMAT!r}")
-        if type(fs).__name__ != "LocalFileSystem":
+        if not _is_local(fs):
             raise ValueError(f"{spec.key}path={spec.path!r}: pretokenized shards are memory-mapped and must be "
                              "on a local or mounted filesystem")
         self.root = root

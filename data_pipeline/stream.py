@@ -59,8 +59,9 @@ class UnitPlan:
         if not self.shuffle:
             return i
         if e not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.clear()
+            # Streams can be a few epochs apart on small corpora: keep several, within ~32 MB.
+            if len(self._perms) >= max(2, (1 << 22) // self.n):
+                self._perms.pop(next(iter(self._perms)))
             self._perms[e] = np.random.default_rng([self.seed, self.src, e]).permutation(self.n)
         return int(self._perms[e][i])
 
@@ -111,7 +112,7 @@ class _Reader:
 
 
 class SlotStream:
-    """Iterator of windows (tokens, keys, positions) for one slot, with ``state_dict``."""
+    """Iterator of windows (tokens, doc keys) for one slot, with ``state_dict``."""
 
     def __init__(self, sources: Sequence[Source], plans: Sequence[UnitPlan], weights: Sequence[float],
                  tokenizer, window: int, state: dict):
@@ -188,8 +189,12 @@ class SlotStream:
         n, self._skips_reported = total - self._skips_reported, total
         return n
 
-    def state_dict(self) -> dict:
-        return {"slot": self.slot, "readers": [dict(r) for r in self.reader_states],
+    def state_dict(self, with_queue: bool = True) -> dict:
+        """``with_queue=False`` leaves out the readers' queues (fixed between loads; the
+        loader's main process keeps them) to keep per-batch states small."""
+        readers = self.reader_states if with_queue else [
+            {k: v for k, v in r.items() if k != "queue"} for r in self.reader_states]
+        return {"slot": self.slot, "readers": readers,
                 "packer": self.packer.state_dict(), "mix_tokens": list(self.mix_tokens),
                 "mix_docs": list(self.mix_docs)}
 

@@ -161,7 +161,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
         seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
         num_workers=cfg.data.num_workers, seed=t.seed, shuffle=cfg.data.shuffle, grad_accum_steps=t.grad_accum_steps,
-        streams_per_row=cfg.data.streams_per_row))
+        streams_per_row=cfg.data.streams_per_row, positions=cfg.data.document_masking))
     listing_skipped = listing_skips(sources) if is_rank0 else 0
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, is_rank0=is_rank0)

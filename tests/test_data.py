@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_pipeline.loader import LoaderSpec, RankLoader
-from data_pipeline.packing import Packer, pack_all
+from data_pipeline.packing import Packer, pack_all, positions
 from data_pipeline.sources import SourceSpec, build_source
 from data_pipeline.stream import SlotStream, UnitPlan, doc_key, fresh_slot_state, reshard
 from data_pipeline.tokenizer import HFTokenizer, Llama3Tokenizer, TiktokenTokenizer, train_bpe, write_tiktoken_model
@@ -108,7 +108,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path):
     src = build_source(SourceSpec("jsonl", str(tmp_path / "d")))
     stream = SlotStream([src], [UnitPlan(len(src.units), 0, 0, False)], [1.0], tok, 9, fresh_slot_state(0, 1, 1))
     while True:  # until the second good record (after all five bad ones) is packed
-        _, keys, _ = stream.next_window()
+        _, keys = stream.next_window()
         if any(k & ((1 << 23) - 1) for k in keys.tolist()):
             break
     assert stream.take_skipped() == 5 and stream.take_skipped() == 0
@@ -206,7 +206,7 @@ def _expected_lengths(source, tok, seed=0, epochs=1, src=0):
 def _consume(streams, n, counts):
     for _ in range(n):
         for s in streams:
-            _, keys, _ = s.next_window()
+            _, keys = s.next_window()
             counts.update(keys.tolist())
 
 
@@ -262,7 +262,7 @@ def test_mixture_realizes_token_weights(tmp_path, llama3):
     s = _streams([a, b], [fresh_slot_state(0, 1, 2)], llama3, weights=[3.0, 1.0])[0]
     per_src = Counter()
     for _ in range(300):
-        _, keys, _ = s.next_window()
+        _, keys = s.next_window()
         per_src.update((keys >> 59).tolist())
     share = per_src[0] / (per_src[0] + per_src[1])
     assert abs(share - 0.75) < 0.02, share
@@ -382,7 +382,8 @@ def test_document_mask_isolates_documents(llama3):
         p.add(0, p.wrap(np.asarray(prev_doc)), None)
         p.add(1, p.wrap(np.arange(100, 120)), None)
         p.add(2, p.wrap(np.arange(3, 50)), None)  # fills the window
-        toks, keys, pos = p.cut()
+        toks, keys = p.cut()
+        pos = positions(keys[None])[0]
         toks, keys, pos = (torch.from_numpy(x)[None, :-1] for x in (toks, keys, pos))
         out = model(toks, position_ids=pos, attn_mask=document_mask(keys)) if masked else model(toks)
         return out[0, keys[0] == 1]
