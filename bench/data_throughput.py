@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -51,7 +52,7 @@ def corpus(mb: float) -> list[str]:
 
 def loader_rate(source, tok, workers: int, seq_len: int, batch: int, tokens: int) -> float:
     spec = LoaderSpec(seq_len=seq_len, local_batch_size=batch, dp_rank=0, dp_world=1, num_workers=workers,
-                      seed=0, shuffle=True)
+                      seed=0, shuffle=True, streams_per_row=8)
     ld = RankLoader([source], [1.0], tok, spec)
     for _ in range(4):  # start-up (worker fork, first batches) is not throughput
         next(ld)
@@ -99,6 +100,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=60, help="0 skips the training run")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repeats per path (median)")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -118,14 +120,21 @@ def main() -> None:
                                  text=True).stdout
             return float(out.split()[-1])
 
-        raw = run("raw")
-        rates = {w: run(f"w{w}") for w in (0, 1, 2)}
-        pretok = run("pretok")
+        # Alternating repeats, median of each: this machine's speed drifts by tens of percent.
+        paths = ["raw", "w0", "w1", "w2", "pretok"]
+        runs = {k: [] for k in paths}
+        for _ in range(a.repeats):
+            for k in paths:
+                runs[k].append(run(k))
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        raw, pretok = med["raw"], med["pretok"]
+        rates = {w: med[f"w{w}"] for w in (0, 1, 2)}
 
     wait = data_wait_share(a.train_steps) if a.train_steps else float("nan")
     ratio = rates[1] / raw
     print(f"corpus: {len(docs)} documents, {m['n_tokens'] / 1e6:.2f} M Llama 3 tokens; seq_len {a.seq_len}, "
-          f"batch {a.batch}, 8 streams per row; {os.cpu_count()} cores; each path in a fresh process")
+          f"batch {a.batch}, 8 streams per row; {os.cpu_count()} cores; each path in a fresh process, "
+          f"median of {a.repeats} alternating repeats")
     print(f"{'path':<44}{'tokens/s':>14}{'per worker':>14}")
     print(f"{'raw tokenizer (quicktok llama3, 1 thread)':<44}{raw:>14,.0f}{raw:>14,.0f}")
     for w in (0, 1, 2):

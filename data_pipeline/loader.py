@@ -66,11 +66,6 @@ class _Piece:
         self.__dict__.update(kw)
 
 
-def _runs(keys: np.ndarray):
-    start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    return keys[start], np.diff(np.r_[start, len(keys)])
-
-
 class _RowsDataset(IterableDataset):
     """Yields, per batch, this worker's rows: one window per row from the row's next slot."""
 
@@ -102,11 +97,10 @@ class _RowsDataset(IterableDataset):
                 wins.append(streams[nxt[i]].next_window())
                 skipped += streams[nxt[i]].take_skipped()
                 nxt[i] = (nxt[i] + 1) % len(streams)
-            # Document keys run-length encoded: a window holds a handful of documents.
-            runs = [_runs(x[1]) for x in wins]
-            src_tokens = np.zeros(n_src, dtype=np.int64)
-            for k, n in runs:
-                np.add.at(src_tokens, key_source(k), n)
+            # Document keys stay run-length encoded: a window holds a handful of documents.
+            runs = [(x[1], x[2]) for x in wins]
+            src_tokens = np.bincount(key_source(np.concatenate([k for k, _ in runs])),
+                                     weights=np.concatenate([n for _, n in runs]), minlength=n_src).astype(np.int64)
             yield _Piece(
                 rows=mine,
                 tokens=np.stack([x[0] for x in wins]).astype(np.int32),

@@ -43,9 +43,10 @@ class Packer:
     def ready(self) -> bool:
         return self._len >= self.window
 
-    def cut(self) -> Tuple[np.ndarray, np.ndarray]:
-        """(tokens, doc keys) of the next window; requires ``ready()``. Position ids follow
-        from the keys (``positions``)."""
+    def cut(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, document keys, run lengths) of the next window, the keys run-length
+        encoded (``np.repeat(keys, lengths)`` per token); requires ``ready()``. Position
+        ids follow from the keys (``positions``)."""
         need, toks, keys, lens = self.window, [], [], []
         while need:
             key, seg, ref, off = self._segs[0]
@@ -60,7 +61,7 @@ class Packer:
             need -= take
         self._len -= self.window
         tokens = toks[0] if len(toks) == 1 else np.concatenate(toks)
-        return tokens, np.repeat(np.asarray(keys, dtype=np.int64), lens)
+        return tokens, np.asarray(keys, dtype=np.int64), np.asarray(lens, dtype=np.int64)
 
     def state_dict(self) -> List[dict]:
         frags = []
@@ -101,6 +102,7 @@ def pack_all(docs, window: int, bos_id: int, eos_id: int) -> List[Dict[str, np.n
     for i, d in enumerate(docs):
         p.add(i, p.wrap(np.asarray(d, dtype=np.int64)), None)
         while p.ready():
-            t, k = p.cut()
+            t, k, n = p.cut()
+            k = np.repeat(k, n)
             out.append({"tokens": t, "keys": k, "positions": positions(k[None])[0]})
     return out

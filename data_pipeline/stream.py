@@ -112,7 +112,8 @@ class _Reader:
 
 
 class SlotStream:
-    """Iterator of windows (tokens, doc keys) for one slot, with ``state_dict``."""
+    """Iterator of windows (tokens, run-length document keys: keys, lengths) for one
+    slot, with ``state_dict``."""
 
     def __init__(self, sources: Sequence[Source], plans: Sequence[UnitPlan], weights: Sequence[float],
                  tokenizer, window: int, state: dict):

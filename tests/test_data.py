@@ -108,7 +108,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path):
     src = build_source(SourceSpec("jsonl", str(tmp_path / "d")))
     stream = SlotStream([src], [UnitPlan(len(src.units), 0, 0, False)], [1.0], tok, 9, fresh_slot_state(0, 1, 1))
     while True:  # until the second good record (after all five bad ones) is packed
-        _, keys = stream.next_window()
+        keys = _keys(stream.next_window())
         if any(k & ((1 << 23) - 1) for k in keys.tolist()):
             break
     assert stream.take_skipped() == 5 and stream.take_skipped() == 0
@@ -203,11 +203,14 @@ def _expected_lengths(source, tok, seed=0, epochs=1, src=0):
     return out
 
 
+def _keys(window):
+    return np.repeat(window[1], window[2])
+
+
 def _consume(streams, n, counts):
     for _ in range(n):
         for s in streams:
-            _, keys = s.next_window()
-            counts.update(keys.tolist())
+            counts.update(_keys(s.next_window()).tolist())
 
 
 def test_exact_resume_of_a_slot_is_bit_identical(tmp_path, llama3):
@@ -262,7 +265,7 @@ def test_mixture_realizes_token_weights(tmp_path, llama3):
     s = _streams([a, b], [fresh_slot_state(0, 1, 2)], llama3, weights=[3.0, 1.0])[0]
     per_src = Counter()
     for _ in range(300):
-        _, keys = s.next_window()
+        keys = _keys(s.next_window())
         per_src.update((keys >> 59).tolist())
     share = per_src[0] / (per_src[0] + per_src[1])
     assert abs(share - 0.75) < 0.02, share
@@ -382,7 +385,8 @@ def test_document_mask_isolates_documents(llama3):
         p.add(0, p.wrap(np.asarray(prev_doc)), None)
         p.add(1, p.wrap(np.arange(100, 120)), None)
         p.add(2, p.wrap(np.arange(3, 50)), None)  # fills the window
-        toks, keys = p.cut()
+        toks, keys, lens = p.cut()
+        keys = np.repeat(keys, lens)
         pos = positions(keys[None])[0]
         toks, keys, pos = (torch.from_numpy(x)[None, :-1] for x in (toks, keys, pos))
         out = model(toks, position_ids=pos, attn_mask=document_mask(keys)) if masked else model(toks)
