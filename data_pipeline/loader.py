@@ -15,13 +15,14 @@ resume with another DP degree but the same global batch bit-exact. Loader worker
 the main process joins one piece from each worker, in worker order, per batch, so the
 batches do not depend on the worker count either.
 
-Each piece carries its slots' states *after* that batch, so the rank's state is exact
+Each piece carries the states of the slots it advanced, *after* that batch, so the rank's state is exact
 however far workers prefetched. Resume: with the same number of slots each slot continues
 from its own state (bit-for-bit the batches of an uninterrupted run); with another number
 (another global batch size) ``stream.reshard`` redistributes the remaining work, so no
 document is repeated or lost."""
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
@@ -92,11 +93,13 @@ class _RowsDataset(IterableDataset):
         self.live = (mine, lanes, nxt)
         n_src = len(self.sources)
         while True:
-            wins, skipped = [], 0
+            wins, skipped, moved = [], 0, []
             for i, streams in enumerate(lanes):
-                wins.append(streams[nxt[i]].next_window())
-                skipped += streams[nxt[i]].take_skipped()
-                nxt[i] = (nxt[i] + 1) % len(streams)
+                lane = nxt[i]
+                wins.append(streams[lane].next_window())
+                skipped += streams[lane].take_skipped()
+                moved.append(lane)
+                nxt[i] = (lane + 1) % len(streams)
             # Document keys stay run-length encoded: a window holds a handful of documents.
             runs = [(x[1], x[2]) for x in wins]
             src_tokens = np.bincount(key_source(np.concatenate([k for k, _ in runs])),
@@ -107,8 +110,9 @@ class _RowsDataset(IterableDataset):
                 doc_runs=runs,
                 source_tokens=src_tokens,
                 skipped=skipped,
-                states=[{"slots": [s.state_dict(with_queue=False) for s in streams], "next": n}
-                        for streams, n in zip(lanes, nxt)] if self.ship_states else None,
+                # Only the stream each row just took a window from changed.
+                states=[(lane, streams[lane].state_dict(with_queue=False), n)
+                        for streams, lane, n in zip(lanes, moved, nxt)] if self.ship_states else None,
             )
 
 
@@ -149,6 +153,7 @@ class RankLoader:
         """``saved``: the state_dict of every DP rank of the checkpointed job."""
         if self._it is not None:
             raise RuntimeError("load the loader state before iterating")
+        saved = copy.deepcopy(saved)  # the rows are updated in place while iterating
         n_src = {s["n_sources"] for s in saved}
         if n_src != {len(self.sources)}:
             raise ValueError(f"the checkpoint's loader read {sorted(n_src)} sources, this job has "
@@ -217,11 +222,11 @@ class RankLoader:
             tokens[p.rows] = p.tokens
             for q, (k, n) in zip(p.rows, p.doc_runs):
                 doc_ids[q] = np.repeat(k, n)
-            for q, st in zip(p.rows, p.states or ()):
-                for old, new in zip(self.states[q]["slots"], st["slots"]):
-                    for r_old, r_new in zip(old["readers"], new["readers"]):
-                        r_new["queue"] = r_old["queue"]
-                self.states[q] = st
+            for q, (lane, st, n) in zip(p.rows, p.states or ()):
+                row = self.states[q]
+                for r_old, r_new in zip(row["slots"][lane]["readers"], st["readers"]):
+                    r_new["queue"] = r_old["queue"]
+                row["slots"][lane], row["next"] = st, n
         positions = torch.from_numpy(_positions(doc_ids)) if self.spec.positions else None
         tokens, doc_ids = torch.from_numpy(tokens), torch.from_numpy(doc_ids)
         return {
