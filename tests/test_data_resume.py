@@ -112,3 +112,30 @@ def test_mixture_metrics_and_skipped_records(corpus, tmp_path, tok_cache):
     assert abs(last["data/share/web"] - 3 / 4.1) < 0.03 and abs(last["data/share/code"] - 1 / 4.1) < 0.03
     assert last["data/skipped"] >= 2  # at least one pass over the bad file's two bad lines
     assert "x.jsonl@byte" in proc.stderr + proc.stdout
+
+
+def test_training_on_pretokenized_shards_and_refusing_another_tokenizer(corpus, tmp_path, tok_cache):
+    from data_pipeline.pretokenize import pretokenize
+
+    d, tok = corpus
+    m = pretokenize(SourceSpec("jsonl", str(d / "web")), HFTokenizer(tok.path), tmp_path / "shards", progress=False)
+    assert m["dtype"] == "uint16"
+    common = ["data=pretokenized", f"data.path={tmp_path / 'shards'}", "data.rows_per_unit=8",
+              f"train.seq_len={SEQ}", "train.steps=6", "data.audit=true"]
+    run_job(tmp_path / "ok", [*common, "data.tokenizer.kind=hf", f"data.tokenizer.path={tok.path}"],
+            tok_cache=tok_cache)
+    last = read_metrics(tmp_path / "ok")[-1]
+    assert last["data/tokens/pretokenized"] == 6 * 8 * (SEQ + 1) and last["loss"] < 7
+    # Keys name the shards' documents: block (unit) and row inside it.
+    keys = set().union(*audit(tmp_path / "ok").values())
+    assert len(keys) > 10 and all(k & ((1 << 23) - 1) < 8 for k in keys)
+    bad = run_job(tmp_path / "bad", [*common, "data.tokenizer.kind=bpe", "data.tokenizer.path=null",
+                                      f"data.tokenizer.cache_dir={tmp_path / 'tc'}"], tok_cache=tok_cache, check=False)
+    assert bad.returncode != 0
+    assert "needs a text source" in bad.stderr + bad.stdout
+    other = train_bpe(make_docs(50, seed=11), 300, tmp_path / "other.json")
+    bad = run_job(tmp_path / "bad2", [*common, "data.tokenizer.kind=hf", f"data.tokenizer.path={other.path}"],
+                  tok_cache=tok_cache, check=False)
+    assert bad.returncode != 0
+    assert f"fingerprint {tok.fingerprint}" in bad.stderr + bad.stdout
+    assert f"fingerprint {other.fingerprint}" in bad.stderr + bad.stdout
