@@ -19,6 +19,7 @@ from .validate import ConfigError, validate_job
 
 log = logging.getLogger("pretrain")
 EXIT_CONFIG_ERROR = 2
+EXIT_CHECKPOINT_ERROR = 4
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
@@ -33,9 +34,16 @@ def hydra_main(dcfg: DictConfig) -> None:
     logging.getLogger("pretrain").setLevel(logging.INFO)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
-    from .train import train
+    from .checkpoint import CheckpointError
+    from .train import EXIT_PREEMPTED, Preempted, train
 
-    train(cfg, env, dims, run_dir)
+    try:
+        train(cfg, env, dims, run_dir)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CHECKPOINT_ERROR)
 
 
 def main() -> None:

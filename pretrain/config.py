@@ -146,6 +146,12 @@ class CheckpointConfig:
     keep_last: int = 2
     # Resume from the newest complete checkpoint in the run dir when there is one.
     resume: bool = True
+    # Write checkpoints in a background thread while training continues (one in flight).
+    async_save: bool = False
+    # Start from this checkpoint (a step-N folder) when the run dir has none of its own.
+    load_path: Optional[str] = None
+    # With load_path: take only the model weights (new optimizer, data from the start, step 0).
+    load_weights_only: bool = False
 
 
 @dataclass

@@ -61,6 +61,48 @@ def default_threads(local_world_size: int) -> int:
     return max(1, total // local_world_size)
 
 
+EXIT_PREEMPTED = 3  # stopped on SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a SIGTERM/SIGUSR1 asked for is complete."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}")
+        self.step = step
+
+
+class PreemptionHandler:
+    """SIGTERM and SIGUSR1 (SLURM's warning before a time limit with --signal) only set a
+    flag: the loop saves at the next step boundary and exits with EXIT_PREEMPTED. More
+    signals while saving change nothing."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+
+        self.received, self.name, self._old = False, "", {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (embedded use): leave signals alone
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if not self.received:
+            self.received, self.name = True, signal.Signals(signum).name
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, 1, S, S) boolean mask, True where a query may attend: causal and same document."""
     same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
@@ -164,7 +206,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         streams_per_row=cfg.data.streams_per_row, positions=cfg.data.document_masking))
     listing_skipped = listing_skips(sources) if is_rank0 else 0
 
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, is_rank0=is_rank0)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
+                        model_args=cfg.model, device=device)
     start_step, tokens_seen, loader_states = ckpt.maybe_resume(model, optimizer)
     if loader_states is not None:
         loader.load_rank_states(loader_states)
@@ -188,6 +231,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         if start_step:
             log.info("resumed from step %d", start_step)
 
+    preempt = PreemptionHandler()
     history: List[Dict[str, float]] = []
     loop_start = window_start = time.perf_counter()
     window_tokens, window_steps, data_wait = 0, 0, 0.0
@@ -265,10 +309,22 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 window_start, window_tokens, window_steps, data_wait = time.perf_counter(), 0, 0, 0.0
                 window_loss.zero_()
 
-            if ckpt.due(step, t.steps):
+            ckpt.poll()
+            # Every rank acts on a signal any rank received, at the same step boundary.
+            stop = pdist.all_reduce_max(torch.tensor([float(preempt.received)], device=device)).item() > 0
+            if stop or ckpt.due(step, t.steps):
                 ckpt.save(step, tokens_seen, model, optimizer,
-                          loader_state=loader.state_dict() if is_dp_leader else None)
+                          loader_state=loader.state_dict() if is_dp_leader else None,
+                          blocking=stop or step == t.steps)
+            if stop:
+                ckpt.wait()
+                if is_rank0:
+                    log.warning("stopping at step %d on %s: checkpoint saved; run the same command to resume",
+                                step, preempt.name)
+                raise Preempted(step)
+        ckpt.wait()
     finally:
+        preempt.restore()
         sink.close()
         loader.close()
         if audit is not None:

@@ -1,0 +1,187 @@
+"""Checkpoints through real jobs: SIGKILL and exact resume, a kill during a save,
+SIGUSR1 preemption (also under torchrun --max-restarts), resharding to another layout,
+async saves, weights-only starts and clear errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, REPO, TINY, _env, free_port, losses, read_metrics, run_job
+
+DET = ["train.deterministic=true", "optim.schedule=constant", "optim.warmup_steps=0", "train.seq_len=64",
+       "model.dim=128", "model.ffn_hidden_dim=256", "logging.every=1"]
+
+
+def start_job(run_dir: Path, overrides, tok_cache: str, nproc: int = 2, max_restarts: int = 0) -> subprocess.Popen:
+    args = [*TINY, f"data.tokenizer.cache_dir={tok_cache}", *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc), "--max-restarts",
+           str(max_restarts), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(cond, proc, timeout=240):
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended (rc={proc.returncode}) before the condition:\n{proc.stdout.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def logged_steps(run_dir: Path):
+    try:
+        return [m["step"] for m in read_metrics(run_dir)]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def last_per_step(run_dir: Path):
+    """step -> loss, the last record of each step (a resumed run logs steps again)."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+def worker_pids(pid: int):
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (they run in process groups of their own)."""
+    workers = worker_pids(proc.pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid in workers:  # reaped by nobody once torchrun is gone: wait until they vanish
+        while Path(f"/proc/{pid}").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text():
+            time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tok_cache):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    run_job(run, [*DET, "train.steps=30"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    return last_per_step(run)
+
+
+def test_sigkill_mid_interval_resumes_bit_identically(reference, tmp_path, tok_cache):
+    run = tmp_path / "run"
+    proc = start_job(run, [*DET, "train.steps=30", "checkpoint.interval=10"], tok_cache)
+    wait_for(lambda: max(logged_steps(run), default=0) >= 14, proc)
+    kill_all(proc)
+    killed_at = max(logged_steps(run))
+    assert killed_at % 10 != 0 and killed_at < 30, killed_at
+    proc = run_job(run, [*DET, "train.steps=30", "checkpoint.interval=10"], tok_cache=tok_cache, nproc=2,
+                   launcher="torchrun")
+    assert f"resumed from step {killed_at // 10 * 10}" in proc.stdout + proc.stderr
+    assert last_per_step(run) == reference  # every step, bit for bit, including those redone
+
+
+def test_kill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, tok_cache):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    big = ["model.dim=512", "model.ffn_hidden_dim=2048", "model.n_layers=4", "model.n_heads=8",
+           "model.n_kv_heads=4", "train.local_batch_size=2", "train.seq_len=32", "checkpoint.interval=3",
+           "checkpoint.keep_last=0", "train.steps=12"]
+    proc = start_job(run, big, tok_cache)
+    wait_for(lambda: (ckpts / "step-3").is_dir() and any(ckpts.glob("step-6.partial")), proc)
+    kill_all(proc)
+    assert (ckpts / "step-6.partial").is_dir() and not (ckpts / "step-6").exists()
+    out = run_job(run, big, tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    text = out.stdout + out.stderr
+    assert "removing incomplete checkpoint" in text and "resumed from step 3" in text
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-12", "step-3", "step-6", "step-9"]
+
+
+def test_sigusr1_checkpoints_exits_3_and_the_rerun_continues(reference, tmp_path, tok_cache):
+    run = tmp_path / "run"
+    proc = start_job(run, [*DET, "train.steps=30"], tok_cache)  # no periodic checkpoints
+    wait_for(lambda: max(logged_steps(run), default=0) >= 5, proc)
+    for pid in worker_pids(proc.pid):
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGUSR1)  # a second signal during the save changes nothing
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopping at step" in out and "SIGUSR1" in out
+    saved = sorted((run / "checkpoints").iterdir())
+    assert len(saved) == 1 and saved[0].name.startswith("step-")
+    run_job(run, [*DET, "train.steps=30"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    assert last_per_step(run) == reference
+
+
+def test_single_process_sigterm_exits_3_after_its_checkpoint(tmp_path, tok_cache):
+    run = tmp_path / "single"
+    cmd = [sys.executable, "-m", "pretrain", *TINY, f"data.tokenizer.cache_dir={tok_cache}", *DET,
+           "train.steps=400", f"hydra.run.dir={run}"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: max(logged_steps(run), default=0) >= 3, p)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 3, out[-2000:]  # EXIT_PREEMPTED
+    (saved,) = (run / "checkpoints").iterdir()
+    assert int(saved.name[5:]) == max(logged_steps(run)) < 400
+
+
+def test_resume_under_another_layout_matches(tmp_path, tok_cache):
+    """FSDP2 over 2 ranks x 4 rows, checkpoint at step 3, resumed as one process x 8 rows
+    (the same global batch): steps 4-6 equal the uninterrupted 2-rank run within 1e-5."""
+    common = ["optim.schedule=constant", "optim.warmup_steps=0", "train.local_batch_size=4",
+              "data.streams_per_row=2"]
+    full = tmp_path / "full"
+    run_job(full, [*common, "train.steps=6"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    run = tmp_path / "run"
+    run_job(run, [*common, "train.steps=3", "checkpoint.interval=3"], tok_cache=tok_cache, nproc=2,
+            launcher="torchrun")
+    out = run_job(run, [*common, "train.steps=6", "train.local_batch_size=8"], tok_cache=tok_cache)
+    assert "resumed from step 3" in out.stdout + out.stderr
+    a, b = last_per_step(full), last_per_step(run)
+    for s in (4, 5, 6):
+        assert math.isclose(a[s], b[s], rel_tol=1e-5), (s, a[s], b[s])
+
+
+def test_async_saves_commit_and_resume_exactly(reference, tmp_path, tok_cache):
+    run = tmp_path / "run"
+    run_job(run, [*DET, "train.steps=20", "checkpoint.interval=4", "checkpoint.async_save=true",
+                  "checkpoint.keep_last=0"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    assert sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir()) == [4, 8, 12, 16, 20]
+    out = run_job(run, [*DET, "train.steps=30", "checkpoint.interval=4", "checkpoint.async_save=true"],
+                  tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    assert "resumed from step 20" in out.stdout + out.stderr
+    assert last_per_step(run) == reference
+
+
+def test_weights_only_start_and_clear_errors(tmp_path, tok_cache):
+    src = tmp_path / "src"
+    run_job(src, ["train.steps=40", "checkpoint.interval=40", "optim.lr=3e-3"], tok_cache=tok_cache)
+    ckpt = src / "checkpoints" / "step-40"
+    fresh = tmp_path / "fresh"
+    run_job(fresh, ["train.steps=2"], tok_cache=tok_cache)
+    warm = tmp_path / "warm"
+    out = run_job(warm, ["train.steps=2", f"checkpoint.load_path={ckpt}", "checkpoint.load_weights_only=true"],
+                  tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    assert "initialized weights from" in out.stdout + out.stderr
+    assert [m["step"] for m in read_metrics(warm)] == [1, 2]
+    assert losses(warm)[0] < losses(fresh)[0] - 0.3  # trained weights, not a fresh init
+
+    bad = run_job(tmp_path / "shape", ["train.steps=2", "model.dim=96", "model.ffn_hidden_dim=192",
+                                       f"checkpoint.load_path={ckpt}", "checkpoint.load_weights_only=true"],
+                  tok_cache=tok_cache, check=False)
+    assert bad.returncode == 4
+    assert "model.tok_embeddings.weight has shape [512, 64] in the checkpoint but [512, 96]" in bad.stderr
+
+    (ckpt / ".metadata").unlink()
+    bad = run_job(tmp_path / "corrupt", ["train.steps=2", f"checkpoint.load_path={ckpt}"], tok_cache=tok_cache,
+                  check=False)
+    assert bad.returncode == 4 and str(ckpt / ".metadata") in bad.stderr
+    bad = run_job(tmp_path / "missing", ["train.steps=2", f"checkpoint.load_path={tmp_path / 'nope'}"],
+                  tok_cache=tok_cache, check=False)
+    assert bad.returncode == 4 and "no such checkpoint directory" in bad.stderr
