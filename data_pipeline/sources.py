@@ -109,6 +109,20 @@ class Source:
     def iter_docs(self, unit, cursor: int, on_skip: SkipFn) -> Iterator[Doc]:
         raise NotImplementedError
 
+    def _list_file_units(self, units_of: Callable[[str, int], Any], none_left: str) -> None:
+        """List the matched files into ``self.units``: ``units_of(path, size)`` returns
+        the file's units or a reason to skip it; empty files are skipped (and counted)."""
+        self.fs, files = list_files(self.spec)
+        for f in files:
+            size = self.fs.size(f)
+            got = "empty file" if size == 0 else units_of(f, size)
+            if isinstance(got, str):
+                self.listing_skipped.append((f, got))
+            else:
+                self.units.extend(got)
+        if not self.units:
+            raise FileNotFoundError(f"{self.spec.key}path={self.spec.path!r}: {none_left}")
+
     def unit_label(self, unit) -> str:
         return str(unit)
 
@@ -150,17 +164,13 @@ class TextFolderSource(Source):
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
-        self.fs, files = list_files(spec)
-        for f in files:
-            size = self.fs.size(f)
-            if size == 0:
-                self.listing_skipped.append((f, "empty file"))
-            elif size > spec.max_file_bytes:
-                self.listing_skipped.append((f, f"larger than {spec.key}max_file_bytes={spec.max_file_bytes}"))
-            else:
-                self.units.append((f,))
-        if not self.units:
-            raise FileNotFoundError(f"{spec.key}path={spec.path!r}: every matched file is empty or too large")
+
+        def units(f, size):
+            if size > spec.max_file_bytes:
+                return f"larger than {spec.key}max_file_bytes={spec.max_file_bytes}"
+            return [(f,)]
+
+        self._list_file_units(units, "every matched file is empty or too large")
 
     def iter_docs(self, unit, cursor, on_skip):
         if cursor > 0:
@@ -202,18 +212,13 @@ class JsonlSource(Source):
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
-        self.fs, files = list_files(spec)
-        for f in files:
-            size = self.fs.size(f)
-            if size == 0:
-                self.listing_skipped.append((f, "empty file"))
-            elif f.endswith((".gz", ".zst")):
-                self.units.append((f, 0, -1))
-            else:
-                for a in range(0, size, spec.chunk_bytes):
-                    self.units.append((f, a, min(a + spec.chunk_bytes, size)))
-        if not self.units:
-            raise FileNotFoundError(f"{spec.key}path={spec.path!r}: every matched file is empty")
+
+        def units(f, size):
+            if f.endswith((".gz", ".zst")):
+                return [(f, 0, -1)]
+            return [(f, a, min(a + spec.chunk_bytes, size)) for a in range(0, size, spec.chunk_bytes)]
+
+        self._list_file_units(units, "every matched file is empty")
 
     def unit_label(self, unit):
         path, a, b = unit
