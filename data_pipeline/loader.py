@@ -143,8 +143,7 @@ class RankLoader:
         """Valid at optimizer-step boundaries (after the step's last micro-batch)."""
         if self._micro:
             raise RuntimeError("loader state requested in the middle of a step's micro-batches")
-        if self._ds is not None and not self._ds.ship_states and self._ds.live is not None:
-            self.states = self._ds.live_states()
+        self._sync_in_process_states()
         return _json_safe({"num_slots": self.num_slots, "streams_per_row": self.spec.streams_per_row,
                            "rows": self.states, "dp_rank": self.spec.dp_rank, "dp_world": self.spec.dp_world,
                            "n_sources": len(self.sources)})
@@ -238,9 +237,13 @@ class RankLoader:
         }
 
     def close(self) -> None:
+        self._sync_in_process_states()
+        self._it = self._ds = None
+
+    def _sync_in_process_states(self) -> None:
+        """In process (no workers) the streams' states are read when needed, not per batch."""
         if self._ds is not None and not self._ds.ship_states and self._ds.live is not None:
             self.states = self._ds.live_states()
-        self._it = self._ds = None
 
 
 def _json_safe(x):

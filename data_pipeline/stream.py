@@ -40,8 +40,17 @@ def doc_key(src: int, g: int, cursor: int) -> int:
     return (src << (_UNIT_BITS + _CUR_BITS)) | ((g & ((1 << _UNIT_BITS) - 1)) << _CUR_BITS) | (cursor & ((1 << _CUR_BITS) - 1))
 
 
-def key_source(keys: np.ndarray) -> np.ndarray:
+def key_source(keys):
     return keys >> (_UNIT_BITS + _CUR_BITS)
+
+
+def key_unit(keys):
+    """The global unit index g (epoch * units + position) of document keys."""
+    return (keys >> _CUR_BITS) & ((1 << _UNIT_BITS) - 1)
+
+
+def key_cursor(keys):
+    return keys & ((1 << _CUR_BITS) - 1)
 
 
 class UnitPlan:

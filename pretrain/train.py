@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -80,8 +81,6 @@ class PreemptionHandler:
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
     def __init__(self):
-        import signal
-
         self.received, self.name, self._old = False, "", {}
         for name in self.SIGNALS:
             sig = getattr(signal, name)
@@ -91,14 +90,10 @@ class PreemptionHandler:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         if not self.received:
             self.received, self.name = True, signal.Signals(signum).name
 
     def restore(self) -> None:
-        import signal
-
         for sig, old in self._old.items():
             signal.signal(sig, old)
 

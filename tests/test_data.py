@@ -12,7 +12,8 @@ import torch
 from data_pipeline.loader import LoaderSpec, RankLoader
 from data_pipeline.packing import Packer, pack_all, positions
 from data_pipeline.sources import SourceSpec, build_source
-from data_pipeline.stream import SlotStream, UnitPlan, doc_key, fresh_slot_state, reshard
+from data_pipeline.stream import (SlotStream, UnitPlan, doc_key, fresh_slot_state, key_cursor, key_source,
+                                  key_unit, reshard)
 from data_pipeline.tokenizer import HFTokenizer, Llama3Tokenizer, TiktokenTokenizer, train_bpe, write_tiktoken_model
 from tests.conftest import REPO
 from tests.datagen import make_docs, write_jsonl, write_parquet
@@ -109,7 +110,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path):
     stream = SlotStream([src], [UnitPlan(len(src.units), 0, 0, False)], [1.0], tok, 9, fresh_slot_state(0, 1, 1))
     while True:  # until the second good record (after all five bad ones) is packed
         keys = _keys(stream.next_window())
-        if any(k & ((1 << 23) - 1) for k in keys.tolist()):
+        if any(key_cursor(k) for k in keys.tolist()):
             break
     assert stream.take_skipped() == 5 and stream.take_skipped() == 0
 
@@ -229,7 +230,7 @@ def test_exact_resume_of_a_slot_is_bit_identical(tmp_path, llama3):
 def test_resharding_consumes_every_document_exactly_once(tmp_path, llama3, old, new):
     src, docs = _jsonl_source(tmp_path)
     expected = _expected_lengths(src, llama3, epochs=8)
-    epoch0 = {k: v for k, v in expected.items() if (k >> 23) & ((1 << 36) - 1) < len(src.units)}
+    epoch0 = {k: v for k, v in expected.items() if key_unit(k) < len(src.units)}
     counts = Counter()
     streams = _streams([src], [fresh_slot_state(s, old, 1) for s in range(old)], llama3)
     _consume(streams, 13, counts)
@@ -252,7 +253,7 @@ def test_without_resharding_a_document_lost_would_be_seen(tmp_path, llama3):
     loses documents."""
     src, _ = _jsonl_source(tmp_path)
     expected = _expected_lengths(src, llama3, epochs=8)
-    epoch0 = {k: v for k, v in expected.items() if (k >> 23) & ((1 << 36) - 1) < len(src.units)}
+    epoch0 = {k: v for k, v in expected.items() if key_unit(k) < len(src.units)}
     counts = Counter()
     _consume(_streams([src], [fresh_slot_state(s, 4, 1) for s in range(4)], llama3), 13, counts)
     _consume(_streams([src], [fresh_slot_state(s, 3, 1) for s in range(3)], llama3), 50, counts)
@@ -266,7 +267,7 @@ def test_mixture_realizes_token_weights(tmp_path, llama3):
     per_src = Counter()
     for _ in range(300):
         keys = _keys(s.next_window())
-        per_src.update((keys >> 59).tolist())
+        per_src.update(key_source(keys).tolist())
     share = per_src[0] / (per_src[0] + per_src[1])
     assert abs(share - 0.75) < 0.02, share
     again = _streams([a, b], [fresh_slot_state(0, 1, 2)], llama3, weights=[3.0, 1.0])[0]
