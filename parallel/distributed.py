@@ -39,9 +39,30 @@ def init_distributed(env: LaunchEnv, device: torch.device, timeout_s: float = 60
     )
 
 
+_HOST_GROUP = None  # gloo group for small host-side collectives when training uses nccl
+
+
 def shutdown_distributed() -> None:
+    global _HOST_GROUP
+    _HOST_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def host_all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce a small CPU tensor without touching the accelerator: per-step control
+    flags must not force a device synchronization. Uses a gloo group beside nccl."""
+    global _HOST_GROUP
+    if not dist.is_initialized():
+        return values
+    group = None
+    if dist.get_backend() != "gloo":
+        if _HOST_GROUP is None:
+            _HOST_GROUP = dist.new_group(backend="gloo")
+        group = _HOST_GROUP
+    values = values.clone()
+    dist.all_reduce(values, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+    return values
 
 
 def build_device_mesh(dims: ParallelDims, device: torch.device) -> Optional[DeviceMesh]:

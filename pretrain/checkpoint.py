@@ -105,9 +105,8 @@ def check_shapes(path: Path, state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None,
-                 device: torch.device = torch.device("cpu")):
-        self.root, self.cfg, self.rank, self.world_size, self.device = root, cfg, rank, world_size, device
+    def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None):
+        self.root, self.cfg, self.rank, self.world_size = root, cfg, rank, world_size
         self.is_rank0 = rank == 0
         self.model_args = dataclasses.asdict(model_args) if model_args is not None else None
         self._pending = None  # (future, step, partial, meta, loader_state)
@@ -152,11 +151,8 @@ class Checkpointer:
         """At a step boundary: commit an async save once every rank finished writing."""
         if self._pending is None:
             return
-        # On the training group, from the training thread: the checkpoint group is busy with
-        # the background write's own collectives.
-        done = torch.tensor([1.0 if self._pending[0].done() else 0.0], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        # Not on the checkpoint group: it is busy with the background write's collectives.
+        done = pdist.host_all_reduce(torch.tensor([1.0 if self._pending[0].done() else 0.0]), dist.ReduceOp.MIN)
         if done.item() == 1.0:
             self.wait()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.loader import LoaderSpec, RankLoader, listing_skips
@@ -202,7 +203,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     listing_skipped = listing_skips(sources) if is_rank0 else 0
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
-                        model_args=cfg.model, device=device)
+                        model_args=cfg.model)
     start_step, tokens_seen, loader_states = ckpt.maybe_resume(model, optimizer)
     if loader_states is not None:
         loader.load_rank_states(loader_states)
@@ -306,7 +307,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
 
             ckpt.poll()
             # Every rank acts on a signal any rank received, at the same step boundary.
-            stop = pdist.all_reduce_max(torch.tensor([float(preempt.received)], device=device)).item() > 0
+            stop = pdist.host_all_reduce(torch.tensor([float(preempt.received)]), dist.ReduceOp.MAX).item() > 0
             if stop or ckpt.due(step, t.steps):
                 ckpt.save(step, tokens_seen, model, optimizer,
                           loader_state=loader.state_dict() if is_dp_leader else None,
