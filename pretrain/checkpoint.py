@@ -217,6 +217,9 @@ class Checkpointer:
 
     def _load_full(self, path: Path, model, optimizer) -> Tuple[int, int, Optional[List[dict]]]:
         meta = read_meta(path)
+        if meta.get("weights_only"):
+            raise CheckpointError(f"checkpoint {path} holds weights only (imported from {meta.get('source', '?')}): "
+                                  "start from it with checkpoint.load_weights_only=true")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         check_shapes(path, {"model": model_sd})

@@ -5,7 +5,7 @@ q/k projection rows are permuted on the way through; everything else is renamed.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -40,65 +40,88 @@ def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
+def ours_name(hf_key: str) -> Optional[str]:
+    """Our parameter name for a HF weight name; None for derived buffers we recompute.
+    Unknown names raise, naming them."""
+    if hf_key.endswith("rotary_emb.inv_freq"):
+        return None
+    if hf_key in _TOP_NAMES:
+        return _TOP_NAMES[hf_key]
+    m = _LAYER.match(hf_key)
+    if not m or m.group(2) not in _LAYER_NAMES:
+        raise KeyError(f"unexpected Hugging Face weight {hf_key!r}")
+    return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+
+
+_TOP_BACK = {v: k for k, v in _TOP_NAMES.items()}
+_LAYER_BACK = {v: k for k, v in _LAYER_NAMES.items()}
+
+
+def hf_name(name: str) -> str:
+    """HF weight name for one of our parameter names."""
+    if name in _TOP_BACK:
+        return _TOP_BACK[name]
+    head, idx, sub = name.split(".", 2)
+    if head != "layers" or sub not in _LAYER_BACK:
+        raise KeyError(f"parameter {name!r} has no Hugging Face counterpart")
+    return f"model.layers.{idx}.{_LAYER_BACK[sub]}"
+
+
+def to_ours(name: str, w: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
+    """A HF tensor, already renamed to ``name``, in our layout (q/k rows permuted)."""
+    if name.endswith("attention.wq.weight"):
+        return _hf_to_meta_rows(w, args.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return _hf_to_meta_rows(w, args.n_kv_heads)
+    return w
+
+
+def to_hf(name: str, w: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
+    if name.endswith("attention.wq.weight"):
+        return _meta_to_hf_rows(w, args.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return _meta_to_hf_rows(w, args.n_kv_heads)
+    return w
+
+
 def hf_to_ours(hf_sd: Dict[str, torch.Tensor], args: LlamaArgs) -> Dict[str, torch.Tensor]:
     """HF ``LlamaForCausalLM`` state dict -> ours. Unknown keys raise (naming them)."""
     out: Dict[str, torch.Tensor] = {}
     for key, w in hf_sd.items():
-        if key.endswith("rotary_emb.inv_freq"):
-            continue  # a derived buffer; ours recomputes it from the config
-        if key in _TOP_NAMES:
-            name = _TOP_NAMES[key]
-            if name == "output.weight" and args.tie_embeddings:
-                continue
-            out[name] = w
+        name = ours_name(key)
+        if name is None or (name == "output.weight" and args.tie_embeddings):
             continue
-        m = _LAYER.match(key)
-        if not m or m.group(2) not in _LAYER_NAMES:
-            raise KeyError(f"unexpected Hugging Face weight {key!r}")
-        sub = _LAYER_NAMES[m.group(2)]
-        if sub == "attention.wq.weight":
-            w = _hf_to_meta_rows(w, args.n_heads)
-        elif sub == "attention.wk.weight":
-            w = _hf_to_meta_rows(w, args.n_kv_heads)
-        out[f"layers.{m.group(1)}.{sub}"] = w
+        out[name] = to_ours(name, w, args)
     if not args.tie_embeddings and "output.weight" not in out:
         raise KeyError("untied model but the Hugging Face weights have no 'lm_head.weight'")
     return out
 
 
 def ours_to_hf(sd: Dict[str, torch.Tensor], args: LlamaArgs) -> Dict[str, torch.Tensor]:
-    top = {v: k for k, v in _TOP_NAMES.items()}
-    layer = {v: k for k, v in _LAYER_NAMES.items()}
-    out: Dict[str, torch.Tensor] = {}
-    for key, w in sd.items():
-        if key in top:
-            out[top[key]] = w
-            continue
-        _, idx, sub = key.split(".", 2)
-        if sub == "attention.wq.weight":
-            w = _meta_to_hf_rows(w, args.n_heads)
-        elif sub == "attention.wk.weight":
-            w = _meta_to_hf_rows(w, args.n_kv_heads)
-        out[f"model.layers.{idx}.{layer[sub]}"] = w
+    out = {hf_name(k): to_hf(k, w, args) for k, w in sd.items()}
     if args.tie_embeddings:
         out.pop("lm_head.weight", None)
     return out
 
 
 def args_from_hf_config(cfg: Dict[str, Any], name: str = "hf") -> LlamaArgs:
-    """``config.json`` of a HF Llama -> LlamaArgs."""
-    rs = cfg.get("rope_scaling")
+    """``config.json`` of a HF Llama -> LlamaArgs. Reads both the transformers 4 form
+    (``rope_theta`` + ``rope_scaling``) and the transformers 5 form (``rope_parameters``
+    holding theta and the scaling); ``rope_scaling`` wins where both exist, as in
+    transformers."""
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    theta = rs.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = rs.get("rope_type", rs.get("type", "default"))
     scaling = None
-    if rs:
-        kind = rs.get("rope_type", rs.get("type"))
-        if kind != "llama3":
-            raise ValueError(f"rope_scaling type {kind!r} is not supported (expected 'llama3')")
+    if kind == "llama3":
         scaling = RopeScaling(
             factor=float(rs["factor"]),
             low_freq_factor=float(rs["low_freq_factor"]),
             high_freq_factor=float(rs["high_freq_factor"]),
             original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
         )
+    elif kind != "default":
+        raise ValueError(f"rope type {kind!r} is not supported (expected 'llama3' or 'default')")
     n_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim")
     if head_dim == cfg["hidden_size"] // n_heads:
@@ -113,7 +136,7 @@ def args_from_hf_config(cfg: Dict[str, Any], name: str = "hf") -> LlamaArgs:
         ffn_hidden_dim=cfg["intermediate_size"],
         vocab_size=cfg["vocab_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(theta),
         rope_scaling=scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 8192),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -140,6 +163,9 @@ def hf_config_from_args(args: LlamaArgs) -> Dict[str, Any]:
         "mlp_bias": False,
         "rope_scaling": None,
     }
+    # Both forms: transformers 4 reads rope_theta + rope_scaling, 5 reads rope_parameters
+    # (and still accepts the old keys; they agree here).
+    params: Dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling is not None:
         rs = args.rope_scaling
         cfg["rope_scaling"] = {
@@ -149,4 +175,6 @@ def hf_config_from_args(args: LlamaArgs) -> Dict[str, Any]:
             "high_freq_factor": rs.high_freq_factor,
             "original_max_position_embeddings": rs.original_max_position_embeddings,
         }
+        params.update(cfg["rope_scaling"])
+    cfg["rope_parameters"] = params
     return cfg

@@ -205,6 +205,10 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
                         model_args=cfg.model)
     start_step, tokens_seen, loader_states = ckpt.maybe_resume(model, optimizer)
+    if loader_states is None and not cfg.checkpoint.load_path and cfg.model.init_from:
+        from .hf import load_hf_weights
+
+        load_hf_weights(model, cfg.model.init_from, cfg.model, progress=is_rank0)
     if loader_states is not None:
         loader.load_rank_states(loader_states)
     if cfg.data.audit and is_rank0:

@@ -94,6 +94,8 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
     _require(not cfg.checkpoint.load_weights_only or cfg.checkpoint.load_path is not None,
              "checkpoint.load_weights_only", True, "needs checkpoint.load_path")
+    _require(not (m.init_from and cfg.checkpoint.load_path), "model.init_from", m.init_from,
+             f"conflicts with checkpoint.load_path={cfg.checkpoint.load_path!r}: start from one of them")
     _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 0")
 
     p = cfg.parallel

@@ -37,6 +37,10 @@ class LlamaArgs:
     tie_embeddings: bool = True
     # Std of the truncated-normal init; output projections get init_std / sqrt(2 * n_layers).
     init_std: float = 0.02
+    # A Hugging Face Llama folder (config.json + safetensors) whose weights start the run,
+    # under any layout; its config.json must describe this model. Ignored when the run
+    # resumes from a checkpoint of its run dir.
+    init_from: Optional[str] = None
 
     @property
     def resolved_head_dim(self) -> int:

@@ -1,0 +1,408 @@
+"""Hugging Face interop: ``python -m pretrain.hf import|export``.
+
+    python -m pretrain.hf import <hf dir> <checkpoint dir> [--dtype fp32|bf16]
+    python -m pretrain.hf export <checkpoint or run dir> <hf dir> [--dtype bf16|fp32] [--max-shard-size 5GB]
+
+``import`` reads a HF Llama folder (``config.json`` and ``model.safetensors``, or shards
+listed in ``model.safetensors.index.json``) into a DCP checkpoint of this trainer (model
+weights only); start a run from it with ``checkpoint.load_path=<dir>
+checkpoint.load_weights_only=true`` under any layout. ``model.init_from=<hf dir>`` skips the
+intermediate checkpoint: every rank reads the safetensors files lazily and the weights are
+scattered into the run's layout in chunks, so no rank holds more than a chunk plus its
+shard.
+
+``export`` writes ``config.json`` (rope_scaling, tie_word_embeddings, head_dim),
+``generation_config.json`` and safetensors shards of at most ``--max-shard-size`` with an
+index, loadable by ``transformers.LlamaForCausalLM.from_pretrained``; one shard's tensors
+are in memory at a time. Both commands write into ``<out>.partial`` and rename it when
+done, and show progress in bytes.
+
+Errors (exit code 4) name the file: a folder without config.json or weights, a shard the
+index lists but that is missing, a corrupt file, a weight of the wrong shape (with both
+shapes), or a config that disagrees with the model (``model.<key>`` and both values)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from .checkpoint import CheckpointError, complete_checkpoints, read_meta
+from .hf_convert import args_from_hf_config, hf_config_from_args, hf_name, ours_name, to_hf, to_ours
+from .model.args import LlamaArgs, RopeScaling
+
+log = logging.getLogger("pretrain")
+EXIT_CHECKPOINT_ERROR = 4
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Llama 3 special tokens (<|begin_of_text|>, <|end_of_text|>) for generation_config.json.
+LLAMA3_BOS, LLAMA3_EOS = 128000, 128001
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
+                file=sys.stderr, mininterval=0.5)
+
+
+class HFWeights:
+    """A HF Llama folder opened lazily: the tensor index at start, tensors on demand."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such Hugging Face model folder")
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{cfg_file}: missing (a Hugging Face model folder holds config.json)")
+        try:
+            self.config = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file} is corrupt ({e})") from e
+        kind = self.config.get("model_type", "llama")
+        if kind != "llama":
+            raise CheckpointError(f"{cfg_file}: model_type={kind!r}, expected 'llama'")
+        self.files: Dict[str, Path] = {}  # weight name -> file
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index} is corrupt or has no weight_map ({e!r})") from e
+            for name, fname in weight_map.items():
+                f = self.path / fname
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: missing (listed for {name} in {index.name})")
+                self.files[name] = f
+        elif (self.path / SINGLE).is_file():
+            for name in self._handle(self.path / SINGLE).keys():
+                self.files[name] = self.path / SINGLE
+        else:
+            raise CheckpointError(
+                f"{self.path}: no {SINGLE} or {INDEX} (PyTorch .bin weights are not read: re-save them with "
+                "transformers' save_pretrained(..., safe_serialization=True))")
+
+    def _handle(self, f: Path):
+        from safetensors import safe_open
+
+        handles = self.__dict__.setdefault("_handles", {})
+        if f not in handles:
+            try:
+                handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # noqa: BLE001 (SafetensorError and I/O errors)
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+        return handles[f]
+
+    def args(self) -> LlamaArgs:
+        try:
+            return args_from_hf_config(self.config, name=self.path.name)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{self.path / 'config.json'}: not a supported Llama config ({e!r})") from e
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(self._handle(self._file(key)).get_slice(key).get_shape())
+
+    def _file(self, key: str) -> Path:
+        if key not in self.files:
+            raise CheckpointError(f"{self.path}: no weight {key!r} (it has e.g. {sorted(self.files)[:3]})")
+        return self.files[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        f = self._file(key)
+        try:
+            return self._handle(f).get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{f}: cannot read {key} ({e})") from e
+
+
+def _compare(field: str, ours, theirs, diffs: List[str], hf_key: str) -> None:
+    if ours != theirs:
+        diffs.append(f"model.{field}={ours!r} but config.json has {hf_key}={theirs!r}")
+
+
+def check_args_match(ours: LlamaArgs, theirs: LlamaArgs, where: Path) -> None:
+    """The configured model must be the one in the folder: name each disagreement."""
+    diffs: List[str] = []
+    for field, hf_key in (("dim", "hidden_size"), ("n_layers", "num_hidden_layers"),
+                          ("n_heads", "num_attention_heads"), ("n_kv_heads", "num_key_value_heads"),
+                          ("ffn_hidden_dim", "intermediate_size"), ("vocab_size", "vocab_size"),
+                          ("norm_eps", "rms_norm_eps"), ("rope_theta", "rope_theta"),
+                          ("tie_embeddings", "tie_word_embeddings")):
+        _compare(field, getattr(ours, field), getattr(theirs, field), diffs, hf_key)
+    _compare("head_dim", ours.resolved_head_dim, theirs.resolved_head_dim, diffs, "head_dim")
+    a = dataclasses.asdict(ours.rope_scaling) if ours.rope_scaling else None
+    b = dataclasses.asdict(theirs.rope_scaling) if theirs.rope_scaling else None
+    _compare("rope_scaling", a, b, diffs, "rope_scaling")
+    if diffs:
+        raise CheckpointError(f"{where / 'config.json'} describes another model: " + "; ".join(diffs))
+
+
+def _tied_extra(key: str, args: LlamaArgs) -> bool:
+    return key == "lm_head.weight" and args.tie_embeddings
+
+
+def _check_keys(hf: HFWeights, wanted: Iterable[str], args: LlamaArgs) -> None:
+    wanted = set(wanted)
+    for key in sorted(hf.files):
+        try:
+            name = ours_name(key)
+        except KeyError:
+            raise CheckpointError(f"{hf.files[key]}: unexpected weight {key!r} (not a Llama parameter)") from None
+        if name is not None and key not in wanted and not _tied_extra(key, args):
+            raise CheckpointError(f"{hf.files[key]}: weight {key!r} has no place in this model")
+
+
+def _read_converted(hf: HFWeights, name: str, shape: Tuple[int, ...], dtype: torch.dtype,
+                    args: LlamaArgs) -> torch.Tensor:
+    key = hf_name(name)
+    have = hf.shape(key)
+    if have != tuple(shape):
+        raise CheckpointError(f"{hf._file(key)}: {key} (our {name}) has shape {list(have)} but this model "
+                              f"expects {list(shape)}")
+    return to_ours(name, hf.get(key), args).to(dtype).contiguous()
+
+
+def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_bytes: int = 1 << 30,
+                    progress: bool = False) -> None:
+    """Copy a HF folder's weights into ``model`` under any layout (plain, FSDP2 DTensors, ...).
+    Called by every rank; reads tensors lazily and loads them ``chunk_bytes`` at a time."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    hf = HFWeights(hf_dir)
+    check_args_match(args, hf.args(), hf.path)
+    targets = get_model_state_dict(model)
+    _check_keys(hf, (hf_name(n) for n in targets), args)
+    total = sum(t.numel() * t.element_size() for t in targets.values())
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    batch: Dict[str, torch.Tensor] = {}
+    size = 0
+    with _progress(total, f"loading {hf.path.name}", progress) as bar:
+        for i, (name, t) in enumerate(targets.items()):
+            batch[name] = _read_converted(hf, name, tuple(t.shape), t.dtype, args)
+            size += batch[name].numel() * batch[name].element_size()
+            if size >= chunk_bytes or i == len(targets) - 1:
+                set_model_state_dict(model, batch, options=opts)
+                bar.update(size)
+                batch, size = {}, 0
+    log.info("initialized weights from Hugging Face folder %s", hf.path)
+
+
+# -- import -------------------------------------------------------------------------------
+def _fresh_out(out: Path, force: bool) -> Path:
+    nonempty = any(out.iterdir()) if out.is_dir() else out.exists()
+    if nonempty and not force:
+        raise CheckpointError(f"{out} exists and is not empty (pass --force to replace it)")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _finish(partial: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+
+
+def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = False,
+              progress: bool = True) -> LlamaArgs:
+    """HF folder -> a weights-only DCP checkpoint at ``out`` (plus ``model.yaml``, the
+    Hydra model config of these weights)."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    hf = HFWeights(hf_dir)
+    args = hf.args()
+    out = Path(out)
+    shapes = _model_param_shapes(args)
+    _check_keys(hf, (hf_name(n) for n in shapes), args)
+    sd: Dict[str, torch.Tensor] = {}
+    total = sum(_numel(s) * dtype.itemsize for s in shapes.values())
+    with _progress(total, f"reading {hf.path.name}", progress) as bar:
+        for name, shape in shapes.items():
+            sd[name] = _read_converted(hf, name, shape, dtype, args)
+            bar.update(sd[name].numel() * dtype.itemsize)
+    partial = _fresh_out(out, force)
+    dcp.save({"model": sd}, checkpoint_id=str(partial), no_dist=True)
+    meta = {"step": 0, "tokens_seen": 0, "world_size": 1, "model": dataclasses.asdict(args),
+            "weights_only": True, "source": str(hf.path.resolve())}
+    model_cfg = {k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}
+    (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
+                                        + yaml.safe_dump(model_cfg, sort_keys=False))
+    (partial / "meta.json").write_text(json.dumps(meta))
+    _finish(partial, out)
+    return args
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _model_param_shapes(args: LlamaArgs) -> Dict[str, Tuple[int, ...]]:
+    """Our parameters in model order with their shapes (built on the meta device)."""
+    from .model import build_llama
+
+    model = build_llama(args, rope_cache_len=1, device="meta")
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+# -- export -------------------------------------------------------------------------------
+def resolve_checkpoint(path) -> Path:
+    """A step dir as is; a run dir (or its checkpoints/ folder) -> its newest complete one."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        done = complete_checkpoints(root)
+        if done:
+            return done[-1][1]
+    raise CheckpointError(f"{path}: not a checkpoint (no meta.json) and no complete checkpoint under it")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.I)
+    if not m:
+        raise ValueError(f"size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(float(m.group(1)) * base ** power)
+
+
+def _plan_shards(entries: List[Tuple[str, Tuple[int, ...]]], itemsize: int, limit: int) -> List[List[str]]:
+    shards: List[List[str]] = [[]]
+    size = 0
+    for name, shape in entries:
+        nbytes = _numel(shape) * itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 5 * 10**9,
+              force: bool = False, progress: bool = True) -> Path:
+    """A checkpoint of this trainer -> a HF folder that ``LlamaForCausalLM`` loads."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    if not meta.get("model"):
+        raise CheckpointError(f"{ckpt / 'meta.json'} has no model config: written by an older version")
+    margs = dict(meta["model"])
+    rs = margs.pop("rope_scaling", None)
+    args = LlamaArgs(**{k: v for k, v in margs.items() if k in LlamaArgs.__dataclass_fields__},
+                     rope_scaling=RopeScaling(**rs) if rs else None)
+    try:
+        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{ckpt / '.metadata'}: missing or unreadable ({e})") from e
+    entries = [(k[len("model."):], tuple(v.size)) for k, v in saved.items()
+               if k.startswith("model.") and hasattr(v, "size")]
+    if not entries:
+        raise CheckpointError(f"{ckpt}: holds no model weights")
+    expected = _model_param_shapes(args)
+    order = {n: i for i, n in enumerate(expected)}
+    for name, shape in entries:
+        if name not in expected:
+            raise CheckpointError(f"{ckpt}: tensor model.{name} is not a parameter of the model in meta.json")
+        if shape != expected[name]:
+            raise CheckpointError(f"{ckpt}: model.{name} has shape {list(shape)} but the model in meta.json "
+                                  f"expects {list(expected[name])}")
+    missing = sorted(set(expected) - {n for n, _ in entries})
+    if missing:
+        raise CheckpointError(f"{ckpt}: no tensor model.{missing[0]}")
+    entries.sort(key=lambda e: order[e[0]])
+    shards = _plan_shards(entries, dtype.itemsize, max_shard_size)
+    shapes = dict(entries)
+    out = Path(out)
+    partial = _fresh_out(out, force)
+    weight_map: Dict[str, str] = {}
+    total = sum(_numel(s) * dtype.itemsize for _, s in entries)
+    with _progress(total, f"exporting {ckpt.name}", progress) as bar:
+        for i, names in enumerate(shards):
+            fname = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            saved_dtype = {n: saved[f"model.{n}"].properties.dtype for n in names}
+            state = {"model": {n: torch.empty(shapes[n], dtype=saved_dtype[n]) for n in names}}
+            try:
+                dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"checkpoint {ckpt} could not be read: {e}") from e
+            tensors = {hf_name(n): to_hf(n, w, args).to(dtype).contiguous() for n, w in state["model"].items()}
+            save_file(tensors, str(partial / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in tensors})
+            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
+    if len(shards) > 1:
+        (partial / INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    cfg = hf_config_from_args(args)
+    cfg["torch_dtype"] = cfg["dtype"] = _HF_DTYPE_NAMES[dtype]
+    gen = {}
+    if args.vocab_size >= 128256:  # the Llama 3 vocabulary: its special token ids
+        cfg.update(bos_token_id=LLAMA3_BOS, eos_token_id=LLAMA3_EOS)
+        gen = {"bos_token_id": LLAMA3_BOS, "eos_token_id": LLAMA3_EOS, "do_sample": True,
+               "temperature": 0.6, "top_p": 0.9}
+    (partial / "config.json").write_text(json.dumps(cfg, indent=2))
+    (partial / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    _finish(partial, out)
+    return out
+
+
+# -- CLI ----------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.hf", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="HF Llama folder -> weights-only checkpoint")
+    imp.add_argument("hf_dir")
+    imp.add_argument("out", help="checkpoint directory to write")
+    imp.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
+                     help="dtype of the stored weights (training keeps fp32 masters; default fp32)")
+    exp = sub.add_parser("export", help="checkpoint (or run dir: its newest) -> HF Llama folder")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out", help="HF folder to write")
+    exp.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="dtype of the exported weights")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    for sp in (imp, exp):
+        sp.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if a.cmd == "import":
+            args = import_hf(a.hf_dir, a.out, dtype=_DTYPES[a.dtype], force=a.force, progress=not a.no_progress)
+            print(f"wrote {a.out}: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, "
+                  f"tied={args.tie_embeddings}. Train from it with checkpoint.load_path={a.out} "
+                  f"checkpoint.load_weights_only=true and a model config equal to {a.out}/model.yaml")
+        else:
+            try:
+                limit = parse_size(a.max_shard_size)
+            except ValueError as e:
+                p.error(f"--max-shard-size: {e}")
+            export_hf(a.checkpoint, a.out, dtype=_DTYPES[a.dtype], max_shard_size=limit, force=a.force,
+                      progress=not a.no_progress)
+            print(f"wrote {a.out}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
