@@ -118,6 +118,20 @@ def test_sigusr1_checkpoints_exits_3_and_the_rerun_continues(reference, tmp_path
     assert last_per_step(run) == reference
 
 
+def test_sigusr1_under_torchrun_max_restarts_resumes_by_itself(reference, tmp_path, tok_cache):
+    """torchrun restarts the workers after exit 3; the new attempt finds the checkpoint
+    and finishes the curve of the uninterrupted run, with no second command."""
+    run = tmp_path / "run"
+    proc = start_job(run, [*DET, "train.steps=30"], tok_cache, max_restarts=1)
+    wait_for(lambda: max(logged_steps(run), default=0) >= 5, proc)
+    for pid in worker_pids(proc.pid):
+        os.kill(pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "exitcode: 3" in out and "stopping at step" in out and "resumed from step" in out
+    assert last_per_step(run) == reference
+
+
 def test_single_process_sigterm_exits_3_after_its_checkpoint(tmp_path, tok_cache):
     run = tmp_path / "single"
     cmd = [sys.executable, "-m", "pretrain", *TINY, f"data.tokenizer.cache_dir={tok_cache}", *DET,
