@@ -28,6 +28,10 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def uses_tp(self) -> bool:
+        return self.tp > 1
+
+    @property
     def uses_fsdp(self) -> bool:
         return self.world_size > 1 and self.dp > 1
 
@@ -40,8 +44,6 @@ def resolve_parallel_dims(
             raise LayoutError(key, v, "must be >= 1")
     if pp_schedule not in PP_SCHEDULES:
         raise LayoutError("parallel.pp_schedule", pp_schedule, f"one of {', '.join(PP_SCHEDULES)}")
-    if tp > 1:
-        raise LayoutError("parallel.tp", tp, "tensor parallelism is not available in this build yet; use 1")
     if pp > 1:
         raise LayoutError("parallel.pp", pp, "pipeline parallelism is not available in this build yet; use 1")
     others = dp_replicate * tp * pp

@@ -66,11 +66,12 @@ def host_all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def build_device_mesh(dims: ParallelDims, device: torch.device) -> Optional[DeviceMesh]:
-    """Mesh of the data-parallel dims (dp_replicate, dp_shard); None for one process."""
+    """Mesh (dp_replicate, dp_shard, tp); None for one process."""
     if dims.world_size == 1:
         return None
+    # tp innermost: the ranks of a tensor-parallel group are neighbours (one node).
     return init_device_mesh(
-        device.type, (dims.dp_replicate, dims.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
+        device.type, (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 InitFn = Callable[[torch.Tensor, float, str], None]
 
@@ -32,10 +32,25 @@ def shard_aware_init(init_fn: InitFn) -> InitFn:
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Global L2 norm of all gradients across every rank and shard; clips when
-    ``max_norm`` > 0. Returns the norm before clipping, as a plain tensor."""
+    ``max_norm`` > 0. Returns the norm before clipping, as a plain tensor.
+
+    Gradients come in kinds that cannot be stacked together (plain tensors, DTensors on
+    the FSDP mesh, on the TP mesh, on both): the norm is taken per kind (one reduction
+    each), then combined. A plain or replicated gradient counts once."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    groups: dict = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    norms = []
+    for group in groups.values():
+        n = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
     if max_norm > 0:
-        # Scaled with the norm in the grads' own kind (DTensor or not) to avoid mixing.
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
-    return total.full_tensor() if isinstance(total, DTensor) else total
+        for key, group in groups.items():
+            # Scale by the norm in the grads' own kind: DTensor and plain do not mix.
+            norm = total if key is None else DTensor.from_local(total, key[0], [Replicate()] * key[0].ndim,
+                                                                run_check=False)
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+    return total

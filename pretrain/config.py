@@ -24,6 +24,17 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     # FSDP2: free unsharded params after forward (re-gathered in backward).
     reshard_after_forward: bool = True
+    # Tensor parallel only: shard the residual stream and the norms along the sequence
+    # (sequence parallel); train.seq_len must divide by tp.
+    sequence_parallel: bool = True
+    # Tensor parallel only: keep the logits sharded over the vocabulary into the loss.
+    loss_parallel: bool = False
+    # none | full | every_n | selective_op (keep matmul and attention outputs, recompute the rest)
+    activation_checkpoint: str = "none"
+    # every_n: checkpoint blocks 0, n, 2n, ...
+    ac_every_n: int = 2
+    # torch.compile each transformer block (composes with TP, AC and FSDP2).
+    compile: bool = False
 
 
 @dataclass

@@ -15,12 +15,14 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from data_pipeline.loader import LoaderSpec, RankLoader, listing_skips
 from parallel import distributed as pdist
 from parallel.dims import ParallelDims
 from parallel.env import LaunchEnv
 from parallel.init import clip_grad_norm_, shard_aware_init
+from parallel.parallelize import parallelize_llama
 
 from .checkpoint import Checkpointer
 from .config import JobConfig
@@ -177,11 +179,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     n_params = count_parameters(model)
     param_dtype, reduce_dtype = resolve_dtypes(t.mixed_precision, device)
     mesh = pdist.build_device_mesh(dims, device)
-    if dims.uses_fsdp:
-        from parallel.fsdp import apply_fsdp
-
-        apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                   reshard_after_forward=cfg.parallel.reshard_after_forward, hsdp=dims.dp_replicate > 1)
+    pc = cfg.parallel
+    parallelize_llama(model, mesh, dims, pc, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     model.to_empty(device=device)
     base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, t.seed)  # noqa: E731
     model.init_weights(init_fn=shard_aware_init(base_init))
@@ -189,6 +188,11 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     autocast = (torch.autocast(device.type, dtype=param_dtype)
                 if not dims.uses_fsdp and param_dtype != torch.float32 else nullcontext())
 
+    # Loss parallel: cross-entropy over vocabulary-sharded logits, forward and backward.
+    if pc.loss_parallel:
+        from torch.distributed.tensor.parallel import loss_parallel as loss_ctx
+    else:
+        loss_ctx = nullcontext
     optimizer = build_optimizer(model, cfg.optim)
     lr_at = build_lr_fn(cfg.optim, t.steps)
 
@@ -225,8 +229,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps,
                        tensorboard=cfg.logging.tensorboard, console=cfg.logging.console)
     if is_rank0:
-        log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d | world %d (%s) | %s %s",
-                 run_dir, f"{n_params:,}", dims.dp_replicate, dims.dp_shard, env.world_size,
+        log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d | world %d (%s) | %s %s",
+                 run_dir, f"{n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, env.world_size,
                  env.launcher, device.type, str(param_dtype).removeprefix("torch."))
         if start_step:
             log.info("resumed from step %d", start_step)
@@ -260,9 +264,10 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                     mask = document_mask(batch["doc_ids"].to(device, non_blocking=True))
                 with autocast:
                     logits = model(inputs, position_ids=positions, attn_mask=mask)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-                (loss / t.grad_accum_steps).backward()
-                loss_sum += loss.detach()
+                with loss_ctx():
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+                    (loss / t.grad_accum_steps).backward()
+                loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
             window_loss += loss_sum / t.grad_accum_steps
             grad_norm = clip_grad_norm_(model.parameters(), t.max_norm)
             optimizer.step()

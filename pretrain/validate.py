@@ -2,6 +2,7 @@
 Each failure names the key, the value and what would be valid."""
 from __future__ import annotations
 
+from parallel.ac import AC_MODES
 from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
 
 from .config import JobConfig
@@ -104,4 +105,20 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
                                      pp_schedule=p.pp_schedule, world_size=world_size)
     except LayoutError as e:
         raise ConfigError(e.key, e.value, e.expected) from None
+    _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
+    _require(p.ac_every_n >= 1, "parallel.ac_every_n", p.ac_every_n, "must be >= 1")
+    if dims.tp > 1:
+        for key, v in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
+                       ("model.ffn_hidden_dim", m.ffn_hidden_dim), ("model.vocab_size", m.vocab_size)):
+            _require(v % dims.tp == 0, key, v, f"must divide by parallel.tp={dims.tp} (each rank holds 1/tp of it)")
+        # torch 2.13: DTensor redistributes inside a compiled block fail in backward (tp
+        # alone) or silently change the numerics (with FSDP2): measured, so refused.
+        _require(not p.compile, "parallel.compile", True,
+                 f"is not supported with parallel.tp={dims.tp} in this build (torch.compile of blocks holding "
+                 "DTensor redistributes fails in backward); use compile with FSDP2/HSDP, or tp without compile")
+        if p.sequence_parallel:
+            _require(t.seq_len % dims.tp == 0, "train.seq_len", t.seq_len,
+                     f"must divide by parallel.tp={dims.tp} with parallel.sequence_parallel=true")
+    else:
+        _require(not p.loss_parallel, "parallel.loss_parallel", True, "needs parallel.tp > 1")
     return dims

@@ -49,7 +49,15 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["train.mixed_precision=fp8"], 1, "train.mixed_precision"),
     (["parallel.dp_replicate=3"], 4, "parallel.dp_replicate"),
     (["parallel.dp_shard=2"], 4, "parallel.dp_shard"),
-    (["parallel.tp=2"], 2, "parallel.tp"),
+    (["parallel.tp=3"], 3, "model.n_heads"),  # 8 heads over 3 ranks
+    (["parallel.tp=8"], 8, "model.n_kv_heads"),  # 8 heads fit, 4 kv heads do not
+    (["parallel.tp=2", "model.vocab_size=4097", "data.tokenizer.vocab_size=4000"], 2, "model.vocab_size"),
+    (["parallel.tp=2", "train.seq_len=255"], 2, "train.seq_len"),  # sequence parallel splits it
+    (["parallel.tp=2", "parallel.compile=true"], 2, "parallel.compile"),
+    (["parallel.loss_parallel=true"], 1, "parallel.loss_parallel"),
+    (["parallel.activation_checkpoint=some"], 1, "parallel.activation_checkpoint"),
+    (["parallel.activation_checkpoint=every_n", "parallel.ac_every_n=0"], 1, "parallel.ac_every_n"),
+    (["parallel.pp=2"], 2, "parallel.pp"),
     (["parallel.pp_schedule=foo"], 1, "parallel.pp_schedule"),
     (["data.tokenizer.vocab_size=9000"], 1, "data.tokenizer.vocab_size"),
     (["data.source=csv"], 1, "data.source"),
@@ -76,7 +84,7 @@ def test_every_config_file_composes_and_validates():
                 if f.stem != "mixture":
                     extra = extra[:2]
             cfg = compose_job(f"{group}={f.stem}", *extra)
-            world = 4 if f.stem == "hsdp" else 1
+            world = {"hsdp": 4, "fsdp_tp": 4}.get(f.stem, 1)
             validate_job(cfg, world)
 
 

@@ -132,6 +132,15 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class TiedHead(nn.Module):
+    """Output projection by the embedding matrix, which it receives in forward: it has no
+    parameter of its own (a shared Parameter would come apart under to_empty and
+    sharding), but it is a module, so tensor parallelism can lay out its input and output."""
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, weight)
+
+
 class Llama(nn.Module):
     """Decoder-only Llama 3.x. ``forward`` returns logits; the loss lives in the trainer."""
 
@@ -143,9 +152,10 @@ class Llama(nn.Module):
         # A ModuleDict keyed "0".."n-1" keeps FQNs stable when pipeline stages drop layers.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        # Tied heads reuse the embedding matrix in forward rather than sharing a Parameter
-        # between two modules: shared Parameters come apart under to_empty and sharding.
+        # A tied head reuses the embedding matrix in forward (TiedHead) instead of sharing a
+        # Parameter between two modules.
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tied_head = TiedHead() if args.tie_embeddings else None
         half = args.resolved_head_dim // 2
         self.register_buffer("rope_cos", torch.empty(self.rope_cache_len, half), persistent=False)
         self.register_buffer("rope_sin", torch.empty(self.rope_cache_len, half), persistent=False)
@@ -200,7 +210,7 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, attn_mask)
         h = self.norm(h)
         if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
+            return self.tied_head(h, self.tok_embeddings.weight)
         return self.output(h)
 
 

@@ -1,0 +1,109 @@
+"""Peak memory of one training step (forward + backward) under each activation
+checkpointing mode, on a model with a long sequence, and the step time it costs.
+
+Each mode runs in its own fresh process (the allocator keeps freed memory, so one process
+cannot measure several peaks). On CPU the peak is the process's high-water RSS (VmHWM,
+reset through /proc/self/clear_refs right before the step) minus the RSS before it; on
+CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the step.
+Either way it is the step's own memory: activations, gradients and temporaries, not the
+weights. The last line is machine-readable key=value pairs."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODES = ("none", "every_n", "selective_op", "full")
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure(mode: str, a) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from parallel.ac import apply_activation_checkpointing
+    from pretrain.model.args import LlamaArgs
+    from pretrain.model.llama import build_llama
+
+    torch.manual_seed(0)
+    device = torch.device(a.device)
+    args = LlamaArgs(name="bench", dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.heads // 2,
+                     ffn_hidden_dim=a.dim * 3, vocab_size=a.vocab, tie_embeddings=True)
+    model = build_llama(args, rope_cache_len=a.seq, device="meta")
+    apply_activation_checkpointing(list(model.layers.values()), mode, every_n=2)
+    model.to_empty(device=device)
+    model.init_weights()
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=device)
+
+    def step():
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+
+    times = []
+    for i in range(a.steps):
+        model.zero_grad(set_to_none=True)
+        if i == 0:  # the peak of the first step, from a clean start
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            else:
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                before = _rss_kb("VmRSS") * 1024
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kb("VmHWM") * 1024) - before
+    return {"mode": mode, "peak_mb": peak / 2**20, "step_s": min(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=1, help="steps per mode (time: the fastest)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one mode
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(measure(a.one, a)))
+        return
+    rows = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--one", mode] + [x for x in sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        rows[mode] = json.loads(out)
+    base = rows["none"]
+    print(f"Llama dim {a.dim}, {a.layers} layers, seq {a.seq}, batch {a.batch}, vocab {a.vocab}, {a.device}; "
+          f"peak = step memory above the weights ({'max allocated' if a.device == 'cuda' else 'high-water RSS'})")
+    print(f"{'mode':<13} {'peak MB':>9} {'vs none':>8} {'step s':>8} {'vs none':>8}")
+    for mode, r in rows.items():
+        print(f"{mode:<13} {r['peak_mb']:>9.0f} {r['peak_mb'] / base['peak_mb']:>8.2f} {r['step_s']:>8.2f} "
+              f"{r['step_s'] / base['step_s']:>8.2f}")
+    print(" ".join([f"device={a.device}", f"seq={a.seq}"]
+                   + [f"peak_mb_{m}={r['peak_mb']:.0f}" for m, r in rows.items()]
+                   + [f"mem_ratio_{m}={r['peak_mb'] / base['peak_mb']:.3f}" for m, r in rows.items() if m != "none"]
+                   + [f"time_ratio_{m}={r['step_s'] / base['step_s']:.3f}" for m, r in rows.items() if m != "none"]))
+
+
+if __name__ == "__main__":
+    main()

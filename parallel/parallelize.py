@@ -1,0 +1,30 @@
+"""``parallelize_llama``: the one place that applies the layout to a meta-device Llama, in
+the order that works with FSDP2 (DESIGN.md): TP/SP -> activation checkpointing -> compile
+per block -> FSDP2 per block then the root. The caller materializes and inits after."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from .ac import apply_activation_checkpointing
+from .compile import apply_compile
+from .dims import ParallelDims
+from .fsdp import apply_fsdp
+from .tp import apply_tp
+
+
+def parallelize_llama(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, pc, *, param_dtype: torch.dtype,
+                      reduce_dtype: torch.dtype) -> nn.Module:
+    """``pc``: the ``parallel`` config (sequence_parallel, loss_parallel,
+    activation_checkpoint, ac_every_n, compile, reshard_after_forward)."""
+    blocks = list(model.layers.values())
+    if dims.uses_tp:
+        apply_tp(model, mesh["tp"], sequence_parallel=pc.sequence_parallel, loss_parallel=pc.loss_parallel)
+    apply_activation_checkpointing(blocks, pc.activation_checkpoint, pc.ac_every_n)
+    if pc.compile:
+        apply_compile(blocks)
+    if dims.uses_fsdp:
+        apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                   reshard_after_forward=pc.reshard_after_forward, hsdp=dims.dp_replicate > 1, blocks=blocks)
+    return model

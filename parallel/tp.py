@@ -1,0 +1,53 @@
+"""Tensor parallelism (Megatron-style) and sequence parallelism for the Llama blocks.
+
+Per block: q/k/v and w1/w3 column-wise (each rank holds n_heads/tp query heads,
+n_kv_heads/tp kv heads and ffn/tp hidden units: GQA groups stay on one rank), wo and w2
+row-wise. The embedding is sharded over the vocabulary; the output head column-wise (a
+tied head reuses the vocabulary-sharded embedding). With sequence parallel the residual
+stream between blocks and the RMSNorms are sharded along the sequence (all-gather before
+attention/MLP, reduce-scatter after); without it they are replicated (all-reduce after).
+``loss_parallel`` keeps the logits sharded over the vocabulary for the loss (the trainer
+computes cross-entropy under ``torch.distributed.tensor.parallel.loss_parallel``)."""
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool) -> None:
+    stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
+    logits = Shard(-1) if loss_parallel else Replicate()
+    top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)}
+    if sequence_parallel:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        top["output"] = ColwiseParallel(input_layouts=stream, output_layouts=logits,
+                                        use_local_output=not loss_parallel)
+    parallelize_module(model, tp_mesh, top)
+    if model.output is None:  # tied: logits = h @ embedding^T, the embedding sharded over the vocabulary
+        parallelize_module(model.tied_head, tp_mesh, PrepareModuleInput(
+            input_layouts=(stream, None), desired_input_layouts=(Replicate(), None), use_local_output=False))
+        parallelize_module(model.tied_head, tp_mesh, PrepareModuleOutput(
+            output_layouts=Shard(-1), desired_output_layouts=logits, use_local_output=not loss_parallel))
+
+    for block in model.layers.values():
+        plan = {
+            # x, cos, sin, attn_mask: only x is sharded.
+            "attention": PrepareModuleInput(input_layouts=(stream, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=stream),
+            "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+        }
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
