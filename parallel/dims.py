@@ -44,8 +44,6 @@ def resolve_parallel_dims(
             raise LayoutError(key, v, "must be >= 1")
     if pp_schedule not in PP_SCHEDULES:
         raise LayoutError("parallel.pp_schedule", pp_schedule, f"one of {', '.join(PP_SCHEDULES)}")
-    if pp > 1:
-        raise LayoutError("parallel.pp", pp, "pipeline parallelism is not available in this build yet; use 1")
     others = dp_replicate * tp * pp
     if dp_shard == -1:
         if world_size % others:

@@ -66,12 +66,13 @@ def host_all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def build_device_mesh(dims: ParallelDims, device: torch.device) -> Optional[DeviceMesh]:
-    """Mesh (dp_replicate, dp_shard, tp); None for one process."""
+    """Mesh (pp, dp_replicate, dp_shard, tp); None for one process."""
     if dims.world_size == 1:
         return None
-    # tp innermost: the ranks of a tensor-parallel group are neighbours (one node).
+    # pp outermost, tp innermost: the ranks of a tensor-parallel group are neighbours (one node).
     return init_device_mesh(
-        device.type, (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
+        device.type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+        mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 InitFn = Callable[[torch.Tensor, float, str], None]
@@ -30,27 +31,42 @@ def shard_aware_init(init_fn: InitFn) -> InitFn:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float, *, skip=frozenset(),
+                    group=None) -> torch.Tensor:
     """Global L2 norm of all gradients across every rank and shard; clips when
     ``max_norm`` > 0. Returns the norm before clipping, as a plain tensor.
 
     Gradients come in kinds that cannot be stacked together (plain tensors, DTensors on
     the FSDP mesh, on the TP mesh, on both): the norm is taken per kind (one reduction
-    each), then combined. A plain or replicated gradient counts once."""
+    each), then combined. A plain or replicated gradient counts once. ``group``: ranks
+    holding other parameters (pipeline stages), whose squared norms are added;
+    ``skip``: ids of parameters left out of the norm (a second copy of a tied
+    embedding), still clipped."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
+    counted = [p.grad for p in params if p.grad is not None and id(p) not in skip]
     groups: dict = {}
-    for g in grads:
+    for g in counted:
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
         groups.setdefault(key, []).append(g)
-    norms = []
-    for group in groups.values():
-        n = torch.nn.utils.get_total_norm(group, norm_type=2.0)
-        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+    squares = []
+    for members in groups.values():
+        n = torch.nn.utils.get_total_norm(members, norm_type=2.0)
+        squares.append((n.full_tensor() if isinstance(n, DTensor) else n) ** 2)
+    device = grads[0].device if grads else torch.device("cpu")
+    total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
+    if group is not None:
+        total_sq = total_sq.clone()
+        dist.all_reduce(total_sq, group=group)
+    total = total_sq.sqrt()
     if max_norm > 0:
-        for key, group in groups.items():
+        kinds: dict = {}
+        for g in grads:
+            key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+            kinds.setdefault(key, []).append(g)
+        for key, members in kinds.items():
             # Scale by the norm in the grads' own kind: DTensor and plain do not mix.
             norm = total if key is None else DTensor.from_local(total, key[0], [Replicate()] * key[0].ndim,
                                                                 run_check=False)
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(members, max_norm, norm)
     return total

@@ -20,14 +20,18 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool) -> None:
     stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
     logits = Shard(-1) if loss_parallel else Replicate()
-    top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)}
-    if sequence_parallel:
+    # A pipeline stage lacks some of these parts: plan only those it holds.
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if sequence_parallel and model.norm is not None:
         top["norm"] = SequenceParallel()
     if model.output is not None:
         top["output"] = ColwiseParallel(input_layouts=stream, output_layouts=logits,
                                         use_local_output=not loss_parallel)
-    parallelize_module(model, tp_mesh, top)
-    if model.output is None:  # tied: logits = h @ embedding^T, the embedding sharded over the vocabulary
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    if model.tied_head is not None:  # logits = h @ embedding^T, the embedding sharded over the vocabulary
         parallelize_module(model.tied_head, tp_mesh, PrepareModuleInput(
             input_layouts=(stream, None), desired_input_layouts=(Replicate(), None), use_local_output=False))
         parallelize_module(model.tied_head, tp_mesh, PrepareModuleOutput(

@@ -30,8 +30,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from parallel import distributed as pdist
 
@@ -104,6 +104,52 @@ def check_shapes(path: Path, state: dict) -> None:
                                       f"{list(t.shape)} in this model: the model config differs")
 
 
+# Flat optimizer state ("state.<param>.exp_avg", "param_groups.<param>.lr"): keyed by
+# parameter name, so the states of several model parts (pipeline stages) merge, and any
+# layout loads any other's.
+_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _pairs(model, optimizer):
+    """(part, its optimizer) pairs: a model is one module or a list of pipeline stages."""
+    parts = list(model) if isinstance(model, (list, tuple)) else [model]
+    if optimizer is None:
+        return [(p, None) for p in parts]
+    optims = getattr(optimizer, "optimizers", [optimizer])
+    return list(zip(parts, optims))
+
+
+def get_states(model, optimizer) -> Tuple[dict, dict]:
+    model_sd, optim_sd = {}, {}
+    for part, opt in _pairs(model, optimizer):
+        m, o = get_state_dict(part, opt, options=_OPTS)
+        model_sd.update(m)
+        optim_sd.update(o)
+    return model_sd, optim_sd
+
+
+def set_states(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    for part, opt in _pairs(model, optimizer):
+        mine = {k: v for k, v in model_sd.items() if k in _part_keys(part)}
+        set_state_dict(part, opt, model_state_dict=mine, optim_state_dict=optim_sd, options=_OPTS)
+
+
+def get_model_states(model) -> dict:
+    out = {}
+    for part, _ in _pairs(model, None):
+        out.update(get_model_state_dict(part))
+    return out
+
+
+def set_model_states(model, model_sd: dict) -> None:
+    for part, _ in _pairs(model, None):
+        set_model_state_dict(part, {k: v for k, v in model_sd.items() if k in _part_keys(part)})
+
+
+def _part_keys(part) -> set:
+    return {n for n, _ in part.named_parameters()}  # in-place AC/compile/FSDP2 keep names
+
+
 class Checkpointer:
     def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None):
         self.root, self.cfg, self.rank, self.world_size = root, cfg, rank, world_size
@@ -131,7 +177,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         pdist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_states(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         for sub in ("rng", "loader"):
             (partial / sub).mkdir(exist_ok=True)
@@ -208,11 +254,11 @@ class Checkpointer:
 
     def load_weights(self, path: Path, model) -> None:
         read_meta(path)
-        model_sd = get_model_state_dict(model)
+        model_sd = get_model_states(model)
         check_shapes(path, {"model": model_sd})
         state = {"model": model_sd}
         self._dcp_load(state, path)
-        set_model_state_dict(model, state["model"])
+        set_model_states(model, state["model"])
         log.info("initialized weights from %s (new optimizer, step 0)", path)
 
     def _load_full(self, path: Path, model, optimizer) -> Tuple[int, int, Optional[List[dict]]]:
@@ -220,11 +266,11 @@ class Checkpointer:
         if meta.get("weights_only"):
             raise CheckpointError(f"checkpoint {path} holds weights only (imported from {meta.get('source', '?')}): "
                                   "start from it with checkpoint.load_weights_only=true")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_states(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         check_shapes(path, {"model": model_sd})
         self._dcp_load(state, path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_states(model, optimizer, state["model"], state["optim"])
         loader_files = sorted((path / "loader").glob("dp-*.json"))
         if not loader_files:
             raise CheckpointError(f"checkpoint {path} has no loader/ state: it was written by an older version; "

@@ -21,7 +21,12 @@ class ParallelConfig:
     dp_shard: int = -1
     tp: int = 1
     pp: int = 1
+    # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv
     pp_schedule: str = "1f1b"
+    # Micro-batches per local batch through the pipeline; -1 = the number of stages.
+    pp_microbatches: int = -1
+    # Stages per pp rank for interleaved_1f1b / interleaved_zb; -1 = 2 (zbv: always 2, others 1).
+    pp_stages_per_rank: int = -1
     # FSDP2: free unsharded params after forward (re-gathered in backward).
     reshard_after_forward: bool = True
     # Tensor parallel only: shard the residual stream and the norms along the sequence

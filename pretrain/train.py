@@ -29,7 +29,7 @@ from .config import JobConfig
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsSink, peak_memory_gb
 from .model.llama import build_llama, count_parameters, seeded_trunc_normal_
-from .optim import build_lr_fn, build_optimizer
+from .optim import OptimizerParts, build_lr_fn, build_optimizer
 from .tokenizers import build_sources, load_tokenizer
 
 log = logging.getLogger("pretrain")
@@ -180,10 +180,23 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     param_dtype, reduce_dtype = resolve_dtypes(t.mixed_precision, device)
     mesh = pdist.build_device_mesh(dims, device)
     pc = cfg.parallel
-    parallelize_llama(model, mesh, dims, pc, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    model.to_empty(device=device)
+    # The model parts this rank holds: the whole model, or its pipeline stages.
+    runner, tied_sync, stage_list = None, None, [0]
+    if dims.pp > 1:
+        from parallel import pp as ppar
+
+        per_rank = ppar.stages_per_rank(pc.pp_schedule, pc.pp_stages_per_rank)
+        num_stages = dims.pp * per_rank
+        stage_list = ppar.stage_ids(mesh["pp"].get_local_rank(), dims.pp, per_rank, pc.pp_schedule)
+        parts = [ppar.build_stage(build_llama(cfg.model, rope_cache_len=t.seq_len, device="meta"), s, num_stages)
+                 for s in stage_list]
+    else:
+        parts = [model]
     base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, t.seed)  # noqa: E731
-    model.init_weights(init_fn=shard_aware_init(base_init))
+    for part in parts:
+        parallelize_llama(part, mesh, dims, pc, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        part.to_empty(device=device)
+        part.init_weights(init_fn=shard_aware_init(base_init))
     # Without FSDP, bf16 compute comes from autocast (weights stay fp32 masters).
     autocast = (torch.autocast(device.type, dtype=param_dtype)
                 if not dims.uses_fsdp and param_dtype != torch.float32 else nullcontext())
@@ -193,13 +206,29 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         from torch.distributed.tensor.parallel import loss_parallel as loss_ctx
     else:
         loss_ctx = nullcontext
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = OptimizerParts([build_optimizer(part, cfg.optim) for part in parts])
+    if dims.pp > 1:
+        n_mb = num_stages if pc.pp_microbatches == -1 else pc.pp_microbatches
+
+        def pp_loss(logits, target):  # a micro-batch's share of the step's mean loss
+            return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten()) / (n_mb * t.grad_accum_steps)
+
+        runner = ppar.PipelineRunner(parts, stage_list, num_stages, mesh, pc.pp_schedule, n_mb, pp_loss, device)
+        if cfg.model.tie_embeddings:
+            tied_sync = ppar.TiedEmbeddingSync(parts, stage_list, num_stages, mesh, dims.pp, per_rank,
+                                               pc.pp_schedule)
+    model = parts if dims.pp > 1 else model
+    params = [p for part in parts for p in part.parameters()]
+    # Parameters whose gradient the norm skips (the last stage's copy of a tied embedding).
+    norm_skip = {id(tied_sync.duplicate)} if tied_sync is not None and tied_sync.duplicate is not None else set()
+    pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
     lr_at = build_lr_fn(cfg.optim, t.steps)
 
-    # Data-parallel coordinates: replicate-major, like the mesh. TP and PP ranks of one DP
-    # group run identical loaders; one of them writes the loader state and the audit.
-    dp_rank, dp_world = env.rank // (dims.tp * dims.pp), dims.dp
-    is_dp_leader = env.rank % (dims.tp * dims.pp) == 0
+    # Data-parallel coordinates from the mesh (pp, dp_replicate, dp_shard, tp). TP and PP
+    # ranks of one DP group run identical loaders; one of them writes the loader state and
+    # the audit.
+    dp_rank, dp_world = (env.rank // dims.tp) % dims.dp, dims.dp
+    is_dp_leader = env.rank % dims.tp == 0 and env.rank < dims.dp * dims.tp
     loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
         seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
         num_workers=cfg.data.num_workers, seed=t.seed, shuffle=cfg.data.shuffle, grad_accum_steps=t.grad_accum_steps,
@@ -212,7 +241,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     if loader_states is None and not cfg.checkpoint.load_path and cfg.model.init_from:
         from .hf import load_hf_weights
 
-        load_hf_weights(model, cfg.model.init_from, cfg.model, progress=is_rank0)
+        for part in parts:
+            load_hf_weights(part, cfg.model.init_from, cfg.model, progress=is_rank0)
     if loader_states is not None:
         loader.load_rank_states(loader_states)
     if cfg.data.audit and is_rank0:
@@ -229,8 +259,9 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps,
                        tensorboard=cfg.logging.tensorboard, console=cfg.logging.console)
     if is_rank0:
-        log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d | world %d (%s) | %s %s",
-                 run_dir, f"{n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, env.world_size,
+        log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s) | %s %s",
+                 run_dir, f"{n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
+                 f" ({pc.pp_schedule}, stages {stage_list} here)" if dims.pp > 1 else "", env.world_size,
                  env.launcher, device.type, str(param_dtype).removeprefix("torch."))
         if start_step:
             log.info("resumed from step %d", start_step)
@@ -241,7 +272,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     window_tokens, window_steps, data_wait = 0, 0, 0.0
     # Sum of per-step mean losses since the last log: the logged loss is their average.
     window_loss = torch.zeros((), device=device)
-    model.train()
+    for part in parts:
+        part.train()
     try:
         for step in range(start_step + 1, t.steps + 1):
             lr = lr_at(step)
@@ -262,6 +294,12 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 if cfg.data.document_masking:
                     positions = batch["positions"].to(device, non_blocking=True)
                     mask = document_mask(batch["doc_ids"].to(device, non_blocking=True))
+                if runner is not None:  # forward and backward of every micro-batch, by the schedule
+                    with autocast:
+                        loss = runner.step(inputs, labels)
+                    if loss is not None:  # the last stage's rank: this micro-step's mean / accum
+                        loss_sum += loss.detach() * t.grad_accum_steps
+                    continue
                 with autocast:
                     logits = model(inputs, position_ids=positions, attn_mask=mask)
                 with loss_ctx():
@@ -269,7 +307,9 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                     (loss / t.grad_accum_steps).backward()
                 loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
             window_loss += loss_sum / t.grad_accum_steps
-            grad_norm = clip_grad_norm_(model.parameters(), t.max_norm)
+            if tied_sync is not None:
+                tied_sync()
+            grad_norm = clip_grad_norm_(params, t.max_norm, skip=norm_skip, group=pp_group)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tokens_per_step
@@ -280,7 +320,11 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
 
             # The first and last steps are always logged: the curve has both ends.
             if step % cfg.logging.every == 0 or step in (start_step + 1, t.steps):
-                loss_avg = pdist.all_reduce_mean((window_loss / window_steps).reshape(1))
+                # Averaged over the ranks that hold a loss (under PP: the last stage's).
+                holds = 1.0 if runner is None or runner.has_last else 0.0
+                agg = pdist.all_reduce_sum(torch.stack([window_loss / window_steps * holds,
+                                                        torch.tensor(holds, device=device)]))
+                loss_avg = agg[0] / agg[1]
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
@@ -328,6 +372,10 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                                 step, preempt.name)
                 raise Preempted(step)
         ckpt.wait()
+        if tied_sync is not None:
+            gap = tied_sync.max_divergence()
+            if gap > 0 or is_rank0:
+                log.info("tied embedding copies (first and last stage): max |difference| %.3g", gap)
     finally:
         preempt.restore()
         sink.close()

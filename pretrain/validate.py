@@ -121,4 +121,25 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
                      f"must divide by parallel.tp={dims.tp} with parallel.sequence_parallel=true")
     else:
         _require(not p.loss_parallel, "parallel.loss_parallel", True, "needs parallel.tp > 1")
+    _require(p.pp_stages_per_rank == -1 or p.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank",
+             p.pp_stages_per_rank, "must be >= 1 or -1")
+    if dims.pp > 1:
+        from parallel.pp import stages_per_rank
+
+        per = stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
+        stages = dims.pp * per
+        _require(m.n_layers % stages == 0, "model.n_layers", m.n_layers,
+                 f"must divide into parallel.pp={dims.pp} x {per} stage(s) per rank = {stages} equal stages")
+        mbs = stages if p.pp_microbatches == -1 else p.pp_microbatches
+        _require(mbs >= 1 and t.local_batch_size % mbs == 0, "parallel.pp_microbatches", mbs,
+                 f"must divide train.local_batch_size={t.local_batch_size} (each micro-batch is a slice of it)")
+        if p.pp_schedule == "1f1b":
+            _require(mbs >= stages, "parallel.pp_microbatches", mbs, f">= the {stages} stages for 1f1b")
+        if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb"):
+            rounds = max(1, mbs // dims.pp)
+            _require(mbs % rounds == 0, "parallel.pp_microbatches", mbs,
+                     f"a multiple of max(1, microbatches // pp) for {p.pp_schedule}")
+        _require(not p.loss_parallel, "parallel.loss_parallel", True, "is not supported with parallel.pp > 1 yet")
+        _require(not d.document_masking, "data.document_masking", True,
+                 "is not supported with parallel.pp > 1 (masks do not travel between stages yet)")
     return dims

@@ -57,7 +57,13 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["parallel.loss_parallel=true"], 1, "parallel.loss_parallel"),
     (["parallel.activation_checkpoint=some"], 1, "parallel.activation_checkpoint"),
     (["parallel.activation_checkpoint=every_n", "parallel.ac_every_n=0"], 1, "parallel.ac_every_n"),
-    (["parallel.pp=2"], 2, "parallel.pp"),
+    (["parallel.pp=3"], 3, "model.n_layers"),  # 4 layers into 3 stages
+    (["parallel.pp=2", "parallel.pp_schedule=zbv", "model.n_layers=6"], 2, "model.n_layers"),  # 4 stages
+    (["parallel.pp=2", "parallel.pp_microbatches=3"], 2, "parallel.pp_microbatches"),  # batch 8
+    (["parallel.pp=2", "parallel.pp_microbatches=1"], 2, "parallel.pp_microbatches"),  # 1f1b: >= stages
+    (["parallel.pp=2", "data.document_masking=true"], 2, "data.document_masking"),
+    (["parallel.pp=2", "parallel.tp=2", "parallel.loss_parallel=true"], 4, "parallel.loss_parallel"),
+    (["parallel.pp_stages_per_rank=0"], 1, "parallel.pp_stages_per_rank"),
     (["parallel.pp_schedule=foo"], 1, "parallel.pp_schedule"),
     (["data.tokenizer.vocab_size=9000"], 1, "data.tokenizer.vocab_size"),
     (["data.source=csv"], 1, "data.source"),
@@ -84,7 +90,7 @@ def test_every_config_file_composes_and_validates():
                 if f.stem != "mixture":
                     extra = extra[:2]
             cfg = compose_job(f"{group}={f.stem}", *extra)
-            world = {"hsdp": 4, "fsdp_tp": 4}.get(f.stem, 1)
+            world = {"hsdp": 4, "fsdp_tp": 4, "pp": 4}.get(f.stem, 1)
             validate_job(cfg, world)
 
 

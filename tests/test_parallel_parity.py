@@ -1,9 +1,12 @@
-"""Parity suite: every parallel layout trains the tiny Llama (tied embeddings, GQA) to the
-single-process losses and final weights, from the same initial weights and global batch.
+"""Parity suite: every parallel layout (TP with and without SP and loss parallel, every
+pipeline schedule, and their compositions with FSDP2 up to 8 processes) trains the tiny
+Llama (tied embeddings, GQA) to the single-process losses and final weights, from the
+same initial weights and global batch.
 
 Tolerance: fp32, layout-invariant init, same global batch: layouts differ only in the
 order of floating-point sums (TP's all-reduce / reduce-scatter of partial matmuls,
-FSDP's gradient reduce-scatter, the vocabulary-parallel softmax). Over 5 AdamW steps that
+FSDP's gradient reduce-scatter, the vocabulary-parallel softmax, PP's per-micro-batch
+losses and gradients summed in another order). Over 5 AdamW steps that
 moves losses by ~1e-7 relative; we assert 1e-5 relative on every step's loss, and 1e-5
 absolute on every final weight (init std 0.02, updates of lr 1e-3 per step). A real bug
 (a wrong shard, a missing all-reduce, a GQA group split across ranks, another batch)
@@ -39,6 +42,14 @@ def reference(tmp_path_factory, tok_cache):
     return d
 
 
+@pytest.fixture(scope="module")
+def reference4(tmp_path_factory, tok_cache):
+    """4 layers: the interleaved schedules need 2 stages per rank, one layer each at least."""
+    d = tmp_path_factory.mktemp("single4")
+    run_job(d, ["train.local_batch_size=4", "model.n_layers=4", *CKPT], tok_cache=tok_cache)
+    return d
+
+
 def assert_parity(run: Path, ref: Path) -> float:
     got, want = losses(run), losses(ref)
     assert len(got) == len(want) == 5
@@ -60,6 +71,7 @@ def assert_parity(run: Path, ref: Path) -> float:
 
 
 # (id, overrides, processes); the global batch is 4 sequences in every layout.
+PP4 = ["parallel.pp=2", "model.n_layers=4", "train.local_batch_size=4"]
 LAYOUTS = [
     ("tp2+sp", ["parallel.tp=2", "train.local_batch_size=4"], 2),
     ("tp2-no-sp", ["parallel.tp=2", "parallel.sequence_parallel=false", "train.local_batch_size=4"], 2),
@@ -67,16 +79,29 @@ LAYOUTS = [
     ("fsdp2xtp2+sp+loss_parallel+selective_ac",
      ["parallel=fsdp_tp", "train.local_batch_size=2", "parallel.activation_checkpoint=selective_op"], 4),
     ("fsdp2+compile", ["parallel.compile=true", "train.local_batch_size=2"], 2),
+    ("pp2-gpipe", ["parallel.pp=2", "parallel.pp_schedule=gpipe", "train.local_batch_size=4"], 2),
+    ("pp2-1f1b", ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.local_batch_size=4"], 2),
+    ("pp2x2-interleaved_1f1b", [*PP4, "parallel.pp_schedule=interleaved_1f1b"], 2),
+    ("pp2x2-interleaved_zb", [*PP4, "parallel.pp_schedule=interleaved_zb"], 2),
+    ("pp2x2-zbv", [*PP4, "parallel.pp_schedule=zbv"], 2),
+    ("fsdp2xpp2", ["parallel.pp=2", "train.local_batch_size=2"], 4),
+    ("tp2xpp2", ["parallel.pp=2", "parallel.tp=2", "train.local_batch_size=4"], 4),
+    ("fsdp2xtp2xpp2", ["parallel.pp=2", "parallel.tp=2", "train.local_batch_size=2"], 8),
 ]
 
 
 @pytest.mark.parametrize("overrides,nproc", [(o, n) for _, o, n in LAYOUTS], ids=[i for i, _, _ in LAYOUTS])
-def test_layout_matches_single_process(reference, tmp_path, tok_cache, overrides, nproc):
+def test_layout_matches_single_process(reference, reference4, tmp_path, tok_cache, overrides, nproc):
     proc = run_job(tmp_path, [*overrides, *CKPT], tok_cache=tok_cache, nproc=nproc, launcher="torchrun",
                    timeout=600)
+    out = proc.stderr + proc.stdout
     if "parallel.tp=2" in overrides or "parallel=fsdp_tp" in overrides:
-        assert "tp=2" in proc.stderr + proc.stdout
-    assert_parity(tmp_path, reference)
+        assert "tp=2" in out
+    if "parallel.pp=2" in overrides:
+        assert "pp=2" in out
+        # Tied embeddings: the first stage's and the last stage's copies stayed equal.
+        assert "tied embedding copies (first and last stage): max |difference| 0" in out
+    assert_parity(tmp_path, reference4 if "model.n_layers=4" in overrides else reference)
 
 
 @pytest.mark.parametrize("mode", ["full", "every_n", "selective_op"])
@@ -88,16 +113,17 @@ def test_activation_checkpointing_is_bit_identical(reference, tmp_path, tok_cach
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoint_from_fsdp_resumes_under_tensor_parallel(reference, tmp_path, tok_cache):
-    """Resharding: model and optimizer saved by FSDP2 on 2 ranks load under TP 2 (DCP
-    reshards; the loader maps 2 DP ranks to 1) and finish the single-process curve."""
+@pytest.mark.parametrize("target", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["to-tp2", "to-pp2"])
+def test_checkpoint_from_fsdp_resumes_under_another_layout(reference, tmp_path, tok_cache, target):
+    """Resharding: model and optimizer saved by FSDP2 on 2 ranks load under TP 2 or PP 2
+    (DCP reshards; the loader maps 2 DP ranks to 1) and finish the single-process curve."""
     run = tmp_path / "run"
     run_job(run, ["train.local_batch_size=2", "train.steps=5", "checkpoint.interval=3", "checkpoint.keep_last=0",
                   "logging.every=1"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
     import shutil
 
     shutil.rmtree(run / "checkpoints" / "step-5")  # as if the job had died after step 3's save
-    proc = run_job(run, ["parallel.tp=2", "train.local_batch_size=4", *CKPT], tok_cache=tok_cache, nproc=2,
+    proc = run_job(run, [*target, "train.local_batch_size=4", *CKPT], tok_cache=tok_cache, nproc=2,
                    launcher="torchrun")
     assert "resumed from step 3" in proc.stderr + proc.stdout
     resumed = {m["step"]: m["loss"] for m in read_metrics(run)}  # the last record of each step

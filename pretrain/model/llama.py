@@ -200,14 +200,21 @@ class Llama(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        seqlen = tokens.shape[1]
+        # A later pipeline stage receives hidden states, which sequence parallel may have
+        # split along the sequence: it runs at the full cache length (= train.seq_len).
+        seqlen = tokens.shape[1] if not tokens.is_floating_point() else self.rope_cache_len
         if position_ids is None:
             cos, sin = self.rope_cos[:seqlen].unsqueeze(0), self.rope_sin[:seqlen].unsqueeze(0)
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        h = self.tok_embeddings(tokens)
+        # A pipeline stage is this module with parts removed: without ``norm`` it returns
+        # hidden states; fed hidden states (floats) instead of token ids it skips the
+        # lookup (a last stage may hold the embedding only for its tied head).
+        h = self.tok_embeddings(tokens) if not tokens.is_floating_point() else tokens
         for layer in self.layers.values():
             h = layer(h, cos, sin, attn_mask)
+        if self.norm is None:
+            return h
         h = self.norm(h)
         if self.output is None:
             return self.tied_head(h, self.tok_embeddings.weight)
