@@ -2,6 +2,7 @@
 trainer needs (scalar reductions, object broadcast)."""
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -29,14 +30,20 @@ def init_distributed(env: LaunchEnv, device: torch.device, timeout_s: float = 60
     if env.world_size == 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    timeout = timedelta(seconds=timeout_s)
+    common = dict(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                  device_id=device if device.type == "cuda" else None)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        # torchrun's agent hosts the store, and its static rendezvous keeps the same store
+        # across `--max-restarts` attempts: the next attempt would read the failed one's
+        # keys (peer addresses of dead workers: connection refused, or a hang). Scope every
+        # key by the attempt.
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(store=dist.PrefixStore(f"pretrain/attempt-{attempt}", store), **common)
+    else:
+        # srun tasks and other launchers: rank 0 hosts the store.
+        dist.init_process_group(init_method=f"tcp://{env.master_addr}:{env.master_port}", **common)
 
 
 _HOST_GROUP = None  # gloo group for small host-side collectives when training uses nccl
