@@ -83,14 +83,6 @@ def build_device_mesh(dims: ParallelDims, device: torch.device) -> Optional[Devi
     )
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         values = values.clone()

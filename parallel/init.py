@@ -42,31 +42,28 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float, *, sk
     holding other parameters (pipeline stages), whose squared norms are added;
     ``skip``: ids of parameters left out of the norm (a second copy of a tied
     embedding), still clipped."""
-    params = list(params)
-    grads = [p.grad for p in params if p.grad is not None]
-    counted = [p.grad for p in params if p.grad is not None and id(p) not in skip]
-    groups: dict = {}
-    for g in counted:
-        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
-        groups.setdefault(key, []).append(g)
+    kinds: dict = {}  # (mesh, placements) or None -> [(grad, counted in the norm)]
+    for p in params:
+        g = p.grad
+        if g is not None:
+            key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+            kinds.setdefault(key, []).append((g, id(p) not in skip))
     squares = []
-    for members in groups.values():
-        n = torch.nn.utils.get_total_norm(members, norm_type=2.0)
-        squares.append((n.full_tensor() if isinstance(n, DTensor) else n) ** 2)
-    device = grads[0].device if grads else torch.device("cpu")
+    for members in kinds.values():
+        counted = [g for g, c in members if c]
+        if counted:
+            n = torch.nn.utils.get_total_norm(counted, norm_type=2.0)
+            squares.append((n.full_tensor() if isinstance(n, DTensor) else n) ** 2)
+    device = next(iter(kinds.values()))[0][0].device if kinds else torch.device("cpu")
     total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     if group is not None:
         total_sq = total_sq.clone()
         dist.all_reduce(total_sq, group=group)
     total = total_sq.sqrt()
     if max_norm > 0:
-        kinds: dict = {}
-        for g in grads:
-            key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
-            kinds.setdefault(key, []).append(g)
         for key, members in kinds.items():
             # Scale by the norm in the grads' own kind: DTensor and plain do not mix.
             norm = total if key is None else DTensor.from_local(total, key[0], [Replicate()] * key[0].ndim,
                                                                 run_check=False)
-            torch.nn.utils.clip_grads_with_norm_(members, max_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_([g for g, _ in members], max_norm, norm)
     return total

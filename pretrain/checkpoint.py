@@ -130,8 +130,7 @@ def get_states(model, optimizer) -> Tuple[dict, dict]:
 
 def set_states(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
     for part, opt in _pairs(model, optimizer):
-        mine = {k: v for k, v in model_sd.items() if k in _part_keys(part)}
-        set_state_dict(part, opt, model_state_dict=mine, optim_state_dict=optim_sd, options=_OPTS)
+        set_state_dict(part, opt, model_state_dict=_own(part, model_sd), optim_state_dict=optim_sd, options=_OPTS)
 
 
 def get_model_states(model) -> dict:
@@ -143,11 +142,14 @@ def get_model_states(model) -> dict:
 
 def set_model_states(model, model_sd: dict) -> None:
     for part, _ in _pairs(model, None):
-        set_model_state_dict(part, {k: v for k, v in model_sd.items() if k in _part_keys(part)})
+        set_model_state_dict(part, _own(part, model_sd))
 
 
-def _part_keys(part) -> set:
-    return {n for n, _ in part.named_parameters()}  # in-place AC/compile/FSDP2 keep names
+def _own(part, model_sd: dict) -> dict:
+    """The entries of ``model_sd`` that are ``part``'s parameters (in-place AC, compile
+    and FSDP2 keep the names)."""
+    names = {n for n, _ in part.named_parameters()}
+    return {k: v for k, v in model_sd.items() if k in names}
 
 
 class Checkpointer:

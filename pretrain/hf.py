@@ -60,6 +60,7 @@ class HFWeights:
 
     def __init__(self, path) -> None:
         self.path = Path(path)
+        self._handles: Dict[Path, object] = {}  # open safetensors files
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: no such Hugging Face model folder")
         cfg_file = self.path / "config.json"
@@ -95,13 +96,12 @@ class HFWeights:
     def _handle(self, f: Path):
         from safetensors import safe_open
 
-        handles = self.__dict__.setdefault("_handles", {})
-        if f not in handles:
+        if f not in self._handles:
             try:
-                handles[f] = safe_open(str(f), framework="pt", device="cpu")
+                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
             except Exception as e:  # noqa: BLE001 (SafetensorError and I/O errors)
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
-        return handles[f]
+        return self._handles[f]
 
     def args(self) -> LlamaArgs:
         try:

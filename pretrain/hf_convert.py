@@ -67,21 +67,25 @@ def hf_name(name: str) -> str:
     return f"model.layers.{idx}.{_LAYER_BACK[sub]}"
 
 
+def _rope_heads(name: str, args: LlamaArgs) -> Optional[int]:
+    """Heads of a q/k projection, whose rows the two RoPE layouts order differently;
+    None for every other weight."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
 def to_ours(name: str, w: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
     """A HF tensor, already renamed to ``name``, in our layout (q/k rows permuted)."""
-    if name.endswith("attention.wq.weight"):
-        return _hf_to_meta_rows(w, args.n_heads)
-    if name.endswith("attention.wk.weight"):
-        return _hf_to_meta_rows(w, args.n_kv_heads)
-    return w
+    heads = _rope_heads(name, args)
+    return w if heads is None else _hf_to_meta_rows(w, heads)
 
 
 def to_hf(name: str, w: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
-    if name.endswith("attention.wq.weight"):
-        return _meta_to_hf_rows(w, args.n_heads)
-    if name.endswith("attention.wk.weight"):
-        return _meta_to_hf_rows(w, args.n_kv_heads)
-    return w
+    heads = _rope_heads(name, args)
+    return w if heads is None else _meta_to_hf_rows(w, heads)
 
 
 def hf_to_ours(hf_sd: Dict[str, torch.Tensor], args: LlamaArgs) -> Dict[str, torch.Tensor]:
