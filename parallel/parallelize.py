@@ -14,6 +14,10 @@ from .fsdp import apply_fsdp
 from .tp import apply_tp
 
 
+def _own_output(module, args, output):
+    return output.clone()
+
+
 def parallelize_llama(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, pc, *, param_dtype: torch.dtype,
                       reduce_dtype: torch.dtype) -> nn.Module:
     """``pc``: the ``parallel`` config (sequence_parallel, loss_parallel,
@@ -24,6 +28,13 @@ def parallelize_llama(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, pc
     apply_activation_checkpointing(blocks, pc.activation_checkpoint, pc.ac_every_n)
     if pc.compile:
         apply_compile(blocks)
+        if dims.uses_tp and getattr(model, "tok_embeddings", None) is not None:
+            # TP hands the first block the embedding's output as ``DTensor.to_local()``, a
+            # view made inside an autograd Function. A compiled block whose input is that
+            # view returns a gradient the Function's backward cannot take (torch 2.13:
+            # "'Tensor' object has no attribute '_local_tensor'"); a copy (b x s/tp x dim,
+            # once per step) gives the compiled graph an input of its own.
+            model.tok_embeddings.register_forward_hook(_own_output)
     if dims.uses_fsdp:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=pc.reshard_after_forward, hsdp=dims.dp_replicate > 1, blocks=blocks)

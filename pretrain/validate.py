@@ -111,11 +111,6 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
         for key, v in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
                        ("model.ffn_hidden_dim", m.ffn_hidden_dim), ("model.vocab_size", m.vocab_size)):
             _require(v % dims.tp == 0, key, v, f"must divide by parallel.tp={dims.tp} (each rank holds 1/tp of it)")
-        # torch 2.13: DTensor redistributes inside a compiled block fail in backward (tp
-        # alone) or silently change the numerics (with FSDP2): measured, so refused.
-        _require(not p.compile, "parallel.compile", True,
-                 f"is not supported with parallel.tp={dims.tp} in this build (torch.compile of blocks holding "
-                 "DTensor redistributes fails in backward); use compile with FSDP2/HSDP, or tp without compile")
         if p.sequence_parallel:
             _require(t.seq_len % dims.tp == 0, "train.seq_len", t.seq_len,
                      f"must divide by parallel.tp={dims.tp} with parallel.sequence_parallel=true")

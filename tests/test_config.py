@@ -53,7 +53,6 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["parallel.tp=8"], 8, "model.n_kv_heads"),  # 8 heads fit, 4 kv heads do not
     (["parallel.tp=2", "model.vocab_size=4097", "data.tokenizer.vocab_size=4000"], 2, "model.vocab_size"),
     (["parallel.tp=2", "train.seq_len=255"], 2, "train.seq_len"),  # sequence parallel splits it
-    (["parallel.tp=2", "parallel.compile=true"], 2, "parallel.compile"),
     (["parallel.loss_parallel=true"], 1, "parallel.loss_parallel"),
     (["parallel.activation_checkpoint=some"], 1, "parallel.activation_checkpoint"),
     (["parallel.activation_checkpoint=every_n", "parallel.ac_every_n=0"], 1, "parallel.ac_every_n"),

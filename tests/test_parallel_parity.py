@@ -78,7 +78,8 @@ LAYOUTS = [
     ("tp2+loss_parallel", ["parallel.tp=2", "parallel.loss_parallel=true", "train.local_batch_size=4"], 2),
     ("fsdp2xtp2+sp+loss_parallel+selective_ac",
      ["parallel=fsdp_tp", "train.local_batch_size=2", "parallel.activation_checkpoint=selective_op"], 4),
-    ("fsdp2+compile", ["parallel.compile=true", "train.local_batch_size=2"], 2),
+    # compile composed with FSDP2 and TP+SP (the first block's input is TP's embedding output).
+    ("fsdp2xtp2+sp+compile", ["parallel=fsdp_tp", "parallel.compile=true", "train.local_batch_size=2"], 4),
     ("pp2-gpipe", ["parallel.pp=2", "parallel.pp_schedule=gpipe", "train.local_batch_size=4"], 2),
     ("pp2-1f1b", ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.local_batch_size=4"], 2),
     ("pp2x2-interleaved_1f1b", [*PP4, "parallel.pp_schedule=interleaved_1f1b"], 2),
