@@ -105,6 +105,18 @@ def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", _slurm_port(env.get("SLURM_JOB_ID")))),
             launcher="slurm",
         )
+    if "SUBMITIT_LOCAL_GLOBALID" in env and "SUBMITIT_LOCAL_NTASKS" in env:
+        # hydra/launcher=local: submitit's local executor starts the point's tasks itself.
+        world = int(env["SUBMITIT_LOCAL_NTASKS"])
+        return LaunchEnv(
+            rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
+            world_size=world,
+            local_rank=int(env.get("SUBMITIT_LOCAL_LOCALID", 0)),
+            local_world_size=world,
+            master_addr="127.0.0.1",
+            master_port=int(env.get("MASTER_PORT", _slurm_port(env.get("SUBMITIT_LOCAL_JOB_ID")))),
+            launcher="submitit_local",
+        )
     return LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "single")
 
 

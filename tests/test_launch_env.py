@@ -63,3 +63,12 @@ def test_default_threads_respects_binding():
         assert default_threads(1) == 1
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_submitit_local_tasks():
+    """hydra/launcher=local: submitit's local executor numbers the point's tasks itself."""
+    env = detect_launch_env({"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
+                             "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "31337"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.launcher) == (
+        1, 2, 1, 2, "submitit_local")
+    assert env.master_addr == "127.0.0.1" and env.master_port == 20000 + 31337 % 10000
