@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .chat import PACKING_MODES, PAD_KEY, ChatRenderer, shifted_labels
 from .packing import positions as _positions
 from .sources import Source
 from .stream import SlotStream, UnitPlan, fresh_slot_state, key_source, reshard
@@ -51,6 +52,10 @@ class LoaderSpec:
     streams_per_row: int = 1
     # Emit position ids restarting at each document (for document masking).
     positions: bool = False
+    # Chat sources only (data.format=chat): pack whole conversations into a window, or
+    # pad one per row; and cut conversations longer than max_length tokens (-1 = seq_len+1).
+    sft_packing: str = "pack"
+    max_length: int = -1
 
     @property
     def rows(self) -> int:
@@ -87,29 +92,38 @@ class _RowsDataset(IterableDataset):
         w = info.id if info is not None else 0
         mine = list(range(w, len(self.rows), self.n_workers))
         window = self.spec.seq_len + 1
-        lanes = [[SlotStream(self.sources, self.plans, self.weights, self.tokenizer, window, st)
+        lanes = [[SlotStream(self.sources, self.plans, self.weights, self.tokenizer, window, st,
+                             sft_packing=self.spec.sft_packing, max_length=self.spec.max_length)
                   for st in self.rows[q]["slots"]] for q in mine]
+        chat = lanes[0][0].chat if lanes else False
         nxt = [self.rows[q]["next"] for q in mine]
         self.live = (mine, lanes, nxt)
         n_src = len(self.sources)
         while True:
-            wins, skipped, moved = [], 0, []
+            wins, skipped, truncated, moved = [], 0, 0, []
             for i, streams in enumerate(lanes):
                 lane = nxt[i]
                 wins.append(streams[lane].next_window())
                 skipped += streams[lane].take_skipped()
+                if chat:
+                    truncated += streams[lane].take_truncated()
                 moved.append(lane)
                 nxt[i] = (lane + 1) % len(streams)
             # Document keys stay run-length encoded: a window holds a handful of documents.
             runs = [(x[1], x[2]) for x in wins]
-            src_tokens = np.bincount(key_source(np.concatenate([k for k, _ in runs])),
-                                     weights=np.concatenate([n for _, n in runs]), minlength=n_src).astype(np.int64)
+            keys, lens = np.concatenate([k for k, _ in runs]), np.concatenate([n for _, n in runs])
+            if chat:  # padding is no source's token
+                real = keys != PAD_KEY
+                keys, lens = keys[real], lens[real]
+            src_tokens = np.bincount(key_source(keys), weights=lens, minlength=n_src).astype(np.int64)
             yield _Piece(
                 rows=mine,
                 tokens=np.stack([x[0] for x in wins]).astype(np.int32),
                 doc_runs=runs,
                 source_tokens=src_tokens,
                 skipped=skipped,
+                truncated=truncated,
+                masks=np.stack([x[3] for x in wins]) if chat else None,
                 # Only the stream each row just took a window from changed.
                 states=[(lane, streams[lane].state_dict(with_queue=False), n)
                         for streams, lane, n in zip(lanes, moved, nxt)] if self.ship_states else None,
@@ -119,12 +133,17 @@ class _RowsDataset(IterableDataset):
 class RankLoader:
     """Iterator of batch dicts: ``input_ids``/``labels``/``positions``/``doc_ids``
     (local_batch_size x seq_len), ``window_doc_ids`` (the keys of all seq_len+1 window
-    tokens, for the audit), ``source_tokens`` (tokens per source) and ``skipped`` (both
-    counted on a step's first micro-batch)."""
+    tokens, for the audit), ``source_tokens`` (tokens per source), ``skipped`` and
+    ``truncated`` (records skipped, and chat conversations cut to max_length; the three
+    counted on a step's first micro-batch). Chat sources: ``labels`` are
+    ``chat.IGNORE_INDEX`` (-100) except where the next token is an assistant token, and
+    padding has document key ``chat.PAD_KEY`` (-1)."""
 
     def __init__(self, sources: Sequence[Source], weights: Sequence[float], tokenizer, spec: LoaderSpec):
         self.sources, self.weights, self.tokenizer, self.spec = list(sources), list(weights), tokenizer, spec
         self.plans = [UnitPlan(len(s.units), spec.seed, i, spec.shuffle) for i, s in enumerate(sources)]
+        if any(s.chat for s in self.sources):  # fail here rather than in a loader worker
+            _check_chat(self.sources, tokenizer, spec)
         for s in self.sources:
             if s.tokenized:  # documents are also shuffled inside a block of shards
                 s.seed, s.shuffle = spec.seed, spec.shuffle
@@ -201,7 +220,7 @@ class RankLoader:
         for k, v in self._step_rows.items():
             if v is None:
                 out[k] = None
-            elif k in ("source_tokens", "skipped"):  # counted once per step
+            elif k in ("source_tokens", "skipped", "truncated"):  # counted once per step
                 out[k] = v * (m == 0)
             else:
                 out[k] = v[rows]
@@ -217,8 +236,12 @@ class RankLoader:
         # cores the loader workers and the training step need.
         tokens = np.empty((b, s1), dtype=np.int64)
         doc_ids = np.empty((b, s1), dtype=np.int64)
+        chat = pieces[0].masks is not None
+        masks = np.empty((b, s1), dtype=bool) if chat else None
         for p in pieces:
             tokens[p.rows] = p.tokens
+            if chat:
+                masks[p.rows] = p.masks
             for q, (k, n) in zip(p.rows, p.doc_runs):
                 doc_ids[q] = np.repeat(k, n)
             for q, (lane, st, n) in zip(p.rows, p.states or ()):
@@ -227,13 +250,15 @@ class RankLoader:
                     r_new["queue"] = r_old["queue"]
                 row["slots"][lane], row["next"] = st, n
         positions = torch.from_numpy(_positions(doc_ids)) if self.spec.positions else None
+        labels = torch.from_numpy(shifted_labels(tokens, masks)) if chat else None
         tokens, doc_ids = torch.from_numpy(tokens), torch.from_numpy(doc_ids)
         return {
-            "input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
+            "input_ids": tokens[:, :-1], "labels": tokens[:, 1:] if labels is None else labels,
             "positions": positions[:, :-1] if positions is not None else None,
             "doc_ids": doc_ids[:, :-1], "window_doc_ids": doc_ids,
             "source_tokens": torch.from_numpy(sum(p.source_tokens for p in pieces)),
             "skipped": sum(p.skipped for p in pieces),
+            "truncated": sum(p.truncated for p in pieces),
         }
 
     def close(self) -> None:
@@ -244,6 +269,17 @@ class RankLoader:
         """In process (no workers) the streams' states are read when needed, not per batch."""
         if self._ds is not None and not self._ds.ship_states and self._ds.live is not None:
             self.states = self._ds.live_states()
+
+
+def _check_chat(sources, tokenizer, spec: LoaderSpec) -> None:
+    if not all(s.chat for s in sources):
+        raise ValueError("data.format=chat: every source must be chat JSONL")
+    if spec.sft_packing not in PACKING_MODES:
+        raise ValueError(f"data.sft_packing={spec.sft_packing!r}: expected one of {', '.join(PACKING_MODES)}")
+    if not (spec.max_length == -1 or 0 < spec.max_length <= spec.seq_len + 1):
+        raise ValueError(f"data.max_length={spec.max_length}: must be in [1, train.seq_len+1={spec.seq_len + 1}] "
+                         "or -1")
+    ChatRenderer(tokenizer)  # the tokenizer has the chat special tokens
 
 
 def _json_safe(x):

@@ -14,7 +14,8 @@ re-decompresses up to the cursor.
 
 Bad records (malformed JSON, a missing or non-string field, invalid UTF-8, empty
 documents, empty files) are skipped and reported through ``on_skip(where, reason)``; a
-missing path, an empty glob or an unreadable file raises at listing time with the path."""
+missing path, an empty glob or an unreadable file raises at listing time with the path.
+JSONL with ``format=chat`` yields conversations instead of texts (see chat.py)."""
 from __future__ import annotations
 
 import gzip
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from .chat import UnknownRoleError, parse_record
 
 SkipFn = Callable[[str, str], None]
 # (cursor of this document, cursor after it, payload: str text or np.ndarray tokens)
@@ -51,6 +54,8 @@ class SourceSpec:
     name: str = ""
     # The config key prefix named in errors (data. or data.mixture.<i>.).
     key: str = "data."
+    # text | chat (jsonl only: records {"messages": [...]}, payloads are message tuples).
+    format: str = "text"
 
 
 def _fs(path: str):
@@ -100,6 +105,11 @@ class Source:
     """Base: ``units`` (a list), ``iter_docs(unit, cursor)``, ``unit_label(unit)``."""
 
     tokenized = False  # payloads are token arrays (pretokenized) rather than text
+
+    @property
+    def chat(self) -> bool:
+        """Payloads are conversations (``chat.Messages``) rather than text."""
+        return self.spec.format == "chat"
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec
@@ -182,7 +192,7 @@ class TextFolderSource(Source):
             yield 0, 1, text
 
 
-def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn) -> Optional[str]:
+def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn, chat: bool = False) -> Optional[Any]:
     if not line.strip():
         return None  # blank lines are separators, not records
     try:
@@ -193,6 +203,8 @@ def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn) -> Optio
     except ValueError as e:
         on_skip(where, f"malformed JSON ({e})")
         return None
+    if chat:
+        return parse_record(obj, where, on_skip)
     if not isinstance(obj, dict) or field not in obj:
         on_skip(where, f"no field {field!r}")
         return None
@@ -208,7 +220,9 @@ def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn) -> Optio
 
 class JsonlSource(Source):
     """JSON Lines; ``.gz`` and ``.zst`` files are read as streams (one unit per file),
-    plain files in ranges of ``chunk_bytes`` reached by seek."""
+    plain files in ranges of ``chunk_bytes`` reached by seek. With ``format=chat`` a
+    record is a conversation (``chat.parse_record``); a role outside ``chat.ROLES`` is
+    an error naming the file and line."""
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
@@ -244,10 +258,22 @@ class JsonlSource(Source):
                 if not line:
                     return
                 nxt = pos + len(line)
-                text = _jsonl_record(line, self.spec.field, f"{path}@byte{pos}", on_skip)
+                if self.chat:
+                    text = self._chat_record(line, f"{path}@byte{pos}", on_skip, path, pos)
+                else:
+                    text = _jsonl_record(line, self.spec.field, f"{path}@byte{pos}", on_skip)
                 if text is not None:
                     yield pos - a, nxt - a, text
                 pos = nxt
+
+    def _chat_record(self, line, where, on_skip, path, pos, lineno=None):
+        try:
+            return _jsonl_record(line, self.spec.field, where, on_skip, chat=True)
+        except UnknownRoleError as e:
+            if lineno is None:  # a plain file read from a byte offset: count its lines (once, to fail)
+                with open_binary(self.fs, path) as f:
+                    lineno = f.read(pos).count(b"\n") + 1
+            raise ValueError(f"{path}:{lineno}: {e} ({self.spec.key}format=chat)") from None
 
     def _iter_compressed(self, path, cursor, on_skip):
         with open_binary(self.fs, path) as raw:
@@ -261,7 +287,10 @@ class JsonlSource(Source):
                 for lineno, line in enumerate(stream):
                     if lineno < cursor:
                         continue
-                    text = _jsonl_record(line, self.spec.field, f"{path}:{lineno + 1}", on_skip)
+                    if self.chat:
+                        text = self._chat_record(line, f"{path}:{lineno + 1}", on_skip, path, None, lineno + 1)
+                    else:
+                        text = _jsonl_record(line, self.spec.field, f"{path}:{lineno + 1}", on_skip)
                     if text is not None:
                         yield lineno, lineno + 1, text
             except (OSError, EOFError) as e:  # truncated or corrupt archive: skip the rest
@@ -434,4 +463,8 @@ def build_source(spec: SourceSpec) -> Source:
                "hf_dataset": HFDatasetSource, "pretokenized": PretokenizedSource}
     if spec.kind not in classes:
         raise ValueError(f"{spec.key}source={spec.kind!r}: expected one of {', '.join(classes)}")
+    if spec.format not in ("text", "chat"):
+        raise ValueError(f"{spec.key}format={spec.format!r}: expected one of text, chat")
+    if spec.format == "chat" and spec.kind != "jsonl":
+        raise ValueError(f"{spec.key}format=chat: needs {spec.key}source=jsonl, not {spec.kind}")
     return classes[spec.kind](spec)

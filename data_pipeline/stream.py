@@ -16,7 +16,10 @@ weight_i``, where ``u_i`` is a seeded Exp(1) draw per pick: the token counts tra
 weights to within about one document per stream (a deficit round robin), and the jitter
 makes streams start on different sources with probability proportional to the weights
 (the minimum of Exp(w_i) variables), so the realized mixture is right from the first
-steps. Deterministic for (seed, slot, documents so far), hence exactly resumable."""
+steps. Deterministic for (seed, slot, documents so far), hence exactly resumable.
+
+Chat sources (``data.format=chat``) are rendered (chat.py) instead of wrapped, and packed
+whole by a ``ChatPacker``; their windows carry a loss mask as a fourth element."""
 from __future__ import annotations
 
 import logging
@@ -24,6 +27,7 @@ from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 
+from .chat import ChatPacker, ChatRenderer, pad_id
 from .packing import Packer
 from .sources import Source
 
@@ -125,7 +129,7 @@ class SlotStream:
     slot, with ``state_dict``."""
 
     def __init__(self, sources: Sequence[Source], plans: Sequence[UnitPlan], weights: Sequence[float],
-                 tokenizer, window: int, state: dict):
+                 tokenizer, window: int, state: dict, sft_packing: str = "pack", max_length: int = -1):
         self.sources, self.plans, self.tok = sources, plans, tokenizer
         self.weights = np.asarray(weights, dtype=np.float64)
         self.slot = state["slot"]
@@ -138,8 +142,20 @@ class SlotStream:
         self.reader_states = [r.snapshot() for r in self.readers]
         self._skips_committed = [0] * len(sources)
         self._skips_reported = 0
-        self._iters = [self._tokenized(i) for i in range(len(sources))]
-        self.packer = Packer(window, tokenizer.bos_id, tokenizer.eos_id)
+        self.chat = any(s.chat for s in sources)
+        self._truncated = 0  # chat: conversations cut to max_length, packed since the last take
+        if self.chat:
+            if not all(s.chat for s in sources):
+                raise ValueError("data.format=chat: every source must be chat JSONL")
+            self.max_length = window if max_length < 0 else max_length
+            if not 0 < self.max_length <= window:
+                raise ValueError(f"data.max_length={max_length}: must be in [1, train.seq_len+1={window}] or -1")
+            self.renderer = ChatRenderer(tokenizer)
+            self._iters = [self._rendered(i) for i in range(len(sources))]
+            self.packer = ChatPacker(window, sft_packing, pad_id(tokenizer))
+        else:
+            self._iters = [self._tokenized(i) for i in range(len(sources))]
+            self.packer = Packer(window, tokenizer.bos_id, tokenizer.eos_id)
         self.packer.load_fragments(state["packer"], self._fetch)
 
     def _on_skip(self, where: str, reason: str) -> None:
@@ -151,6 +167,9 @@ class SlotStream:
     def _fetch(self, ref: dict) -> np.ndarray:
         src = self.sources[ref["src"]]
         payload = src.read_one(src.units[self.plans[ref["src"]].unit(ref["g"])], ref["c"])
+        if self.chat:
+            tokens, mask, _ = self.renderer.render_batch([payload], self.max_length)[0]
+            return tokens, mask
         toks = payload if src.tokenized else self.tok.encode_batch([payload])[0]
         return self.packer.wrap(toks)
 
@@ -172,6 +191,20 @@ class SlotStream:
             for (g, c, _, snap, n_skipped), t in zip(batch, toks):
                 yield doc_key(i, g, c), self.packer.wrap(t), {"src": i, "g": g, "c": c}, snap, n_skipped
 
+    def _rendered(self, i: int) -> Iterator[tuple]:
+        """Chat: (key, (tokens, loss mask), ref, reader state after, skipped, truncated)."""
+        reader = iter(self.readers[i])
+        while True:
+            batch, chars = [next(reader)], 0
+            while len(batch) < _ENCODE_DOCS:
+                chars += sum(len(c) for _, c in batch[-1][2])
+                if chars >= _ENCODE_CHARS:
+                    break
+                batch.append(next(reader))
+            rendered = self.renderer.render_batch([b[2] for b in batch], self.max_length)
+            for (g, c, _, snap, n_skipped), (t, m, truncated) in zip(batch, rendered):
+                yield doc_key(i, g, c), (t, m), {"src": i, "g": g, "c": c}, snap, n_skipped, truncated
+
     def _pick_source(self) -> int:
         if len(self.sources) == 1:
             return 0
@@ -183,15 +216,27 @@ class SlotStream:
         return int(np.argmin((tokens + u * mean_len) / self.weights))
 
     def next_window(self):
+        """(tokens, keys, lengths), and for chat a fourth element: the loss mask."""
         while not self.packer.ready():
             i = self._pick_source()
-            key, wrapped, ref, snap, n_skipped = next(self._iters[i])
+            if self.chat:
+                key, wrapped, ref, snap, n_skipped, truncated = next(self._iters[i])
+                self._truncated += truncated
+                n_tokens = len(wrapped[0])
+            else:
+                key, wrapped, ref, snap, n_skipped = next(self._iters[i])
+                n_tokens = len(wrapped)
             self.packer.add(key, wrapped, ref)
             self.reader_states[i] = snap
             self._skips_committed[i] = n_skipped
-            self.mix_tokens[i] += len(wrapped)
+            self.mix_tokens[i] += n_tokens
             self.mix_docs[i] += 1
         return self.packer.cut()
+
+    def take_truncated(self) -> int:
+        """Chat: conversations cut to max_length among those packed since the last call."""
+        n, self._truncated = self._truncated, 0
+        return n
 
     def take_skipped(self) -> int:
         """Records skipped before the documents packed since the last call."""

@@ -1,5 +1,5 @@
 """Tokenizers behind one interface (``encode``, ``encode_batch``, ``decode``, ``bos_id``,
-``eos_id``, ``vocab_size``, ``fingerprint``):
+``eos_id``, ``special_id``, ``vocab_size``, ``fingerprint``):
 
 - ``llama3``: Llama 3's exact 128,256-token vocabulary, bundled offline in the
   ``quicktok-v1`` wheel (the default for Llama configs);
@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -87,6 +87,14 @@ class Llama3Tokenizer:
             self._fingerprint = _ranks_fingerprint(ranks, llama3_special_tokens())
         return self._fingerprint
 
+    def special_id(self, token: str) -> Optional[int]:
+        """The id of a special token by name (None if the vocabulary has no such one)."""
+        try:
+            idx = self._enc.encode_single_token(token)
+        except KeyError:
+            return None
+        return idx if idx >= LLAMA3_NUM_BASE else None
+
     def encode(self, text: str) -> List[int]:
         return self._enc.encode_ordinary(text)
 
@@ -120,9 +128,10 @@ class TiktokenTokenizer:
                 raise ValueError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}") from e
         specials = llama3_special_tokens()
         n = len(ranks)
+        self._specials = {s: n + i for i, s in enumerate(specials)}
         self._enc = tiktoken.Encoding(
             name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-            special_tokens={s: n + i for i, s in enumerate(specials)},
+            special_tokens=dict(self._specials),
         )
         self.path, self.vocab_size = str(path), n + len(specials)
         self.bos_id, self.eos_id = n, n + 1
@@ -131,6 +140,9 @@ class TiktokenTokenizer:
 
     def __reduce__(self):
         return (TiktokenTokenizer, (self.path,))
+
+    def special_id(self, token: str) -> Optional[int]:
+        return self._specials.get(token)
 
     def encode(self, text: str) -> List[int]:
         return self._enc.encode_ordinary(text)
@@ -152,6 +164,8 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
+        if path.is_dir():  # a Hugging Face model folder: the tokenizer that ships with the weights
+            path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"data.tokenizer.path={str(path)!r}: no such tokenizer.json")
         raw = path.read_bytes()
@@ -164,6 +178,9 @@ class HFTokenizer:
 
     def __reduce__(self):
         return (HFTokenizer, (self.path,))
+
+    def special_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
 
     def _required_id(self, token: str) -> int:
         idx = self._tok.token_to_id(token)

@@ -156,3 +156,15 @@ class PipelineRunner:
         if not self.has_last:
             return None
         return torch.stack([x.full_tensor() if hasattr(x, "full_tensor") else x for x in losses]).sum()
+
+    @torch.no_grad()
+    def eval_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """Forward only through the same schedule (validation); the summed micro-batch
+        losses on the last stage's rank, None elsewhere."""
+        losses: List[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        self.schedule.eval(*args, target=labels if self.has_last else None,
+                           losses=losses if self.has_last else None)
+        if not self.has_last:
+            return None
+        return torch.stack([x.full_tensor() if hasattr(x, "full_tensor") else x for x in losses]).sum()

@@ -108,6 +108,13 @@ def check_shapes(path: Path, state: dict) -> None:
 # parameter name, so the states of several model parts (pipeline stages) merge, and any
 # layout loads any other's.
 _OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+# With frozen parameters (LoRA), checkpoints hold the trainable ones only: the adapters
+# are small, and the frozen base comes from where the run started (model.init_from).
+_OPTS_TRAINABLE = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
+
+
+def _opts(part) -> StateDictOptions:
+    return _OPTS_TRAINABLE if any(not p.requires_grad for p in part.parameters()) else _OPTS
 
 
 def _pairs(model, optimizer):
@@ -122,7 +129,7 @@ def _pairs(model, optimizer):
 def get_states(model, optimizer) -> Tuple[dict, dict]:
     model_sd, optim_sd = {}, {}
     for part, opt in _pairs(model, optimizer):
-        m, o = get_state_dict(part, opt, options=_OPTS)
+        m, o = get_state_dict(part, opt, options=_opts(part))
         model_sd.update(m)
         optim_sd.update(o)
     return model_sd, optim_sd
@@ -130,7 +137,13 @@ def get_states(model, optimizer) -> Tuple[dict, dict]:
 
 def set_states(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
     for part, opt in _pairs(model, optimizer):
-        set_state_dict(part, opt, model_state_dict=_own(part, model_sd), optim_state_dict=optim_sd, options=_OPTS)
+        # foreach/fused say how this process runs the update (build_optimizer picks them for
+        # its devices and tensor kinds), not training state: a load keeps this process's.
+        impl = [{k: g[k] for k in ("foreach", "fused") if k in g} for g in opt.param_groups] if opt else []
+        set_state_dict(part, opt, model_state_dict=_own(part, model_sd), optim_state_dict=optim_sd,
+                       options=_opts(part))
+        for group, keep in zip(opt.param_groups if opt else [], impl):  # the load replaced the groups
+            group.update(keep)
 
 
 def get_model_states(model) -> dict:
@@ -153,10 +166,12 @@ def _own(part, model_sd: dict) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None):
+    def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None, lora=None):
         self.root, self.cfg, self.rank, self.world_size = root, cfg, rank, world_size
         self.is_rank0 = rank == 0
         self.model_args = dataclasses.asdict(model_args) if model_args is not None else None
+        # LoRA: the adapters' settings and the base they adapt (export needs both).
+        self.lora = lora
         self._pending = None  # (future, step, partial, meta, loader_state)
         self._pg = None
         if cfg.async_save and dist.is_initialized():
@@ -187,6 +202,8 @@ class Checkpointer:
         if loader_state is not None:
             (partial / "loader" / f"dp-{loader_state['dp_rank']}.json").write_text(json.dumps(loader_state))
         meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size, "model": self.model_args}
+        if self.lora:
+            meta["lora"] = self.lora
         if self.cfg.async_save and not blocking:
             fut = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._pg)
             self._pending = (fut, step, partial, meta)

@@ -142,6 +142,15 @@ class DataConfig(SourceConfig):
     document_masking: bool = False
     # Write <run dir>/data_audit/rank-<r>.jsonl: per step, tokens taken from each document.
     audit: bool = False
+    # text: documents for next-token prediction. chat (jsonl only): supervised fine-tuning
+    # on {"messages": [...]} records in the Llama 3 chat format, loss on assistant tokens.
+    format: str = "text"
+    # chat: conversations longer than this many tokens are cut (and counted as
+    # data/truncated); -1 = train.seq_len + 1 (a whole window).
+    max_length: int = -1
+    # chat: pack = whole conversations packed into each window, the rest padded;
+    # pad = one conversation per row, padded.
+    sft_packing: str = "pack"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
@@ -152,6 +161,30 @@ class LoggingConfig:
     tensorboard: bool = True
     # Peak FLOP/s per device for MFU; null = table for known GPUs, a matmul probe on CPU.
     peak_tflops: Optional[float] = None
+    # Weights & Biases (rank 0 only): log every logged step's metrics to a W&B run.
+    wandb: bool = False
+    wandb_project: str = "llama-pretrain"
+    wandb_entity: Optional[str] = None
+    # null = the run dir's name.
+    wandb_run_name: Optional[str] = None
+    wandb_tags: List[str] = field(default_factory=list)
+    # null = the sweep dir's name for a Hydra multirun job (its jobs grouped), else none.
+    wandb_group: Optional[str] = None
+    # online | offline | disabled; null = the WANDB_MODE environment variable decides.
+    wandb_mode: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate every N optimizer steps and after the last step; 0 = never.
+    interval: int = 0
+    # Batches per evaluation; each is eval.local_batch_size rows per data-parallel rank.
+    steps: int = 10
+    # Rows per data-parallel rank in an eval batch; -1 = train.local_batch_size.
+    local_batch_size: int = -1
+    # The held-out data: any single source, read in listing order (never shuffled) and
+    # packed like training (same tokenizer, train.seq_len, document masking).
+    data: SourceConfig = field(default_factory=SourceConfig)
 
 
 @dataclass
@@ -171,6 +204,41 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfilingConfig:
+    # torch.profiler over a window of optimizer steps; every rank writes a Chrome trace
+    # to <run dir>/profile/trace-rank<r>.pt.trace.json.
+    enable: bool = False
+    # First profiled step (a global step number, 1-based); a run resumed past it profiles nothing.
+    start_step: int = 3
+    # Steps in the window.
+    steps: int = 3
+    # Allocator events in the trace and a per-op memory table; on CUDA also a memory snapshot.
+    memory: bool = False
+    # Input shapes of each op (more overhead, bigger trace).
+    record_shapes: bool = False
+    # Python call stacks of each op (much more overhead).
+    with_stack: bool = False
+
+
+@dataclass
+class LoRAConfig:
+    # Adapter rank r; 0 = no LoRA (every weight trains).
+    rank: int = 0
+    # The update is (alpha / rank) B A x.
+    alpha: float = 16.0
+    # Dropout on the adapters' input while training (draws random numbers per rank).
+    dropout: float = 0.0
+    # Linears that get adapters: ours (wq wk wv wo w1 w2 w3), Hugging Face's names
+    # (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj), attention, mlp or all.
+    target_modules: List[str] = field(default_factory=lambda: ["attention"])
+
+
+@dataclass
+class FinetuneConfig:
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
 class JobConfig:
     model: LlamaArgs = field(default_factory=LlamaArgs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -179,6 +247,9 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _stdlib_dir() -> str:

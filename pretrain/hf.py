@@ -2,6 +2,8 @@
 
     python -m pretrain.hf import <hf dir> <checkpoint dir> [--dtype fp32|bf16]
     python -m pretrain.hf export <checkpoint or run dir> <hf dir> [--dtype bf16|fp32] [--max-shard-size 5GB]
+                                 [--base <hf dir>]        (LoRA: merged into the base)
+    python -m pretrain.hf export-adapter <LoRA checkpoint or run dir> <adapter dir>   (PEFT)
 
 ``import`` reads a HF Llama folder (``config.json`` and ``model.safetensors``, or shards
 listed in ``model.safetensors.index.json``) into a DCP checkpoint of this trainer (model
@@ -181,7 +183,9 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_by
 
     hf = HFWeights(hf_dir)
     check_args_match(args, hf.args(), hf.path)
-    targets = get_model_state_dict(model)
+    from .lora import is_lora_param
+
+    targets = {k: v for k, v in get_model_state_dict(model).items() if not is_lora_param(k)}  # base weights only
     _check_keys(hf, (hf_name(n) for n in targets), args)
     total = sum(t.numel() * t.element_size() for t in targets.values())
     opts = StateDictOptions(full_state_dict=True, strict=False)
@@ -296,9 +300,32 @@ def _plan_shards(entries: List[Tuple[str, Tuple[int, ...]]], itemsize: int, limi
     return shards
 
 
+def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base) -> Dict[str, torch.Tensor]:
+    """A LoRA run's checkpoint (adapters only) merged into its base: W + (alpha/r) B A,
+    every weight in memory (fine-tuning sizes), in our names and layout."""
+    import torch.distributed.checkpoint as dcp
+
+    from .lora import merge_lora_state
+
+    lora = meta["lora"]
+    base = base or lora.get("base")
+    if not base:
+        raise CheckpointError(f"{ckpt} holds LoRA adapters only and its run had no model.init_from: "
+                              "give the base model's HF folder with --base")
+    hf = HFWeights(base)
+    check_args_match(args, hf.args(), hf.path)
+    state = {n: _read_converted(hf, n, shape, torch.float32, args) for n, shape in _model_param_shapes(args).items()}
+    adapters = {"model": {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+                          for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}}
+    dcp.load(adapters, checkpoint_id=str(ckpt), no_dist=True)
+    state.update(adapters["model"])
+    return merge_lora_state(state, alpha=lora["alpha"], rank=lora["rank"])
+
+
 def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 5 * 10**9,
-              force: bool = False, progress: bool = True) -> Path:
-    """A checkpoint of this trainer -> a HF folder that ``LlamaForCausalLM`` loads."""
+              force: bool = False, progress: bool = True, base=None) -> Path:
+    """A checkpoint of this trainer -> a HF folder that ``LlamaForCausalLM`` loads. A LoRA
+    checkpoint is merged into its base (``base``, else the run's model.init_from)."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
@@ -314,8 +341,12 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
         saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{ckpt / '.metadata'}: missing or unreadable ({e})") from e
-    entries = [(k[len("model."):], tuple(v.size)) for k, v in saved.items()
-               if k.startswith("model.") and hasattr(v, "size")]
+    merged = _lora_checkpoint(ckpt, meta, saved, args, base) if meta.get("lora") else None
+    if merged is not None:
+        entries = [(n, tuple(t.shape)) for n, t in merged.items()]
+    else:
+        entries = [(k[len("model."):], tuple(v.size)) for k, v in saved.items()
+                   if k.startswith("model.") and hasattr(v, "size")]
     if not entries:
         raise CheckpointError(f"{ckpt}: holds no model weights")
     expected = _model_param_shapes(args)
@@ -339,12 +370,15 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
     with _progress(total, f"exporting {ckpt.name}", progress) as bar:
         for i, names in enumerate(shards):
             fname = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            saved_dtype = {n: saved[f"model.{n}"].properties.dtype for n in names}
-            state = {"model": {n: torch.empty(shapes[n], dtype=saved_dtype[n]) for n in names}}
-            try:
-                dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-            except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"checkpoint {ckpt} could not be read: {e}") from e
+            if merged is not None:
+                state = {"model": {n: merged[n] for n in names}}
+            else:
+                saved_dtype = {n: saved[f"model.{n}"].properties.dtype for n in names}
+                state = {"model": {n: torch.empty(shapes[n], dtype=saved_dtype[n]) for n in names}}
+                try:
+                    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointError(f"checkpoint {ckpt} could not be read: {e}") from e
             tensors = {hf_name(n): to_hf(n, w, args).to(dtype).contiguous() for n, w in state["model"].items()}
             save_file(tensors, str(partial / fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
@@ -365,6 +399,49 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
     return out
 
 
+def export_adapter(checkpoint, out, *, force: bool = False) -> Path:
+    """A LoRA checkpoint -> a PEFT adapter folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads onto the HF
+    base. B's rows of q/k projections are permuted like the weights they update."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from .lora import HF_NAMES
+
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    lora = meta.get("lora")
+    if not lora:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: not a LoRA checkpoint (no adapters to export); "
+                              "use `export` for full weights")
+    margs = dict(meta["model"])
+    rs = margs.pop("rope_scaling", None)
+    args = LlamaArgs(**{k: v for k, v in margs.items() if k in LlamaArgs.__dataclass_fields__},
+                     rope_scaling=RopeScaling(**rs) if rs else None)
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    state = {"model": {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+                       for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}}
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    tensors = {}
+    for name, w in state["model"].items():
+        base, which = name.rsplit(".lora_", 1)  # layers.0.attention.wq, "a.weight"
+        hf_base = hf_name(f"{base}.weight")[: -len(".weight")]  # model.layers.0.self_attn.q_proj
+        if which == "b.weight":
+            w = to_hf(f"{base}.weight", w, args)  # rows follow the q/k weight's layout
+        tensors[f"base_model.model.{hf_base}.lora_{which[0].upper()}.weight"] = w.float().contiguous()
+    out = Path(out)
+    partial = _fresh_out(out, force)
+    save_file(tensors, str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (partial / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
+        "lora_dropout": lora["dropout"], "target_modules": sorted(HF_NAMES[t] for t in lora["targets"]),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "base_model_name_or_path": lora.get("base")}, indent=2))
+    _finish(partial, out)
+    return out
+
+
 # -- CLI ----------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.hf", description=__doc__.split("\n\n")[0])
@@ -379,7 +456,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     exp.add_argument("out", help="HF folder to write")
     exp.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="dtype of the exported weights")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    for sp in (imp, exp):
+    exp.add_argument("--base", help="LoRA checkpoints: the base HF folder to merge into (default: the run's "
+                                    "model.init_from)")
+    ada = sub.add_parser("export-adapter", help="LoRA checkpoint -> PEFT adapter folder")
+    ada.add_argument("checkpoint")
+    ada.add_argument("out", help="adapter folder to write")
+    for sp in (imp, exp, ada):
         sp.add_argument("--force", action="store_true", help="replace a non-empty output directory")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -390,13 +472,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {a.out}: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, "
                   f"tied={args.tie_embeddings}. Train from it with checkpoint.load_path={a.out} "
                   f"checkpoint.load_weights_only=true and a model config equal to {a.out}/model.yaml")
+        elif a.cmd == "export-adapter":
+            export_adapter(a.checkpoint, a.out, force=a.force)
+            print(f"wrote {a.out}: load with peft.PeftModel.from_pretrained(<base model>, {a.out!r})")
         else:
             try:
                 limit = parse_size(a.max_shard_size)
             except ValueError as e:
                 p.error(f"--max-shard-size: {e}")
             export_hf(a.checkpoint, a.out, dtype=_DTYPES[a.dtype], max_shard_size=limit, force=a.force,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, base=a.base)
             print(f"wrote {a.out}")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

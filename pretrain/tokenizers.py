@@ -16,15 +16,19 @@ log = logging.getLogger("pretrain")
 _SPEC_KEYS = ("path", "glob", "field", "split", "max_file_bytes", "chunk_bytes", "rows_per_unit")
 
 
-def build_sources(data_cfg) -> Tuple[List[Source], List[float], List[str]]:
-    """(sources, weights, names) for data.source or data.mixture."""
+def build_sources(data_cfg, prefix: str = "data.") -> Tuple[List[Source], List[float], List[str]]:
+    """(sources, weights, names) for data.source or data.mixture; ``prefix`` names the
+    config keys in errors (eval.data. for the held-out data)."""
     if data_cfg.source == "mixture":
-        entries = [(f"data.mixture.{i}.", e, e.weight, e.name or f"source{i}") for i, e in enumerate(data_cfg.mixture)]
+        entries = [(f"{prefix}mixture.{i}.", e, e.weight, e.name or f"source{i}")
+                   for i, e in enumerate(data_cfg.mixture)]
     else:
-        entries = [("data.", data_cfg, 1.0, data_cfg.source)]
+        entries = [(prefix, data_cfg, 1.0, data_cfg.source)]
     sources, weights, names = [], [], []
     for key, e, weight, name in entries:
-        spec = SourceSpec(kind=e.source, key=key, name=name, **{k: getattr(e, k) for k in _SPEC_KEYS})
+        # data.format is a job-level key (DataConfig): mixture entries and eval.data are text.
+        spec = SourceSpec(kind=e.source, key=key, name=name, format=getattr(e, "format", "text"),
+                          **{k: getattr(e, k) for k in _SPEC_KEYS})
         sources.append(build_source(spec))
         weights.append(float(weight))
         names.append(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -27,9 +28,11 @@ from parallel.parallelize import parallelize_llama
 from .checkpoint import Checkpointer
 from .config import JobConfig
 from .flops import flops_per_token, peak_flops
-from .metrics import MetricsSink, peak_memory_gb
+from .metrics import MetricsSink, memory_stats_gb
 from .model.llama import build_llama, count_parameters, seeded_trunc_normal_
 from .optim import OptimizerParts, build_lr_fn, build_optimizer
+from .profiling import StepProfiler
+from .evaluate import Evaluator
 from .tokenizers import build_sources, load_tokenizer
 
 log = logging.getLogger("pretrain")
@@ -192,11 +195,23 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                  for s in stage_list]
     else:
         parts = [model]
+    lora = cfg.finetune.lora
+    n_trainable = n_params
+    if lora.rank > 0:  # base frozen, adapters added before the layout is applied (FSDP2 shards both)
+        from .lora import apply_lora, init_lora
+
+        n_trainable = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                 targets=lora.target_modules)
+        for part in parts:
+            if part is not model:
+                apply_lora(part, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.target_modules)
     base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, t.seed)  # noqa: E731
     for part in parts:
         parallelize_llama(part, mesh, dims, pc, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         part.to_empty(device=device)
         part.init_weights(init_fn=shard_aware_init(base_init))
+        if lora.rank > 0:
+            init_lora(part, shard_aware_init(base_init))
     # Without FSDP, bf16 compute comes from autocast (weights stay fp32 masters).
     autocast = (torch.autocast(device.type, dtype=param_dtype)
                 if not dims.uses_fsdp and param_dtype != torch.float32 else nullcontext())
@@ -218,7 +233,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             tied_sync = ppar.TiedEmbeddingSync(parts, stage_list, num_stages, mesh, dims.pp, per_rank,
                                                pc.pp_schedule)
     model = parts if dims.pp > 1 else model
-    params = [p for part in parts for p in part.parameters()]
+    params = [p for part in parts for p in part.parameters() if p.requires_grad]
     # Parameters whose gradient the norm skips (the last stage's copy of a tied embedding).
     norm_skip = {id(tied_sync.duplicate)} if tied_sync is not None and tied_sync.duplicate is not None else set()
     pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
@@ -232,13 +247,25 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
         seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
         num_workers=cfg.data.num_workers, seed=t.seed, shuffle=cfg.data.shuffle, grad_accum_steps=t.grad_accum_steps,
-        streams_per_row=cfg.data.streams_per_row, positions=cfg.data.document_masking))
+        streams_per_row=cfg.data.streams_per_row, positions=cfg.data.document_masking,
+        sft_packing=cfg.data.sft_packing, max_length=cfg.data.max_length))
+    # Chat (SFT) batches train on some tokens only (labels -100 elsewhere): the step's loss
+    # is the sum over trained tokens / their count over all data-parallel ranks, so every
+    # layout and micro-batching weighs each trained token the same.
+    sft = cfg.data.format == "chat"
     listing_skipped = listing_skips(sources) if is_rank0 else 0
 
+    lora_meta = None
+    if lora.rank > 0:
+        from .lora import resolve_targets
+
+        lora_meta = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                     "targets": resolve_targets(list(lora.target_modules)), "base": cfg.model.init_from}
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
-                        model_args=cfg.model)
+                        model_args=cfg.model, lora=lora_meta)
     start_step, tokens_seen, loader_states = ckpt.maybe_resume(model, optimizer)
-    if loader_states is None and not cfg.checkpoint.load_path and cfg.model.init_from:
+    # LoRA checkpoints hold the adapters only: the base comes from init_from every start.
+    if (loader_states is None or lora.rank > 0) and not cfg.checkpoint.load_path and cfg.model.init_from:
         from .hf import load_hf_weights
 
         for part in parts:
@@ -252,21 +279,66 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     # Cumulative over the run (this process): tokens per source and skipped records.
     src_tokens = torch.zeros(len(sources), dtype=torch.float64)
     skipped = torch.zeros(1, dtype=torch.float64)
+    truncated = torch.zeros(1, dtype=torch.float64)
 
     tokens_per_step = dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
     fpt = flops_per_token(cfg.model, t.seq_len)
     peak = peak_flops(device, cfg.logging.peak_tflops)
     sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps,
-                       tensorboard=cfg.logging.tensorboard, console=cfg.logging.console)
+                       tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
+                       wandb_cfg=cfg.logging if cfg.logging.wandb else None, job_config=cfg)
     if is_rank0:
         log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s) | %s %s",
                  run_dir, f"{n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
                  f" ({pc.pp_schedule}, stages {stage_list} here)" if dims.pp > 1 else "", env.world_size,
                  env.launcher, device.type, str(param_dtype).removeprefix("torch."))
+        if lora.rank > 0:
+            log.info("LoRA rank %d alpha %g on %s: %s trainable parameters (%.2f%% of %s), base frozen",
+                     lora.rank, lora.alpha, ",".join(lora.target_modules), f"{n_trainable:,}",
+                     100 * n_trainable / n_params, f"{n_params:,}")
         if start_step:
             log.info("resumed from step %d", start_step)
 
+    def device_batch(batch):
+        """(inputs, labels, positions, attention mask) on the device."""
+        inputs = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        positions, mask = None, None
+        if cfg.data.document_masking:
+            positions = batch["positions"].to(device, non_blocking=True)
+            mask = document_mask(batch["doc_ids"].to(device, non_blocking=True))
+        return inputs, labels, positions, mask
+
+    evaluator = Evaluator(cfg, tokenizer, dp_rank=dp_rank, dp_world=dp_world) if cfg.eval.interval > 0 else None
+
+    def evaluate() -> float:
+        """Mean held-out loss over all ranks' eval batches (each batch's mean, averaged:
+        packed windows have equal token counts)."""
+        for part in parts:
+            part.eval()
+        total = torch.zeros((), device=device)
+        for batch in evaluator.batches():
+            inputs, labels, positions, mask = device_batch(batch)
+            if runner is not None:
+                with autocast:
+                    loss = runner.eval_step(inputs, labels)
+                if loss is not None:  # pp_loss divides each micro-batch's mean by n_mb x accum
+                    total += loss * t.grad_accum_steps
+                continue
+            with torch.no_grad():
+                with autocast:
+                    logits = model(inputs, position_ids=positions, attn_mask=mask)
+                with loss_ctx():
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            total += loss.full_tensor() if isinstance(loss, DTensor) else loss
+        for part in parts:
+            part.train()
+        holds = 1.0 if runner is None or runner.has_last else 0.0
+        agg = pdist.all_reduce_sum(torch.stack([total / evaluator.steps * holds, torch.tensor(holds, device=device)]))
+        return (agg[0] / agg[1]).item()
+
     preempt = PreemptionHandler()
+    profiler = StepProfiler(cfg.profiling, run_dir, env.rank, device, steps_done=start_step, last_step=t.steps)
     history: List[Dict[str, float]] = []
     loop_start = window_start = time.perf_counter()
     window_tokens, window_steps, data_wait = 0, 0, 0.0
@@ -275,25 +347,23 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     for part in parts:
         part.train()
     try:
+        profiler.start()
         for step in range(start_step + 1, t.steps + 1):
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            trained = torch.zeros((), dtype=torch.long, device=device)
             for _ in range(t.grad_accum_steps):
                 d0 = time.perf_counter()
                 batch = next(loader)
                 data_wait += time.perf_counter() - d0
                 src_tokens += batch["source_tokens"]
                 skipped += batch["skipped"]
+                truncated += batch.get("truncated", 0)
                 if audit is not None:
                     audit.add(batch["window_doc_ids"])
-                inputs = batch["input_ids"].to(device, non_blocking=True)
-                labels = batch["labels"].to(device, non_blocking=True)
-                positions, mask = None, None
-                if cfg.data.document_masking:
-                    positions = batch["positions"].to(device, non_blocking=True)
-                    mask = document_mask(batch["doc_ids"].to(device, non_blocking=True))
+                inputs, labels, positions, mask = device_batch(batch)
                 if runner is not None:  # forward and backward of every micro-batch, by the schedule
                     with autocast:
                         loss = runner.step(inputs, labels)
@@ -303,9 +373,24 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 with autocast:
                     logits = model(inputs, position_ids=positions, attn_mask=mask)
                 with loss_ctx():
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-                    (loss / t.grad_accum_steps).backward()
+                    if sft:  # summed here, divided by the global trained-token count below
+                        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+                        loss.backward()
+                        trained += (labels != -100).sum()
+                    else:
+                        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+                        (loss / t.grad_accum_steps).backward()
                 loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
+            if sft:
+                # TP/PP ranks of a DP group saw the same rows: count them once. FSDP averaged
+                # the gradients over dp ranks, hence the dp factor.
+                sums = pdist.all_reduce_sum(torch.stack([loss_sum, trained.to(loss_sum.dtype)])) / (dims.tp * dims.pp)
+                n_trained = max(sums[1].item(), 1.0)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(dims.dp / n_trained)
+                loss_sum = sums[0] / n_trained * t.grad_accum_steps
+                trained.zero_()
             window_loss += loss_sum / t.grad_accum_steps
             if tied_sync is not None:
                 tied_sync()
@@ -318,8 +403,17 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             window_tokens += tokens_per_step
             window_steps += 1
 
-            # The first and last steps are always logged: the curve has both ends.
-            if step % cfg.logging.every == 0 or step in (start_step + 1, t.steps):
+            val_loss = None
+            if evaluator is not None and evaluator.due(step, t.steps):
+                e0 = time.perf_counter()
+                val_loss = evaluate()
+                window_start += time.perf_counter() - e0  # evaluation time is not training time
+                if is_rank0:
+                    log.info("eval step %d | val loss %.4f | val ppl %.3f", step, val_loss, math.exp(val_loss))
+
+            # The first and last steps are always logged: the curve has both ends. So is
+            # every evaluated step.
+            if step % cfg.logging.every == 0 or step in (start_step + 1, t.steps) or val_loss is not None:
                 # Averaged over the ranks that hold a loss (under PP: the last stage's).
                 holds = 1.0 if runner is None or runner.has_last else 0.0
                 agg = pdist.all_reduce_sum(torch.stack([window_loss / window_steps * holds,
@@ -330,8 +424,9 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 now = time.perf_counter()
                 elapsed = now - window_start
                 tps = window_tokens / elapsed
-                mem = pdist.all_reduce_max(torch.tensor([peak_memory_gb(device)], device=device))
-                data_counts = pdist.all_reduce_sum(torch.cat([src_tokens, skipped]).to(device)).cpu()
+                mem_stats = memory_stats_gb(device)  # mem_gb and mem_reserved_gb (CUDA) / mem_rss_gb (CPU)
+                mem = pdist.all_reduce_max(torch.tensor(list(mem_stats.values()), device=device))
+                data_counts = pdist.all_reduce_sum(torch.cat([src_tokens, truncated, skipped]).to(device)).cpu()
                 data_counts /= dims.tp * dims.pp  # every rank of a DP group counted the same batches
                 metrics = {
                     "loss": loss_avg.item(),
@@ -341,13 +436,18 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                     "tokens_per_s_per_device": tps / env.world_size,
                     "tokens_seen": float(tokens_seen),
                     "mfu": fpt * tps / (peak * env.world_size),
-                    "mem_gb": mem.item(),
+                    **dict(zip(mem_stats, mem.tolist())),
                     "step_time_s": elapsed / window_steps,
                     "data_wait_share": data_wait / elapsed,
                     "data/skipped": data_counts[-1].item() + listing_skipped,
                 }
-                total_src = max(data_counts[:-1].sum().item(), 1.0)
-                for name, n in zip(source_names, data_counts[:-1].tolist()):
+                if sft:
+                    metrics["data/truncated"] = data_counts[-2].item()  # conversations cut to data.max_length
+                if val_loss is not None:
+                    metrics["val/loss"], metrics["val/ppl"] = val_loss, math.exp(val_loss)
+                src_counts = data_counts[:-2]
+                total_src = max(src_counts.sum().item(), 1.0)
+                for name, n in zip(source_names, src_counts.tolist()):
                     metrics[f"data/tokens/{name}"] = n
                     if len(source_names) > 1:
                         metrics[f"data/share/{name}"] = n / total_src
@@ -371,12 +471,14 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                     log.warning("stopping at step %d on %s: checkpoint saved; run the same command to resume",
                                 step, preempt.name)
                 raise Preempted(step)
+            profiler.step()
         ckpt.wait()
         if tied_sync is not None:
             gap = tied_sync.max_divergence()
             if gap > 0 or is_rank0:
                 log.info("tied embedding copies (first and last stage): max |difference| %.3g", gap)
     finally:
+        profiler.stop()
         preempt.restore()
         sink.close()
         loader.close()

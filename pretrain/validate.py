@@ -79,6 +79,15 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _require(0 < d.chunk_bytes <= 1 << 23, "data.chunk_bytes", d.chunk_bytes, "must be in (0, 8388608]")
     _require(d.rows_per_unit > 0, "data.rows_per_unit", d.rows_per_unit, "must be > 0")
+    _one_of("data.format", d.format, ("text", "chat"))
+    _one_of("data.sft_packing", d.sft_packing, ("pack", "pad"))
+    _require(d.max_length == -1 or 1 <= d.max_length <= t.seq_len + 1, "data.max_length", d.max_length,
+             f"must be in [1, train.seq_len+1={t.seq_len + 1}] or -1 (= train.seq_len+1)")
+    if d.format == "chat":
+        _require(d.source == "jsonl", "data.format", d.format,
+                 f"needs data.source=jsonl (chat records), not {d.source}")
+        _require(d.tokenizer.kind != "bpe" or d.tokenizer.path is not None, "data.tokenizer.kind", "bpe",
+                 "has no chat special tokens: data.format=chat needs llama3, tiktoken or a Llama 3 tokenizer.json")
     _one_of("data.tokenizer.kind", d.tokenizer.kind, ("llama3", "tiktoken", "hf", "bpe"))
     if d.tokenizer.kind in ("tiktoken", "hf"):
         _require(d.tokenizer.path is not None, "data.tokenizer.path", d.tokenizer.path,
@@ -91,13 +100,39 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
                  "data.tokenizer.vocab_size", d.tokenizer.vocab_size,
                  f"must be <= model.vocab_size={m.vocab_size}")
 
+    lora = cfg.finetune.lora
+    _require(lora.rank >= 0, "finetune.lora.rank", lora.rank, "must be >= 0 (0 = no LoRA)")
+    if lora.rank > 0:
+        _require(lora.alpha > 0, "finetune.lora.alpha", lora.alpha, "must be > 0")
+        _require(0 <= lora.dropout < 1, "finetune.lora.dropout", lora.dropout, "must be in [0, 1)")
+        from .lora import resolve_targets
+
+        try:
+            resolve_targets(list(lora.target_modules))
+        except ValueError as e:
+            raise ConfigError("finetune.lora.target_modules", list(lora.target_modules),
+                              str(e).split(": ", 1)[1]) from None
+    ev = cfg.eval
+    _require(ev.interval >= 0, "eval.interval", ev.interval, "must be >= 0 (0 = no evaluation)")
+    if ev.interval > 0:
+        _require(ev.steps >= 1, "eval.steps", ev.steps, "must be >= 1")
+        _require(ev.local_batch_size == -1 or ev.local_batch_size >= 1, "eval.local_batch_size",
+                 ev.local_batch_size, "must be >= 1 or -1 (= train.local_batch_size)")
+        _one_of("eval.data.source", ev.data.source, SOURCE_KINDS)
+        _require(ev.data.path is not None, "eval.data.path", ev.data.path,
+                 "the held-out data (a path) when eval.interval > 0")
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, "must be >= 1")
+    if cfg.logging.wandb_mode is not None:
+        _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
     _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
     _require(not cfg.checkpoint.load_weights_only or cfg.checkpoint.load_path is not None,
              "checkpoint.load_weights_only", True, "needs checkpoint.load_path")
     _require(not (m.init_from and cfg.checkpoint.load_path), "model.init_from", m.init_from,
              f"conflicts with checkpoint.load_path={cfg.checkpoint.load_path!r}: start from one of them")
     _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 0")
+    if cfg.profiling.enable:
+        _require(cfg.profiling.start_step >= 1, "profiling.start_step", cfg.profiling.start_step, "must be >= 1")
+        _require(cfg.profiling.steps >= 1, "profiling.steps", cfg.profiling.steps, "must be >= 1")
 
     p = cfg.parallel
     try:
@@ -108,6 +143,8 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     _require(p.ac_every_n >= 1, "parallel.ac_every_n", p.ac_every_n, "must be >= 1")
     if dims.tp > 1:
+        _require(lora.rank == 0, "finetune.lora.rank", lora.rank,
+                 f"LoRA is not supported with parallel.tp={dims.tp} yet (use FSDP2/HSDP: adapters are small)")
         for key, v in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
                        ("model.ffn_hidden_dim", m.ffn_hidden_dim), ("model.vocab_size", m.vocab_size)):
             _require(v % dims.tp == 0, key, v, f"must divide by parallel.tp={dims.tp} (each rank holds 1/tp of it)")
@@ -128,6 +165,10 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
         mbs = stages if p.pp_microbatches == -1 else p.pp_microbatches
         _require(mbs >= 1 and t.local_batch_size % mbs == 0, "parallel.pp_microbatches", mbs,
                  f"must divide train.local_batch_size={t.local_batch_size} (each micro-batch is a slice of it)")
+        if cfg.eval.interval > 0:  # the stages' buffers are shaped by the training micro-batch
+            _require(cfg.eval.local_batch_size in (-1, t.local_batch_size), "eval.local_batch_size",
+                     cfg.eval.local_batch_size, f"must be -1 or train.local_batch_size={t.local_batch_size} "
+                     "with parallel.pp > 1")
         if p.pp_schedule == "1f1b":
             _require(mbs >= stages, "parallel.pp_microbatches", mbs, f">= the {stages} stages for 1f1b")
         if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb"):
@@ -135,6 +176,10 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
             _require(mbs % rounds == 0, "parallel.pp_microbatches", mbs,
                      f"a multiple of max(1, microbatches // pp) for {p.pp_schedule}")
         _require(not p.loss_parallel, "parallel.loss_parallel", True, "is not supported with parallel.pp > 1 yet")
+        _require(cfg.finetune.lora.rank == 0, "finetune.lora.rank", cfg.finetune.lora.rank,
+                 "LoRA is not supported with parallel.pp > 1 yet")
+        _require(d.format == "text", "data.format", d.format,
+                 "chat (SFT) is not supported with parallel.pp > 1 yet (its loss is weighted by trained tokens)")
         _require(not d.document_masking, "data.document_masking", True,
                  "is not supported with parallel.pp > 1 (masks do not travel between stages yet)")
     return dims

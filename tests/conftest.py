@@ -46,17 +46,18 @@ def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 def run_job(run_dir: Path, overrides: Sequence[str], *, tok_cache: str, nproc: int = 1,
             launcher: str = "single", check: bool = True, timeout: int = 300,
-            tiny: bool = True) -> subprocess.CompletedProcess:
+            tiny: bool = True, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """`env`: extra environment variables for the job (single and torchrun launchers)."""
     args = [*(TINY if tiny else []), f"data.tokenizer.cache_dir={tok_cache}", *overrides,
             f"hydra.run.dir={run_dir}"]
     if launcher == "single":
         cmd = [sys.executable, "-m", "pretrain", *args]
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
     elif launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "pretrain", *args]
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
     elif launcher == "srun":
         proc = _simulated_srun(args, nproc, timeout)
     else:

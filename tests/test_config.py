@@ -54,6 +54,9 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["parallel.tp=2", "model.vocab_size=4097", "data.tokenizer.vocab_size=4000"], 2, "model.vocab_size"),
     (["parallel.tp=2", "train.seq_len=255"], 2, "train.seq_len"),  # sequence parallel splits it
     (["parallel.loss_parallel=true"], 1, "parallel.loss_parallel"),
+    (["eval.interval=2"], 1, "eval.data.path"),  # evaluation needs held-out data
+    (["eval.interval=2", "eval.data.path=/d", "parallel.pp=2", "train.local_batch_size=4", "eval.local_batch_size=2"],
+     2, "eval.local_batch_size"),
     (["parallel.activation_checkpoint=some"], 1, "parallel.activation_checkpoint"),
     (["parallel.activation_checkpoint=every_n", "parallel.ac_every_n=0"], 1, "parallel.ac_every_n"),
     (["parallel.pp=3"], 3, "model.n_layers"),  # 4 layers into 3 stages
@@ -70,6 +73,7 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["data=jsonl", "data.path=/x"], 1, "model.vocab_size"),  # llama3 tokenizer needs 128256
     (["data.tokenizer.kind=tiktoken"], 1, "data.tokenizer.path"),
     (["data.num_workers=-1"], 1, "data.num_workers"),
+    (["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
     (["data=mixture", "model=llama3_2_1b", "data.mixture.0.path=/a", "data.mixture.1.path=/b",
       "data.mixture.1.weight=0"], 1, "data.mixture.1.weight"),
 ])
@@ -88,6 +92,8 @@ def test_every_config_file_composes_and_validates():
                 extra = ["model=llama3_2_1b", "data.path=/tmp", "data.mixture.0.path=/tmp", "data.mixture.1.path=/tmp"]
                 if f.stem != "mixture":
                     extra = extra[:2]
+            if group == "experiment" and f.stem.startswith("finetune_"):  # user weights and chat data
+                extra = ["model.init_from=/models/llama", "data.path=/tmp"]
             cfg = compose_job(f"{group}={f.stem}", *extra)
             world = {"hsdp": 4, "fsdp_tp": 4, "pp": 4}.get(f.stem, 1)
             validate_job(cfg, world)

@@ -172,6 +172,16 @@ def test_hf_tokenizer_json_roundtrip(bpe):
     assert flat[off[1]:off[2]].tolist() == tok.encode(TEXTS[1])
 
 
+def test_hf_tokenizer_from_a_model_folder(bpe, tmp_path):
+    """data.tokenizer.path may be a Hugging Face model folder: its tokenizer.json."""
+    import shutil
+
+    shutil.copy(bpe.path, tmp_path / "tokenizer.json")
+    assert HFTokenizer(tmp_path).encode(TEXTS[0]) == bpe.encode(TEXTS[0])
+    with pytest.raises(FileNotFoundError, match="no such tokenizer.json"):
+        HFTokenizer(tmp_path / "missing")
+
+
 # -- packing -------------------------------------------------------------------------------
 
 def test_packing_wraps_carries_and_restarts_positions():

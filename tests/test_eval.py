@@ -1,0 +1,75 @@
+"""Validation during training: held-out loss under every layout, without changing the
+training curve, equal to a direct forward pass over the same held-out batches."""
+import math
+
+import torch
+from omegaconf import OmegaConf
+
+from conftest import losses, read_metrics, run_job
+from pretrain.config import JobConfig, register_configs
+
+EVAL = ["eval.interval=3", "eval.steps=2", "eval.data.path=${stdlib_dir:}", "eval.data.glob=email/*.py",
+        "train.steps=6", "logging.every=1", "checkpoint.interval=6"]
+
+
+def val_losses(run):
+    return {m["step"]: m["val/loss"] for m in read_metrics(run) if "val/loss" in m}
+
+
+def direct_val_loss(run) -> float:
+    """Rebuild the job's config, model (final checkpoint) and held-out batches in this
+    process and average the batches' mean cross-entropy."""
+    import torch.distributed.checkpoint as dcp
+    import torch.nn.functional as F
+
+    from parallel.env import LaunchEnv
+    from pretrain.evaluate import Evaluator
+    from pretrain.model.llama import build_llama
+    from pretrain.tokenizers import build_sources, load_tokenizer
+
+    register_configs()
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig),
+                                              OmegaConf.load(run / ".hydra" / "config.yaml")))
+    model = build_llama(cfg.model, rope_cache_len=cfg.train.seq_len, device="cpu")
+    model.init_buffers()  # RoPE tables are not in the checkpoint
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(run / "checkpoints" / "step-6"), no_dist=True)
+    model.load_state_dict(state["model"])
+    sources, _, _ = build_sources(cfg.data)
+    tok = load_tokenizer(cfg.data, sources, LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
+    ev = Evaluator(cfg, tok, dp_rank=0, dp_world=1)
+    with torch.no_grad():
+        per_batch = [F.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["labels"].flatten()).item()
+                     for b in ev.batches()]
+    assert len(per_batch) == 2
+    return sum(per_batch) / len(per_batch)
+
+
+def test_eval_leaves_training_alone_and_equals_a_direct_forward(tmp_path, tok_cache):
+    off, on = tmp_path / "off", tmp_path / "on"
+    run_job(off, ["train.local_batch_size=4", "train.steps=6", "logging.every=1"], tok_cache=tok_cache)
+    proc = run_job(on, ["train.local_batch_size=4", *EVAL], tok_cache=tok_cache)
+    assert losses(on) == losses(off)  # bit for bit: evaluation used no training data or RNG
+    val = val_losses(on)
+    assert sorted(val) == [3, 6]
+    assert val[6] < val[3]  # the model learned something that carries over
+    want = direct_val_loss(on)
+    assert math.isclose(val[6], want, rel_tol=1e-6), (val[6], want)
+    last = read_metrics(on)[-1]
+    assert math.isclose(last["val/ppl"], math.exp(val[6]), rel_tol=1e-9)
+    assert "eval step 6 | val loss" in proc.stdout + proc.stderr
+
+
+def test_eval_under_fsdp_and_pipeline_matches_one_process(tmp_path, tok_cache):
+    ref = tmp_path / "one"
+    run_job(ref, ["train.local_batch_size=4", *EVAL], tok_cache=tok_cache)
+    for name, overrides in (("fsdp2", ["train.local_batch_size=2"]),
+                            ("pp2", ["parallel.pp=2", "train.local_batch_size=4"])):
+        run = tmp_path / name
+        run_job(run, [*overrides, *EVAL], tok_cache=tok_cache, nproc=2, launcher="torchrun")
+        for a, b in zip(losses(run), losses(ref)):
+            assert math.isclose(a, b, rel_tol=1e-5), (name, a, b)
+        got, want = val_losses(run), val_losses(ref)
+        assert got.keys() == want.keys() == {3, 6}
+        for k in want:
+            assert math.isclose(got[k], want[k], rel_tol=1e-5), (name, k, got[k], want[k])
