@@ -164,7 +164,7 @@ class PipelineRunner:
         losses: List[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         self.schedule.eval(*args, target=labels if self.has_last else None,
-                           losses=losses if self.has_last else None)
+                           losses=losses if self.has_last else None, return_outputs=False)
         if not self.has_last:
             return None
         return torch.stack([x.full_tensor() if hasattr(x, "full_tensor") else x for x in losses]).sum()

@@ -96,10 +96,11 @@ def is_lora_param(name: str) -> bool:
 @torch.no_grad()
 def init_lora(model: nn.Module, init_fn) -> None:
     """A from ``init_fn`` (the trainer's layout-invariant seeded init) with std
-    1/sqrt(in_features), the scale of PEFT's default Kaiming-uniform; B zeros."""
+    1/sqrt(3 in_features), the std of PEFT's default Kaiming-uniform (bound
+    1/sqrt(in_features)); B zeros."""
     for name, module in model.named_modules():
         if hasattr(module, "lora_a") and hasattr(module, "lora_b"):
-            init_fn(module.lora_a.weight, 1.0 / math.sqrt(module.in_features), f"{name}.lora_a.weight")
+            init_fn(module.lora_a.weight, 1.0 / math.sqrt(3 * module.in_features), f"{name}.lora_a.weight")
             module.lora_b.weight.zero_()
 
 

@@ -33,6 +33,7 @@ from .model.llama import build_llama, count_parameters, seeded_trunc_normal_
 from .optim import OptimizerParts, build_lr_fn, build_optimizer
 from .profiling import StepProfiler
 from .evaluate import Evaluator
+from .status import write_status
 from .tokenizers import build_sources, load_tokenizer
 
 log = logging.getLogger("pretrain")
@@ -470,6 +471,12 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 if is_rank0:
                     log.warning("stopping at step %d on %s: checkpoint saved; run the same command to resume",
                                 step, preempt.name)
+                    # Before any rank exits: the first exit makes torchrun (or srun
+                    # --kill-on-bad-exit) kill the others, and a batch script decides to
+                    # requeue by this file.
+                    write_status(run_dir, status="preempted", exit_code=EXIT_PREEMPTED, step=step,
+                                 signal=preempt.name, ended=time.time())
+                pdist.barrier()
                 raise Preempted(step)
             profiler.step()
         ckpt.wait()

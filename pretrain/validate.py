@@ -105,6 +105,9 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     if lora.rank > 0:
         _require(lora.alpha > 0, "finetune.lora.alpha", lora.alpha, "must be > 0")
         _require(0 <= lora.dropout < 1, "finetune.lora.dropout", lora.dropout, "must be in [0, 1)")
+        _require(cfg.checkpoint.load_path is None, "checkpoint.load_path", cfg.checkpoint.load_path,
+                 "cannot start a LoRA run (finetune.lora.rank > 0): its base comes from model.init_from "
+                 "(or the seeded init), its checkpoints hold adapters only")
         from .lora import resolve_targets
 
         try:

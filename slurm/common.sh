@@ -25,7 +25,7 @@ mkdir -p "$RUN_DIR"
 # The first node hosts the rendezvous; the port is derived from the job id so that
 # jobs sharing a node do not collide.
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}  # below the ephemeral range
 export MASTER_PORT
 
 echo "pretrain: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, run dir $RUN_DIR"
@@ -33,7 +33,9 @@ echo "pretrain: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_
 # SLURM's --signal=B:USR1@<secs> (or `scancel --signal=USR1 --batch`) reaches only this
 # shell. Forward it to the job's steps: every trainer process gets it, saves a
 # checkpoint at the next step boundary and exits 3 (torchrun agents ignore it).
+PREEMPT_REQUESTED=0
 forward_usr1() {
+    PREEMPT_REQUESTED=1
     echo "pretrain: SIGUSR1 received, forwarding to the job steps"
     scancel --signal=USR1 "$SLURM_JOB_ID"
 }
@@ -42,6 +44,8 @@ forward_usr1() {
 # requeue when the trainer stopped for preemption. Exits with the step's code.
 run_and_requeue() {
     trap forward_usr1 USR1
+    # A previous attempt's "preempted" must not requeue an attempt that fails early.
+    rm -f "$RUN_DIR/status.json"
     "$@" &
     local pid=$! rc
     while true; do
@@ -50,7 +54,11 @@ run_and_requeue() {
         kill -0 "$pid" 2>/dev/null || break  # wait returned because of the trap: go on
     done
     trap - USR1
-    if grep -q '"status": *"preempted"' "$RUN_DIR/status.json" 2>/dev/null; then
+    # Requeue when the trainer says it stopped for preemption, or when this script
+    # forwarded the warning and a complete checkpoint exists (the ranks may have been
+    # killed before rank 0 wrote its status).
+    if grep -q '"status": *"preempted"' "$RUN_DIR/status.json" 2>/dev/null \
+        || { (( PREEMPT_REQUESTED )) && compgen -G "$RUN_DIR/checkpoints/step-*/meta.json" >/dev/null; }; then
         if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-20} )); then
             echo "pretrain: checkpoint saved after preemption; requeueing job $SLURM_JOB_ID"
             scontrol requeue "$SLURM_JOB_ID"

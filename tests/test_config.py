@@ -55,6 +55,8 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["parallel.tp=2", "train.seq_len=255"], 2, "train.seq_len"),  # sequence parallel splits it
     (["parallel.loss_parallel=true"], 1, "parallel.loss_parallel"),
     (["eval.interval=2"], 1, "eval.data.path"),  # evaluation needs held-out data
+    (["finetune.lora.rank=4", "checkpoint.load_path=/ck"], 1, "checkpoint.load_path"),
+    (["finetune.lora.rank=4", "parallel.tp=2"], 2, "finetune.lora.rank"),
     (["eval.interval=2", "eval.data.path=/d", "parallel.pp=2", "train.local_batch_size=4", "eval.local_batch_size=2"],
      2, "eval.local_batch_size"),
     (["parallel.activation_checkpoint=some"], 1, "parallel.activation_checkpoint"),
