@@ -149,22 +149,20 @@ class PipelineRunner:
                                             scale_grads=False)
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
-        losses: List[torch.Tensor] = []
-        args = (inputs,) if self.has_first else ()
-        self.schedule.step(*args, target=labels if self.has_last else None,
-                           losses=losses if self.has_last else None, return_outputs=False)
-        if not self.has_last:
-            return None
-        return torch.stack([x.full_tensor() if hasattr(x, "full_tensor") else x for x in losses]).sum()
+        return self._run(self.schedule.step, inputs, labels)
 
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
-        """Forward only through the same schedule (validation); the summed micro-batch
-        losses on the last stage's rank, None elsewhere."""
+        """Forward only through the same schedule (validation)."""
+        return self._run(self.schedule.eval, inputs, labels)
+
+    def _run(self, run, inputs: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """``run`` (the schedule's step or eval) over this rank's stages: the summed
+        micro-batch losses on the last stage's rank, None elsewhere."""
         losses: List[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
-        self.schedule.eval(*args, target=labels if self.has_last else None,
-                           losses=losses if self.has_last else None, return_outputs=False)
+        run(*args, target=labels if self.has_last else None, losses=losses if self.has_last else None,
+            return_outputs=False)
         if not self.has_last:
             return None
         return torch.stack([x.full_tensor() if hasattr(x, "full_tensor") else x for x in losses]).sum()

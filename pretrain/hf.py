@@ -300,10 +300,29 @@ def _plan_shards(entries: List[Tuple[str, Tuple[int, ...]]], itemsize: int, limi
     return shards
 
 
+def _checkpoint_args(ckpt: Path, meta: dict) -> LlamaArgs:
+    """The model config a checkpoint's meta.json records."""
+    if not meta.get("model"):
+        raise CheckpointError(f"{ckpt / 'meta.json'} has no model config: written by an older version")
+    margs = dict(meta["model"])
+    rs = margs.pop("rope_scaling", None)
+    return LlamaArgs(**{k: v for k, v in margs.items() if k in LlamaArgs.__dataclass_fields__},
+                     rope_scaling=RopeScaling(**rs) if rs else None)
+
+
+def _load_model_tensors(ckpt: Path, saved: dict) -> Dict[str, torch.Tensor]:
+    """Every ``model.*`` tensor of a checkpoint (``saved``: its DCP metadata), by our name."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+                       for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}}
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    return state["model"]
+
+
 def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base) -> Dict[str, torch.Tensor]:
     """A LoRA run's checkpoint (adapters only) merged into its base: W + (alpha/r) B A,
     every weight in memory (fine-tuning sizes), in our names and layout."""
-    import torch.distributed.checkpoint as dcp
 
     from .lora import merge_lora_state
 
@@ -315,10 +334,7 @@ def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base)
     hf = HFWeights(base)
     check_args_match(args, hf.args(), hf.path)
     state = {n: _read_converted(hf, n, shape, torch.float32, args) for n, shape in _model_param_shapes(args).items()}
-    adapters = {"model": {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype)
-                          for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}}
-    dcp.load(adapters, checkpoint_id=str(ckpt), no_dist=True)
-    state.update(adapters["model"])
+    state.update(_load_model_tensors(ckpt, saved))  # the adapters: all the checkpoint holds
     return merge_lora_state(state, alpha=lora["alpha"], rank=lora["rank"])
 
 
@@ -331,12 +347,7 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
 
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
-    if not meta.get("model"):
-        raise CheckpointError(f"{ckpt / 'meta.json'} has no model config: written by an older version")
-    margs = dict(meta["model"])
-    rs = margs.pop("rope_scaling", None)
-    args = LlamaArgs(**{k: v for k, v in margs.items() if k in LlamaArgs.__dataclass_fields__},
-                     rope_scaling=RopeScaling(**rs) if rs else None)
+    args = _checkpoint_args(ckpt, meta)
     try:
         saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001
@@ -414,16 +425,10 @@ def export_adapter(checkpoint, out, *, force: bool = False) -> Path:
     if not lora:
         raise CheckpointError(f"{ckpt / 'meta.json'}: not a LoRA checkpoint (no adapters to export); "
                               "use `export` for full weights")
-    margs = dict(meta["model"])
-    rs = margs.pop("rope_scaling", None)
-    args = LlamaArgs(**{k: v for k, v in margs.items() if k in LlamaArgs.__dataclass_fields__},
-                     rope_scaling=RopeScaling(**rs) if rs else None)
+    args = _checkpoint_args(ckpt, meta)
     saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    state = {"model": {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype)
-                       for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     tensors = {}
-    for name, w in state["model"].items():
+    for name, w in _load_model_tensors(ckpt, saved).items():
         base, which = name.rsplit(".lora_", 1)  # layers.0.attention.wq, "a.weight"
         hf_base = hf_name(f"{base}.weight")[: -len(".weight")]  # model.layers.0.self_attn.q_proj
         if which == "b.weight":

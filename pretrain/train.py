@@ -310,6 +310,12 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             mask = document_mask(batch["doc_ids"].to(device, non_blocking=True))
         return inputs, labels, positions, mask
 
+    def mean_over_loss_ranks(value: torch.Tensor) -> torch.Tensor:
+        """``value`` averaged over the ranks that hold a loss (under PP: the last stage's)."""
+        holds = 1.0 if runner is None or runner.has_last else 0.0
+        agg = pdist.all_reduce_sum(torch.stack([value * holds, torch.tensor(holds, device=device)]))
+        return agg[0] / agg[1]
+
     evaluator = Evaluator(cfg, tokenizer, dp_rank=dp_rank, dp_world=dp_world) if cfg.eval.interval > 0 else None
 
     def evaluate() -> float:
@@ -334,9 +340,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             total += loss.full_tensor() if isinstance(loss, DTensor) else loss
         for part in parts:
             part.train()
-        holds = 1.0 if runner is None or runner.has_last else 0.0
-        agg = pdist.all_reduce_sum(torch.stack([total / evaluator.steps * holds, torch.tensor(holds, device=device)]))
-        return (agg[0] / agg[1]).item()
+        return mean_over_loss_ranks(total / evaluator.steps).item()
 
     preempt = PreemptionHandler()
     profiler = StepProfiler(cfg.profiling, run_dir, env.rank, device, steps_done=start_step, last_step=t.steps)
@@ -415,11 +419,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             # The first and last steps are always logged: the curve has both ends. So is
             # every evaluated step.
             if step % cfg.logging.every == 0 or step in (start_step + 1, t.steps) or val_loss is not None:
-                # Averaged over the ranks that hold a loss (under PP: the last stage's).
-                holds = 1.0 if runner is None or runner.has_last else 0.0
-                agg = pdist.all_reduce_sum(torch.stack([window_loss / window_steps * holds,
-                                                        torch.tensor(holds, device=device)]))
-                loss_avg = agg[0] / agg[1]
+                loss_avg = mean_over_loss_ranks(window_loss / window_steps)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
