@@ -87,7 +87,8 @@ def test_validation_names_the_key(overrides, world, key):
 
 
 def test_every_config_file_composes_and_validates():
-    for group in ("model", "parallel", "data", "optim", "train", "logging", "checkpoint", "experiment"):
+    for group in ("model", "parallel", "data", "optim", "train", "logging", "checkpoint", "profiling", "eval",
+                  "finetune", "experiment"):
         for f in sorted((REPO / "configs" / group).glob("*.yaml")):
             extra = []
             if group == "data" and f.stem != "stdlib":  # user data: a path and a Llama-size vocab
