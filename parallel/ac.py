@@ -31,23 +31,26 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_policy)
 
 
-def _checkpointed(inner, selective: bool):
+def _checkpointed(inner, selective: bool, preserve_rng: bool):
     def forward(*args, **kwargs):
         extra = {"context_fn": _selective_context} if selective else {}
-        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=preserve_rng, **extra, **kwargs)
 
     return forward
 
 
 def apply_activation_checkpointing(blocks, mode: str, every_n: int = 2) -> int:
-    """Wrap the forward of the chosen ``blocks``; returns how many were wrapped."""
+    """Wrap the forward of the chosen ``blocks``; returns how many were wrapped. A block
+    that draws random numbers (LoRA dropout) recomputes with the RNG state of its
+    forward, so backward sees the same dropout masks; the others skip that save."""
     if mode not in AC_MODES:
         raise ValueError(f"parallel.activation_checkpoint={mode!r}: expected one of {', '.join(AC_MODES)}")
     wrapped = 0
     for i, block in enumerate(blocks):
         if mode == "none" or (mode == "every_n" and i % every_n):
             continue
-        block.forward = _checkpointed(block.forward, selective=(mode == "selective_op"))
+        random = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in block.modules())
+        block.forward = _checkpointed(block.forward, selective=(mode == "selective_op"), preserve_rng=random)
         wrapped += 1
     return wrapped
 

@@ -24,7 +24,13 @@ def parallelize_llama(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, pc
     activation_checkpoint, ac_every_n, compile, reshard_after_forward)."""
     blocks = list(model.layers.values())
     if dims.uses_tp:
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         apply_tp(model, mesh["tp"], sequence_parallel=pc.sequence_parallel, loss_parallel=pc.loss_parallel)
+        # The TP styles re-wrap parameters they replicate (the norms under SequenceParallel
+        # or none) as trainable: a frozen base (LoRA) must stay frozen.
+        for name, p in model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
     apply_activation_checkpointing(blocks, pc.activation_checkpoint, pc.ac_every_n)
     if pc.compile:
         apply_compile(blocks)

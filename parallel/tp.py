@@ -7,12 +7,20 @@ tied head reuses the vocabulary-sharded embedding). With sequence parallel the r
 stream between blocks and the RMSNorms are sharded along the sequence (all-gather before
 attention/MLP, reduce-scatter after); without it they are replicated (all-reduce after).
 ``loss_parallel`` keeps the logits sharded over the vocabulary for the loss (the trainer
-computes cross-entropy under ``torch.distributed.tensor.parallel.loss_parallel``)."""
+computes cross-entropy under ``torch.distributed.tensor.parallel.loss_parallel``).
+
+LoRA adapters (``pretrain/lora.py``: ``lora_a``/``lora_b`` children of an adapted linear,
+their update added by a forward hook that runs before the TP output hook) follow their
+linear: on a column-wise linear A (r x in) is replicated and B (out x r) sharded like the
+weight, so B A x is the local output shard; on a row-wise linear A is sharded over its
+input like the weight and B replicated, so B A x is a partial sum reduced with the base
+output. No extra communication in the forward; DTensor all-reduces A's gradient on
+column-wise layers."""
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
@@ -38,6 +46,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
             output_layouts=Shard(-1), desired_output_layouts=logits, use_local_output=not loss_parallel))
 
     for block in model.layers.values():
+        adapters = _detach_lora(block)  # the TP styles would shard every child parameter like the weight
         plan = {
             # x, cos, sin, attn_mask: only x is sharded.
             "attention": PrepareModuleInput(input_layouts=(stream, None, None, None),
@@ -55,3 +64,29 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
+        _attach_lora(block, adapters, tp_mesh)
+
+
+_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+_ROWWISE = ("attention.wo", "feed_forward.w2")
+
+
+def _detach_lora(block: nn.Module) -> dict:
+    """Takes the adapters (and their dropout) off the block's linears: {linear path:
+    (lora_a, lora_b, lora_dropout)}."""
+    out = {}
+    for path in (*_COLWISE, *_ROWWISE):
+        linear = block.get_submodule(path)
+        if "lora_a" in linear._modules:
+            out[path] = tuple(linear._modules.pop(k) for k in ("lora_a", "lora_b", "lora_dropout"))
+    return out
+
+
+def _attach_lora(block: nn.Module, adapters: dict, tp_mesh: DeviceMesh) -> None:
+    for path, (a, b, drop) in adapters.items():
+        a_place, b_place = (Replicate(), Shard(0)) if path in _COLWISE else (Shard(1), Replicate())
+        for child, place in ((a, a_place), (b, b_place)):
+            w = child.weight
+            child.weight = nn.Parameter(distribute_tensor(w, tp_mesh, [place]), requires_grad=w.requires_grad)
+        linear = block.get_submodule(path)
+        linear.lora_a, linear.lora_b, linear.lora_dropout = a, b, drop

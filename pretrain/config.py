@@ -185,6 +185,9 @@ class EvalConfig:
     # The held-out data: any single source, read in listing order (never shuffled) and
     # packed like training (same tokenizer, train.seq_len, document masking).
     data: SourceConfig = field(default_factory=SourceConfig)
+    # Its records: text or chat (JSONL messages, loss on assistant tokens, packed by
+    # data.sft_packing and cut at data.max_length); null = data.format.
+    format: Optional[str] = None
 
 
 @dataclass

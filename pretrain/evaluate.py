@@ -1,5 +1,8 @@
 """Validation: the mean next-token loss (and perplexity) over ``eval.steps`` held-out
-batches, read in order and packed like training, under any parallel layout.
+batches, read in order and packed like training, under any parallel layout. Chat
+held-out data (``eval.format=chat``, by default when training is chat SFT) is rendered,
+masked and packed like chat training, and its loss is the mean over the assistant tokens
+of all batches and ranks.
 
 The held-out loader is built afresh for every evaluation, so each one sees the same
 batches; it has its own sources and no worker processes, and the forward pass draws no
@@ -13,16 +16,23 @@ from data_pipeline.loader import LoaderSpec, RankLoader
 from .tokenizers import build_sources
 
 
+def eval_format(cfg) -> str:
+    """The held-out records' format: ``eval.format``, or the training data's when null."""
+    return cfg.eval.format or cfg.data.format
+
+
 class Evaluator:
     def __init__(self, cfg, tokenizer, *, dp_rank: int, dp_world: int):
         ev, t = cfg.eval, cfg.train
         self.interval, self.steps = ev.interval, ev.steps
         self.tokenizer = tokenizer
-        self.sources, _, self.names = build_sources(ev.data, prefix="eval.data.")
+        self.chat = eval_format(cfg) == "chat"
+        self.sources, _, self.names = build_sources(ev.data, prefix="eval.data.", fmt=eval_format(cfg))
         self.spec = LoaderSpec(
             seq_len=t.seq_len, local_batch_size=t.local_batch_size if ev.local_batch_size == -1 else ev.local_batch_size,
             dp_rank=dp_rank, dp_world=dp_world, num_workers=0, seed=t.seed, shuffle=False, grad_accum_steps=1,
-            streams_per_row=1, positions=cfg.data.document_masking)
+            streams_per_row=1, positions=cfg.data.document_masking, sft_packing=cfg.data.sft_packing,
+            max_length=cfg.data.max_length)
 
     def due(self, step: int, total_steps: int) -> bool:
         return self.interval > 0 and (step % self.interval == 0 or step == total_steps)

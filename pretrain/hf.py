@@ -176,8 +176,8 @@ def _read_converted(hf: HFWeights, name: str, shape: Tuple[int, ...], dtype: tor
 
 def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_bytes: int = 1 << 30,
                     progress: bool = False) -> None:
-    """Copy a HF folder's weights into ``model`` under any layout (plain, FSDP2 DTensors, ...).
-    Called by every rank; reads tensors lazily and loads them ``chunk_bytes`` at a time."""
+    """Copy a HF folder's weights into ``model`` under any layout (plain, FSDP2 DTensors, TP,
+    a pipeline stage's part: each rank reads only the weights it holds). Called by every rank; reads tensors lazily and loads them ``chunk_bytes`` at a time."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          set_model_state_dict)
 
@@ -186,7 +186,8 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_by
     from .lora import is_lora_param
 
     targets = {k: v for k, v in get_model_state_dict(model).items() if not is_lora_param(k)}  # base weights only
-    _check_keys(hf, (hf_name(n) for n in targets), args)
+    # The folder must fit the whole model; ``model`` may be a part of it (a pipeline stage).
+    _check_keys(hf, (hf_name(n) for n in _model_param_shapes(args)), args)
     total = sum(t.numel() * t.element_size() for t in targets.values())
     opts = StateDictOptions(full_state_dict=True, strict=False)
     batch: Dict[str, torch.Tensor] = {}

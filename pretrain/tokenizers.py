@@ -4,7 +4,7 @@ against pretokenized shards."""
 from __future__ import annotations
 
 import logging
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from data_pipeline.sources import Source, SourceSpec, build_source
 from data_pipeline.tokenizer import Tokenizer, bpe_cache_path, build_tokenizer, sample_texts, train_bpe
@@ -16,9 +16,11 @@ log = logging.getLogger("pretrain")
 _SPEC_KEYS = ("path", "glob", "field", "split", "max_file_bytes", "chunk_bytes", "rows_per_unit")
 
 
-def build_sources(data_cfg, prefix: str = "data.") -> Tuple[List[Source], List[float], List[str]]:
+def build_sources(data_cfg, prefix: str = "data.", fmt: Optional[str] = None
+                  ) -> Tuple[List[Source], List[float], List[str]]:
     """(sources, weights, names) for data.source or data.mixture; ``prefix`` names the
-    config keys in errors (eval.data. for the held-out data)."""
+    config keys in errors (eval.data. for the held-out data); ``fmt`` the records' format
+    where the config section has no ``format`` key of its own (eval.data)."""
     if data_cfg.source == "mixture":
         entries = [(f"{prefix}mixture.{i}.", e, e.weight, e.name or f"source{i}")
                    for i, e in enumerate(data_cfg.mixture)]
@@ -26,8 +28,9 @@ def build_sources(data_cfg, prefix: str = "data.") -> Tuple[List[Source], List[f
         entries = [(prefix, data_cfg, 1.0, data_cfg.source)]
     sources, weights, names = [], [], []
     for key, e, weight, name in entries:
-        # data.format is a job-level key (DataConfig): mixture entries and eval.data are text.
-        spec = SourceSpec(kind=e.source, key=key, name=name, format=getattr(e, "format", "text"),
+        # data.format is a job-level key (DataConfig): mixture entries are text; eval.data
+        # gets its format from the caller (eval.format).
+        spec = SourceSpec(kind=e.source, key=key, name=name, format=fmt or getattr(e, "format", "text"),
                           **{k: getattr(e, k) for k in _SPEC_KEYS})
         sources.append(build_source(spec))
         weights.append(float(weight))

@@ -226,7 +226,10 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     if dims.pp > 1:
         n_mb = num_stages if pc.pp_microbatches == -1 else pc.pp_microbatches
 
-        def pp_loss(logits, target):  # a micro-batch's share of the step's mean loss
+        def pp_loss(logits, target):
+            if pp_summed[0]:  # chat: summed over trained tokens, divided by their global count later
+                return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum")
+            # text: a micro-batch's share of the step's mean loss
             return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten()) / (n_mb * t.grad_accum_steps)
 
         runner = ppar.PipelineRunner(parts, stage_list, num_stages, mesh, pc.pp_schedule, n_mb, pp_loss, device)
@@ -234,6 +237,12 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             tied_sync = ppar.TiedEmbeddingSync(parts, stage_list, num_stages, mesh, dims.pp, per_rank,
                                                pc.pp_schedule)
     model = parts if dims.pp > 1 else model
+    # Chat batches train on some tokens only (labels -100 elsewhere): the step's loss is the
+    # sum over trained tokens / their count over all data-parallel ranks, so every layout and
+    # micro-batching weighs each trained token the same. Under PP the loss function returns
+    # the sum while this is true (training on chat, or evaluating chat held-out data).
+    sft = cfg.data.format == "chat"
+    pp_summed = [sft]
     params = [p for part in parts for p in part.parameters() if p.requires_grad]
     # Parameters whose gradient the norm skips (the last stage's copy of a tied embedding).
     norm_skip = {id(tied_sync.duplicate)} if tied_sync is not None and tied_sync.duplicate is not None else set()
@@ -250,10 +259,6 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         num_workers=cfg.data.num_workers, seed=t.seed, shuffle=cfg.data.shuffle, grad_accum_steps=t.grad_accum_steps,
         streams_per_row=cfg.data.streams_per_row, positions=cfg.data.document_masking,
         sft_packing=cfg.data.sft_packing, max_length=cfg.data.max_length))
-    # Chat (SFT) batches train on some tokens only (labels -100 elsewhere): the step's loss
-    # is the sum over trained tokens / their count over all data-parallel ranks, so every
-    # layout and micro-batching weighs each trained token the same.
-    sft = cfg.data.format == "chat"
     listing_skipped = listing_skips(sources) if is_rank0 else 0
 
     lora_meta = None
@@ -316,30 +321,46 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         agg = pdist.all_reduce_sum(torch.stack([value * holds, torch.tensor(holds, device=device)]))
         return agg[0] / agg[1]
 
+    def token_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Global summed loss / global trained-token count. Every TP rank of a DP group holds
+        the same sum (under PP only the last stage's), every TP and PP rank the same count."""
+        sums = pdist.all_reduce_sum(torch.stack([loss_sum, count.to(loss_sum.dtype)]))
+        return sums[0] / dims.tp / max(sums[1].item() / (dims.tp * dims.pp), 1.0), sums[1] / (dims.tp * dims.pp)
+
     evaluator = Evaluator(cfg, tokenizer, dp_rank=dp_rank, dp_world=dp_world) if cfg.eval.interval > 0 else None
 
     def evaluate() -> float:
-        """Mean held-out loss over all ranks' eval batches (each batch's mean, averaged:
-        packed windows have equal token counts)."""
+        """Mean held-out loss over all ranks' eval batches: text, each batch's mean,
+        averaged (packed windows have equal token counts); chat, the mean over every
+        batch's assistant tokens."""
         for part in parts:
             part.eval()
+        chat = evaluator.chat
+        pp_summed[0] = chat
         total = torch.zeros((), device=device)
+        count = torch.zeros((), dtype=torch.long, device=device)
         for batch in evaluator.batches():
             inputs, labels, positions, mask = device_batch(batch)
+            if chat:
+                count += (labels != -100).sum()
             if runner is not None:
                 with autocast:
                     loss = runner.eval_step(inputs, labels)
-                if loss is not None:  # pp_loss divides each micro-batch's mean by n_mb x accum
-                    total += loss * t.grad_accum_steps
+                if loss is not None:  # text: pp_loss divides each micro-batch's mean by n_mb x accum
+                    total += loss if chat else loss * t.grad_accum_steps
                 continue
             with torch.no_grad():
                 with autocast:
                     logits = model(inputs, position_ids=positions, attn_mask=mask)
                 with loss_ctx():
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                           reduction="sum" if chat else "mean")
             total += loss.full_tensor() if isinstance(loss, DTensor) else loss
+        pp_summed[0] = sft
         for part in parts:
             part.train()
+        if chat:
+            return token_mean(total, count)[0].item()
         return mean_over_loss_ranks(total / evaluator.steps).item()
 
     preempt = PreemptionHandler()
@@ -372,8 +393,10 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 if runner is not None:  # forward and backward of every micro-batch, by the schedule
                     with autocast:
                         loss = runner.step(inputs, labels)
-                    if loss is not None:  # the last stage's rank: this micro-step's mean / accum
-                        loss_sum += loss.detach() * t.grad_accum_steps
+                    if sft:
+                        trained += (labels != -100).sum()
+                    if loss is not None:  # the last stage's rank: chat, the sum; text, this micro-step's mean / accum
+                        loss_sum += loss.detach() if sft else loss.detach() * t.grad_accum_steps
                     continue
                 with autocast:
                     logits = model(inputs, position_ids=positions, attn_mask=mask)
@@ -387,14 +410,12 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                         (loss / t.grad_accum_steps).backward()
                 loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
             if sft:
-                # TP/PP ranks of a DP group saw the same rows: count them once. FSDP averaged
-                # the gradients over dp ranks, hence the dp factor.
-                sums = pdist.all_reduce_sum(torch.stack([loss_sum, trained.to(loss_sum.dtype)])) / (dims.tp * dims.pp)
-                n_trained = max(sums[1].item(), 1.0)
+                # Gradients are of the local sums; FSDP averaged them over dp ranks, hence the dp factor.
+                mean, n_trained = token_mean(loss_sum, trained)
                 for p in params:
                     if p.grad is not None:
-                        p.grad.mul_(dims.dp / n_trained)
-                loss_sum = sums[0] / n_trained * t.grad_accum_steps
+                        p.grad.mul_(dims.dp / max(n_trained.item(), 1.0))
+                loss_sum = mean * t.grad_accum_steps
                 trained.zero_()
             window_loss += loss_sum / t.grad_accum_steps
             if tied_sync is not None:

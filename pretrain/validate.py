@@ -86,8 +86,10 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     if d.format == "chat":
         _require(d.source == "jsonl", "data.format", d.format,
                  f"needs data.source=jsonl (chat records), not {d.source}")
+    if d.format == "chat" or (cfg.eval.interval > 0 and cfg.eval.format == "chat"):
         _require(d.tokenizer.kind != "bpe" or d.tokenizer.path is not None, "data.tokenizer.kind", "bpe",
-                 "has no chat special tokens: data.format=chat needs llama3, tiktoken or a Llama 3 tokenizer.json")
+                 "has no chat special tokens: chat data (data.format or eval.format) needs llama3, tiktoken "
+                 "or a Llama 3 tokenizer.json")
     _one_of("data.tokenizer.kind", d.tokenizer.kind, ("llama3", "tiktoken", "hf", "bpe"))
     if d.tokenizer.kind in ("tiktoken", "hf"):
         _require(d.tokenizer.path is not None, "data.tokenizer.path", d.tokenizer.path,
@@ -122,6 +124,11 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
         _require(ev.local_batch_size == -1 or ev.local_batch_size >= 1, "eval.local_batch_size",
                  ev.local_batch_size, "must be >= 1 or -1 (= train.local_batch_size)")
         _one_of("eval.data.source", ev.data.source, SOURCE_KINDS)
+        if ev.format is not None:
+            _one_of("eval.format", ev.format, ("text", "chat"))
+        if (ev.format or d.format) == "chat":
+            _require(ev.data.source == "jsonl", "eval.data.source", ev.data.source,
+                     f"jsonl: the held-out data is chat (eval.format={ev.format or 'null'}, data.format={d.format})")
         _require(ev.data.path is not None, "eval.data.path", ev.data.path,
                  "the held-out data (a path) when eval.interval > 0")
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, "must be >= 1")
@@ -146,8 +153,6 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     _require(p.ac_every_n >= 1, "parallel.ac_every_n", p.ac_every_n, "must be >= 1")
     if dims.tp > 1:
-        _require(lora.rank == 0, "finetune.lora.rank", lora.rank,
-                 f"LoRA is not supported with parallel.tp={dims.tp} yet (use FSDP2/HSDP: adapters are small)")
         for key, v in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
                        ("model.ffn_hidden_dim", m.ffn_hidden_dim), ("model.vocab_size", m.vocab_size)):
             _require(v % dims.tp == 0, key, v, f"must divide by parallel.tp={dims.tp} (each rank holds 1/tp of it)")
@@ -179,10 +184,8 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
             _require(mbs % rounds == 0, "parallel.pp_microbatches", mbs,
                      f"a multiple of max(1, microbatches // pp) for {p.pp_schedule}")
         _require(not p.loss_parallel, "parallel.loss_parallel", True, "is not supported with parallel.pp > 1 yet")
-        _require(cfg.finetune.lora.rank == 0, "finetune.lora.rank", cfg.finetune.lora.rank,
-                 "LoRA is not supported with parallel.pp > 1 yet")
-        _require(d.format == "text", "data.format", d.format,
-                 "chat (SFT) is not supported with parallel.pp > 1 yet (its loss is weighted by trained tokens)")
         _require(not d.document_masking, "data.document_masking", True,
-                 "is not supported with parallel.pp > 1 (masks do not travel between stages yet)")
+                 "is not supported with parallel.pp > 1 (masks do not travel between stages yet)"
+                 + ("; for chat SFT use data.sft_packing=pad data.document_masking=false (one conversation "
+                    "per row needs no mask)" if d.format == "chat" else ""))
     return dims

@@ -56,7 +56,6 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["parallel.loss_parallel=true"], 1, "parallel.loss_parallel"),
     (["eval.interval=2"], 1, "eval.data.path"),  # evaluation needs held-out data
     (["finetune.lora.rank=4", "checkpoint.load_path=/ck"], 1, "checkpoint.load_path"),
-    (["finetune.lora.rank=4", "parallel.tp=2"], 2, "finetune.lora.rank"),
     (["eval.interval=2", "eval.data.path=/d", "parallel.pp=2", "train.local_batch_size=4", "eval.local_batch_size=2"],
      2, "eval.local_batch_size"),
     (["parallel.activation_checkpoint=some"], 1, "parallel.activation_checkpoint"),
@@ -66,6 +65,12 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["parallel.pp=2", "parallel.pp_microbatches=3"], 2, "parallel.pp_microbatches"),  # batch 8
     (["parallel.pp=2", "parallel.pp_microbatches=1"], 2, "parallel.pp_microbatches"),  # 1f1b: >= stages
     (["parallel.pp=2", "data.document_masking=true"], 2, "data.document_masking"),
+    (["data=chat", "data.path=/c", "model.vocab_size=128256", "parallel.pp=2"], 2, "data.document_masking"),
+    (["eval.interval=2", "eval.data.path=/d", "eval.format=chat", "data.tokenizer.kind=llama3",
+      "model.vocab_size=128256"], 1, "eval.data.source"),  # chat held-out records are JSONL
+    (["eval.interval=2", "eval.data.path=/d", "eval.data.source=jsonl", "eval.format=dialog"], 1, "eval.format"),
+    (["eval.interval=2", "eval.data.path=/d", "eval.data.source=jsonl", "eval.format=chat"], 1,
+     "data.tokenizer.kind"),  # the corpus BPE has no chat special tokens
     (["parallel.pp=2", "parallel.tp=2", "parallel.loss_parallel=true"], 4, "parallel.loss_parallel"),
     (["parallel.pp_stages_per_rank=0"], 1, "parallel.pp_stages_per_rank"),
     (["parallel.pp_schedule=foo"], 1, "parallel.pp_schedule"),

@@ -39,10 +39,15 @@ def direct_val_loss(run) -> float:
     tok = load_tokenizer(cfg.data, sources, LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
     ev = Evaluator(cfg, tok, dp_rank=0, dp_world=1)
     with torch.no_grad():
-        per_batch = [F.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["labels"].flatten()).item()
-                     for b in ev.batches()]
-    assert len(per_batch) == 2
-    return sum(per_batch) / len(per_batch)
+        batches = list(ev.batches())
+        assert len(batches) == 2
+        ce = [F.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["labels"].flatten(),
+                              reduction="sum" if ev.chat else "mean") for b in batches]
+    if ev.chat:  # the mean over every batch's assistant tokens
+        trained = sum((b["labels"] != -100).sum().item() for b in batches)
+        assert 0 < trained < sum(b["labels"].numel() for b in batches)
+        return sum(x.item() for x in ce) / trained
+    return sum(x.item() for x in ce) / len(ce)
 
 
 def test_eval_leaves_training_alone_and_equals_a_direct_forward(tmp_path, tok_cache):
@@ -73,3 +78,35 @@ def test_eval_under_fsdp_and_pipeline_matches_one_process(tmp_path, tok_cache):
         assert got.keys() == want.keys() == {3, 6}
         for k in want:
             assert math.isclose(got[k], want[k], rel_tol=1e-5), (name, k, got[k], want[k])
+
+
+def test_chat_sft_and_chat_eval_under_pipeline_match_one_process_and_a_direct_forward(tmp_path, tok_cache):
+    """Chat SFT (assistant tokens only, one conversation per row) with chat held-out data:
+    under PP 2 x FSDP2 2 the training losses (sum over trained tokens / their global
+    count) and the val losses equal one process; the val loss equals a direct forward
+    over the held-out batches averaged over their assistant tokens."""
+    from test_lora import _arith_chats
+
+    _arith_chats(tmp_path / "train.jsonl")
+    _arith_chats(tmp_path / "val.jsonl", n=16, seed=1)
+    common = ["data=chat", f"data.path={tmp_path / 'train.jsonl'}", "data.sft_packing=pad",
+              "data.document_masking=false", "model.vocab_size=128256", "model.n_layers=4", "train.seq_len=64",
+              "data.num_workers=0", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
+              "eval.interval=3", "eval.steps=2", "eval.data.source=jsonl", f"eval.data.path={tmp_path / 'val.jsonl'}",
+              "train.steps=6", "logging.every=1", "checkpoint.interval=6"]
+    ref = tmp_path / "one"
+    run_job(ref, [*common, "train.local_batch_size=4"], tok_cache=tok_cache)
+    want = val_losses(ref)
+    assert sorted(want) == [3, 6] and want[6] < want[3]
+    direct = direct_val_loss(ref)
+    assert math.isclose(want[6], direct, rel_tol=1e-6), (want[6], direct)
+    run = tmp_path / "pp2xfsdp2"
+    run_job(run, [*common, "train.local_batch_size=2", "parallel.pp=2", "parallel.dp_shard=2",
+                  "parallel.pp_schedule=1f1b"], tok_cache=tok_cache, nproc=4, launcher="torchrun")
+    a, b = losses(ref), losses(run)
+    assert len(a) == len(b) == 6 and a[-1] < a[0] - 0.5
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=1e-5), (a, b)
+    got = val_losses(run)
+    for k in want:
+        assert math.isclose(got[k], want[k], rel_tol=1e-5), (k, got[k], want[k])

@@ -81,11 +81,39 @@ def test_starts_as_base_trains_adapters_only_and_merges():
     assert diff < 1e-4, diff
 
 
+@pytest.mark.parametrize("mode", ["full", "selective_op"])
+def test_dropout_under_activation_checkpointing_recomputes_the_same_masks(mode):
+    """Backward of a checkpointed block recomputes its forward: with LoRA dropout the
+    recompute must draw the forward's masks, or the gradients belong to another model."""
+    from parallel.ac import apply_activation_checkpointing
+
+    grads = []
+    for ac in ("none", mode):
+        model = build_llama(ARGS, rope_cache_len=32, device="cpu")
+        model.init_weights(seed=1)
+        apply_lora(model, rank=4, alpha=8.0, dropout=0.3, targets=["all"])
+        init_lora(model, lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, 7))
+        with torch.no_grad():  # B != 0, so A's gradient and the masks matter
+            for name, p in model.named_parameters():
+                if ".lora_b." in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        assert apply_activation_checkpointing(list(model.layers.values()), ac) == (0 if ac == "none" else 2)
+        torch.manual_seed(3)
+        x = torch.randint(0, ARGS.vocab_size, (2, 32))
+        model(x).float().pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-5, atol=1e-7), name
+
+
 # -- through the trainer, FSDP2, checkpoints and both exports ----------------------------
-def test_lora_run_fsdp_parity_checkpoint_and_exports(tmp_path, tok_cache):
-    """LoRA from a HF folder: 2 FSDP2 ranks train like 1 process (fp32, 1e-5 relative:
-    only reduction order differs; dropout 0), checkpoints hold the adapters only, and
-    both exports (merged HF folder, PEFT adapter on the base) give our adapted logits."""
+def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
+    """LoRA from a HF folder trains the same (fp32, 1e-5 relative: only reduction order
+    differs; dropout 0) on 1 process, 2 FSDP2 ranks, TP 2 with loss parallel, PP 2
+    (zero bubble; the base loaded per stage), and FSDP2 2 x TP 2 + SP (adapters sharded like
+    their linears); checkpoints hold the adapters
+    only (the frozen base stays frozen under TP); both exports of the 2-D sharded
+    checkpoint (merged HF folder, PEFT adapter on the base) give our adapted logits."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     import torch.distributed.checkpoint as dcp
@@ -100,16 +128,26 @@ def test_lora_run_fsdp_parity_checkpoint_and_exports(tmp_path, tok_cache):
               "optim.schedule=constant", "train.steps=4", "logging.every=1", "checkpoint.interval=4"]
     one = run_job(tmp_path / "one", [*common, "train.local_batch_size=4"], tok_cache=tok_cache)
     assert "LoRA rank 4 alpha 8 on all: 8,192 trainable parameters" in one.stdout + one.stderr
-    run_job(tmp_path / "two", [*common, "train.local_batch_size=2"], tok_cache=tok_cache, nproc=2,
-            launcher="torchrun")
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == 4 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (a, b)
-    assert a[-1] < a[0]
-
-    ck = tmp_path / "two" / "checkpoints" / "step-4"
-    md = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata
-    model_keys = [k for k in md if k.startswith("model.")]
-    assert model_keys and all(".lora_" in k for k in model_keys)  # adapters only: small
+    layouts = {
+        "fsdp2": (2, ["train.local_batch_size=2"]),
+        "tp2+lossp": (2, ["train.local_batch_size=4", "parallel.tp=2", "parallel.loss_parallel=true"]),
+        # zero bubble splits backward into input and weight gradients: frozen weights have none
+        "pp2-interleaved_zb": (2, ["train.local_batch_size=4", "parallel.pp=2", "parallel.pp_schedule=interleaved_zb",
+                                   "parallel.pp_stages_per_rank=1"]),
+        "fsdp2xtp2+sp": (4, ["train.local_batch_size=2", "parallel.dp_shard=2", "parallel.tp=2",
+                             "parallel.sequence_parallel=true"]),
+    }
+    a = losses(tmp_path / "one")
+    assert len(a) == 4 and a[-1] < a[0]
+    for name, (nproc, extra) in layouts.items():
+        run_job(tmp_path / name, [*common, *extra], tok_cache=tok_cache, nproc=nproc, launcher="torchrun")
+        b = losses(tmp_path / name)
+        print(f"{name}: max relative loss difference {max(abs(x - y) / abs(x) for x, y in zip(a, b)):.1e}")
+        assert len(b) == 4 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (name, a, b)
+        ck = tmp_path / name / "checkpoints" / "step-4"
+        md = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata
+        model_keys = [k for k in md if k.startswith("model.")]
+        assert len(model_keys) == 2 * 7 * 2 and all(".lora_" in k for k in model_keys), (name, model_keys)
 
     # Our adapted model: the HF base in our layout + the trained adapters.
     args = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, vocab_size=512)
