@@ -11,7 +11,7 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,12 @@ from .status import write_status
 from .tokenizers import build_sources, load_tokenizer
 
 log = logging.getLogger("pretrain")
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, summed: bool) -> torch.Tensor:
+    """Cross-entropy in fp32 over (batch x seq) positions, labels -100 ignored: summed
+    (chat, weighed by trained tokens later) or the mean."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum" if summed else "mean")
 
 
 def seed_everything(seed: int) -> None:
@@ -228,9 +234,9 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
 
         def pp_loss(logits, target):
             if pp_summed[0]:  # chat: summed over trained tokens, divided by their global count later
-                return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum")
+                return next_token_loss(logits, target, summed=True)
             # text: a micro-batch's share of the step's mean loss
-            return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten()) / (n_mb * t.grad_accum_steps)
+            return next_token_loss(logits, target, summed=False) / (n_mb * t.grad_accum_steps)
 
         runner = ppar.PipelineRunner(parts, stage_list, num_stages, mesh, pc.pp_schedule, n_mb, pp_loss, device)
         if cfg.model.tie_embeddings:
@@ -321,9 +327,10 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         agg = pdist.all_reduce_sum(torch.stack([value * holds, torch.tensor(holds, device=device)]))
         return agg[0] / agg[1]
 
-    def token_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    def token_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Global summed loss / global trained-token count. Every TP rank of a DP group holds
-        the same sum (under PP only the last stage's), every TP and PP rank the same count."""
+        the same sum (under PP only the last stage's), every TP and PP rank the same count.
+        Returns (mean, global count)."""
         sums = pdist.all_reduce_sum(torch.stack([loss_sum, count.to(loss_sum.dtype)]))
         return sums[0] / dims.tp / max(sums[1].item() / (dims.tp * dims.pp), 1.0), sums[1] / (dims.tp * dims.pp)
 
@@ -353,8 +360,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 with autocast:
                     logits = model(inputs, position_ids=positions, attn_mask=mask)
                 with loss_ctx():
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                           reduction="sum" if chat else "mean")
+                    loss = next_token_loss(logits, labels, summed=chat)
             total += loss.full_tensor() if isinstance(loss, DTensor) else loss
         pp_summed[0] = sft
         for part in parts:
@@ -400,14 +406,11 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                     continue
                 with autocast:
                     logits = model(inputs, position_ids=positions, attn_mask=mask)
-                with loss_ctx():
-                    if sft:  # summed here, divided by the global trained-token count below
-                        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-                        loss.backward()
-                        trained += (labels != -100).sum()
-                    else:
-                        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-                        (loss / t.grad_accum_steps).backward()
+                with loss_ctx():  # chat: summed here, divided by the global trained-token count below
+                    loss = next_token_loss(logits, labels, summed=sft)
+                    (loss if sft else loss / t.grad_accum_steps).backward()
+                if sft:
+                    trained += (labels != -100).sum()
                 loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
             if sft:
                 # Gradients are of the local sums; FSDP averaged them over dp ranks, hence the dp factor.
