@@ -40,7 +40,7 @@ def matmul_params(args: LlamaArgs) -> int:
     return args.n_layers * (attn + ffn) + args.dim * args.vocab_size
 
 
-def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
+def flops_per_token(args: LlamaArgs, seq_len: int, lora_params: int = 0) -> float:
     """Model FLOPs per trained token, the numerator of MFU:
 
         6 x matmul_params  +  12 x n_layers x n_heads x head_dim x seq_len
@@ -52,8 +52,16 @@ def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
     counts the full seq_len x seq_len score matrix, as PaLM (appendix B) and Megatron do:
     a causal mask needs only half of it, which would make the term 6 x ... x seq_len;
     that halving is not taken, so MFU here is comparable with those papers' numbers.
-    Activation recomputation is not counted (it is hardware FLOPs, not model FLOPs)."""
+    Activation recomputation is not counted (it is hardware FLOPs, not model FLOPs).
+
+    With LoRA (``lora_params`` trainable adapter parameters, all in matmuls) the frozen
+    base computes no weight gradients: 4 x matmul_params (forward + input gradients) + 6 x
+    lora_params + the same attention term. (The first block's input gradient is not
+    needed either; at 16 layers that would take another 2 x 1/16 of its blocks' share,
+    left in.)"""
     attn = 12 * args.n_layers * args.n_heads * args.resolved_head_dim * seq_len
+    if lora_params:
+        return 4.0 * matmul_params(args) + 6.0 * lora_params + attn
     return 6.0 * matmul_params(args) + attn
 
 

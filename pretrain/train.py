@@ -294,7 +294,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     truncated = torch.zeros(1, dtype=torch.float64)
 
     tokens_per_step = dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
-    fpt = flops_per_token(cfg.model, t.seq_len)
+    fpt = flops_per_token(cfg.model, t.seq_len, lora_params=n_trainable if lora.rank > 0 else 0)
     peak = peak_flops(device, cfg.logging.peak_tflops)
     sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps,
                        tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,

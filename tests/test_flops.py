@@ -33,6 +33,11 @@ def test_llama3_2_1b_flops_per_token_by_hand():
         assert 12 * 16 * 32 * 64 * seq == attn_flops  # QK^T and AV, fwd+bwd, no causal halving
         assert 6 * matmul + attn_flops == total
         assert flops_per_token(args, seq) == total
+    # LoRA rank 16 on all seven linears: r x (in + out) each, per layer; the frozen base
+    # has no weight gradients (4 x its matmuls), the adapters train (6 x theirs).
+    lora = 16 * 16 * (2 * (2048 + 2048) + 2 * (2048 + 512) + 2 * (2048 + 8192) + (8192 + 2048))
+    assert lora == 11_272_192  # the README's figure for the 1B
+    assert flops_per_token(args, 2048, lora_params=lora) == 4 * matmul + 6 * lora + 805_306_368 == 5_815_926_784
 
 
 def test_peak_table_by_device_name():
