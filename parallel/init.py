@@ -31,6 +31,21 @@ def shard_aware_init(init_fn: InitFn) -> InitFn:
 
 
 @torch.no_grad()
+def settle_grads(params: Iterable[torch.nn.Parameter]) -> int:
+    """Lays every DTensor gradient out like its parameter. Under TP a replicated
+    parameter's gradient can come out of backward as a partial sum (the LoRA halves
+    that are replicated, SP's norms): reduced here once, rather than by every later read
+    (the norm, each optimizer op). Returns how many were reduced."""
+    n = 0
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and g.placements != p.placements:
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+            n += 1
+    return n
+
+
+@torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float, *, skip=frozenset(),
                     group=None) -> torch.Tensor:
     """Global L2 norm of all gradients across every rank and shard; clips when

@@ -14,8 +14,9 @@ their update added by a forward hook that runs before the TP output hook) follow
 linear: on a column-wise linear A (r x in) is replicated and B (out x r) sharded like the
 weight, so B A x is the local output shard; on a row-wise linear A is sharded over its
 input like the weight and B replicated, so B A x is a partial sum reduced with the base
-output. No extra communication in the forward; DTensor all-reduces A's gradient on
-column-wise layers."""
+output. No extra communication in the forward. The gradients of the replicated halves
+(A column-wise, B row-wise) stay partial sums until FSDP2 reduce-scatters them or, with
+TP alone, until the clipping and optimizer read them (each read all-reduces them)."""
 from __future__ import annotations
 
 from torch import nn

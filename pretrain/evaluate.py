@@ -27,6 +27,10 @@ class Evaluator:
         self.interval, self.steps = ev.interval, ev.steps
         self.tokenizer = tokenizer
         self.chat = eval_format(cfg) == "chat"
+        if self.chat:  # the chat special tokens: fail at start-up, not at the first evaluation
+            from data_pipeline.chat import ChatRenderer
+
+            ChatRenderer(tokenizer)
         self.sources, _, self.names = build_sources(ev.data, prefix="eval.data.", fmt=eval_format(cfg))
         self.spec = LoaderSpec(
             seq_len=t.seq_len, local_batch_size=t.local_batch_size if ev.local_batch_size == -1 else ev.local_batch_size,

@@ -22,7 +22,7 @@ from data_pipeline.loader import LoaderSpec, RankLoader, listing_skips
 from parallel import distributed as pdist
 from parallel.dims import ParallelDims
 from parallel.env import LaunchEnv
-from parallel.init import clip_grad_norm_, shard_aware_init
+from parallel.init import clip_grad_norm_, settle_grads, shard_aware_init
 from parallel.parallelize import parallelize_llama
 
 from .checkpoint import Checkpointer
@@ -189,6 +189,13 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     n_params = count_parameters(model)
     param_dtype, reduce_dtype = resolve_dtypes(t.mixed_precision, device)
     mesh = pdist.build_device_mesh(dims, device)
+    if dims.uses_tp and device.type == "cuda":
+        # DTensor's RNG tracker (dropout on DTensor activations: LoRA), made now without
+        # the world broadcast its lazy creation runs, which would deadlock pipeline stages
+        # that reach their first random op at different times. Every rank has the same seed.
+        from torch.distributed.tensor._random import manual_seed as dtensor_manual_seed
+
+        dtensor_manual_seed(t.seed, mesh["tp"])
     pc = cfg.parallel
     # The model parts this rank holds: the whole model, or its pipeline stages.
     runner, tied_sync, stage_list = None, None, [0]
@@ -343,26 +350,28 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         for part in parts:
             part.eval()
         chat = evaluator.chat
-        pp_summed[0] = chat
         total = torch.zeros((), device=device)
         count = torch.zeros((), dtype=torch.long, device=device)
-        for batch in evaluator.batches():
-            inputs, labels, positions, mask = device_batch(batch)
-            if chat:
-                count += (labels != -100).sum()
-            if runner is not None:
-                with autocast:
-                    loss = runner.eval_step(inputs, labels)
-                if loss is not None:  # text: pp_loss divides each micro-batch's mean by n_mb x accum
-                    total += loss if chat else loss * t.grad_accum_steps
-                continue
-            with torch.no_grad():
-                with autocast:
-                    logits = model(inputs, position_ids=positions, attn_mask=mask)
-                with loss_ctx():
-                    loss = next_token_loss(logits, labels, summed=chat)
-            total += loss.full_tensor() if isinstance(loss, DTensor) else loss
-        pp_summed[0] = sft
+        pp_summed[0] = chat
+        try:
+            for batch in evaluator.batches():
+                inputs, labels, positions, mask = device_batch(batch)
+                if chat:
+                    count += (labels != -100).sum()
+                if runner is not None:
+                    with autocast:
+                        loss = runner.eval_step(inputs, labels)
+                    if loss is not None:  # text: pp_loss divides each micro-batch's mean by n_mb x accum
+                        total += loss if chat else loss * t.grad_accum_steps
+                    continue
+                with torch.no_grad():
+                    with autocast:
+                        logits = model(inputs, position_ids=positions, attn_mask=mask)
+                    with loss_ctx():
+                        loss = next_token_loss(logits, labels, summed=chat)
+                total += loss.full_tensor() if isinstance(loss, DTensor) else loss
+        finally:
+            pp_summed[0] = sft
         for part in parts:
             part.train()
         if chat:
@@ -421,6 +430,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 loss_sum = mean * t.grad_accum_steps
                 trained.zero_()
             window_loss += loss_sum / t.grad_accum_steps
+            if dims.uses_tp:
+                settle_grads(params)
             if tied_sync is not None:
                 tied_sync()
             grad_norm = clip_grad_norm_(params, t.max_norm, skip=norm_skip, group=pp_group)

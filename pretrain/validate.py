@@ -86,7 +86,12 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     if d.format == "chat":
         _require(d.source == "jsonl", "data.format", d.format,
                  f"needs data.source=jsonl (chat records), not {d.source}")
-    if d.format == "chat" or (cfg.eval.interval > 0 and cfg.eval.format == "chat"):
+    eval_chat = cfg.eval.interval > 0 and cfg.eval.format == "chat"
+    if d.format == "chat" or eval_chat:
+        # Packed conversations without document masking would attend to each other.
+        _require(d.sft_packing == "pad" or d.document_masking, "data.sft_packing", d.sft_packing,
+                 f"pad, or data.document_masking=true: chat data ({'data.format' if d.format == 'chat' else 'eval.format'}"
+                 "=chat) packed several conversations per row would let them attend to each other")
         _require(d.tokenizer.kind != "bpe" or d.tokenizer.path is not None, "data.tokenizer.kind", "bpe",
                  "has no chat special tokens: chat data (data.format or eval.format) needs llama3, tiktoken "
                  "or a Llama 3 tokenizer.json")
@@ -186,6 +191,6 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
         _require(not p.loss_parallel, "parallel.loss_parallel", True, "is not supported with parallel.pp > 1 yet")
         _require(not d.document_masking, "data.document_masking", True,
                  "is not supported with parallel.pp > 1 (masks do not travel between stages yet)"
-                 + ("; for chat SFT use data.sft_packing=pad data.document_masking=false (one conversation "
-                    "per row needs no mask)" if d.format == "chat" else ""))
+                 + ("; for chat data use data.sft_packing=pad data.document_masking=false (one conversation "
+                    "per row needs no mask)" if d.format == "chat" or eval_chat else ""))
     return dims

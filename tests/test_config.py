@@ -67,10 +67,14 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["parallel.pp=2", "data.document_masking=true"], 2, "data.document_masking"),
     (["data=chat", "data.path=/c", "model.vocab_size=128256", "parallel.pp=2"], 2, "data.document_masking"),
     (["eval.interval=2", "eval.data.path=/d", "eval.format=chat", "data.tokenizer.kind=llama3",
-      "model.vocab_size=128256"], 1, "eval.data.source"),  # chat held-out records are JSONL
+      "model.vocab_size=128256", "data.sft_packing=pad"], 1, "eval.data.source"),  # chat held-out records are JSONL
+    (["eval.interval=2", "eval.data.path=/d", "eval.data.source=jsonl", "eval.format=chat",
+      "data.tokenizer.kind=llama3", "model.vocab_size=128256"], 1, "data.sft_packing"),  # packed, unmasked
+    (["data=chat", "data.path=/c", "model.vocab_size=128256", "data.document_masking=false"], 1,
+     "data.sft_packing"),  # packed conversations would attend to each other
     (["eval.interval=2", "eval.data.path=/d", "eval.data.source=jsonl", "eval.format=dialog"], 1, "eval.format"),
-    (["eval.interval=2", "eval.data.path=/d", "eval.data.source=jsonl", "eval.format=chat"], 1,
-     "data.tokenizer.kind"),  # the corpus BPE has no chat special tokens
+    (["eval.interval=2", "eval.data.path=/d", "eval.data.source=jsonl", "eval.format=chat",
+      "data.sft_packing=pad"], 1, "data.tokenizer.kind"),  # the corpus BPE has no chat special tokens
     (["parallel.pp=2", "parallel.tp=2", "parallel.loss_parallel=true"], 4, "parallel.loss_parallel"),
     (["parallel.pp_stages_per_rank=0"], 1, "parallel.pp_stages_per_rank"),
     (["parallel.pp_schedule=foo"], 1, "parallel.pp_schedule"),
