@@ -26,6 +26,11 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 
+# A block's linears by how TP splits them (the LoRA adapters follow).
+_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+_ROWWISE = ("attention.wo", "feed_forward.w2")
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool) -> None:
     stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
     logits = Shard(-1) if loss_parallel else Replicate()
@@ -52,24 +57,15 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
             # x, cos, sin, attn_mask: only x is sharded.
             "attention": PrepareModuleInput(input_layouts=(stream, None, None, None),
                                             desired_input_layouts=(Replicate(), None, None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=stream),
             "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+            **{path: ColwiseParallel() for path in _COLWISE},
+            **{path: RowwiseParallel(output_layouts=stream) for path in _ROWWISE},
         }
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
         _attach_lora(block, adapters, tp_mesh)
-
-
-_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
-_ROWWISE = ("attention.wo", "feed_forward.w2")
 
 
 def _detach_lora(block: nn.Module) -> dict:

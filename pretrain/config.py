@@ -190,6 +190,11 @@ class EvalConfig:
     format: Optional[str] = None
 
 
+def eval_format(cfg) -> str:
+    """The held-out records' format: ``eval.format``, or the training data's when null."""
+    return cfg.eval.format or cfg.data.format
+
+
 @dataclass
 class CheckpointConfig:
     # Save a DCP checkpoint every N steps (and at the end); 0 disables.

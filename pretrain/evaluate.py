@@ -13,12 +13,8 @@ from typing import Iterator
 
 from data_pipeline.loader import LoaderSpec, RankLoader
 
+from .config import eval_format
 from .tokenizers import build_sources
-
-
-def eval_format(cfg) -> str:
-    """The held-out records' format: ``eval.format``, or the training data's when null."""
-    return cfg.eval.format or cfg.data.format
 
 
 class Evaluator:

@@ -177,7 +177,8 @@ def _read_converted(hf: HFWeights, name: str, shape: Tuple[int, ...], dtype: tor
 def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_bytes: int = 1 << 30,
                     progress: bool = False) -> None:
     """Copy a HF folder's weights into ``model`` under any layout (plain, FSDP2 DTensors, TP,
-    a pipeline stage's part: each rank reads only the weights it holds). Called by every rank; reads tensors lazily and loads them ``chunk_bytes`` at a time."""
+    a pipeline stage's part: each rank reads only the weights it holds). Called by every
+    rank; reads tensors lazily and loads them ``chunk_bytes`` at a time."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          set_model_state_dict)
 

@@ -214,11 +214,11 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     if lora.rank > 0:  # base frozen, adapters added before the layout is applied (FSDP2 shards both)
         from .lora import apply_lora, init_lora
 
-        n_trainable = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                                 targets=lora.target_modules)
+        adapters = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.target_modules)
+        n_trainable = apply_lora(model, **adapters)  # the whole model: the count
         for part in parts:
-            if part is not model:
-                apply_lora(part, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.target_modules)
+            if part is not model:  # pipeline stages
+                apply_lora(part, **adapters)
     base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, t.seed)  # noqa: E731
     for part in parts:
         parallelize_llama(part, mesh, dims, pc, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -334,12 +334,13 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         agg = pdist.all_reduce_sum(torch.stack([value * holds, torch.tensor(holds, device=device)]))
         return agg[0] / agg[1]
 
-    def token_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def token_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """Global summed loss / global trained-token count. Every TP rank of a DP group holds
         the same sum (under PP only the last stage's), every TP and PP rank the same count.
-        Returns (mean, global count)."""
+        Returns (mean, global count, at least 1)."""
         sums = pdist.all_reduce_sum(torch.stack([loss_sum, count.to(loss_sum.dtype)]))
-        return sums[0] / dims.tp / max(sums[1].item() / (dims.tp * dims.pp), 1.0), sums[1] / (dims.tp * dims.pp)
+        n = max(sums[1].item() / (dims.tp * dims.pp), 1.0)
+        return sums[0] / dims.tp / n, n
 
     evaluator = Evaluator(cfg, tokenizer, dp_rank=dp_rank, dp_world=dp_world) if cfg.eval.interval > 0 else None
 
@@ -405,11 +406,11 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 if audit is not None:
                     audit.add(batch["window_doc_ids"])
                 inputs, labels, positions, mask = device_batch(batch)
+                if sft:
+                    trained += (labels != -100).sum()
                 if runner is not None:  # forward and backward of every micro-batch, by the schedule
                     with autocast:
                         loss = runner.step(inputs, labels)
-                    if sft:
-                        trained += (labels != -100).sum()
                     if loss is not None:  # the last stage's rank: chat, the sum; text, this micro-step's mean / accum
                         loss_sum += loss.detach() if sft else loss.detach() * t.grad_accum_steps
                     continue
@@ -418,17 +419,14 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 with loss_ctx():  # chat: summed here, divided by the global trained-token count below
                     loss = next_token_loss(logits, labels, summed=sft)
                     (loss if sft else loss / t.grad_accum_steps).backward()
-                if sft:
-                    trained += (labels != -100).sum()
                 loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
             if sft:
                 # Gradients are of the local sums; FSDP averaged them over dp ranks, hence the dp factor.
                 mean, n_trained = token_mean(loss_sum, trained)
                 for p in params:
                     if p.grad is not None:
-                        p.grad.mul_(dims.dp / max(n_trained.item(), 1.0))
+                        p.grad.mul_(dims.dp / n_trained)
                 loss_sum = mean * t.grad_accum_steps
-                trained.zero_()
             window_loss += loss_sum / t.grad_accum_steps
             if dims.uses_tp:
                 settle_grads(params)

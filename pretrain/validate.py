@@ -5,7 +5,8 @@ from __future__ import annotations
 from parallel.ac import AC_MODES
 from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
 
-from .config import JobConfig
+from .config import JobConfig, eval_format
+from .metrics import WANDB_MODES
 from .optim import SCHEDULES
 
 
@@ -86,7 +87,7 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     if d.format == "chat":
         _require(d.source == "jsonl", "data.format", d.format,
                  f"needs data.source=jsonl (chat records), not {d.source}")
-    eval_chat = cfg.eval.interval > 0 and cfg.eval.format == "chat"
+    eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
     if d.format == "chat" or eval_chat:
         # Packed conversations without document masking would attend to each other.
         _require(d.sft_packing == "pad" or d.document_masking, "data.sft_packing", d.sft_packing,
@@ -131,14 +132,14 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
         _one_of("eval.data.source", ev.data.source, SOURCE_KINDS)
         if ev.format is not None:
             _one_of("eval.format", ev.format, ("text", "chat"))
-        if (ev.format or d.format) == "chat":
+        if eval_chat:
             _require(ev.data.source == "jsonl", "eval.data.source", ev.data.source,
                      f"jsonl: the held-out data is chat (eval.format={ev.format or 'null'}, data.format={d.format})")
         _require(ev.data.path is not None, "eval.data.path", ev.data.path,
                  "the held-out data (a path) when eval.interval > 0")
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, "must be >= 1")
     if cfg.logging.wandb_mode is not None:
-        _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
+        _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
     _require(not cfg.checkpoint.load_weights_only or cfg.checkpoint.load_path is not None,
              "checkpoint.load_weights_only", True, "needs checkpoint.load_path")
