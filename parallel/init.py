@@ -5,7 +5,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 InitFn = Callable[[torch.Tensor, float, str], None]
 
@@ -48,37 +48,45 @@ def settle_grads(params: Iterable[torch.nn.Parameter]) -> int:
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float, *, skip=frozenset(),
                     group=None) -> torch.Tensor:
-    """Global L2 norm of all gradients across every rank and shard; clips when
-    ``max_norm`` > 0. Returns the norm before clipping, as a plain tensor.
+    """Global L2 norm of all gradients across every rank and shard; when ``max_norm`` > 0
+    every gradient is scaled by ``min(1, max_norm / (norm + 1e-6))``, the coefficient of
+    ``torch.nn.utils.clip_grad_norm_``. Returns the norm before clipping, as a plain tensor.
 
     Gradients come in kinds that cannot be stacked together (plain tensors, DTensors on
     the FSDP mesh, on the TP mesh, on both): the norm is taken per kind (one reduction
     each), then combined. A plain or replicated gradient counts once. ``group``: ranks
     holding other parameters (pipeline stages), whose squared norms are added;
     ``skip``: ids of parameters left out of the norm (a second copy of a tied
-    embedding), still clipped."""
+    embedding), still clipped. Scaling is elementwise, so each rank scales its local
+    shards in place; the coefficient stays a device tensor (no host sync)."""
     kinds: dict = {}  # (mesh, placements) or None -> [(grad, counted in the norm)]
     for p in params:
         g = p.grad
         if g is not None:
             key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
             kinds.setdefault(key, []).append((g, id(p) not in skip))
-    squares = []
+    norms = []
     for members in kinds.values():
         counted = [g for g, c in members if c]
         if counted:
             n = torch.nn.utils.get_total_norm(counted, norm_type=2.0)
-            squares.append((n.full_tensor() if isinstance(n, DTensor) else n) ** 2)
+            norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
     device = next(iter(kinds.values()))[0][0].device if kinds else torch.device("cpu")
-    total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
-    if group is not None:
-        total_sq = total_sq.clone()
-        dist.all_reduce(total_sq, group=group)
-    total = total_sq.sqrt()
-    if max_norm > 0:
-        for key, members in kinds.items():
-            # Scale by the norm in the grads' own kind: DTensor and plain do not mix.
-            norm = total if key is None else DTensor.from_local(total, key[0], [Replicate()] * key[0].ndim,
-                                                                run_check=False)
-            torch.nn.utils.clip_grads_with_norm_([g for g, _ in members], max_norm, norm)
+    if len(norms) == 1 and group is None:
+        total = norms[0]  # one kind: exactly torch's norm (no square and root)
+    else:
+        total_sq = torch.stack([n ** 2 for n in norms]).sum() if norms else torch.zeros((), device=device)
+        if group is not None:
+            total_sq = total_sq.clone()
+            dist.all_reduce(total_sq, group=group)
+        total = total_sq.sqrt()
+    if max_norm > 0 and kinds:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        by_device: dict = {}
+        for members in kinds.values():
+            for g, _ in members:
+                local = g.to_local() if isinstance(g, DTensor) else g
+                by_device.setdefault((local.device, local.dtype), []).append(local)
+        for (dev, _), grads in by_device.items():
+            torch._foreach_mul_(grads, coef.to(dev))
     return total
