@@ -13,7 +13,11 @@ Modes alternate over ``--repeats`` and the medians are printed. "loop overhead" 
 loop's wall time through the commit minus the baseline's for the same steps: what the
 checkpoint cost training, including the background thread's contention for the cores.
 Then a fresh model and optimizer load the checkpoint (``maybe_resume``) and the time is
-reported. The last line is machine-readable key=value pairs."""
+reported, with the part of it spent checking every file's size and CRC32 against the
+manifest in meta.json before the load ("verify"). The CRC32s of a save are computed
+while the bytes are written (zlib.crc32, in the writing thread): "crc in memory" is the
+CPU time that costs, measured over the checkpoint's bytes already in memory. The last
+line is machine-readable key=value pairs."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +102,12 @@ def run_mode(mode: str, root: Path, steps: int, tokens) -> dict:
         l0 = time.perf_counter()
         step, _, _ = reader.maybe_resume(model, opt)
         out["load"] = time.perf_counter() - l0
+        out["verify"] = reader.verify_s
+        blobs = [f.read_bytes() for f in path.rglob("*") if f.is_file()]
+        c0 = time.perf_counter()
+        for b in blobs:
+            zlib.crc32(b)
+        out["crc"] = time.perf_counter() - c0
         assert step == 2 and len(opt.state) > 0, "the checkpoint did not load"
     return out
 
@@ -132,20 +143,24 @@ def main() -> None:
         # Overhead through the last step (by then the async save committed or was waited for).
         overhead = med([x["marks"][-1] for x in rs]) - base_marks[-1]
         rows[mode] = dict(mb=mb, blocked=med([x["blocked"] for x in rs]), write=med([x["write"] for x in rs]),
-                          load=med([x["load"] for x in rs]), overhead=overhead)
+                          load=med([x["load"] for x in rs]), overhead=overhead,
+                          verify=med([x["verify"] for x in rs]), crc=med([x["crc"] for x in rs]))
     print(f"model {n_params / 1e6:.1f}M params (fp32) + AdamW state; checkpoint {rows['sync']['mb']:.0f} MB; "
           f"{a.steps} steps of batch {a.batch} x seq {a.seq}, baseline {step_s:.2f} s/step; "
           f"medians of {a.repeats} alternating repeats; {torch.get_num_threads()} threads")
     print(f"{'mode':<6} {'loop blocked s':>14} {'write s':>8} {'write MB/s':>10} {'loop overhead s':>15} "
-          f"{'load s':>7} {'load MB/s':>9}")
+          f"{'load s':>7} {'load MB/s':>9} {'verify s':>9} {'crc in memory s':>15}")
     for mode, r in rows.items():
         print(f"{mode:<6} {r['blocked']:>14.2f} {r['write']:>8.2f} {r['mb'] / r['write']:>10.0f} "
-              f"{r['overhead']:>15.2f} {r['load']:>7.2f} {r['mb'] / r['load']:>9.0f}")
+              f"{r['overhead']:>15.2f} {r['load']:>7.2f} {r['mb'] / r['load']:>9.0f} {r['verify']:>9.2f} "
+              f"{r['crc']:>15.3f}")
     s, y = rows["sync"], rows["async"]
     print(f"params_m={n_params / 1e6:.1f} ckpt_mb={s['mb']:.0f} sync_save_s={s['write']:.2f} "
           f"sync_mb_s={s['mb'] / s['write']:.0f} async_blocked_s={y['blocked']:.2f} async_write_s={y['write']:.2f} "
           f"async_overhead_s={y['overhead']:.2f} sync_overhead_s={s['overhead']:.2f} load_s={s['load']:.2f} "
-          f"load_mb_s={s['mb'] / s['load']:.0f} blocked_ratio={y['blocked'] / s['write']:.3f}")
+          f"load_mb_s={s['mb'] / s['load']:.0f} blocked_ratio={y['blocked'] / s['write']:.3f} "
+          f"verify_s={s['verify']:.2f} verify_share_of_load={s['verify'] / s['load']:.3f} "
+          f"crc_share_of_write={s['crc'] / s['write']:.3f}")
     dist.destroy_process_group()
 
 

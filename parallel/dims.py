@@ -46,10 +46,15 @@ def resolve_parallel_dims(
         raise LayoutError("parallel.pp_schedule", pp_schedule, f"one of {', '.join(PP_SCHEDULES)}")
     others = dp_replicate * tp * pp
     if dp_shard == -1:
+        # Name the degree the user set that cannot fit, with the world size.
+        for key, v in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.dp_replicate", dp_replicate)):
+            if world_size % v:
+                raise LayoutError(key, v, f"must divide the world size {world_size} (the number of processes)")
         if world_size % others:
             raise LayoutError(
-                "parallel.dp_replicate", dp_replicate,
-                f"dp_replicate*tp*pp={others} must divide the world size {world_size}",
+                "parallel.tp", tp,
+                f"dp_replicate*tp*pp = {dp_replicate}*{tp}*{pp} = {others} must divide the world size {world_size} "
+                "(the number of processes)",
             )
         dp_shard = world_size // others
     elif dp_shard < 1:

@@ -116,3 +116,7 @@ def all_gather_object(obj: Any) -> list:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0

@@ -6,6 +6,7 @@ code); other ranks learn the dir from rank 0 once the process group is up."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from parallel.env import detect_launch_env
 
 from .config import JobConfig, register_configs
+from .rundir import EXIT_RUN_DIR, RunDirError, RunDirLock, unwritable, write_hydra_files
+from .signals import EXIT_PREEMPTED, Interrupted, Preempted, SignalHandler, die_with_parent
 from .status import write_status
 from .validate import ConfigError, validate_job
 
@@ -31,10 +34,23 @@ def hydra_main(dcfg: DictConfig) -> None:
     cfg: JobConfig = OmegaConf.to_object(dcfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     info = {"started": time.time(), "world_size": env.world_size}
+    if os.environ.get("SLURM_JOB_ID"):  # which SLURM attempt wrote the status (the batch scripts requeue by it)
+        info["slurm_attempt"] = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    # Rank 0 owns the run dir: it checks it can write there and takes its lock before
+    # writing anything (Hydra's files included); every rank learns the outcome once the
+    # process group is up and stops together (exit 2) when the dir cannot be used.
+    signals = SignalHandler()  # from here on a signal ends the job cleanly (pretrain/signals.py)
+    lock = RunDirLock(run_dir) if env.rank == 0 else None
+    problem = unwritable(run_dir, "hydra.sweep.dir" if _multirun() else "hydra.run.dir") if lock else None
+    if lock and problem is None:
+        problem = lock.acquire()
+        if problem is None:
+            write_hydra_files(run_dir, dcfg)
 
     def status(state: str, exit_code=None, **fields) -> None:
-        # Rank 0 only: ranks > 0 run with hydra.run.dir=. and must not write there.
-        if env.rank != 0:
+        # Rank 0 only, and only while it holds the run dir: ranks > 0 run with
+        # hydra.run.dir=. and another job may own the dir.
+        if lock is None or not lock.held:
             return
         if exit_code is not None:
             fields = {"exit_code": exit_code, **fields, "ended": time.time()}
@@ -43,36 +59,58 @@ def hydra_main(dcfg: DictConfig) -> None:
         except OSError as e:
             log.warning("could not write %s/status.json: %s", run_dir, e)
 
-    try:
-        dims = validate_job(cfg, env.world_size)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        status("failed", EXIT_CONFIG_ERROR, step=None, error=f"ConfigError: {e}")
-        sys.exit(EXIT_CONFIG_ERROR)
-    logging.getLogger("pretrain").setLevel(logging.INFO)
-
+    signals.report = status
     from .checkpoint import CheckpointError
-    from .train import EXIT_PREEMPTED, Preempted, train
 
-    status("running")
     try:
-        train(cfg, env, dims, run_dir)
+        try:
+            dims = validate_job(cfg, env.world_size)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            status("failed", EXIT_CONFIG_ERROR, step=None, error=f"ConfigError: {e}")
+            sys.exit(EXIT_CONFIG_ERROR)
+        logging.getLogger("pretrain").setLevel(logging.INFO)
+        from .train import train
+
+        status("running")
+        train(cfg, env, dims, run_dir, signals=signals, run_dir_problem=problem, report=status)
+        status("completed", 0, step=cfg.train.steps)
     except Preempted as e:
-        status("preempted", EXIT_PREEMPTED, step=e.step)
+        signals.exiting = True
+        status("preempted", EXIT_PREEMPTED, step=e.step, signal=e.signal)
         sys.exit(EXIT_PREEMPTED)
+    except RunDirError as e:
+        print(f"run dir error: {e}", file=sys.stderr)
+        sys.exit(EXIT_RUN_DIR)
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         status("failed", EXIT_CHECKPOINT_ERROR, step=None, error=f"{type(e).__name__}: {e}")
         sys.exit(EXIT_CHECKPOINT_ERROR)
+    except Interrupted as e:
+        signals.exiting = True
+        print(f"stopped: {e}", file=sys.stderr)
+        status("failed", e.exit_code, step=None, error=f"Interrupted: {e}")
+        sys.exit(e.exit_code)
     except BaseException as e:
+        signals.exiting = True
         if not isinstance(e, SystemExit):
             status("failed", 130 if isinstance(e, KeyboardInterrupt) else 1, step=None,
                    error=f"{type(e).__name__}: {e}")
         raise
-    status("completed", 0, step=cfg.train.steps)
+    finally:
+        signals.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:
+    die_with_parent()  # under torchrun: no orphan outlives a killed agent
     register_configs()
     env = detect_launch_env()
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])

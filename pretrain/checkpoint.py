@@ -4,43 +4,53 @@ A checkpoint ``<run dir>/checkpoints/step-<N>/`` holds:
 - model and optimizer state (DCP, any layout; DCP reshards on load);
 - ``loader/dp-<r>.json``: the data loader state of each data-parallel rank (resharded on
   load when the global batch changed);
-- ``rng/rank-<r>.pt``: Python, numpy, torch (and CUDA) RNG states of each rank;
-- ``meta.json``: step, tokens seen, world size and the model's shape (``model`` args),
-  written last.
+- ``rng/rank-<r>.pt``: Python, numpy, torch (and this device's CUDA) RNG states of each
+  rank, as tensors and numbers;
+- ``meta.json``: step, tokens seen, world size, the model's shape (``model`` args) and
+  ``files``: the size and CRC32 of every other file, each computed by the rank that
+  wrote it while writing; written last.
 The LR schedule is a pure function of the step and needs no state.
 
 Atomic completion: every rank writes into ``step-N.partial/``; once every rank finished,
 rank 0 writes meta.json and renames the folder to ``step-N/``. A crash or kill before that
 leaves the previous checkpoint as the newest; partial folders are removed at the next
 start. With ``checkpoint.async_save`` the tensors are staged to host memory and written by
-a background thread while training continues; at most one save is in flight (the next one
-waits), and the commit happens at the first step boundary where every rank is done."""
+a background thread while training continues; at most one save in flight (the next one
+waits), and the commit happens at the first step boundary where every rank is done.
+
+Everything read back is data (``ckpt_io``): no pickle from a checkpoint runs code. Before a
+load the files are checked against ``meta.json`` (sizes everywhere, CRC32s split between
+the ranks); an unusable checkpoint of the run dir's own is moved aside to
+``step-N.corrupt`` and the previous one is used. Errors that one rank finds are agreed
+between all ranks before the next collective, so every rank raises the same
+``CheckpointError`` (exit 4) and none waits for a peer that left."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import random
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
 from parallel import distributed as pdist
 
+from .ckpt_io import (CheckpointError, CrcWriter, SafeLoadPlanner, SafeReader, dcp_failure, describe_error,
+                      file_crc, load_rng, read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files,
+                      write_file)
+
 log = logging.getLogger("pretrain")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, incomplete, corrupt or of another shape."""
+__all__ = ["CheckpointError", "Checkpointer", "complete_checkpoints", "read_meta", "check_shapes"]
 
 
 def complete_checkpoints(root: Path) -> list[Tuple[int, Path]]:
@@ -51,45 +61,25 @@ def complete_checkpoints(root: Path) -> list[Tuple[int, Path]]:
     return sorted(found)
 
 
-def rng_state() -> dict:
-    import numpy as np
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def read_meta(path: Path) -> dict:
     meta = path / "meta.json"
     if not meta.is_file():
         raise CheckpointError(f"checkpoint {path}: no {meta.name} (incomplete, or not a checkpoint of this trainer)")
-    try:
-        return json.loads(meta.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {path}: {meta} is corrupt ({e})") from e
+    data = read_json(meta, "the checkpoint's meta.json")
+    for key in ("step", "tokens_seen"):
+        if key in data and not isinstance(data[key], int):
+            raise CheckpointError(f"{meta}: {key}={data[key]!r}, expected an integer")
+    files = data.get("files")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) for v in files.values())):
+        raise CheckpointError(f"{meta}: 'files' is not a map of name -> [size, crc32]")
+    return data
 
 
 def check_shapes(path: Path, state: dict) -> None:
     """Compare the checkpoint's tensor shapes with ``state`` (nested dicts of tensors)
     before loading: the first mismatch is named with both shapes."""
-    try:
-        md = dcp.FileSystemReader(str(path)).read_metadata()
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint {path}: missing {path / '.metadata'} (incomplete or not DCP)") from e
-    except Exception as e:  # noqa: BLE001 (pickle and format errors)
-        raise CheckpointError(f"checkpoint {path}: cannot read {path / '.metadata'} ({e})") from e
-    saved = md.state_dict_metadata
+    saved = read_dcp_metadata(path).state_dict_metadata
     for prefix, sub in state.items():
         for name, t in sub.items():
             if not isinstance(t, torch.Tensor):
@@ -102,6 +92,26 @@ def check_shapes(path: Path, state: dict) -> None:
             if have != tuple(t.shape):
                 raise CheckpointError(f"checkpoint {path}: {key} has shape {list(have)} in the checkpoint but "
                                       f"{list(t.shape)} in this model: the model config differs")
+
+
+def agreed(fn: Callable, *args, **kwargs):
+    """Runs ``fn`` on every rank; if it raised on any rank, every rank raises the first
+    rank's error as ``CheckpointError`` (one object all-gather). Used before collectives,
+    so that a rank that found a bad file does not leave the others waiting."""
+    out, err = None, None
+    try:
+        out = fn(*args, **kwargs)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 (CheckpointException is a BaseException)
+        reraise_interrupt(e)
+        err = e
+    msg = None if err is None else (str(err) if isinstance(err, CheckpointError) else describe_error(err))
+    errors = pdist.all_gather_object(msg)
+    for r, m in enumerate(errors):
+        if m is not None:
+            if err is not None and isinstance(err, CheckpointError) and m == msg:
+                raise err
+            raise CheckpointError(m if r == pdist.rank() else f"{m} (found by rank {r})") from err
+    return out
 
 
 # Flat optimizer state ("state.<param>.exp_avg", "param_groups.<param>.lr"): keyed by
@@ -172,12 +182,13 @@ class Checkpointer:
         self.model_args = dataclasses.asdict(model_args) if model_args is not None else None
         # LoRA: the adapters' settings and the base they adapt (export needs both).
         self.lora = lora
-        self._pending = None  # (future, step, partial, meta, loader_state)
+        self._pending = None  # (future, step, partial, meta, writer, side files)
         self._pg = None
         if cfg.async_save and dist.is_initialized():
             # Background writes must not share a communicator with training collectives.
             self._pg = dist.new_group(backend="gloo")
         self.blocked_s = 0.0  # time the training loop spent inside save calls
+        self.verify_s = 0.0  # time spent checking files before a load
 
     def due(self, step: int, total: int) -> bool:
         return self.cfg.interval > 0 and (step % self.cfg.interval == 0 or step == total)
@@ -186,31 +197,54 @@ class Checkpointer:
     def save(self, step: int, tokens_seen: int, model, optimizer, loader_state: Optional[dict] = None,
              *, blocking: bool = False) -> None:
         """``loader_state``: this rank's loader state when it writes one (one rank per DP
-        group). ``blocking`` forces a synchronous save (end of run, signals)."""
+        group). ``blocking`` forces a synchronous save (end of run, signals). A save that
+        fails (disk full, unwritable) removes its ``.partial`` and raises
+        ``CheckpointError`` naming the path and errno on every rank; the previous
+        checkpoint stays."""
         t0 = time.perf_counter()
         self.wait()  # at most one save in flight
         partial = self.root / f"step-{step}.partial"
+        try:
+            agreed(self._make_partial, partial)
+            model_sd, optim_sd = get_states(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            side = agreed(self._write_side_files, partial, loader_state)
+            meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size,
+                    "model": self.model_args}
+            if self.lora:
+                meta["lora"] = self.lora
+            writer = CrcWriter(partial)
+            if self.cfg.async_save and not blocking:
+                fut = dcp.async_save(state, storage_writer=writer, process_group=self._pg)
+                self._pending = (fut, step, partial, meta, writer, side)
+            else:
+                dcp.save(state, storage_writer=writer)
+                self._commit(step, partial, meta, {**writer.files, **side})
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 (CheckpointException is a BaseException)
+            self._save_failed(partial, e)
+        self.blocked_s += time.perf_counter() - t0
+
+    def _make_partial(self, partial: Path) -> None:
         if self.is_rank0:
             shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        pdist.barrier()
-        model_sd, optim_sd = get_states(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        for sub in ("rng", "loader"):
-            (partial / sub).mkdir(exist_ok=True)
-        torch.save(rng_state(), partial / "rng" / f"rank-{self.rank}.pt")
+            for sub in ("rng", "loader"):
+                (partial / sub).mkdir(parents=True)
+
+    def _write_side_files(self, partial: Path, loader_state: Optional[dict]) -> Dict[str, Tuple[int, int]]:
+        files = {f"rng/rank-{self.rank}.pt": save_rng(partial / "rng" / f"rank-{self.rank}.pt")}
         if loader_state is not None:
-            (partial / "loader" / f"dp-{loader_state['dp_rank']}.json").write_text(json.dumps(loader_state))
-        meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size, "model": self.model_args}
-        if self.lora:
-            meta["lora"] = self.lora
-        if self.cfg.async_save and not blocking:
-            fut = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._pg)
-            self._pending = (fut, step, partial, meta)
-        else:
-            dcp.save(state, checkpoint_id=str(partial))
-            self._commit(step, partial, meta)
-        self.blocked_s += time.perf_counter() - t0
+            rel = f"loader/dp-{loader_state['dp_rank']}.json"
+            files[rel] = write_file(partial / rel, json.dumps(loader_state).encode())
+        return files
+
+    def _save_failed(self, partial: Path, e: BaseException) -> None:
+        reraise_interrupt(e)
+        why = str(e) if isinstance(e, CheckpointError) else describe_error(e)
+        if self.is_rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+        done = complete_checkpoints(self.root)
+        kept = f"the newest complete checkpoint, {done[-1][1]}, is kept" if done else "no complete checkpoint yet"
+        raise CheckpointError(f"saving checkpoint {partial} failed: {why}; removed {partial.name}; {kept}") from None
 
     def poll(self) -> None:
         """At a step boundary: commit an async save once every rank finished writing."""
@@ -225,21 +259,31 @@ class Checkpointer:
         """Finish and commit the save in flight, if any."""
         if self._pending is None:
             return
-        fut, step, partial, meta = self._pending
+        fut, step, partial, meta, writer, side = self._pending
         self._pending = None
-        fut.result()
-        self._commit(step, partial, meta)
+        try:
+            fut.result()
+            self._commit(step, partial, meta, {**writer.files, **side})
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            self._save_failed(partial, e)
 
-    def _commit(self, step: int, partial: Path, meta: dict) -> None:
-        pdist.barrier()
-        if self.is_rank0:
-            (partial / "meta.json").write_text(json.dumps(meta))
+    def _commit(self, step: int, partial: Path, meta: dict, files: Dict[str, Tuple[int, int]]) -> None:
+        manifest: Dict[str, List[int]] = {}
+        for part in pdist.all_gather_object(files):  # every rank's files, with the sums taken as written
+            manifest.update({k: list(v) for k, v in part.items()})
+
+        def finish() -> None:
+            if not self.is_rank0:
+                return
+            manifest[".metadata"] = list(file_crc(partial / ".metadata"))
+            (partial / "meta.json").write_text(json.dumps({**meta, "files": dict(sorted(manifest.items()))}))
             final = self.root / f"step-{step}"
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)  # the commit point
             log.info("checkpoint saved: %s", final)
             self._prune()
-        pdist.barrier()
+
+        agreed(finish)
 
     def _prune(self) -> None:
         keep = self.cfg.keep_last
@@ -251,16 +295,30 @@ class Checkpointer:
     # -- load -----------------------------------------------------------------------------
     def maybe_resume(self, model, optimizer) -> Tuple[int, int, Optional[List[dict]]]:
         """(step, tokens_seen, loader states of every DP rank) to continue from: the newest
-        complete checkpoint of this run dir, else ``checkpoint.load_path``; (0, 0, None)
-        for a fresh start (also after ``load_weights_only``)."""
+        usable checkpoint of this run dir (an unusable one is moved aside to
+        ``step-N.corrupt``, with a warning, and the one before it is tried), else
+        ``checkpoint.load_path``; (0, 0, None) for a fresh start (also after
+        ``load_weights_only``)."""
         if self.is_rank0 and self.root.is_dir():
             for stale in self.root.glob("step-*.partial"):
                 log.warning("removing incomplete checkpoint %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         pdist.barrier()
         done = complete_checkpoints(self.root) if self.cfg.resume else []
-        if done:
-            return self._load_full(done[-1][1], model, optimizer)
+        while done:
+            _, path = done.pop()
+            try:
+                return self._load_full(path, model, optimizer)
+            except CheckpointError as e:
+                if not done:
+                    raise CheckpointError(
+                        f"{e}. {path} is this run dir's only complete checkpoint, nothing to fall back to: move it "
+                        "aside (or delete it) to start the run over, or fix the file; checkpoint.keep_last >= 2 keeps "
+                        "one to fall back to") from None
+                aside = self._move_aside(path)
+                if self.is_rank0:
+                    log.warning("checkpoint %s is unusable: %s; moved it to %s, resuming from %s", path, e,
+                                aside.name, done[-1][1])
         if self.cfg.load_path:
             path = Path(self.cfg.load_path)
             if not path.is_dir():
@@ -271,44 +329,84 @@ class Checkpointer:
             return self._load_full(path, model, optimizer)
         return 0, 0, None
 
+    def _move_aside(self, path: Path) -> Path:
+        aside = path.with_name(path.name + ".corrupt")
+        n = 1
+        while aside.exists():
+            aside, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+        if self.is_rank0:
+            path.rename(aside)
+        pdist.barrier()
+        return aside
+
+    def _verify(self, path: Path, meta: dict) -> None:
+        """Every listed file exists with its size and CRC32, the files split between the
+        ranks (rank r checks every world-size-th; the error is agreed by the caller).
+        Checkpoints without a manifest (older versions) are not checked."""
+        files = meta.get("files")
+        if files is None:
+            return
+        t0 = time.perf_counter()
+        names = sorted(files)
+        verify_files(path, files, names[self.rank::self.world_size])
+        self.verify_s += time.perf_counter() - t0
+
     def load_weights(self, path: Path, model) -> None:
-        read_meta(path)
+        meta = agreed(read_meta, path)
         model_sd = get_model_states(model)
-        check_shapes(path, {"model": model_sd})
+        agreed(lambda: (self._verify(path, meta), check_shapes(path, {"model": model_sd})))
         state = {"model": model_sd}
         self._dcp_load(state, path)
         set_model_states(model, state["model"])
         log.info("initialized weights from %s (new optimizer, step 0)", path)
 
     def _load_full(self, path: Path, model, optimizer) -> Tuple[int, int, Optional[List[dict]]]:
-        meta = read_meta(path)
-        if meta.get("weights_only"):
-            raise CheckpointError(f"checkpoint {path} holds weights only (imported from {meta.get('source', '?')}): "
-                                  "start from it with checkpoint.load_weights_only=true")
+        def prepare():
+            meta = read_meta(path)
+            if meta.get("weights_only"):
+                raise CheckpointError(f"checkpoint {path} holds weights only (imported from "
+                                      f"{meta.get('source', '?')}): start from it with "
+                                      "checkpoint.load_weights_only=true")
+            for key in ("step", "tokens_seen"):
+                if key not in meta:
+                    raise CheckpointError(f"{path / 'meta.json'}: no {key!r}")
+            self._verify(path, meta)
+            return meta
+
+        meta = agreed(prepare)
         model_sd, optim_sd = get_states(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        check_shapes(path, {"model": model_sd})
+        agreed(check_shapes, path, {"model": model_sd})
         self._dcp_load(state, path)
-        set_states(model, optimizer, state["model"], state["optim"])
-        loader_files = sorted((path / "loader").glob("dp-*.json"))
-        if not loader_files:
-            raise CheckpointError(f"checkpoint {path} has no loader/ state: it was written by an older version; "
-                                  "start a new run dir or set checkpoint.resume=false")
-        loader_states = [json.loads(f.read_text()) for f in loader_files]
-        rng = path / "rng" / f"rank-{self.rank}.pt"
-        if meta.get("world_size") == self.world_size and rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
-        else:
-            log.info("RNG states not restored (saved with world size %s, now %d): reseeded",
-                     meta.get("world_size"), self.world_size)
+        agreed(set_states, model, optimizer, state["model"], state["optim"])
+
+        def side_files():
+            loader_files = sorted((path / "loader").glob("dp-*.json"))
+            if not loader_files:
+                raise CheckpointError(f"checkpoint {path} has no loader/ state: it was written by an older version; "
+                                      "start a new run dir or set checkpoint.resume=false")
+            states = [read_json(f, "a data loader state") for f in loader_files]
+            rng = path / "rng" / f"rank-{self.rank}.pt"
+            if meta.get("world_size") == self.world_size and rng.is_file():
+                load_rng(rng)
+            else:
+                log.info("RNG states not restored (saved with world size %s, now %d): reseeded",
+                         meta.get("world_size"), self.world_size)
+            return states
+
+        loader_states = agreed(side_files)
         log.info("loaded checkpoint %s", path)
         return int(meta["step"]), int(meta["tokens_seen"]), loader_states
 
     @staticmethod
     def _dcp_load(state: dict, path: Path) -> None:
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(path))
         except CheckpointError:
             raise
-        except Exception as e:  # noqa: BLE001 (DCP wraps reader errors per rank)
-            raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP wraps each rank's error)
+            reraise_interrupt(e)
+            inner = dcp_failure(e)
+            if isinstance(inner, CheckpointError):
+                raise CheckpointError(str(inner)) from None
+            raise CheckpointError(f"checkpoint {path} could not be read: {describe_error(e)}") from None

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -37,6 +38,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from .checkpoint import CheckpointError, complete_checkpoints, read_meta
+from .ckpt_io import (CrcWriter, SafeLoadPlanner, SafeReader, dcp_failure, describe_error, file_crc,
+                      read_dcp_metadata, verify_files)
 from .hf_convert import args_from_hf_config, hf_config_from_args, hf_name, ours_name, to_hf, to_ours
 from .model.args import LlamaArgs, RopeScaling
 
@@ -82,8 +85,17 @@ class HFWeights:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{index} is corrupt or has no weight_map ({e!r})") from e
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: weight_map is not an object of weight name -> shard file")
             for name, fname in weight_map.items():
-                f = self.path / fname
+                # A shard is a file of this folder: the index is data from anywhere, and
+                # "../x" or "/x" would read outside it. (Checked on the names, not resolved:
+                # the Hugging Face cache links snapshot files to blobs elsewhere.)
+                norm = os.path.normpath(fname) if isinstance(fname, str) else ""
+                if not norm or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+                    raise CheckpointError(f"{index}: weight_map entry {name!r} -> {fname!r} is outside the model "
+                                          f"folder {self.path}; refused (shards must be files of the folder)")
+                f = self.path / norm
                 if not f.is_file():
                     raise CheckpointError(f"{f}: missing (listed for {name} in {index.name})")
                 self.files[name] = f
@@ -240,9 +252,11 @@ def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = 
             sd[name] = _read_converted(hf, name, shape, dtype, args)
             bar.update(sd[name].numel() * dtype.itemsize)
     partial = _fresh_out(out, force)
-    dcp.save({"model": sd}, checkpoint_id=str(partial), no_dist=True)
+    writer = CrcWriter(partial)
+    dcp.save({"model": sd}, storage_writer=writer, no_dist=True)
+    files = {**{k: list(v) for k, v in writer.files.items()}, ".metadata": list(file_crc(partial / ".metadata"))}
     meta = {"step": 0, "tokens_seen": 0, "world_size": 1, "model": dataclasses.asdict(args),
-            "weights_only": True, "source": str(hf.path.resolve())}
+            "weights_only": True, "source": str(hf.path.resolve()), "files": files}
     model_cfg = {k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}
     (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
                                         + yaml.safe_dump(model_cfg, sort_keys=False))
@@ -314,12 +328,31 @@ def _checkpoint_args(ckpt: Path, meta: dict) -> LlamaArgs:
 
 def _load_model_tensors(ckpt: Path, saved: dict) -> Dict[str, torch.Tensor]:
     """Every ``model.*`` tensor of a checkpoint (``saved``: its DCP metadata), by our name."""
-    import torch.distributed.checkpoint as dcp
-
     state = {"model": {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype)
                        for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    _dcp_read(ckpt, state)
     return state["model"]
+
+
+def _saved_metadata(ckpt: Path, meta: dict) -> dict:
+    """The checkpoint's DCP tensor metadata, read as data, after checking every file
+    against the sizes and CRC32s of its meta.json (when it has them)."""
+    if meta.get("files") is not None:
+        verify_files(ckpt, meta["files"], sorted(meta["files"]))
+    return read_dcp_metadata(ckpt).state_dict_metadata
+
+
+def _dcp_read(ckpt: Path, state: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(ckpt)), planner=SafeLoadPlanner(ckpt), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP wraps errors in a BaseException)
+        inner = dcp_failure(e)
+        if isinstance(inner, CheckpointError):
+            raise CheckpointError(str(inner)) from None
+        raise CheckpointError(f"checkpoint {ckpt} could not be read: {describe_error(e)}") from None
 
 
 def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base) -> Dict[str, torch.Tensor]:
@@ -344,16 +377,12 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
               force: bool = False, progress: bool = True, base=None) -> Path:
     """A checkpoint of this trainer -> a HF folder that ``LlamaForCausalLM`` loads. A LoRA
     checkpoint is merged into its base (``base``, else the run's model.init_from)."""
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
     args = _checkpoint_args(ckpt, meta)
-    try:
-        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{ckpt / '.metadata'}: missing or unreadable ({e})") from e
+    saved = _saved_metadata(ckpt, meta)
     merged = _lora_checkpoint(ckpt, meta, saved, args, base) if meta.get("lora") else None
     if merged is not None:
         entries = [(n, tuple(t.shape)) for n, t in merged.items()]
@@ -388,10 +417,7 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
             else:
                 saved_dtype = {n: saved[f"model.{n}"].properties.dtype for n in names}
                 state = {"model": {n: torch.empty(shapes[n], dtype=saved_dtype[n]) for n in names}}
-                try:
-                    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-                except Exception as e:  # noqa: BLE001
-                    raise CheckpointError(f"checkpoint {ckpt} could not be read: {e}") from e
+                _dcp_read(ckpt, state)
             tensors = {hf_name(n): to_hf(n, w, args).to(dtype).contiguous() for n, w in state["model"].items()}
             save_file(tensors, str(partial / fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
@@ -416,7 +442,6 @@ def export_adapter(checkpoint, out, *, force: bool = False) -> Path:
     """A LoRA checkpoint -> a PEFT adapter folder (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads onto the HF
     base. B's rows of q/k projections are permuted like the weights they update."""
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
     from .lora import HF_NAMES
@@ -428,7 +453,7 @@ def export_adapter(checkpoint, out, *, force: bool = False) -> Path:
         raise CheckpointError(f"{ckpt / 'meta.json'}: not a LoRA checkpoint (no adapters to export); "
                               "use `export` for full weights")
     args = _checkpoint_args(ckpt, meta)
-    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    saved = _saved_metadata(ckpt, meta)
     tensors = {}
     for name, w in _load_model_tensors(ckpt, saved).items():
         base, which = name.rsplit(".lora_", 1)  # layers.0.attention.wq, "a.weight"

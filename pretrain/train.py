@@ -7,11 +7,10 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,8 @@ from .metrics import MetricsSink, memory_stats_gb
 from .model.llama import build_llama, count_parameters, seeded_trunc_normal_
 from .optim import OptimizerParts, build_lr_fn, build_optimizer
 from .profiling import StepProfiler
+from .rundir import RunDirError
+from .signals import EXIT_PREEMPTED, Preempted, SignalHandler
 from .evaluate import Evaluator
 from .status import write_status
 from .tokenizers import build_sources, load_tokenizer
@@ -73,42 +74,6 @@ def default_threads(local_world_size: int) -> int:
     if mine < total:
         return mine
     return max(1, total // local_world_size)
-
-
-EXIT_PREEMPTED = 3  # stopped on SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint that a SIGTERM/SIGUSR1 asked for is complete."""
-
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}")
-        self.step = step
-
-
-class PreemptionHandler:
-    """SIGTERM and SIGUSR1 (SLURM's warning before a time limit with --signal) only set a
-    flag: the loop saves at the next step boundary and exits with EXIT_PREEMPTED. More
-    signals while saving change nothing."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.received, self.name, self._old = False, "", {}
-        for name in self.SIGNALS:
-            sig = getattr(signal, name)
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (embedded use): leave signals alone
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        if not self.received:
-            self.received, self.name = True, signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -158,23 +123,43 @@ def resolve_dtypes(mode: str, device: torch.device):
     return torch.float32, torch.float32
 
 
-def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path) -> List[Dict[str, float]]:
-    """Runs the job; returns the logged metrics (every rank computes them; losses agree)."""
+def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, *,
+          signals: Optional[SignalHandler] = None, run_dir_problem: Optional[str] = None,
+          report: Optional[Callable] = None) -> List[Dict[str, float]]:
+    """Runs the job; returns the logged metrics (every rank computes them; losses agree).
+    ``run_dir_problem``: rank 0's reason the run dir cannot be used (locked by another
+    job, not writable), raised as ``RunDirError`` on every rank once they can hear it.
+    ``report(state, exit_code, **fields)``: writes status.json (rank 0's, when it holds
+    the run dir)."""
     t, device = cfg.train, pdist.pick_device(cfg.train.device, env)
     threads = t.num_threads or default_threads(env.local_world_size)
     torch.set_num_threads(threads)
     set_determinism(t.deterministic, device)
     pdist.init_distributed(env, device)
+    own_signals = signals is None
+    signals = signals or SignalHandler()
     try:
-        return _train(cfg, env, dims, run_dir, device)
+        run_dir, problem = pdist.broadcast_object((str(run_dir), run_dir_problem))
+        if problem is not None:
+            raise RunDirError(problem)
+        return _train(cfg, env, dims, Path(run_dir), device, signals, report or _write_status_to(Path(run_dir)))
     finally:
+        if own_signals:
+            signals.restore()
         pdist.shutdown_distributed()
 
 
-def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, device: torch.device):
+def _write_status_to(run_dir: Path) -> Callable:
+    def report(state: str, exit_code: int, **fields) -> None:
+        write_status(run_dir, status=state, exit_code=exit_code, **fields, ended=time.time())
+
+    return report
+
+
+def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, device: torch.device,
+           preempt: SignalHandler, report: Callable):
     t = cfg.train
     is_rank0 = env.rank == 0
-    run_dir = Path(pdist.broadcast_object(str(run_dir)))
     seed_everything(t.seed)
 
     sources, weights, source_names = build_sources(cfg.data)
@@ -379,7 +364,6 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             return token_mean(total, count)[0].item()
         return mean_over_loss_ranks(total / evaluator.steps).item()
 
-    preempt = PreemptionHandler()
     profiler = StepProfiler(cfg.profiling, run_dir, env.rank, device, steps_done=start_step, last_step=t.steps)
     history: List[Dict[str, float]] = []
     loop_start = window_start = time.perf_counter()
@@ -390,6 +374,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         part.train()
     try:
         profiler.start()
+        preempt.phase = "loop"  # a signal now asks for a checkpoint at the next step boundary
         for step in range(start_step + 1, t.steps + 1):
             lr = lr_at(step)
             for group in optimizer.param_groups:
@@ -507,11 +492,11 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                     # Before any rank exits: the first exit makes torchrun (or srun
                     # --kill-on-bad-exit) kill the others, and a batch script decides to
                     # requeue by this file.
-                    write_status(run_dir, status="preempted", exit_code=EXIT_PREEMPTED, step=step,
-                                 signal=preempt.name, ended=time.time())
+                    report("preempted", EXIT_PREEMPTED, step=step, signal=preempt.name)
                 pdist.barrier()
-                raise Preempted(step)
+                raise Preempted(step, preempt.name)
             profiler.step()
+        preempt.phase = "done"
         ckpt.wait()
         if tied_sync is not None:
             gap = tied_sync.max_divergence()
@@ -519,7 +504,6 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 log.info("tied embedding copies (first and last stage): max |difference| %.3g", gap)
     finally:
         profiler.stop()
-        preempt.restore()
         sink.close()
         loader.close()
         if audit is not None:

@@ -17,10 +17,19 @@ fi
 PYTHON=${PYTHON:-python}
 
 # One run dir per job, named from the job: a requeued job (same id) finds its
-# checkpoints there and resumes. Array jobs (sweeps) use <array id>_<task id>.
+# checkpoints there and resumes. Array jobs (sweeps) use <array id>_<task id>. A
+# hydra.run.dir=... among the overrides wins (the scripts pass it on once, as RUN_DIR).
 JOB_TAG=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 JOB_TAG=${JOB_TAG:-$SLURM_JOB_ID}
 RUN_DIR=${RUN_DIR:-${RUNS_ROOT:-runs}/${SLURM_JOB_NAME}-${JOB_TAG}}
+_overrides=()
+for _arg in "$@"; do
+    case "$_arg" in
+        hydra.run.dir=*|+hydra.run.dir=*|++hydra.run.dir=*) RUN_DIR=${_arg#*hydra.run.dir=} ;;
+        *) _overrides+=("$_arg") ;;
+    esac
+done
+set -- "${_overrides[@]}"  # the script's overrides, without hydra.run.dir
 mkdir -p "$RUN_DIR"
 # The first node hosts the rendezvous; the port is derived from the job id so that
 # jobs sharing a node do not collide.
@@ -44,8 +53,6 @@ forward_usr1() {
 # requeue when the trainer stopped for preemption. Exits with the step's code.
 run_and_requeue() {
     trap forward_usr1 USR1
-    # A previous attempt's "preempted" must not requeue an attempt that fails early.
-    rm -f "$RUN_DIR/status.json"
     "$@" &
     local pid=$! rc
     while true; do
@@ -54,11 +61,15 @@ run_and_requeue() {
         kill -0 "$pid" 2>/dev/null || break  # wait returned because of the trap: go on
     done
     trap - USR1
-    # Requeue when the trainer says it stopped for preemption, or when this script
-    # forwarded the warning and a complete checkpoint exists (the ranks may have been
-    # killed before rank 0 wrote its status).
-    if grep -q '"status": *"preempted"' "$RUN_DIR/status.json" 2>/dev/null \
-        || { (( PREEMPT_REQUESTED )) && compgen -G "$RUN_DIR/checkpoints/step-*/meta.json" >/dev/null; }; then
+    # Requeue when this attempt's trainer says it stopped for preemption (status.json
+    # names the attempt: a previous attempt's, or another job's on the same run dir, does
+    # not count), or when this script forwarded the warning and a complete checkpoint
+    # exists (the ranks may have been killed before rank 0 wrote its status). Never after
+    # exit 2: a config error, or a run dir that another job holds.
+    local attempt="${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}"
+    if (( rc != 2 )) && { { grep -q '"status": *"preempted"' "$RUN_DIR/status.json" 2>/dev/null \
+            && grep -q "\"slurm_attempt\": *\"$attempt\"" "$RUN_DIR/status.json"; } \
+        || { (( PREEMPT_REQUESTED )) && compgen -G "$RUN_DIR/checkpoints/step-*/meta.json" >/dev/null; }; }; then
         if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-20} )); then
             echo "pretrain: checkpoint saved after preemption; requeueing job $SLURM_JOB_ID"
             scontrol requeue "$SLURM_JOB_ID"

@@ -1,0 +1,350 @@
+"""Checkpoint files as data, never code: DCP's ``.metadata`` read by an unpickler that
+admits exactly the classes DCP writes, non-tensor entries (optimizer ``param_groups``)
+and RNG states loaded with ``torch.load(weights_only=True)``, and every file's size and
+CRC32 recorded while it is written and checked before a load.
+
+A checkpoint may come from anywhere (``checkpoint.load_path``, a copied run dir): a
+crafted file is refused with its name (``CheckpointError``, exit 4) before anything in
+it can run."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import re
+import threading
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupt, crafted, of another
+    shape, or one that could not be written."""
+
+
+# -- what DCP pickles into .metadata (torch 2.6 - 2.13), and nothing else ----------------
+_DCP_MD = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    (_DCP_MD, n) for n in ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+                           "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a name -> torch.layout lookup
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+_DATA_FILE = re.compile(r"^__\d+_\d+\.distcp$")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name} (not a class DCP's metadata holds)")
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """The ``.metadata`` of checkpoint ``path`` as data; ``CheckpointError`` naming the
+    file when it is missing, not DCP metadata, or names data files outside the folder."""
+    f = Path(path) / ".metadata"
+    try:
+        with open(f, "rb") as fh:
+            md = _MetadataUnpickler(fh).load()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {path}: missing {f} (incomplete or not DCP)") from e
+    except Exception as e:  # noqa: BLE001 (pickle raises many types on bad input)
+        raise CheckpointError(f"{f}: refused, not DCP metadata ({type(e).__name__}: {e}); a checkpoint is "
+                              "read as data, never run as code") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CheckpointError(f"{f}: refused, holds a {type(md).__name__}, not DCP Metadata")
+    for info in (md.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not _DATA_FILE.match(rel):
+            raise CheckpointError(f"{f}: refused, names data file {rel!r} (DCP writes __<rank>_<n>.distcp in the "
+                                  "checkpoint folder)")
+    return md
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader with the metadata read by ``read_dcp_metadata``."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if kwargs.get("rank") is not None:
+            raise CheckpointError(f"{self.path}: per-rank DCP metadata is not read by this trainer")
+        md = read_dcp_metadata(Path(self.path))
+        if getattr(md, "storage_meta", None) is not None:
+            md.storage_meta.load_id = self.load_id
+        return md
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor entries (optimizer hyperparameters) loaded with ``weights_only=True``:
+    DCP's default planner unpickles them with ``weights_only=False``."""
+
+    def __init__(self, ckpt: Path, **kw):
+        super().__init__(**kw)
+        self.ckpt = Path(ckpt)
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            info = (self.metadata.storage_data or {}).get(read_item.storage_index) if self.metadata else None
+            where = self.ckpt / getattr(info, "relative_path", "<a .distcp file>")
+            raise CheckpointError(f"{where}: entry {read_item.dest_index.fqn!r} refused, not plain data "
+                                  f"({str(e).splitlines()[-1][:200]}); a checkpoint is read as data, never run "
+                                  "as code") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def dcp_failure(e: BaseException) -> BaseException:
+    """The first underlying exception of DCP's ``CheckpointException`` (a BaseException
+    that wraps each rank's error), else ``e``."""
+    if isinstance(e, CheckpointException):
+        for _, wrapped in sorted(e.failures.items()):
+            inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            if isinstance(inner, BaseException):
+                return inner
+    return e
+
+
+def reraise_interrupt(e: BaseException) -> None:
+    """DCP wraps whatever a rank raised, signals' exceptions included: those go on as
+    themselves (KeyboardInterrupt, ``signals.Interrupted``), not as a checkpoint error."""
+    inner = dcp_failure(e)
+    if not isinstance(inner, Exception):
+        raise inner
+
+
+def os_error_of(e: BaseException) -> Optional[OSError]:
+    """An OSError behind ``e`` (DCP wraps it; torch.save's writer turns a failed write
+    into "enforce fail at inline_container.cc" with the OSError as its context)."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno is not None:
+            return x
+        if isinstance(x, CheckpointException):
+            stack.extend(w[0] if isinstance(w, tuple) else w for w in x.failures.values())
+        stack.extend([x.__cause__, x.__context__])
+    return None
+
+
+def describe_error(e: BaseException) -> str:
+    """One line: the path and errno of an OSError behind ``e`` (ENOSPC: "disk full"),
+    else the exception."""
+    ose = os_error_of(e)
+    if ose is not None:
+        what = {28: "disk full", 122: "disk quota exceeded", 30: "read-only file system"}.get(ose.errno, "")
+        name = f"{ose.filename}: " if ose.filename else ""
+        return f"{name}[Errno {ose.errno}] {os.strerror(ose.errno)}{f' ({what})' if what else ''}"
+    inner = dcp_failure(e)
+    return f"{type(inner).__name__}: {str(inner).strip().splitlines()[-1] if str(inner).strip() else ''}"
+
+
+# -- per-file sizes and CRC32s, computed while writing ---------------------------------------
+class _CrcStream(io.RawIOBase):
+    """Write-through wrapper that keeps the CRC32 and size of what went through it; a
+    seek elsewhere than the end marks the running CRC invalid (recomputed from disk)."""
+
+    def __init__(self, raw, record):
+        self.raw, self._record, self.crc, self.size, self.sequential = raw, record, 0, 0, True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = self.raw.write(b)
+        view = memoryview(b).cast("B")[:n] if n is not None else memoryview(b).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def seek(self, pos, whence=0):
+        out = self.raw.seek(pos, whence)
+        if out != self.size:
+            self.sequential = False
+        return out
+
+    def seekable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        if not self.raw.closed:
+            self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+            self._record(self)
+        super().close()
+
+
+class _CrcFileSystem(FileSystem):
+    def __init__(self):
+        super().__init__()
+        self.files: Dict[str, Tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as s:
+                yield s
+            return
+        path = Path(path)
+
+        def record(s: _CrcStream) -> None:
+            entry = (s.size, s.crc) if s.sequential else file_crc(path)
+            with self._lock:
+                self.files[path.name] = entry
+
+        with open(path, mode) as raw:
+            s = _CrcStream(raw, record)
+            try:
+                yield s
+            finally:
+                s.close()
+
+
+class CrcWriter(FileSystemWriter):
+    """DCP's file writer that records each data file's size and CRC32 as it writes
+    (``files``); ``.metadata`` is summed by the caller after the save."""
+
+    def __init__(self, path, **kw):
+        super().__init__(path, **kw)
+        self.fs = _CrcFileSystem()
+
+    @property
+    def files(self) -> Dict[str, Tuple[int, int]]:
+        return {k: v for k, v in self.fs.files.items() if _DATA_FILE.match(k)}
+
+
+def file_crc(path: Path, chunk: int = 8 << 20) -> Tuple[int, int]:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return size, crc
+
+
+def write_file(path: Path, data: bytes) -> Tuple[int, int]:
+    """Writes ``data``; returns (size, CRC32) for the manifest."""
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data), zlib.crc32(data)
+
+
+def verify_files(ckpt: Path, files: Dict[str, list], mine: Iterable[str]) -> None:
+    """The files in ``mine`` (this rank's share of the manifest ``files``) exist with
+    their size and CRC32. ``CheckpointError`` names the first bad file."""
+    for rel in mine:
+        size, crc = files[rel]
+        f = ckpt / rel
+        try:
+            have = f.stat().st_size
+        except OSError as e:
+            raise CheckpointError(f"{f}: missing or unreadable ({e.strerror}); the checkpoint is incomplete") from None
+        if have != size:
+            raise CheckpointError(f"{f}: {have} bytes, {size} when written (truncated or replaced)")
+        if file_crc(f)[1] != crc:
+            raise CheckpointError(f"{f}: CRC32 differs from the one recorded when it was written (corrupt)")
+
+
+# -- RNG states as tensors and numbers -------------------------------------------------------
+def rng_state() -> dict:
+    """This process's RNG states as tensors, ints and floats only (``weights_only`` loads
+    them). CUDA: this process's device only (a resume with another number of visible
+    devices per process still loads it)."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"format": 2, "python": [version, list(internal), gauss],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_rng(path: Path) -> Tuple[int, int]:
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    return write_file(path, buf.getvalue())
+
+
+def load_rng(path: Path) -> None:
+    """Restores the RNG states saved by ``save_rng`` (or by earlier versions, whose numpy
+    arrays load through torch's allowlist of numpy's array classes)."""
+    import numpy as np
+
+    legacy = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))] \
+        if hasattr(np, "_core") else []
+    try:
+        with torch.serialization.safe_globals(legacy):
+            state = torch.load(path, weights_only=True)
+        if state.get("format") == 2:
+            py, nq = state["python"], state["numpy"]
+            random.setstate((py[0], tuple(py[1]), py[2]))
+            np.random.set_state((nq["kind"], nq["keys"].numpy().astype(np.uint32), nq["pos"], nq["has_gauss"],
+                                 nq["cached_gaussian"]))
+        else:  # format 1: (python state tuple, numpy state tuple)
+            random.setstate(state["python"])
+            np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = state["cuda"]
+            torch.cuda.set_rng_state(cuda if isinstance(cuda, torch.Tensor) else cuda[torch.cuda.current_device()])
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 (unpickling refusals, wrong shapes and types)
+        raise CheckpointError(f"{path}: refused, not an RNG state of this trainer "
+                              f"({str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__})"
+                              "; a checkpoint is read as data, never run as code") from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing ({what})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable or not JSON ({e}) ({what})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object ({what})")
+    return data
+
+
+def data_files(ckpt: Path) -> List[str]:
+    return sorted(p.name for p in Path(ckpt).iterdir() if _DATA_FILE.match(p.name))

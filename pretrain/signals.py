@@ -1,0 +1,149 @@
+"""How a job ends on a signal. SIGTERM, SIGUSR1 (SLURM's warning before a time limit)
+and SIGINT (Ctrl-C) in the step loop ask for a checkpoint at the next step boundary and
+exit 3 (``Preempted``); during start-up they end the job at once (``Interrupted``, exit
+128 + signal number, status failed: no step of this attempt was lost). A second SIGINT
+more than ``ABORT_AFTER_S`` after the first aborts (KeyboardInterrupt, exit 130), for a
+save that takes too long; other repeats change nothing (under torchrun one Ctrl-C can
+reach a worker twice, from the terminal and forwarded by the agent).
+
+Under torchrun the workers also die with their agent: its start-up sets
+``PR_SET_PDEATHSIG`` (SIGKILL), so a SIGKILLed or OOM-killed agent leaves no orphan
+holding the run dir's lock or a GPU."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+EXIT_PREEMPTED = 3  # stopped on a signal after a checkpoint; rerun to resume
+ABORT_AFTER_S = 5.0
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a signal asked for is complete."""
+
+    def __init__(self, step: int, signal_name: str = ""):
+        super().__init__(f"preempted at step {step}" + (f" on {signal_name}" if signal_name else ""))
+        self.step, self.signal = step, signal_name
+
+
+class Interrupted(BaseException):
+    """A signal before the step loop: nothing to checkpoint, end now. A BaseException,
+    like KeyboardInterrupt, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, name: str, signum: int):
+        super().__init__(f"{name} during start-up (before the first step of this attempt; no checkpoint written)")
+        self.name, self.exit_code = name, 128 + signum
+
+
+class SignalHandler:
+    """``phase``: "setup" (a signal raises ``Interrupted``), "loop" (it sets ``received``
+    for the next step boundary) or "done" (noted, nothing more: the job is finishing).
+
+    Python runs signal handlers on the main thread between bytecodes, so a main thread
+    blocked in C++ (waiting for a peer in the process-group rendezvous or a collective)
+    would not see them. A watchdog thread learns of every signal at once (CPython's
+    wakeup fd): when the main thread has not ended the process ``GRACE_S`` after a
+    start-up signal, or after an aborting second SIGINT, the watchdog writes the status
+    (``report``) and ends the process itself with the same exit code."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    GRACE_S = 3.0
+
+    def __init__(self, report: Optional[Callable] = None):
+        self.received, self.name, self.phase, self._first_at, self._old = False, "", "setup", 0.0, {}
+        self.report = report  # report(state, exit_code, **fields): status.json (rank 0)
+        self.exiting = False  # set by the entry point once it handles the stop: no forced exit
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (embedded use): leave signals alone
+                pass
+        self._pipe = None
+        if self._old:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            try:
+                self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            except ValueError:
+                os.close(r), os.close(w)
+            else:
+                self._pipe = (r, w)
+                threading.Thread(target=self._watch, args=(r,), name="signal-watchdog", daemon=True).start()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.phase == "setup":
+            raise Interrupted(name, signum)
+        if not self.received:
+            self.received, self.name, self._first_at = True, name, now
+        elif signum == signal.SIGINT and self.phase == "loop" and now - self._first_at > ABORT_AFTER_S:
+            raise KeyboardInterrupt(f"second SIGINT {now - self._first_at:.0f} s after the first: aborting")
+
+    def _watch(self, fd: int) -> None:
+        first = None  # the watchdog's own record: the main thread may be blocked
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                now = time.monotonic()
+                if self.phase == "setup":
+                    self._force_exit(signum, 128 + signum)
+                elif self.phase == "loop":
+                    if first is None:
+                        first = now
+                    elif signum == signal.SIGINT and now - first > ABORT_AFTER_S:
+                        self._force_exit(signum, 130)
+
+    def _force_exit(self, signum: int, code: int) -> None:
+        time.sleep(self.GRACE_S)  # the main thread unwinds and exits meanwhile, unless it is blocked
+        deadline = time.monotonic() + 30.0
+        while self.exiting and time.monotonic() < deadline:  # it is on its way out: let it finish
+            time.sleep(0.1)
+        if self._pipe is None:  # restored: the job ended by itself
+            return
+        name = signal.Signals(signum).name
+        msg = (f"{name}: the main thread did not stop within {self.GRACE_S:.0f} s (blocked waiting for a peer or "
+               "a collective); ended by the signal watchdog")
+        print(f"stopped: {msg}", file=sys.stderr, flush=True)
+        if self.report is not None:
+            try:
+                self.report("failed", code, step=None, error=f"Interrupted: {msg}")
+            except Exception:  # noqa: BLE001 (exiting anyway)
+                pass
+        os._exit(code)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+
+
+def die_with_parent() -> None:
+    """Under torchrun: SIGKILL this process when the agent that started it dies. torchrun
+    starts workers in sessions of their own, so nothing else ends them with it."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or not hasattr(os, "getppid"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the agent died before the prctl
+        os._exit(1)

@@ -1,0 +1,373 @@
+"""The platform against hostile or unlucky input, one test per class of failure (the
+README's "Reliability" section). Each ends in a clear error naming the key or file, or a
+counted skip, with status.json telling the truth, the same exit code on every rank, and
+nothing left waiting. The data-side classes (records that never yield a document,
+oversized records, files deleted mid-run) are in tests/test_hostile_data.py.
+
+Checkpoints here come from real runs; crafted files are made from them and given a
+manifest that matches (sizes and CRC32s), so it is the reader that must refuse them."""
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import BIN, REPO, TINY, _env, free_port, losses, read_metrics, run_job
+
+DET = ["train.deterministic=true", "optim.schedule=constant", "optim.warmup_steps=0", "logging.every=1"]
+
+
+class Payload:
+    """Pickles as a call of os.system: whoever unpickles it runs the command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def status(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def start(run: Path, overrides, tok_cache: str, *, launcher: str = "single", nproc: int = 2,
+          env=None) -> subprocess.Popen:
+    args = [*TINY, f"data.tokenizer.cache_dir={tok_cache}", *overrides, f"hydra.run.dir={run}"]
+    if launcher == "single":
+        cmd = [sys.executable, "-m", "pretrain", *args]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_steps(run: Path, proc: subprocess.Popen, n: int, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if len(read_metrics(run)) >= n:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended (rc={proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for steps")
+
+
+def srun_tasks(run: Path, overrides, tok_cache: str, nproc: int, only=None):
+    """What `srun --ntasks nproc` starts (the entry point reads SLURM_*), one Popen per
+    task; ``only``: start just these ranks (a missing peer)."""
+    port = free_port()
+    procs = []
+    for rank in (only if only is not None else range(nproc)):
+        env = {"SLURM_JOB_ID": "4243", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": str(nproc), "SLURM_NTASKS": str(nproc),
+               "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost",
+               "SLURM_STEP_TASKS_PER_NODE": str(nproc), "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pretrain", *TINY, f"data.tokenizer.cache_dir={tok_cache}", *overrides,
+             f"hydra.run.dir={run}"], cwd=REPO, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def ckpt_run(tmp_path_factory, tok_cache):
+    """One process, 4 deterministic steps, checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    run_job(run, [*DET, "train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=0"], tok_cache=tok_cache)
+    return run
+
+
+def refresh_manifest(ckpt: Path) -> None:
+    """Recompute meta.json's sizes and CRC32s from the files as they are now."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"] = {}
+    for f in sorted(ckpt.rglob("*")):
+        rel = str(f.relative_to(ckpt))
+        if f.is_file() and rel != "meta.json":
+            data = f.read_bytes()
+            meta["files"][rel] = [len(data), zlib.crc32(data)]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def crafted_bytes_entry(src: Path, dst: Path, marker: Path) -> None:
+    """``src`` rewritten by DCP with one optimizer hyperparameter (a pickled non-tensor
+    entry of the .distcp file) replaced by a payload."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    md = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata  # our own file: trusted here
+    flat = {k: (0 if isinstance(v, BytesStorageMetadata) else torch.empty(tuple(v.size), dtype=v.properties.dtype))
+            for k, v in md.items()}
+    dcp.load(flat, checkpoint_id=str(src), no_dist=True)
+    victim = next(k for k in flat if k.startswith("optim.param_groups.") and k.endswith(".lr"))
+    flat[victim] = Payload(marker)
+    dcp.save(flat, checkpoint_id=str(dst), no_dist=True)
+    for sub in ("meta.json", "loader", "rng"):
+        (shutil.copytree if (src / sub).is_dir() else shutil.copy)(src / sub, dst / sub)
+
+
+@pytest.mark.parametrize("victim", ["rng/rank-0.pt", ".metadata", "__0_0.distcp"])
+def test_crafted_checkpoint_file_runs_nothing(ckpt_run, tmp_path, tok_cache, victim):
+    """A pickle payload in the RNG file, in DCP's .metadata, or in a non-tensor entry of a
+    .distcp file: the job refuses it naming the file (exit 4, status failed) and the
+    payload never runs."""
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "step-4"
+    src = ckpt_run / "checkpoints" / "step-4"
+    if victim == "__0_0.distcp":
+        crafted_bytes_entry(src, ckpt, marker)
+    else:
+        shutil.copytree(src, ckpt)
+        if victim == ".metadata":
+            (ckpt / victim).write_bytes(pickle.dumps(Payload(marker)))
+        else:
+            torch.save({"python": Payload(marker)}, ckpt / victim)
+    refresh_manifest(ckpt)
+    run = tmp_path / "run"
+    out = run_job(run, [*DET, "train.steps=6", f"checkpoint.load_path={ckpt}"], tok_cache=tok_cache, check=False)
+    assert out.returncode == 4, out.stderr[-3000:]
+    assert str(ckpt / victim) in out.stderr and "refused" in out.stderr, out.stderr[-3000:]
+    assert not marker.exists()
+    assert status(run)["status"] == "failed" and status(run)["exit_code"] == 4
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(ckpt_run, tmp_path, tok_cache):
+    """A truncated .distcp in the newest checkpoint of the run dir: moved aside to
+    step-4.corrupt with a warning, the run resumes from step 2 and redoes steps 3-4 bit
+    for bit. With no earlier checkpoint, exit 4 naming the file and what to do."""
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock", "status.json"))
+    data = run / "checkpoints" / "step-4" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    out = run_job(run, [*DET, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=0"],
+                  tok_cache=tok_cache)
+    text = out.stdout + out.stderr
+    assert "is unusable" in text and str(data) in text and "resumed from step 2" in text, text[-3000:]
+    assert (run / "checkpoints" / "step-4.corrupt").is_dir()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-4.corrupt",
+                                                                        "step-6"]
+    redone = {m["step"]: m["loss"] for m in read_metrics(run)}
+    first = {m["step"]: m["loss"] for m in read_metrics(ckpt_run)}
+    assert redone[3] == first[3] and redone[4] == first[4]
+
+    only = tmp_path / "only"
+    shutil.copytree(ckpt_run, only, ignore=shutil.ignore_patterns(".lock", "status.json", "step-2"))
+    (only / "checkpoints" / "step-4" / ".metadata").write_bytes(b"\x80\x04garbage")
+    bad = run_job(only, [*DET, "train.steps=6"], tok_cache=tok_cache, check=False)
+    assert bad.returncode == 4, bad.stderr[-3000:]
+    assert str(only / "checkpoints" / "step-4" / ".metadata") in bad.stderr and "nothing to fall back to" in bad.stderr
+    assert (only / "checkpoints" / "step-4").is_dir()  # left where it is for the user to decide
+    assert status(only)["exit_code"] == 4
+
+
+def test_truncated_data_file_without_manifest_exits_4(ckpt_run, tmp_path, tok_cache):
+    """A checkpoint of an older version (no manifest) with a truncated .distcp: DCP's own
+    CheckpointException (a BaseException) ends as exit 4 naming the checkpoint, not exit 1."""
+    ckpt = tmp_path / "step-4"
+    shutil.copytree(ckpt_run / "checkpoints" / "step-4", ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["files"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    data = ckpt / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:1000])
+    out = run_job(tmp_path / "run", [*DET, f"checkpoint.load_path={ckpt}"], tok_cache=tok_cache, check=False)
+    assert out.returncode == 4 and f"checkpoint {ckpt} could not be read" in out.stderr, out.stderr[-3000:]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mounts small tmpfs file systems (this test runs as root, like CI); unmounted after."""
+    mounted = []
+
+    def mount(path: Path, size: str, ro: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = f"size={size}" + (",ro" if ro else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tok_cache, tmpfs):
+    """A 3 MB file system holds one checkpoint of the tiny model (1.8 MB) but not two: the
+    second save fails naming its path and "disk full", its .partial is removed, step-2
+    stays, status.json says failed with exit 4."""
+    run = tmpfs(tmp_path / "small", "3m")
+    out = run_job(run, [*DET, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=0"],
+                  tok_cache=tok_cache, check=False)
+    assert out.returncode == 4, out.stderr[-3000:]
+    assert "step-4.partial failed" in out.stderr and "[Errno 28]" in out.stderr and "disk full" in out.stderr
+    assert "step-2" in out.stderr  # the checkpoint that is kept
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    assert status(run)["status"] == "failed" and status(run)["exit_code"] == 4
+
+
+def test_unwritable_run_dir_or_checkpoints_dir_exits_2_at_start(tmp_path, tok_cache, tmpfs):
+    run = tmpfs(tmp_path / "ro", "1m", ro=True)
+    out = run_job(run, ["train.steps=2"], tok_cache=tok_cache, check=False)
+    assert out.returncode == 2 and f"hydra.run.dir='{run}': not writable" in out.stderr, out.stderr[-2000:]
+    run2 = tmp_path / "rw"
+    tmpfs(run2 / "checkpoints", "1m", ro=True)
+    out = run_job(run2, ["train.steps=2"], tok_cache=tok_cache, check=False)
+    assert out.returncode == 2 and f"the checkpoints dir {run2 / 'checkpoints'}" in out.stderr
+    assert not (run2 / "metrics.jsonl").exists()  # stopped before the first step
+
+
+def test_second_job_on_a_busy_run_dir_exits_2_on_every_rank_and_writes_nothing(tmp_path, tok_cache):
+    run = tmp_path / "run"
+    holder = start(run, [*DET, "train.steps=400"], tok_cache)
+    try:
+        wait_steps(run, holder, 2)
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        procs = srun_tasks(run, [*DET, "train.steps=7"], tok_cache, nproc=2)
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [2, 2], outs
+        for out in outs:
+            assert f"run dir {run} is in use by another job" in out and f"pid {holder.pid}" in out, out[-2000:]
+        after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        assert set(after) == set(before)  # no new file
+        for p in (".hydra/config.yaml", ".hydra/overrides.yaml", "status.json", ".lock"):
+            assert after[run / p] == before[run / p], p
+        assert b"train.steps=7" not in after[run / "pretrain.log"]
+        assert status(run)["status"] == "running"
+    finally:
+        os.killpg(holder.pid, signal.SIGTERM)
+        holder.communicate(timeout=120)
+    assert holder.returncode == 3 and status(run)["status"] == "preempted"
+
+
+def test_workers_die_with_a_killed_agent_and_a_restart_takes_the_lock(tmp_path, tok_cache):
+    """SIGKILL to the torchrun agent (kill -9, the OOM killer): its workers, which run in
+    sessions of their own, are gone within seconds (PR_SET_PDEATHSIG), and the next job on
+    the run dir gets the lock and resumes."""
+    run = tmp_path / "run"
+    agent = start(run, [*DET, "train.steps=400", "checkpoint.interval=2"], tok_cache, launcher="torchrun")
+    wait_steps(run, agent, 3)
+    workers = [int(x) for t in Path(f"/proc/{agent.pid}/task").iterdir()
+               for x in (t / "children").read_text().split()]
+    assert len(workers) == 2
+    os.kill(agent.pid, signal.SIGKILL)
+    agent.wait()
+    end = time.monotonic() + 10
+    try:
+        while any(map(alive, workers)) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not any(map(alive, workers)), "workers outlived their agent"
+    finally:
+        for w in filter(alive, workers):  # the orphans of a failed check: not left running
+            os.kill(w, signal.SIGKILL)
+    out = run_job(run, [*DET, "train.steps=6", "checkpoint.interval=2"], tok_cache=tok_cache, nproc=2,
+                  launcher="torchrun")
+    assert "resumed from step" in out.stdout + out.stderr
+    assert status(run)["status"] == "completed"
+
+
+def test_sigint_saves_and_exits_3_and_a_quick_second_one_changes_nothing(tmp_path, tok_cache):
+    """Ctrl-C is a preemption: checkpoint at the step boundary, exit 3, status preempted;
+    the rerun continues the same curve."""
+    run = tmp_path / "run"
+    proc = start(run, [*DET, "train.steps=400"], tok_cache)
+    wait_steps(run, proc, 3)
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGINT)  # within seconds of the first: ignored
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out[-3000:]
+    (saved,) = (run / "checkpoints").iterdir()
+    step = int(saved.name[5:])
+    assert status(run)["status"] == "preempted" and status(run)["signal"] == "SIGINT" and status(run)["step"] == step
+    ref = tmp_path / "ref"
+    run_job(ref, [*DET, f"train.steps={step + 2}"], tok_cache=tok_cache)
+    run_job(run, [*DET, f"train.steps={step + 2}"], tok_cache=tok_cache)
+    assert {m["step"]: m["loss"] for m in read_metrics(run)} == {m["step"]: m["loss"] for m in read_metrics(ref)}
+
+
+def test_second_sigint_after_a_pause_aborts(monkeypatch):
+    """In the step loop a second SIGINT more than ABORT_AFTER_S after the first raises
+    KeyboardInterrupt (a save that takes too long can be abandoned); in start-up any
+    signal raises Interrupted at once."""
+    from pretrain import signals as sg
+
+    h = sg.SignalHandler()
+    try:
+        h.phase = "loop"
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert h.received and h.name == "SIGINT"
+        monkeypatch.setattr(sg, "ABORT_AFTER_S", 0.0)
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+        h.phase = "setup"
+        with pytest.raises(sg.Interrupted, match="SIGTERM during start-up"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        h.restore()  # before the watchdog's grace ends: it then exits nothing
+
+
+def test_sigterm_while_waiting_for_a_missing_peer_ends_within_seconds(tmp_path, tok_cache):
+    """Rank 0 of 2 srun tasks whose peer never starts blocks in the process-group
+    rendezvous (C++; Python's handlers cannot run): SIGTERM still ends it within seconds
+    with exit 143 and a failed status, instead of waiting out the rendezvous timeout."""
+    run = tmp_path / "run"
+    (proc,) = srun_tasks(run, ["train.steps=3"], tok_cache, nproc=2, only=[0])
+    end = time.monotonic() + 60
+    while not (run / "status.json").exists() and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the rendezvous
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # the check failed: do not leave it waiting for its peer
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143 and time.monotonic() - t0 < 10, out[-2000:]
+    st = status(run)
+    assert st["status"] == "failed" and st["exit_code"] == 143 and "SIGTERM" in st["error"]
+
+
+def test_hf_index_naming_files_outside_the_folder_is_refused(tmp_path):
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.hf import HFWeights
+
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(b"x")
+    for i, entry in enumerate(["../secret.safetensors", str(outside), "a/../../secret.safetensors"]):
+        d = tmp_path / f"model{i}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": entry}}))
+        with pytest.raises(CheckpointError, match=r"weight_map entry 'lm_head.weight' .* outside the model folder"):
+            HFWeights(d)
+
+
+def test_parallel_degree_that_does_not_fit_names_its_key_and_the_world_size():
+    from tests.conftest import compose_job
+    from pretrain.validate import ConfigError, validate_job
+
+    for override, key in (("parallel.tp=4", "parallel.tp=4"), ("parallel.pp=3", "parallel.pp=3")):
+        with pytest.raises(ConfigError, match=f"{key}: must divide the world size 2"):
+            validate_job(compose_job(override), 2)
