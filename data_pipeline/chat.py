@@ -208,10 +208,13 @@ class ChatPacker:
         return [{"key": key, "ref": ref} for key, _, _, ref in self._docs]
 
     def load_fragments(self, frags: List[dict], fetch: Callable[[dict], Tuple[np.ndarray, np.ndarray]]) -> None:
-        """Append saved conversations; ``fetch(ref)`` renders a referenced one again."""
+        """Append saved conversations; ``fetch(ref)`` renders a referenced one again, or
+        returns None when it can no longer be read (it is dropped)."""
         for fr in frags:
             if "ref" not in fr:
                 raise ValueError("the loader state holds text fragments but data.format=chat: the checkpoint "
                                  "was written by a data.format=text job")
-            self.add(fr["key"], fetch(fr["ref"]), fr["ref"])
+            rendered = fetch(fr["ref"])
+            if rendered is not None:
+                self.add(fr["key"], rendered, fr["ref"])
 

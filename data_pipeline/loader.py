@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .chat import PACKING_MODES, PAD_KEY, ChatRenderer, shifted_labels
 from .packing import positions as _positions
-from .sources import Source
+from .sources import DataError, Source
 from .stream import SlotStream, UnitPlan, fresh_slot_state, key_source, reshard
 
 log = logging.getLogger("data_pipeline")
@@ -100,11 +100,12 @@ class _RowsDataset(IterableDataset):
         self.live = (mine, lanes, nxt)
         n_src = len(self.sources)
         while True:
-            wins, skipped, truncated, moved = [], 0, 0, []
+            wins, skipped, truncated, cut, moved = [], 0, 0, 0, []
             for i, streams in enumerate(lanes):
                 lane = nxt[i]
                 wins.append(streams[lane].next_window())
                 skipped += streams[lane].take_skipped()
+                cut += streams[lane].take_truncated_docs()
                 if chat:
                     truncated += streams[lane].take_truncated()
                 moved.append(lane)
@@ -123,6 +124,7 @@ class _RowsDataset(IterableDataset):
                 source_tokens=src_tokens,
                 skipped=skipped,
                 truncated=truncated,
+                truncated_docs=cut,
                 masks=np.stack([x[3] for x in wins]) if chat else None,
                 # Only the stream each row just took a window from changed.
                 states=[(lane, streams[lane].state_dict(with_queue=False), n)
@@ -133,9 +135,11 @@ class _RowsDataset(IterableDataset):
 class RankLoader:
     """Iterator of batch dicts: ``input_ids``/``labels``/``positions``/``doc_ids``
     (local_batch_size x seq_len), ``window_doc_ids`` (the keys of all seq_len+1 window
-    tokens, for the audit), ``source_tokens`` (tokens per source), ``skipped`` and
-    ``truncated`` (records skipped, and chat conversations cut to max_length; the three
-    counted on a step's first micro-batch). Chat sources: ``labels`` are
+    tokens, for the audit), ``source_tokens`` (tokens per source), ``skipped``,
+    ``truncated`` and ``truncated_docs`` (records skipped, chat conversations cut to
+    max_length, and documents cut to max_doc_bytes; the four counted on a step's first
+    micro-batch). A ``DataError`` raised in a worker process (no unit yields a document)
+    reaches the caller as a ``DataError`` with the worker's message. Chat sources: ``labels`` are
     ``chat.IGNORE_INDEX`` (-100) except where the next token is an assistant token, and
     padding has document key ``chat.PAD_KEY`` (-1)."""
 
@@ -203,7 +207,7 @@ class RankLoader:
         if self.n_workers == 0:
             return iter(ds)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.n_workers, prefetch_factor=4,
-                               multiprocessing_context="fork"))
+                               multiprocessing_context="fork", worker_init_fn=_quiet_worker))
 
     def __iter__(self):
         return self
@@ -220,7 +224,7 @@ class RankLoader:
         for k, v in self._step_rows.items():
             if v is None:
                 out[k] = None
-            elif k in ("source_tokens", "skipped", "truncated"):  # counted once per step
+            elif k in ("source_tokens", "skipped", "truncated", "truncated_docs"):  # counted once per step
                 out[k] = v * (m == 0)
             else:
                 out[k] = v[rows]
@@ -230,7 +234,14 @@ class RankLoader:
         if self._it is None:
             self._it = self._start()
         # One piece per worker, in worker order (the DataLoader's round robin).
-        pieces = [next(self._it) for _ in range(max(1, self.n_workers))]
+        try:
+            pieces = [next(self._it) for _ in range(max(1, self.n_workers))]
+            err = None
+        except DataError as e:
+            err = _worker_data_error(e)
+        if err is not None:  # raised here, not in the handler: no reference to the worker iterator's frames
+            self._stop_workers()
+            raise err
         b, s1 = self.spec.rows, self.spec.seq_len + 1
         # numpy, not torch: torch's indexed copies wake OpenMP threads that then spin on
         # cores the loader workers and the training step need.
@@ -259,16 +270,56 @@ class RankLoader:
             "source_tokens": torch.from_numpy(sum(p.source_tokens for p in pieces)),
             "skipped": sum(p.skipped for p in pieces),
             "truncated": sum(p.truncated for p in pieces),
+            "truncated_docs": sum(p.truncated_docs for p in pieces),
         }
 
     def close(self) -> None:
         self._sync_in_process_states()
-        self._it = self._ds = None
+        self._stop_workers()
+        self._ds = None
+
+    def _stop_workers(self) -> None:
+        """Shut the worker processes down now rather than when the iterator is collected:
+        an exception's traceback can keep it alive until exit, where multiprocessing's
+        exit handler may wait forever for its workers."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def _sync_in_process_states(self) -> None:
         """In process (no workers) the streams' states are read when needed, not per batch."""
         if self._ds is not None and not self._ds.ship_states and self._ds.live is not None:
             self.states = self._ds.live_states()
+
+
+def _worker_data_error(e: DataError) -> DataError:
+    """torch re-raises a worker's exception as ``type(e)("Caught DataError in DataLoader
+    worker process N.\nOriginal Traceback ...: <message>")``: keep the message only."""
+    msg = str(e)
+    if msg.startswith("Caught DataError in DataLoader worker"):
+        marker = "DataError: "
+        at = msg.rfind(marker)
+        if at >= 0:
+            return DataError(msg[at + len(marker):].strip())
+    return e
+
+
+def _quiet_worker(_: int) -> None:
+    """Loader workers leave stop signals to the training process: Ctrl-C reaches the
+    whole foreground process group, SLURM may signal every process of a step, and a
+    worker killed by SIGINT/SIGTERM/SIGUSR1 would fail the next batch before the trainer
+    could checkpoint. They end with it (the DataLoader's watchdog, and the kernel's
+    parent-death signal set here)."""
+    import ctypes
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 def _check_chat(sources, tokenizer, spec: LoaderSpec) -> None:

@@ -73,13 +73,16 @@ class Packer:
                 frags.append({"key": key, "tokens": seg})  # an array; lists only in JSON
         return frags
 
-    def load_fragments(self, frags: List[dict], fetch: Callable[[dict], np.ndarray]) -> None:
-        """Append saved fragments; ``fetch(ref)`` returns a referenced document wrapped."""
+    def load_fragments(self, frags: List[dict], fetch: Callable[[dict], Optional[np.ndarray]]) -> None:
+        """Append saved fragments; ``fetch(ref)`` returns a referenced document wrapped,
+        or None when it can no longer be read (the fragment is dropped)."""
         for fr in frags:
             if "tokens" in fr:
                 self.add(fr["key"], np.asarray(fr["tokens"], dtype=np.int64), None)
             else:
-                self.add(fr["key"], fetch(fr["ref"]), fr["ref"], fr["off"])
+                wrapped = fetch(fr["ref"])
+                if wrapped is not None:
+                    self.add(fr["key"], wrapped, fr["ref"], fr["off"])
 
     def segments(self) -> Iterator[Tuple[int, int]]:
         for key, seg, _, _ in self._segs:

@@ -9,7 +9,9 @@ Output folder:
 
 The manifest is written last, under a temporary name then renamed: a folder without one
 is an unfinished run, and the ``pretokenized`` source refuses it. Bad records are skipped
-and counted exactly as the streaming loader does."""
+and counted exactly as the streaming loader does, with the same ``--max-doc-bytes`` bound
+(longer JSONL lines skipped, longer text cells and files cut), so the shards' documents
+are bounded when written."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +25,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from .sources import MANIFEST, SHARD_FORMAT, SourceSpec, build_source
+from .sources import MANIFEST, MAX_DOC_BYTES, SHARD_FORMAT, SourceSpec, build_source
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger("data_pipeline")
@@ -67,12 +69,17 @@ def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, dtype, shard_tokens)
-    skipped = [0]
+    skipped, truncated = [0], [0]
 
     def on_skip(where, reason):
         skipped[0] += 1
         if skipped[0] <= 5:
             log.warning("skipped a record: %s: %s", where, reason)
+
+    def on_truncate(where):
+        truncated[0] += 1
+        if truncated[0] <= 5:
+            log.warning("cut a document to %s=%d bytes: %s", "max_doc_bytes", spec.max_doc_bytes, where)
 
     n_docs = n_tokens = 0
     bar = tqdm(source.units, desc="pretokenize", unit="unit", disable=not progress, file=sys.stderr)
@@ -87,7 +94,7 @@ def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1
         n_tokens += int(off[-1])
 
     for unit in bar:
-        for _, _, text in source.iter_docs(unit, 0, on_skip):
+        for _, _, text in source.iter_docs(unit, 0, on_skip, on_truncate):
             pending.append(text)
             if len(pending) >= batch_docs:
                 encode(pending)
@@ -102,8 +109,10 @@ def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1
         "tokenizer": {"kind": getattr(tokenizer, "kind", "?"), "path": getattr(tokenizer, "path", ""),
                       "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
-        "source": {"kind": spec.kind, "path": spec.path, "glob": spec.glob, "field": spec.field},
+        "source": {"kind": spec.kind, "path": spec.path, "glob": spec.glob, "field": spec.field,
+                   "max_doc_bytes": spec.max_doc_bytes},
         "n_docs": n_docs, "n_tokens": n_tokens, "skipped": skipped[0] + len(source.listing_skipped),
+        "truncated_docs": truncated[0],
         "shards": writer.shards,
     }
     tmp = out / (MANIFEST + ".tmp")
@@ -121,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--field", default="text", help="JSON field / column holding the text")
     p.add_argument("--split", default=None, help="split of a saved DatasetDict")
     p.add_argument("--max-file-bytes", type=int, default=100_000_000, help="text_folder: skip larger files")
+    p.add_argument("--max-doc-bytes", type=int, default=MAX_DOC_BYTES,
+                   help="skip longer JSONL lines, cut longer text cells / files (default 64 MiB)")
     p.add_argument("--tokenizer", default="llama3", choices=["llama3", "tiktoken", "hf"])
     p.add_argument("--tokenizer-path", default=None, help="tokenizer.model (tiktoken) or tokenizer.json (hf)")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
@@ -134,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         shutil.rmtree(a.out)
     spec = SourceSpec(kind=a.source, path=a.path, glob=a.glob, field=a.field, split=a.split,
-                      max_file_bytes=a.max_file_bytes, key="--")
+                      max_file_bytes=a.max_file_bytes, max_doc_bytes=a.max_doc_bytes, key="--")
     try:
         tok = build_tokenizer(a.tokenizer, a.tokenizer_path)
         m = pretokenize(spec, tok, a.out, shard_tokens=a.shard_tokens)
@@ -142,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}: {m['n_docs']:,} documents, {m['n_tokens']:,} tokens in {len(m['shards'])} shard(s), "
-          f"{m['dtype']}, {m['skipped']} skipped", file=sys.stderr)
+          f"{m['dtype']}, {m['skipped']} skipped, {m['truncated_docs']} cut to --max-doc-bytes", file=sys.stderr)
     return 0
 
 

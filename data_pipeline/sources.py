@@ -13,15 +13,23 @@ seek for JSONL, by row for the rest; only compressed JSONL, which has no random 
 re-decompresses up to the cursor.
 
 Bad records (malformed JSON, a missing or non-string field, invalid UTF-8, empty
-documents, empty files) are skipped and reported through ``on_skip(where, reason)``; a
-missing path, an empty glob or an unreadable file raises at listing time with the path.
-JSONL with ``format=chat`` yields conversations instead of texts (see chat.py)."""
+documents, empty files, JSONL lines longer than ``max_doc_bytes``, a truncated or corrupt
+compressed stream after its last whole line) are skipped and reported through
+``on_skip(where, reason)``; so is a unit whose file vanished or became unreadable after
+listing (any ``OSError`` while reading it). A missing path, an empty glob or an unreadable
+file raises at listing time with the path. Text cells of Parquet and datasets rows and
+text files longer than ``max_doc_bytes`` are cut to it (at a character boundary) and
+reported through ``on_truncate(where)``. JSONL with ``format=chat`` yields conversations
+instead of texts (see chat.py). No record is ever held whole in memory before its size is
+known to be within ``max_doc_bytes``, except a Parquet or datasets cell (their readers load
+a column at a time)."""
 from __future__ import annotations
 
 import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -30,6 +38,7 @@ import numpy as np
 from .chat import UnknownRoleError, parse_record
 
 SkipFn = Callable[[str, str], None]
+TruncateFn = Callable[[str], None]
 # (cursor of this document, cursor after it, payload: str text or np.ndarray tokens)
 Doc = Tuple[int, int, Any]
 
@@ -39,6 +48,19 @@ DEFAULT_GLOBS = {
     "parquet": "**/*.parquet",
 }
 SOURCE_KINDS = ("text_folder", "jsonl", "parquet", "hf_dataset", "pretokenized")
+# Default of data.max_doc_bytes (see the README for the measurement behind it).
+MAX_DOC_BYTES = 64 << 20
+# zstd input is decompressed this many bytes at a time: at most 32768x as much output
+# (an RLE block), 128 MiB, even for a hostile stream; ~4-20x for text.
+_ZSTD_READ = 4096
+# Lines over max_doc_bytes are stepped over, and a byte range's first line start found,
+# in reads of at most this many bytes.
+_SCAN_BYTES = 1 << 20
+
+
+class DataError(ValueError):
+    """The data cannot feed training (e.g. no unit yields a document): a config or corpus
+    problem, named by its config key, never retried."""
 
 
 @dataclass
@@ -56,6 +78,9 @@ class SourceSpec:
     key: str = "data."
     # text | chat (jsonl only: records {"messages": [...]}, payloads are message tuples).
     format: str = "text"
+    # JSONL lines longer than this are skipped unread; longer text cells and text files
+    # are cut to it.
+    max_doc_bytes: int = MAX_DOC_BYTES
 
 
 def _fs(path: str):
@@ -70,8 +95,139 @@ def _is_local(fs) -> bool:
 
 
 def open_binary(fs, path: str):
-    """Local files with the builtin open (fsspec's path handling costs ~1 ms per open)."""
-    return open(path, "rb") if _is_local(fs) else fs.open(path, "rb")
+    """Local files with the builtin open (fsspec's path handling costs ~1 ms per open);
+    others through a ``BufferedReader`` where fsspec's file has no bounded ``readline``."""
+    if _is_local(fs):
+        return open(path, "rb")
+    f = fs.open(path, "rb")
+    return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(f, 1 << 16)
+
+
+def _first_line_start(f, a: int, b: int) -> Optional[int]:
+    """The offset of the first line that starts in [a, b) (a > 0): after the first
+    newline in [a-1, b-1); None when there is none (the range lies inside one line)."""
+    pos, end, size = a - 1, b - 1, 4096
+    f.seek(pos)
+    while pos < end:
+        piece = f.read(min(size, end - pos))
+        if not piece:
+            return None
+        i = piece.find(b"\n")
+        if i >= 0:
+            return pos + i + 1
+        pos += len(piece)
+        size = _SCAN_BYTES
+    return None
+
+
+def _skip_line(f) -> Tuple[int, bool]:
+    """Read past the next newline (or to the end) in bounded reads: (bytes read, whether
+    they ended with a newline)."""
+    n = 0
+    while True:
+        piece = f.readline(_SCAN_BYTES)
+        n += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return n, bool(piece)
+
+
+def _read_line(f, limit: int, rewind: bool) -> Tuple[Optional[bytes], int]:
+    """(the next line, its length in bytes) if it has at most ``limit`` bytes before its
+    newline; (None, length) for a longer one, which is read past in bounded pieces, never
+    held whole; (b"", 0) at the end. A line longer than ``_SCAN_BYTES`` is measured
+    first: with ``rewind`` (a seekable file) by reading to its end in bounded pieces and
+    seeking back to read it only when it fits, so a skipped line costs ``_SCAN_BYTES`` of
+    memory; without (a decompressed stream), by holding up to ``limit`` bytes of it."""
+    first = min(limit, _SCAN_BYTES)
+    line = f.readline(first + 1)
+    if len(line) <= first or line.endswith(b"\n"):
+        return line, len(line)
+    if limit <= _SCAN_BYTES:  # limit + 1 bytes without a newline
+        return None, len(line) + _skip_line(f)[0]
+    if rewind:
+        start = f.tell() - len(line)
+        n, newline = _skip_line(f)
+        n += len(line)
+        if n - newline > limit:
+            return None, n
+        f.seek(start)
+        return f.read(n), n
+    line += f.readline(limit - first)
+    if len(line) > limit and not line.endswith(b"\n"):
+        return None, len(line) + _skip_line(f)[0]
+    return line, len(line)
+
+
+def _utf8_prefix(raw: bytes, limit: int) -> bytes:
+    """The first ``limit`` bytes of UTF-8 ``raw``, moved back to a character boundary."""
+    if len(raw) <= limit:
+        return raw
+    cut = limit
+    while cut > 0 and (raw[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return raw[:cut]
+
+
+def _cut_text(value: str, limit: int) -> Optional[str]:
+    """``value`` cut to at most ``limit`` UTF-8 bytes at a character boundary, or None
+    when it is within the limit."""
+    if len(value) <= limit // 4:  # at most 4 bytes per character
+        return None
+    if len(value) <= limit:
+        raw = value.encode("utf-8", "surrogatepass")
+        if len(raw) <= limit:
+            return None
+    else:
+        raw = value[:limit].encode("utf-8", "surrogatepass")  # >= limit bytes
+    return _utf8_prefix(raw, limit).decode("utf-8", "surrogatepass")
+
+
+class _TruncatedStream(EOFError):
+    """A compressed stream that ends inside a frame; the message is the skip reason."""
+
+
+class _ZstdStream(io.RawIOBase):
+    """A zstd file (one or more frames) decompressed ``_ZSTD_READ`` input bytes at a
+    time. ``zstandard``'s stream reader ends silently at the cut of a truncated file;
+    this raises ``_TruncatedStream`` there, after everything decoded before the cut."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._dctx = raw, zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._in_frame = False  # the current frame has input but has not ended
+        self._out, self._pos, self._done = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self._pos >= len(self._out):
+            if self._done:
+                return 0
+            self._decompress_more()
+        n = min(len(buf), len(self._out) - self._pos)
+        buf[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress_more(self) -> None:
+        data = self._raw.read(_ZSTD_READ)
+        if not data:
+            if self._in_frame:
+                raise _TruncatedStream("truncated zstd stream")
+            self._done = True
+            return
+        out = []
+        while data:
+            out.append(self._obj.decompress(data))
+            self._in_frame = True
+            if not self._obj.eof:
+                break
+            data = self._obj.unused_data  # the next frame's start
+            self._obj, self._in_frame = self._dctx.decompressobj(), False
+        self._out, self._pos = b"".join(out), 0
 
 
 def _has_magic(s: str) -> bool:
@@ -116,7 +272,18 @@ class Source:
         self.units: List[tuple] = []
         self.listing_skipped: List[Tuple[str, str]] = []
 
-    def iter_docs(self, unit, cursor: int, on_skip: SkipFn) -> Iterator[Doc]:
+    def iter_docs(self, unit, cursor: int, on_skip: SkipFn, on_truncate: Optional[TruncateFn] = None):
+        """The documents of ``unit`` from ``cursor`` on, as (cursor, cursor after, payload).
+        A unit whose file vanished or became unreadable (an ``OSError`` while reading it)
+        ends with ``on_skip(label, "vanished or unreadable (<error>)")``. The generator
+        returns False for a byte range in which no record starts (inside one long line),
+        else None."""
+        try:
+            return (yield from self._iter_docs(unit, cursor, on_skip, on_truncate or _ignore))
+        except OSError as e:
+            on_skip(self.unit_label(unit), f"vanished or unreadable ({e})")
+
+    def _iter_docs(self, unit, cursor: int, on_skip: SkipFn, on_truncate: TruncateFn) -> Iterator[Doc]:
         raise NotImplementedError
 
     def _list_file_units(self, units_of: Callable[[str, int], Any], none_left: str) -> None:
@@ -137,8 +304,9 @@ class Source:
         return str(unit)
 
     def read_one(self, unit, cursor: int) -> Any:
-        """The payload of the document at ``cursor`` (used to rebuild a partly packed one)."""
-        for c, _, payload in self.iter_docs(unit, cursor, lambda *_: None):
+        """The payload of the document at ``cursor`` (used to rebuild a partly packed one).
+        Raises ``OSError`` when its file vanished or cannot be read."""
+        for c, _, payload in self._iter_docs(unit, cursor, _ignore, _ignore):
             if c == cursor:
                 return payload
             break
@@ -155,6 +323,10 @@ class Source:
         state = dict(self.__dict__)
         state.pop("_cache", None)
         return state
+
+
+def _ignore(*_) -> None:
+    pass
 
 
 def _decode(raw: bytes, where: str, on_skip: SkipFn) -> Optional[str]:
@@ -182,12 +354,17 @@ class TextFolderSource(Source):
 
         self._list_file_units(units, "every matched file is empty or too large")
 
-    def iter_docs(self, unit, cursor, on_skip):
+    def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         if cursor > 0:
             return
         (path,) = unit
+        limit = self.spec.max_doc_bytes
         with open_binary(self.fs, path) as f:
-            text = _decode(f.read(), path, on_skip)
+            raw = f.read(limit + 1)
+        if len(raw) > limit:
+            raw = _utf8_prefix(raw, limit)
+            on_truncate(path)
+        text = _decode(raw, path, on_skip)
         if text is not None:
             yield 0, 1, text
 
@@ -238,63 +415,86 @@ class JsonlSource(Source):
         path, a, b = unit
         return path if b < 0 else f"{path}[{a}:{b}]"
 
-    def iter_docs(self, unit, cursor, on_skip):
+    def _too_long(self, n: int) -> str:
+        return f"longer than {self.spec.key}max_doc_bytes={self.spec.max_doc_bytes} ({n} bytes)"
+
+    def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         path, a, b = unit
         if b < 0:
             yield from self._iter_compressed(path, cursor, on_skip)
             return
+        limit = self.spec.max_doc_bytes
         with open_binary(self.fs, path) as f:
             pos = a + cursor
             if pos > 0 and cursor == 0:
-                # A range starts at the first line that begins inside it.
-                f.seek(pos - 1)
-                if f.read(1) != b"\n":
-                    f.readline()
-                pos = f.tell()
-            else:
-                f.seek(pos)
+                # A range starts at the first line that begins inside it: after the first
+                # newline in [a-1, b-1), looked for in bounded reads (a long line may span
+                # many ranges).
+                pos = _first_line_start(f, a, b)
+                if pos is None:
+                    return False
+            f.seek(pos)
             while pos < b:
-                line = f.readline()
-                if not line:
+                line, n = _read_line(f, limit, rewind=True)
+                if not n:
                     return
-                nxt = pos + len(line)
-                if self.chat:
-                    text = self._chat_record(line, f"{path}@byte{pos}", on_skip, path, pos)
+                where = f"{path}@byte{pos}"
+                if line is None:
+                    on_skip(where, self._too_long(n))
+                    text = None
+                elif self.chat:
+                    text = self._chat_record(line, where, on_skip, path, pos)
                 else:
-                    text = _jsonl_record(line, self.spec.field, f"{path}@byte{pos}", on_skip)
+                    text = _jsonl_record(line, self.spec.field, where, on_skip)
+                line = None  # only the document stays in memory while it is used
                 if text is not None:
-                    yield pos - a, nxt - a, text
-                pos = nxt
+                    yield pos - a, pos + n - a, text
+                pos += n
 
     def _chat_record(self, line, where, on_skip, path, pos, lineno=None):
         try:
             return _jsonl_record(line, self.spec.field, where, on_skip, chat=True)
         except UnknownRoleError as e:
             if lineno is None:  # a plain file read from a byte offset: count its lines (once, to fail)
+                lineno = 1
                 with open_binary(self.fs, path) as f:
-                    lineno = f.read(pos).count(b"\n") + 1
+                    for at in range(0, pos, _SCAN_BYTES):
+                        lineno += f.read(min(_SCAN_BYTES, pos - at)).count(b"\n")
             raise ValueError(f"{path}:{lineno}: {e} ({self.spec.key}format=chat)") from None
 
     def _iter_compressed(self, path, cursor, on_skip):
+        import zstandard
+
+        limit = self.spec.max_doc_bytes
         with open_binary(self.fs, path) as raw:
             if path.endswith(".gz"):
                 stream = gzip.GzipFile(fileobj=raw)
             else:
-                import zstandard
-
-                stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+                stream = io.BufferedReader(_ZstdStream(raw), 1 << 16)
+            lineno = 0
             try:
-                for lineno, line in enumerate(stream):
-                    if lineno < cursor:
+                while True:
+                    line, n = _read_line(stream, limit, rewind=False)
+                    if not n:
+                        return
+                    lineno += 1
+                    if lineno <= cursor:
+                        continue
+                    where = f"{path}:{lineno}"
+                    if line is None:
+                        on_skip(where, self._too_long(n))
                         continue
                     if self.chat:
-                        text = self._chat_record(line, f"{path}:{lineno + 1}", on_skip, path, None, lineno + 1)
+                        text = self._chat_record(line, where, on_skip, path, None, lineno)
                     else:
-                        text = _jsonl_record(line, self.spec.field, f"{path}:{lineno + 1}", on_skip)
+                        text = _jsonl_record(line, self.spec.field, where, on_skip)
+                    line = None
                     if text is not None:
-                        yield lineno, lineno + 1, text
-            except (OSError, EOFError) as e:  # truncated or corrupt archive: skip the rest
-                on_skip(path, f"unreadable compressed stream ({e})")
+                        yield lineno - 1, lineno, text
+            except _TruncatedStream as e:  # the documents before the cut were read
+                on_skip(path, str(e))
+            except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
+                on_skip(path, f"unreadable compressed stream ({e})")  # truncated or corrupt: the rest
 
 
 class ParquetSource(Source):
@@ -332,13 +532,17 @@ class ParquetSource(Source):
             cache[path] = pq.ParquetFile(self.fs.open(path, "rb"))
         return cache[path]
 
-    def iter_docs(self, unit, cursor, on_skip):
+    def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         path, rg = unit
+        limit = self.spec.max_doc_bytes
         col = self._file(path).read_row_group(rg, columns=[self.spec.field]).column(0)
         for row in range(cursor, len(col)):
             value = col[row].as_py()
             where = f"{path}#rowgroup{rg}:row{row}"
             if isinstance(value, bytes):
+                if len(value) > limit:
+                    value = _utf8_prefix(value, limit)
+                    on_truncate(where)
                 value = _decode(value, where, on_skip)
             elif value is None:
                 on_skip(where, f"field {self.spec.field!r} is null")
@@ -349,6 +553,11 @@ class ParquetSource(Source):
             elif not value:
                 on_skip(where, "empty document")
                 continue
+            else:
+                cut = _cut_text(value, limit)
+                if cut is not None:
+                    value = cut
+                    on_truncate(where)
             if value is not None:
                 yield row, row + 1, value
 
@@ -387,7 +596,7 @@ class HFDatasetSource(Source):
     def unit_label(self, unit):
         return f"{self.spec.path}[rows {unit[0]}:{unit[1]}]"
 
-    def iter_docs(self, unit, cursor, on_skip):
+    def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         a, b = unit
         values = self._dataset()[a + cursor:b][self.spec.field]
         for i, value in enumerate(values, start=cursor):
@@ -397,6 +606,10 @@ class HFDatasetSource(Source):
             elif not value:
                 on_skip(where, "empty document")
             else:
+                cut = _cut_text(value, self.spec.max_doc_bytes)
+                if cut is not None:
+                    value = cut
+                    on_truncate(where)
                 yield i, i + 1, value
 
 
@@ -449,7 +662,8 @@ class PretokenizedSource(Source):
     def unit_label(self, unit):
         return f"{self.manifest['shards'][unit[0]]['tokens']}[docs {unit[1]}:{unit[2]}]"
 
-    def iter_docs(self, unit, cursor, on_skip):
+    def _iter_docs(self, unit, cursor, on_skip, on_truncate):
+        # Documents were bounded when written: pretokenize applies max_doc_bytes too.
         i, a, b = unit
         tokens, index = self._shard(i)
         order = np.random.default_rng([self.seed, i, a]).permutation(b - a) if self.shuffle else None
@@ -467,4 +681,6 @@ def build_source(spec: SourceSpec) -> Source:
         raise ValueError(f"{spec.key}format={spec.format!r}: expected one of text, chat")
     if spec.format == "chat" and spec.kind != "jsonl":
         raise ValueError(f"{spec.key}format=chat: needs {spec.key}source=jsonl, not {spec.kind}")
+    if spec.max_doc_bytes < 1:
+        raise ValueError(f"{spec.key}max_doc_bytes={spec.max_doc_bytes}: must be > 0")
     return classes[spec.kind](spec)

@@ -19,17 +19,23 @@ makes streams start on different sources with probability proportional to the we
 steps. Deterministic for (seed, slot, documents so far), hence exactly resumable.
 
 Chat sources (``data.format=chat``) are rendered (chat.py) instead of wrapped, and packed
-whole by a ``ChatPacker``; their windows carry a loss mask as a fourth element."""
+whole by a ``ChatPacker``; their windows carry a loss mask as a fourth element.
+
+A slot's reader of a source raises ``DataError`` after ``EMPTY_UNITS_LIMIT`` consecutive
+units without a document (every record bad, every file gone): without it a slot would
+read on forever, epoch after epoch, and training would hang."""
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, List, Sequence
+import re
+from collections import Counter
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from .chat import ChatPacker, ChatRenderer, pad_id
 from .packing import Packer
-from .sources import Source
+from .sources import DataError, Source
 
 log = logging.getLogger("data_pipeline")
 
@@ -38,6 +44,11 @@ _UNIT_BITS, _CUR_BITS = 36, 23
 # A tokenizer call takes up to this many documents or characters (read-ahead stays small).
 _ENCODE_DOCS, _ENCODE_CHARS = 32, 1 << 16
 _MAX_SKIP_LOGS = 5
+# Consecutive units without a document (per slot and source) that stop the job. On a
+# corpus where half the units hold no document, a slot sees this many in a row with
+# probability 0.5**64 = 5e-20 per unit read; on one where none does, it takes 64 units
+# (seconds on a small file) to say so.
+EMPTY_UNITS_LIMIT = 64
 
 
 def doc_key(src: int, g: int, cursor: int) -> int:
@@ -88,15 +99,69 @@ def fresh_slot_state(slot: int, num_slots: int, n_sources: int) -> dict:
             "packer": [], "mix_tokens": [0] * n_sources, "mix_docs": [0] * n_sources}
 
 
+def _returning(gen, box: list):
+    """``gen``'s items; its return value is appended to ``box`` when it ends."""
+    box.append((yield from gen))
+
+
+def _reason_kind(reason: str) -> str:
+    """A skip reason without its per-record detail (parenthesized error, byte offset)."""
+    return re.sub(r" \(.*\)$| at byte \d+", "", reason)
+
+
+class _EmptyRun:
+    """Units read in a row without a document, and the skips seen in them."""
+
+    def __init__(self):
+        self.units, self.distinct, self.skipped = 0, set(), 0
+        self.kinds: Counter = Counter()
+        self.first: Optional[tuple] = None
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped += 1
+        self.kinds[_reason_kind(reason)] += 1
+        if self.first is None:
+            self.first = (where, reason)
+
+    def error(self, source: Source) -> DataError:
+        spec = source.spec
+        k = spec.key
+        top = self.kinds.most_common(1)[0][0] if self.kinds else ""
+        if "max_doc_bytes" in top:
+            head, keys = f"{k}max_doc_bytes={spec.max_doc_bytes}", [f"{k}max_doc_bytes"]
+        elif "field" in top and source.chat:
+            head, keys = f"{k}format='chat'", [f"{k}format"]
+        elif "field" in top:
+            head, keys = f"{k}field={spec.field!r}", [f"{k}field"]
+        else:
+            head, keys = "", []
+        where = f"{k}path={spec.path!r}"
+        kinds = ", ".join(f"{kind} x{n}" for kind, n in self.kinds.most_common(3))
+        if len(self.kinds) > 3:
+            kinds += f", {len(self.kinds) - 3} other reasons"
+        held = f"{self.skipped} records read, {self.skipped} skipped" + (f": {kinds}" if kinds else "")
+        if self.first is not None:
+            held += f"; the first: {self.first[0]}: {self.first[1]}"
+        what = (f"{head}: {self.units} consecutive units ({len(self.distinct)} distinct) of {where} held no "
+                f"document" if head else
+                f"{where}: {self.units} consecutive units ({len(self.distinct)} distinct) held no document")
+        return DataError(f"{what} ({held}); check {' / '.join(keys + [f'{k}path'])}")
+
+
 class _Reader:
-    """Documents of one source for one slot, with the reader state after each one."""
+    """Documents of one source for one slot, with the reader state after each one.
+    Raises ``DataError`` after ``EMPTY_UNITS_LIMIT`` consecutive units read from their
+    start without a document (a byte range inside one long line does not count: it holds
+    no record; neither does the rest of a unit resumed in its middle)."""
 
     def __init__(self, source: Source, plan: UnitPlan, state: dict, on_skip):
         self.source, self.plan, self._log_skip = source, plan, on_skip
         self.n_skipped = 0  # records skipped so far (read ahead included)
+        self.n_truncated = 0  # documents cut to max_doc_bytes so far (read ahead included)
         self.queue = [tuple(x) for x in state["queue"]]
         self.qi, self.next, self.stride = state["qi"], state["next"], state["stride"]
         self.cur = tuple(state["cur"]) if state["cur"] is not None else None
+        self._empty = _EmptyRun()
 
     def __iter__(self):
         while True:
@@ -109,15 +174,28 @@ class _Reader:
                 g, c = self.next, 0
                 self.next += self.stride
             self.cur = (g, c)
-            unit = self.source.units[self.plan.unit(g)]
-            for cursor, after, payload in self.source.iter_docs(unit, c, self.on_skip):
+            u = self.plan.unit(g)
+            found, box = False, []
+            for cursor, after, payload in _returning(
+                    self.source.iter_docs(self.source.units[u], c, self.on_skip, self.on_truncate), box):
+                if not found:
+                    found, self._empty = True, _EmptyRun()
                 self.cur = (g, after)
-                yield g, cursor, payload, self.snapshot(), self.n_skipped
+                yield g, cursor, payload, self.snapshot(), self.n_skipped, self.n_truncated
             self.cur = None
+            if not found and c == 0 and box != [False]:
+                self._empty.units += 1
+                self._empty.distinct.add(u)
+                if self._empty.units >= EMPTY_UNITS_LIMIT:
+                    raise self._empty.error(self.source)
 
     def on_skip(self, where: str, reason: str) -> None:
         self.n_skipped += 1
+        self._empty.skip(where, reason)
         self._log_skip(where, reason)
+
+    def on_truncate(self, where: str) -> None:
+        self.n_truncated += 1
 
     def snapshot(self) -> dict:
         return {"queue": self.queue, "qi": self.qi, "next": self.next, "stride": self.stride,
@@ -138,10 +216,13 @@ class SlotStream:
         self.mix_docs = list(state["mix_docs"])
         self.readers = [_Reader(s, p, r, self._on_skip) for s, p, r in zip(sources, plans, state["readers"])]
         # Committed reader states: after the last document handed to the packer; and the
-        # records skipped before it (read-ahead skips count once their turn comes).
+        # records skipped before it and the documents cut to max_doc_bytes up to it
+        # (read-ahead counts once their turn comes).
         self.reader_states = [r.snapshot() for r in self.readers]
         self._skips_committed = [0] * len(sources)
         self._skips_reported = 0
+        self._cuts_committed = [0] * len(sources)
+        self._cuts_reported = 0
         self.chat = any(s.chat for s in sources)
         self._truncated = 0  # chat: conversations cut to max_length, packed since the last take
         if self.chat:
@@ -164,9 +245,17 @@ class SlotStream:
             log.warning("skipped a record: %s: %s%s", where, reason,
                         "" if self._skip_logged < _MAX_SKIP_LOGS else " (further skips are only counted)")
 
-    def _fetch(self, ref: dict) -> np.ndarray:
+    def _fetch(self, ref: dict):
+        """The packed form of a saved fragment's document, or None (with a warning) when
+        its file vanished or cannot be read: the fragment is dropped."""
         src = self.sources[ref["src"]]
-        payload = src.read_one(src.units[self.plans[ref["src"]].unit(ref["g"])], ref["c"])
+        unit = src.units[self.plans[ref["src"]].unit(ref["g"])]
+        try:
+            payload = src.read_one(unit, ref["c"])
+        except OSError as e:
+            log.warning("dropped the rest of a document being packed when the checkpoint was written: "
+                        "%s, cursor %d: vanished or unreadable (%s)", src.unit_label(unit), ref["c"], e)
+            return None
         if self.chat:
             tokens, mask, _ = self.renderer.render_batch([payload], self.max_length)[0]
             return tokens, mask
@@ -188,8 +277,8 @@ class SlotStream:
             else:
                 flat, off = self.tok.encode_batch([b[2] for b in batch])
                 toks = [flat[off[j]:off[j + 1]] for j in range(len(batch))]
-            for (g, c, _, snap, n_skipped), t in zip(batch, toks):
-                yield doc_key(i, g, c), self.packer.wrap(t), {"src": i, "g": g, "c": c}, snap, n_skipped
+            for (g, c, _, snap, n_skipped, n_cut), t in zip(batch, toks):
+                yield doc_key(i, g, c), self.packer.wrap(t), {"src": i, "g": g, "c": c}, snap, (n_skipped, n_cut)
 
     def _rendered(self, i: int) -> Iterator[tuple]:
         """Chat: (key, (tokens, loss mask), ref, reader state after, skipped, truncated)."""
@@ -202,8 +291,8 @@ class SlotStream:
                     break
                 batch.append(next(reader))
             rendered = self.renderer.render_batch([b[2] for b in batch], self.max_length)
-            for (g, c, _, snap, n_skipped), (t, m, truncated) in zip(batch, rendered):
-                yield doc_key(i, g, c), (t, m), {"src": i, "g": g, "c": c}, snap, n_skipped, truncated
+            for (g, c, _, snap, n_skipped, n_cut), (t, m, truncated) in zip(batch, rendered):
+                yield doc_key(i, g, c), (t, m), {"src": i, "g": g, "c": c}, snap, (n_skipped, n_cut), truncated
 
     def _pick_source(self) -> int:
         if len(self.sources) == 1:
@@ -220,15 +309,15 @@ class SlotStream:
         while not self.packer.ready():
             i = self._pick_source()
             if self.chat:
-                key, wrapped, ref, snap, n_skipped, truncated = next(self._iters[i])
+                key, wrapped, ref, snap, counts, truncated = next(self._iters[i])
                 self._truncated += truncated
                 n_tokens = len(wrapped[0])
             else:
-                key, wrapped, ref, snap, n_skipped = next(self._iters[i])
+                key, wrapped, ref, snap, counts = next(self._iters[i])
                 n_tokens = len(wrapped)
             self.packer.add(key, wrapped, ref)
             self.reader_states[i] = snap
-            self._skips_committed[i] = n_skipped
+            self._skips_committed[i], self._cuts_committed[i] = counts
             self.mix_tokens[i] += n_tokens
             self.mix_docs[i] += 1
         return self.packer.cut()
@@ -236,6 +325,13 @@ class SlotStream:
     def take_truncated(self) -> int:
         """Chat: conversations cut to max_length among those packed since the last call."""
         n, self._truncated = self._truncated, 0
+        return n
+
+    def take_truncated_docs(self) -> int:
+        """Documents cut to max_doc_bytes (text cells, text files) among those packed
+        since the last call."""
+        total = sum(self._cuts_committed)
+        n, self._cuts_reported = total - self._cuts_reported, total
         return n
 
     def take_skipped(self) -> int:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,6 +37,95 @@ LLAMA3_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 LLAMA3_NUM_BASE = 128_000
+# GPT-2's split pattern, which the ByteLevel pre-tokenizer of ``tokenizers`` applies.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# A tokenizer call sees at most about this many characters: a longer document is cut at
+# safe points (``split_for_encoding``) and its pieces are encoded in separate calls, so
+# tokenizing it costs memory for ~1 MB of text at a time, not for the whole document.
+ENCODE_CHUNK_CHARS = 1 << 20
+# Candidates for a cut at p: text[p-1] == "\n" after a non-space, text[p] a word character
+# that is no digit or underscore (a letter or a numeric non-digit: checked with isalpha).
+_CUT_CANDIDATE = re.compile(r"(?<=\S\n)[^\W\d_]")
+
+
+def split_for_encoding(text: str, chunk_chars: Optional[int] = None) -> Iterator[str]:
+    r"""``text`` in pieces of about ``chunk_chars`` characters (default
+    ``ENCODE_CHUNK_CHARS``) whose tokens, concatenated, are the tokens of ``text`` under
+    the Llama 3 split pattern or GPT-2's (the ByteLevel pre-tokenizer's), each followed
+    by a model that encodes every pretoken on its own (BPE). A piece ends only at a
+    position p where ``text[p-1] == "\n"``, ``text[p-2]`` is not whitespace and
+    ``text[p]`` is a letter. Then:
+
+    - No pretoken spans p. The one holding the "\n" either starts before it, so it also
+      holds the non-space at p-2: the only alternative that matches a non-space followed
+      by "\n" is Llama 3's punctuation one, `` ?[^\s\p{L}\p{N}]+[\r\n]*``, whose
+      trailing ``[\r\n]*`` stops at the letter (GPT-2 has none). Or it starts at the
+      "\n": the whitespace run is that one character (p-2 is no space, p a letter), and
+      Llama 3 matches it with ``\s*[\r\n]+`` (the optional prefix of its letter
+      alternative excludes \r and \n), GPT-2 with ``\s+`` (``\s+(?!\S)`` fails before
+      the letter): exactly "\n" both.
+    - The pretokens left of p do not depend on what follows p. No match that starts
+      before the "\n" and ends before it looks past it (the whitespace alternatives stop
+      at the non-space at p-2, the others at the "\n"), and the match ending at p is the
+      same when the text ends there: the punctuation match or ``\s*[\r\n]+`` (Llama 3),
+      ``\s+(?!\S)`` on the final "\n" (GPT-2), the same characters.
+    - The pretokens right of p are those of ``text[p:]``: the patterns have no
+      look-behind and no anchors.
+
+    Python's ``isspace`` holds for every Unicode White_Space character (the regex
+    engines' ``\s``; it also holds for U+001C..U+001F, which only forgoes cuts) and
+    ``isalpha`` is ``\p{L}``. A piece ends at the first such point at least
+    ``chunk_chars / 2`` characters into it; in a stretch without one the piece grows to
+    the next (larger, still exact); without any, the rest is one piece."""
+    chunk = ENCODE_CHUNK_CHARS if chunk_chars is None else chunk_chars
+    start, n = 0, len(text)
+    while n - start > chunk:
+        cut = None
+        for m in _CUT_CANDIDATE.finditer(text, start + max(1, chunk // 2)):
+            if m.group().isalpha():
+                cut = m.start()
+                break
+        if cut is None:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
+
+
+def _encode_bounded(raw_batch, texts: Sequence[str], chunkable: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """``raw_batch(list of str) -> (flat tokens, offsets)`` over ``texts`` in calls of at
+    most ``ENCODE_CHUNK_CHARS`` characters (one piece may be longer: a document that is
+    not ``chunkable`` or has no safe cut). Same result as one call on all ``texts``."""
+    limit, texts = ENCODE_CHUNK_CHARS, list(texts)
+    if sum(len(t) for t in texts) <= limit:
+        return raw_batch(texts)
+    per_text: List[List[np.ndarray]] = [[] for _ in texts]
+    group: List[str] = []
+    owners: List[int] = []
+    chars = 0
+
+    def flush():
+        flat, off = raw_batch(group)
+        for j, owner in enumerate(owners):
+            per_text[owner].append(np.asarray(flat[off[j]:off[j + 1]], dtype=np.uint32))
+        group.clear()
+        owners.clear()
+
+    for i, text in enumerate(texts):
+        for piece in (split_for_encoding(text, limit) if chunkable else (text,)):
+            if group and chars + len(piece) > limit:
+                flush()
+                chars = 0
+            group.append(piece)
+            owners.append(i)
+            chars += len(piece)
+    if group:
+        flush()
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([sum(len(a) for a in arrs) for arrs in per_text], out=offsets[1:])
+    flat = np.concatenate([a for arrs in per_text for a in arrs]) if offsets[-1] else np.zeros(0, np.uint32)
+    return flat, offsets
 
 
 def llama3_special_tokens() -> List[str]:
@@ -99,8 +190,9 @@ class Llama3Tokenizer:
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-        """(flat uint32 tokens, int64 offsets): document i is tokens[off[i]:off[i+1]]."""
-        return self._enc.encode_batch(list(texts), 1, False)
+        """(flat uint32 tokens, int64 offsets): document i is tokens[off[i]:off[i+1]].
+        Long documents are encoded a piece at a time (``split_for_encoding``)."""
+        return _encode_bounded(lambda b: self._enc.encode_batch(b, 1, False), texts, True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
@@ -148,7 +240,7 @@ class TiktokenTokenizer:
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-        return _flat([self._enc.encode_ordinary(t) for t in texts])
+        return _encode_bounded(lambda b: _flat([self._enc.encode_ordinary(t) for t in b]), texts, True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
@@ -175,6 +267,7 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._required_id(BOS)
         self.eos_id = self._required_id(EOS)
+        self.chunkable = hf_chunkable(json.loads(raw))
 
     def __reduce__(self):
         return (HFTokenizer, (self.path,))
@@ -192,13 +285,51 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-        return _flat([e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)])
+        """Long documents a piece at a time when ``chunkable`` (see ``hf_chunkable``)."""
+        return _encode_bounded(self._raw_batch, texts, self.chunkable)
+
+    def _raw_batch(self, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+        return _flat([e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 Tokenizer = Llama3Tokenizer | TiktokenTokenizer | HFTokenizer
+
+
+def hf_chunkable(spec: dict) -> bool:
+    """Whether a ``tokenizer.json`` tokenizes a text like the concatenation of its
+    ``split_for_encoding`` pieces: no normalizer; a pre-tokenizer that is ByteLevel (GPT-2
+    pattern, no prefix space) or a Sequence of Splits on the Llama 3 or GPT-2 pattern
+    (isolated) followed by ByteLevel without a prefix space; and no added token that could
+    match across a cut (holding a newline, or stripping whitespace on its left, or
+    single-word). Anything else is tokenized whole."""
+    if spec.get("normalizer") is not None:
+        return False
+    for tok in spec.get("added_tokens") or ():
+        if "\n" in tok.get("content", "") or tok.get("lstrip") or tok.get("single_word"):
+            return False
+    pre = spec.get("pre_tokenizer")
+    if not isinstance(pre, dict):
+        return False
+
+    def byte_level(p):
+        return p.get("type") == "ByteLevel" and not p.get("add_prefix_space", True)
+
+    if pre.get("type") == "ByteLevel":
+        return byte_level(pre) and bool(pre.get("use_regex", True))
+    if pre.get("type") != "Sequence":
+        return False
+    steps = pre.get("pretokenizers") or []
+    if not steps or not byte_level(steps[-1]):
+        return False
+    splits = steps[:-1]
+    for p in splits:
+        if (p.get("type") != "Split" or p.get("behavior") != "Isolated" or p.get("invert")
+                or (p.get("pattern") or {}).get("Regex") not in (LLAMA3_PATTERN, GPT2_PATTERN)):
+            return False
+    return bool(splits) or bool(steps[-1].get("use_regex", True))
 
 
 def write_tiktoken_model(tok: Llama3Tokenizer, out_path: str | os.PathLike) -> Path:

@@ -114,6 +114,10 @@ class SourceConfig:
     chunk_bytes: int = 1_048_576
     # hf_dataset / pretokenized: rows (documents) per unit.
     rows_per_unit: int = 1024
+    # Bytes of one record: longer JSONL lines are skipped unread (data/skipped); longer
+    # Parquet / datasets cells and text files are cut to it (data/truncated_docs). The
+    # default, 64 MiB, keeps a loader worker's memory for one record to a few hundred MB.
+    max_doc_bytes: int = 67_108_864
 
 
 @dataclass

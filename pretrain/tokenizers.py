@@ -13,7 +13,7 @@ from parallel.env import LaunchEnv
 
 log = logging.getLogger("pretrain")
 
-_SPEC_KEYS = ("path", "glob", "field", "split", "max_file_bytes", "chunk_bytes", "rows_per_unit")
+_SPEC_KEYS = ("path", "glob", "field", "split", "max_file_bytes", "chunk_bytes", "rows_per_unit", "max_doc_bytes")
 
 
 def build_sources(data_cfg, prefix: str = "data.", fmt: Optional[str] = None

@@ -280,9 +280,11 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         DataAudit.truncate(run_dir, start_step)
     pdist.barrier()
     audit = DataAudit(run_dir, dp_rank) if cfg.data.audit and is_dp_leader else None
-    # Cumulative over the run (this process): tokens per source and skipped records.
+    # Cumulative over the run (this process): tokens per source, skipped records, documents
+    # cut to data.max_doc_bytes, and chat conversations cut to data.max_length.
     src_tokens = torch.zeros(len(sources), dtype=torch.float64)
     skipped = torch.zeros(1, dtype=torch.float64)
+    truncated_docs = torch.zeros(1, dtype=torch.float64)
     truncated = torch.zeros(1, dtype=torch.float64)
 
     tokens_per_step = dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
@@ -387,6 +389,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 data_wait += time.perf_counter() - d0
                 src_tokens += batch["source_tokens"]
                 skipped += batch["skipped"]
+                truncated_docs += batch.get("truncated_docs", 0)
                 truncated += batch.get("truncated", 0)
                 if audit is not None:
                     audit.add(batch["window_doc_ids"])
@@ -445,7 +448,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 tps = window_tokens / elapsed
                 mem_stats = memory_stats_gb(device)  # mem_gb and mem_reserved_gb (CUDA) / mem_rss_gb (CPU)
                 mem = pdist.all_reduce_max(torch.tensor(list(mem_stats.values()), device=device))
-                data_counts = pdist.all_reduce_sum(torch.cat([src_tokens, truncated, skipped]).to(device)).cpu()
+                data_counts = pdist.all_reduce_sum(torch.cat([src_tokens, truncated_docs, truncated, skipped]).to(device)).cpu()
                 data_counts /= dims.tp * dims.pp  # every rank of a DP group counted the same batches
                 metrics = {
                     "loss": loss_avg.item(),
@@ -459,12 +462,13 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                     "step_time_s": elapsed / window_steps,
                     "data_wait_share": data_wait / elapsed,
                     "data/skipped": data_counts[-1].item() + listing_skipped,
+                    "data/truncated_docs": data_counts[-3].item(),  # documents cut to data.max_doc_bytes
                 }
                 if sft:
                     metrics["data/truncated"] = data_counts[-2].item()  # conversations cut to data.max_length
                 if val_loss is not None:
                     metrics["val/loss"], metrics["val/ppl"] = val_loss, math.exp(val_loss)
-                src_counts = data_counts[:-2]
+                src_counts = data_counts[:-3]
                 total_src = max(src_counts.sum().item(), 1.0)
                 for name, n in zip(source_names, src_counts.tolist()):
                     metrics[f"data/tokens/{name}"] = n

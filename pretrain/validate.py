@@ -80,6 +80,9 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _require(0 < d.chunk_bytes <= 1 << 23, "data.chunk_bytes", d.chunk_bytes, "must be in (0, 8388608]")
     _require(d.rows_per_unit > 0, "data.rows_per_unit", d.rows_per_unit, "must be > 0")
+    for key, e in [("data.", d), *((f"data.mixture.{i}.", e) for i, e in enumerate(d.mixture)),
+                   ("eval.data.", cfg.eval.data)]:
+        _require(e.max_doc_bytes > 0, f"{key}max_doc_bytes", e.max_doc_bytes, "must be > 0")
     _one_of("data.format", d.format, ("text", "chat"))
     _one_of("data.sft_packing", d.sft_packing, ("pack", "pad"))
     _require(d.max_length == -1 or 1 <= d.max_length <= t.seq_len + 1, "data.max_length", d.max_length,
