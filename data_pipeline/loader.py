@@ -176,6 +176,7 @@ class RankLoader:
         if self._it is not None:
             raise RuntimeError("load the loader state before iterating")
         saved = copy.deepcopy(saved)  # the rows are updated in place while iterating
+        _check_saved(saved, len(self.sources), self.tokenizer.vocab_size)
         n_src = {s["n_sources"] for s in saved}
         if n_src != {len(self.sources)}:
             raise ValueError(f"the checkpoint's loader read {sorted(n_src)} sources, this job has "
@@ -291,6 +292,54 @@ class RankLoader:
         """In process (no workers) the streams' states are read when needed, not per batch."""
         if self._ds is not None and not self._ds.ship_states and self._ds.live is not None:
             self.states = self._ds.live_states()
+
+
+def _nat(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _check_saved(saved, n_sources: int, vocab: int) -> None:
+    """Loader states come from checkpoint files (data from anywhere): every field the
+    streams act on has its type and range, token ids fit the vocabulary (an id past the
+    embedding would fail in the first step, or assert on a GPU). ``ValueError`` names the
+    first bad field."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(what)
+
+    need(isinstance(saved, list) and saved, "no loader states")
+    for s in saved:
+        need(isinstance(s, dict) and all(_nat(s.get(k)) for k in ("num_slots", "streams_per_row", "dp_rank",
+                                                                  "n_sources"))
+             and isinstance(s.get("rows"), list), "a state lacks num_slots, streams_per_row, dp_rank, "
+             "n_sources or rows")
+        for row in s["rows"]:
+            need(isinstance(row, dict) and _nat(row.get("next")) and isinstance(row.get("slots"), list),
+                 "a row lacks next or slots")
+            for st in row["slots"]:
+                need(isinstance(st, dict) and _nat(st.get("slot")) and isinstance(st.get("readers"), list)
+                     and len(st["readers"]) == n_sources and isinstance(st.get("packer"), list)
+                     and all(isinstance(st.get(k), list) and len(st[k]) == n_sources and all(map(_nat, st[k]))
+                             for k in ("mix_tokens", "mix_docs")), f"stream {st.get('slot') if isinstance(st, dict) else '?'}: malformed")
+                for r in st["readers"]:
+                    need(isinstance(r, dict) and _nat(r.get("qi")) and _nat(r.get("next")) and type(r.get("stride")) is int
+                         and r["stride"] >= 1 and isinstance(r.get("queue"), list)
+                         and all(isinstance(x, list) and len(x) == 2 and all(map(_nat, x)) for x in r["queue"])
+                         and (r.get("cur") is None or (isinstance(r["cur"], list) and len(r["cur"]) == 2
+                                                       and all(map(_nat, r["cur"])))),
+                         f"stream {st['slot']}: malformed reader position")
+                for fr in st["packer"]:
+                    need(isinstance(fr, dict) and type(fr.get("key")) is int, f"stream {st['slot']}: malformed fragment")
+                    if "tokens" in fr:
+                        toks = fr["tokens"]
+                        need(isinstance(toks, list) and all(type(t) is int and 0 <= t < vocab for t in toks),
+                             f"stream {st['slot']}: a fragment's token ids are not in [0, {vocab}) (the tokenizer's "
+                             "vocabulary)")
+                    else:
+                        ref = fr.get("ref")
+                        need(isinstance(ref, dict) and _nat(ref.get("g")) and _nat(ref.get("c"))
+                             and _nat(ref.get("src")) and ref["src"] < n_sources and _nat(fr.get("off", 0)),
+                             f"stream {st['slot']}: malformed document reference")
 
 
 def _worker_data_error(e: DataError) -> DataError:

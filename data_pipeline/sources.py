@@ -314,10 +314,32 @@ class Source:
                            "since the checkpoint was written")
 
     def iter_texts(self) -> Iterator[str]:
-        """Every document in listing order (tokenizer training, pretokenizing)."""
+        """Every document in listing order (tokenizer training, pretokenizing). Like a
+        loader stream, stops with ``DataError`` after ``stream.EMPTY_UNITS_LIMIT`` units
+        in a row without a document, rather than read a whole corpus of bad records."""
+        from .stream import EMPTY_UNITS_LIMIT
+
+        empty, skipped, first = 0, [0], []
+
+        def on_skip(where: str, why: str) -> None:
+            skipped[0] += 1
+            if not first:
+                first.append(f"; the first: {where}: {why}")
+
         for u in self.units:
-            for _, _, payload in self.iter_docs(u, 0, lambda *_: None):
+            found = False
+            for _, _, payload in self.iter_docs(u, 0, on_skip):
+                found = True
                 yield payload
+            if found:
+                empty, skipped[0] = 0, 0
+                first.clear()
+            else:
+                empty += 1
+            if empty >= EMPTY_UNITS_LIMIT:
+                raise DataError(f"{self.spec.key}path={self.spec.path!r}: {empty} units in a row held no document "
+                                f"({skipped[0]} records skipped{''.join(first)}); check {self.spec.key}field / "
+                                f"{self.spec.key}path")
 
     def __getstate__(self):
         state = dict(self.__dict__)

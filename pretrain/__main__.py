@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallel.env import detect_launch_env
 
+from .ckpt_io import CheckpointError
 from .config import JobConfig, register_configs
 from .rundir import EXIT_RUN_DIR, RunDirError, RunDirLock, unwritable, write_hydra_files
 from .signals import EXIT_PREEMPTED, Interrupted, Preempted, SignalHandler, die_with_parent
@@ -36,16 +37,9 @@ def hydra_main(dcfg: DictConfig) -> None:
     info = {"started": time.time(), "world_size": env.world_size}
     if os.environ.get("SLURM_JOB_ID"):  # which SLURM attempt wrote the status (the batch scripts requeue by it)
         info["slurm_attempt"] = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-    # Rank 0 owns the run dir: it checks it can write there and takes its lock before
-    # writing anything (Hydra's files included); every rank learns the outcome once the
-    # process group is up and stops together (exit 2) when the dir cannot be used.
-    signals = SignalHandler()  # from here on a signal ends the job cleanly (pretrain/signals.py)
+    # From main() on (or here, in a launcher's job process) a signal ends the job cleanly.
+    signals = _SIGNALS.pop() if _SIGNALS else SignalHandler()  # main()'s for the first job, then fresh
     lock = RunDirLock(run_dir) if env.rank == 0 else None
-    problem = unwritable(run_dir, "hydra.sweep.dir" if _multirun() else "hydra.run.dir") if lock else None
-    if lock and problem is None:
-        problem = lock.acquire()
-        if problem is None:
-            write_hydra_files(run_dir, dcfg)
 
     def status(state: str, exit_code=None, **fields) -> None:
         # Rank 0 only, and only while it holds the run dir: ranks > 0 run with
@@ -60,9 +54,19 @@ def hydra_main(dcfg: DictConfig) -> None:
             log.warning("could not write %s/status.json: %s", run_dir, e)
 
     signals.report = status
-    from .checkpoint import CheckpointError
-
     try:
+        # Rank 0 owns the run dir: it checks it can write there and takes its lock before
+        # writing anything (Hydra's files included); every rank learns the outcome once
+        # the process group is up and stops together (exit 2) when it cannot be used.
+        key = "hydra.sweep.dir" if _multirun() else "hydra.run.dir"
+        problem = lock.acquire(key) if lock else None
+        if lock and problem is None:
+            problem = unwritable(run_dir, key)
+        if lock and problem is None:
+            try:
+                write_hydra_files(run_dir, dcfg)
+            except OSError as e:
+                problem = f"{key}={str(run_dir)!r}: cannot write {e.filename or '.hydra/'} ({e.strerror})"
         try:
             dims = validate_job(cfg, env.world_size)
         except ConfigError as e:
@@ -109,8 +113,23 @@ def _multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+_SIGNALS: list = []  # the process's SignalHandler, installed by main() before Hydra composes
+
+
 def main() -> None:
     die_with_parent()  # under torchrun: no orphan outlives a killed agent
+    try:
+        _SIGNALS.append(SignalHandler())
+    except ValueError:
+        pass
+    try:
+        _main()
+    except Interrupted as e:  # before the run dir was known: nothing to write there
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def _main() -> None:
     register_configs()
     env = detect_launch_env()
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])

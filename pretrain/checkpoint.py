@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from parallel import distributed as pdist
 
-from .ckpt_io import (CheckpointError, CrcWriter, SafeLoadPlanner, SafeReader, dcp_failure, describe_error,
+from .ckpt_io import (CheckpointError, CheckpointMismatch, CrcWriter, SafeLoadPlanner, SafeReader, dcp_failure, describe_error,
                       file_crc, load_rng, read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files,
                       write_file)
 
@@ -66,9 +66,9 @@ def read_meta(path: Path) -> dict:
     if not meta.is_file():
         raise CheckpointError(f"checkpoint {path}: no {meta.name} (incomplete, or not a checkpoint of this trainer)")
     data = read_json(meta, "the checkpoint's meta.json")
-    for key in ("step", "tokens_seen"):
-        if key in data and not isinstance(data[key], int):
-            raise CheckpointError(f"{meta}: {key}={data[key]!r}, expected an integer")
+    for key in ("step", "tokens_seen", "world_size"):
+        if key in data and not (type(data[key]) is int and data[key] >= 0):
+            raise CheckpointError(f"{meta}: {key}={data[key]!r}, expected an integer >= 0")
     files = data.get("files")
     if files is not None and not (isinstance(files, dict) and all(
             isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) for v in files.values())):
@@ -86,11 +86,11 @@ def check_shapes(path: Path, state: dict) -> None:
                 continue
             key = f"{prefix}.{name}"
             if key not in saved:
-                raise CheckpointError(f"checkpoint {path} has no tensor {key} (another model? "
-                                      f"it has e.g. {sorted(saved)[:3]})")
+                raise CheckpointMismatch(f"checkpoint {path} has no tensor {key} (another model? "
+                                         f"it has e.g. {sorted(saved)[:3]})")
             have = tuple(getattr(saved[key], "size", ()))
             if have != tuple(t.shape):
-                raise CheckpointError(f"checkpoint {path}: {key} has shape {list(have)} in the checkpoint but "
+                raise CheckpointMismatch(f"checkpoint {path}: {key} has shape {list(have)} in the checkpoint but "
                                       f"{list(t.shape)} in this model: the model config differs")
 
 
@@ -293,12 +293,15 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- load -----------------------------------------------------------------------------
-    def maybe_resume(self, model, optimizer) -> Tuple[int, int, Optional[List[dict]]]:
+    def maybe_resume(self, model, optimizer, restore_loader: Optional[Callable[[List[dict]], None]] = None
+                     ) -> Tuple[int, int, Optional[List[dict]]]:
         """(step, tokens_seen, loader states of every DP rank) to continue from: the newest
         usable checkpoint of this run dir (an unusable one is moved aside to
-        ``step-N.corrupt``, with a warning, and the one before it is tried), else
+        ``step-N.corrupt``, with a warning, and the one before it is tried; one that does
+        not fit this job's model is an error, not a corruption), else
         ``checkpoint.load_path``; (0, 0, None) for a fresh start (also after
-        ``load_weights_only``)."""
+        ``load_weights_only``). ``restore_loader(states)`` applies the loader states (its
+        errors name the loader files, like any other bad file)."""
         if self.is_rank0 and self.root.is_dir():
             for stale in self.root.glob("step-*.partial"):
                 log.warning("removing incomplete checkpoint %s", stale)
@@ -308,13 +311,15 @@ class Checkpointer:
         while done:
             _, path = done.pop()
             try:
-                return self._load_full(path, model, optimizer)
+                return self._load_full(path, model, optimizer, restore_loader)
+            except CheckpointMismatch:
+                raise  # the config changed, not the files: nothing to move aside
             except CheckpointError as e:
                 if not done:
                     raise CheckpointError(
-                        f"{e}. {path} is this run dir's only complete checkpoint, nothing to fall back to: move it "
-                        "aside (or delete it) to start the run over, or fix the file; checkpoint.keep_last >= 2 keeps "
-                        "one to fall back to") from None
+                        f"{e}. No earlier complete checkpoint in {self.root} to fall back to: move {path.name} aside "
+                        "(or delete it) to start the run over, or fix the file; checkpoint.keep_last >= 2 keeps one "
+                        "to fall back to") from None
                 aside = self._move_aside(path)
                 if self.is_rank0:
                     log.warning("checkpoint %s is unusable: %s; moved it to %s, resuming from %s", path, e,
@@ -326,7 +331,7 @@ class Checkpointer:
             if self.cfg.load_weights_only:
                 self.load_weights(path, model)
                 return 0, 0, None
-            return self._load_full(path, model, optimizer)
+            return self._load_full(path, model, optimizer, restore_loader)
         return 0, 0, None
 
     def _move_aside(self, path: Path) -> Path:
@@ -360,11 +365,11 @@ class Checkpointer:
         set_model_states(model, state["model"])
         log.info("initialized weights from %s (new optimizer, step 0)", path)
 
-    def _load_full(self, path: Path, model, optimizer) -> Tuple[int, int, Optional[List[dict]]]:
+    def _load_full(self, path: Path, model, optimizer, restore_loader=None) -> Tuple[int, int, Optional[List[dict]]]:
         def prepare():
             meta = read_meta(path)
             if meta.get("weights_only"):
-                raise CheckpointError(f"checkpoint {path} holds weights only (imported from "
+                raise CheckpointMismatch(f"checkpoint {path} holds weights only (imported from "
                                       f"{meta.get('source', '?')}): start from it with "
                                       "checkpoint.load_weights_only=true")
             for key in ("step", "tokens_seen"):
@@ -386,6 +391,12 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {path} has no loader/ state: it was written by an older version; "
                                       "start a new run dir or set checkpoint.resume=false")
             states = [read_json(f, "a data loader state") for f in loader_files]
+            if restore_loader is not None:
+                try:
+                    restore_loader(states)
+                except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                    raise CheckpointError(f"{path / 'loader'}/dp-*.json: not a loader state this job can use "
+                                          f"({type(e).__name__}: {e})") from None
             rng = path / "rng" / f"rank-{self.rank}.pt"
             if meta.get("world_size") == self.world_size and rng.is_file():
                 load_rng(rng)

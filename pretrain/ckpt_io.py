@@ -8,29 +8,40 @@ crafted file is refused with its name (``CheckpointError``, exit 4) before anyth
 it can run."""
 from __future__ import annotations
 
+import bisect
 import io
 import json
+import math
 import os
 import pickle
 import random
 import re
+import stat
 import threading
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, TensorProperties, TensorStorageMetadata)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, incomplete, corrupt, crafted, of another
     shape, or one that could not be written."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A sound checkpoint that does not fit this job (another model shape, weights only):
+    the config is at fault, not the files, so nothing is moved aside."""
 
 
 # -- what DCP pickles into .metadata (torch 2.6 - 2.13), and nothing else ----------------
@@ -47,6 +58,7 @@ _ALLOWED = {
     ("collections", "OrderedDict"),
 }
 _DATA_FILE = re.compile(r"^__\d+_\d+\.distcp$")
+MAX_BYTES_ENTRY = 1 << 20  # a pickled non-tensor value (an optimizer hyperparameter) is a few hundred bytes
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -56,25 +68,113 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused global {module}.{name} (not a class DCP's metadata holds)")
 
 
+def checked_file(path: Path, root: Optional[Path] = None) -> Path:
+    """``path`` if it is a regular file (not a FIFO, device or directory) whose real
+    location is inside ``root`` (default: its own folder): a checkpoint's files are read
+    whole, and a FIFO or /dev/zero would hang the job."""
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file; refused")
+    if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)):
+        raise CheckpointError(f"{path}: a symbolic link to {os.path.realpath(path)}, outside {root}; refused")
+    return path
+
+
+def _ints(x, n: Optional[int] = None) -> bool:
+    return (isinstance(x, (tuple, list, torch.Size)) and (n is None or len(x) == n)
+            and all(type(v) is int and v >= 0 for v in x))
+
+
+def _tiles(size, chunks) -> bool:
+    """The chunks cover the tensor exactly once (no gap, no overlap): DCP would leave an
+    uncovered part of the target unloaded, silently."""
+    if not size:
+        return len(chunks) == 1
+    if math.prod(size) == 0:
+        return True
+    bounds = [sorted({0, n} | {c.offsets[d] for c in chunks} | {c.offsets[d] + c.sizes[d] for c in chunks})
+              for d, n in enumerate(size)]
+    if math.prod(len(b) - 1 for b in bounds) > (1 << 22):
+        return False  # more fragments than any layout writes
+    count = np.zeros([len(b) - 1 for b in bounds], dtype=np.int32)
+    for c in chunks:
+        if math.prod(c.sizes):
+            count[tuple(slice(bisect.bisect_left(b, o), bisect.bisect_left(b, o + n))
+                        for b, o, n in zip(bounds, c.offsets, c.sizes))] += 1
+    return bool((count == 1).all())
+
+
+def _check_metadata(md, f: Path, ckpt: Path) -> None:
+    """Everything DCP will act on is of the types and in the ranges it writes."""
+    def bad(why: str):
+        raise CheckpointError(f"{f}: refused, {why}")
+
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        bad(f"holds a {type(md).__name__}, not DCP Metadata")
+    storage = md.storage_data
+    if not isinstance(storage, dict):
+        bad(f"storage_data is a {type(storage).__name__}, not a map of entries to files")
+    sdm = md.state_dict_metadata
+    for key, v in sdm.items():
+        if not isinstance(key, str):
+            bad(f"entry name {key!r} is not a string")
+        if isinstance(v, BytesStorageMetadata):
+            continue
+        if not isinstance(v, TensorStorageMetadata) or not isinstance(v.properties, TensorProperties) \
+                or not isinstance(v.properties.dtype, torch.dtype) or not _ints(v.size) \
+                or not isinstance(v.chunks, list):
+            bad(f"entry {key!r} is not a tensor description DCP writes")
+        for c in v.chunks:
+            if not isinstance(c, ChunkStorageMetadata) or not _ints(c.offsets, len(v.size)) \
+                    or not _ints(c.sizes, len(v.size)) or any(o + n > m for o, n, m in zip(c.offsets, c.sizes, v.size)):
+                bad(f"entry {key!r} has a chunk outside its size {list(v.size)}")
+        if not _tiles(tuple(v.size), v.chunks):
+            bad(f"the chunks of entry {key!r} do not cover its size {list(v.size)} exactly once")
+    sizes: Dict[str, int] = {}
+    for idx, info in storage.items():
+        if not isinstance(idx, MetadataIndex) or idx.fqn not in sdm or not isinstance(info, _StorageInfo):
+            bad(f"storage entry {getattr(idx, 'fqn', idx)!r} is not one of its tensors or values")
+        rel = info.relative_path
+        if not isinstance(rel, str) or not _DATA_FILE.match(rel):
+            bad(f"names data file {rel!r} (DCP writes __<rank>_<n>.distcp in the checkpoint folder)")
+        if info.transform_descriptors:
+            bad(f"entry {idx.fqn!r} asks for stream transforms {list(info.transform_descriptors)!r}, which this "
+                "trainer never writes")
+        if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0:
+            bad(f"entry {idx.fqn!r} has offset {info.offset!r} and length {info.length!r}")
+        if isinstance(sdm[idx.fqn], BytesStorageMetadata) and info.length > MAX_BYTES_ENTRY:
+            bad(f"value {idx.fqn!r} is {info.length} bytes (at most {MAX_BYTES_ENTRY}: hyperparameters)")
+        if rel not in sizes:
+            sizes[rel] = checked_file(ckpt / rel, ckpt).stat().st_size
+        if info.offset + info.length > sizes[rel]:
+            raise CheckpointError(f"{ckpt / rel}: {sizes[rel]} bytes, but {f.name} places {idx.fqn!r} at "
+                                  f"{info.offset} + {info.length} (truncated?)")
+
+
 def read_dcp_metadata(path: Path) -> Metadata:
     """The ``.metadata`` of checkpoint ``path`` as data; ``CheckpointError`` naming the
-    file when it is missing, not DCP metadata, or names data files outside the folder."""
+    file when it is missing, not DCP metadata, or describes anything DCP does not write
+    (data files outside the folder or not regular files, stream transforms, chunks that
+    do not tile their tensor, entries past the end of their file)."""
     f = Path(path) / ".metadata"
+    if not f.exists():
+        raise CheckpointError(f"checkpoint {path}: missing {f} (incomplete or not DCP)")
     try:
-        with open(f, "rb") as fh:
+        with open(checked_file(f), "rb") as fh:
             md = _MetadataUnpickler(fh).load()
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint {path}: missing {f} (incomplete or not DCP)") from e
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 (pickle raises many types on bad input)
         raise CheckpointError(f"{f}: refused, not DCP metadata ({type(e).__name__}: {e}); a checkpoint is "
                               "read as data, never run as code") from None
-    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
-        raise CheckpointError(f"{f}: refused, holds a {type(md).__name__}, not DCP Metadata")
-    for info in (md.storage_data or {}).values():
-        rel = getattr(info, "relative_path", None)
-        if not isinstance(rel, str) or not _DATA_FILE.match(rel):
-            raise CheckpointError(f"{f}: refused, names data file {rel!r} (DCP writes __<rank>_<n>.distcp in the "
-                                  "checkpoint folder)")
+    _check_metadata(md, f, Path(path))
     return md
 
 
@@ -106,9 +206,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except Exception as e:  # noqa: BLE001
             info = (self.metadata.storage_data or {}).get(read_item.storage_index) if self.metadata else None
             where = self.ckpt / getattr(info, "relative_path", "<a .distcp file>")
-            raise CheckpointError(f"{where}: entry {read_item.dest_index.fqn!r} refused, not plain data "
-                                  f"({str(e).splitlines()[-1][:200]}); a checkpoint is read as data, never run "
-                                  "as code") from None
+            why = load_error(e)
+            if isinstance(e, pickle.UnpicklingError):
+                raise CheckpointError(f"{where}: entry {read_item.dest_index.fqn!r} refused, not plain data ({why}); "
+                                      "a checkpoint is read as data, never run as code") from None
+            raise CheckpointError(f"{where}: entry {read_item.dest_index.fqn!r} unreadable, the file is damaged "
+                                  f"({why[:160]})") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -126,29 +229,37 @@ def dcp_failure(e: BaseException) -> BaseException:
     return e
 
 
-def reraise_interrupt(e: BaseException) -> None:
-    """DCP wraps whatever a rank raised, signals' exceptions included: those go on as
-    themselves (KeyboardInterrupt, ``signals.Interrupted``), not as a checkpoint error."""
-    inner = dcp_failure(e)
-    if not isinstance(inner, Exception):
-        raise inner
-
-
-def os_error_of(e: BaseException) -> Optional[OSError]:
-    """An OSError behind ``e`` (DCP wraps it; torch.save's writer turns a failed write
-    into "enforce fail at inline_container.cc" with the OSError as its context)."""
-    seen = set()
-    stack = [e]
+def _chain(e: BaseException):
+    """``e`` and every exception behind it: causes, contexts, and each rank's failure
+    inside DCP's ``CheckpointException``."""
+    seen, stack = set(), [e]
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, OSError) and x.errno is not None:
-            return x
+        yield x
         if isinstance(x, CheckpointException):
             stack.extend(w[0] if isinstance(w, tuple) else w for w in x.failures.values())
         stack.extend([x.__cause__, x.__context__])
+
+
+def reraise_interrupt(e: BaseException) -> None:
+    """Signals' exceptions go on as themselves (KeyboardInterrupt, ``signals.Interrupted``),
+    not as a checkpoint error, wherever they were raised: DCP wraps each rank's error, and
+    torch's C++ file writer turns one raised in its write callback into a RuntimeError
+    ("enforce fail at inline_container.cc") whose context it is."""
+    for x in _chain(e):
+        if not isinstance(x, (Exception, CheckpointException)):
+            raise x
+
+
+def os_error_of(e: BaseException) -> Optional[OSError]:
+    """An OSError behind ``e`` (DCP wraps it; torch.save's writer turns a failed write
+    into "enforce fail at inline_container.cc" with the OSError as its context)."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno is not None:
+            return x
     return None
 
 
@@ -249,6 +360,7 @@ class CrcWriter(FileSystemWriter):
 
 
 def file_crc(path: Path, chunk: int = 8 << 20) -> Tuple[int, int]:
+    """(size, CRC32) of a file, read in pieces."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -264,16 +376,27 @@ def write_file(path: Path, data: bytes) -> Tuple[int, int]:
     return len(data), zlib.crc32(data)
 
 
+_MANIFEST_NAME = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|rng/rank-\d+\.pt|loader/dp-\d+\.json)$")
+
+
+def check_manifest_names(ckpt: Path, files: Dict[str, list]) -> None:
+    """A manifest names the files a checkpoint of this trainer has, inside its folder."""
+    for rel in files:
+        if not _MANIFEST_NAME.match(rel):
+            raise CheckpointError(f"{ckpt / 'meta.json'}: 'files' lists {rel!r}, not a file of a checkpoint "
+                                  "(.metadata, __<r>_<n>.distcp, rng/rank-<r>.pt, loader/dp-<r>.json); refused")
+
+
 def verify_files(ckpt: Path, files: Dict[str, list], mine: Iterable[str]) -> None:
     """The files in ``mine`` (this rank's share of the manifest ``files``) exist with
     their size and CRC32. ``CheckpointError`` names the first bad file."""
+    check_manifest_names(ckpt, files)
     for rel in mine:
         size, crc = files[rel]
         f = ckpt / rel
-        try:
-            have = f.stat().st_size
-        except OSError as e:
-            raise CheckpointError(f"{f}: missing or unreadable ({e.strerror}); the checkpoint is incomplete") from None
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing; the checkpoint is incomplete")
+        have = checked_file(f, ckpt).stat().st_size
         if have != size:
             raise CheckpointError(f"{f}: {have} bytes, {size} when written (truncated or replaced)")
         if file_crc(f)[1] != crc:
@@ -311,6 +434,7 @@ def load_rng(path: Path) -> None:
 
     legacy = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))] \
         if hasattr(np, "_core") else []
+    checked_file(path, Path(path).parent.parent)
     try:
         with torch.serialization.safe_globals(legacy):
             state = torch.load(path, weights_only=True)
@@ -329,13 +453,28 @@ def load_rng(path: Path) -> None:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 (unpickling refusals, wrong shapes and types)
-        raise CheckpointError(f"{path}: refused, not an RNG state of this trainer "
-                              f"({str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__})"
-                              "; a checkpoint is read as data, never run as code") from None
+        raise CheckpointError(f"{path}: refused, not an RNG state of this trainer ({load_error(e)}); a checkpoint "
+                              "is read as data, never run as code") from None
+
+
+def load_error(e: BaseException) -> str:
+    """The line of a ``torch.load`` failure that says what was refused (torch's message
+    ends with advice that names nothing)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation",
+                                                       "(1)", "(2)"))]
+    return ((useful or lines or [type(e).__name__])[0])[:300]
+
+
+MAX_JSON_BYTES = 64 << 20  # meta.json and loader states are kilobytes
 
 
 def read_json(path: Path, what: str) -> dict:
     try:
+        if Path(path).exists():
+            checked_file(path, Path(path).parent.parent)
+            if Path(path).stat().st_size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{path}: {Path(path).stat().st_size} bytes, too large for {what}")
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing ({what})") from None
@@ -345,6 +484,3 @@ def read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{path}: not a JSON object ({what})")
     return data
 
-
-def data_files(ckpt: Path) -> List[str]:
-    return sorted(p.name for p in Path(ckpt).iterdir() if _DATA_FILE.match(p.name))

@@ -75,6 +75,8 @@ class HFWeights:
             self.config = json.loads(cfg_file.read_text())
         except ValueError as e:
             raise CheckpointError(f"{cfg_file} is corrupt ({e})") from e
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{cfg_file}: a JSON {type(self.config).__name__}, not an object of config keys")
         kind = self.config.get("model_type", "llama")
         if kind != "llama":
             raise CheckpointError(f"{cfg_file}: model_type={kind!r}, expected 'llama'")
@@ -83,7 +85,7 @@ class HFWeights:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, TypeError, IndexError) as e:
                 raise CheckpointError(f"{index} is corrupt or has no weight_map ({e!r})") from e
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: weight_map is not an object of weight name -> shard file")
@@ -119,9 +121,10 @@ class HFWeights:
 
     def args(self) -> LlamaArgs:
         try:
-            return args_from_hf_config(self.config, name=self.path.name)
-        except (KeyError, ValueError, TypeError) as e:
+            args = args_from_hf_config(self.config, name=self.path.name)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{self.path / 'config.json'}: not a supported Llama config ({e!r})") from e
+        return check_model_args(args, self.path / "config.json")
 
     def shape(self, key: str) -> Tuple[int, ...]:
         return tuple(self._handle(self._file(key)).get_slice(key).get_shape())
@@ -217,8 +220,14 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_by
 
 
 # -- import -------------------------------------------------------------------------------
-def _fresh_out(out: Path, force: bool) -> Path:
-    nonempty = any(out.iterdir()) if out.is_dir() else out.exists()
+def _fresh_out(out: Path, force: bool, source: Optional[Path] = None) -> Path:
+    """``<out>.partial``, made empty; ``out`` must be empty or absent (or ``force``), a
+    folder (not a file), and not hold ``source`` (what is being converted)."""
+    if source is not None and Path(os.path.realpath(source)).is_relative_to(os.path.realpath(out)):
+        raise CheckpointError(f"{out} holds the input {source}: refusing to replace it with the output")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder")
+    nonempty = any(out.iterdir()) if out.is_dir() else False
     if nonempty and not force:
         raise CheckpointError(f"{out} exists and is not empty (pass --force to replace it)")
     partial = out.with_name(out.name + ".partial")
@@ -251,7 +260,7 @@ def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = 
         for name, shape in shapes.items():
             sd[name] = _read_converted(hf, name, shape, dtype, args)
             bar.update(sd[name].numel() * dtype.itemsize)
-    partial = _fresh_out(out, force)
+    partial = _fresh_out(out, force, hf.path)
     writer = CrcWriter(partial)
     dcp.save({"model": sd}, storage_writer=writer, no_dist=True)
     files = {**{k: list(v) for k, v in writer.files.items()}, ".metadata": list(file_crc(partial / ".metadata"))}
@@ -316,14 +325,39 @@ def _plan_shards(entries: List[Tuple[str, Tuple[int, ...]]], itemsize: int, limi
     return shards
 
 
+# Larger than any published Llama (405B: 126 layers, dim 16384, ffn 53248, vocab 128256)
+# by far; a config past them is a crafted one that would build millions of modules.
+_ARG_LIMITS = {"dim": 1 << 20, "n_layers": 4096, "n_heads": 1 << 14, "n_kv_heads": 1 << 14, "head_dim": 1 << 16,
+               "ffn_hidden_dim": 1 << 22, "vocab_size": 1 << 24}
+
+
+def check_model_args(args: LlamaArgs, where) -> LlamaArgs:
+    """A model config read from a file (config.json, meta.json): integers where the model
+    needs them, within published sizes, so nothing is built from a crafted one."""
+    for key, limit in _ARG_LIMITS.items():
+        v = getattr(args, key)
+        if key == "head_dim" and v is None:
+            continue
+        if type(v) is not int or not 1 <= v <= limit:
+            raise CheckpointError(f"{where}: {key}={v!r}, expected an integer in [1, {limit}]")
+    for key in ("norm_eps", "rope_theta", "init_std"):
+        if not isinstance(getattr(args, key), (int, float)) or isinstance(getattr(args, key), bool):
+            raise CheckpointError(f"{where}: {key}={getattr(args, key)!r}, expected a number")
+    return args
+
+
 def _checkpoint_args(ckpt: Path, meta: dict) -> LlamaArgs:
     """The model config a checkpoint's meta.json records."""
     if not meta.get("model"):
         raise CheckpointError(f"{ckpt / 'meta.json'} has no model config: written by an older version")
-    margs = dict(meta["model"])
-    rs = margs.pop("rope_scaling", None)
-    return LlamaArgs(**{k: v for k, v in margs.items() if k in LlamaArgs.__dataclass_fields__},
-                     rope_scaling=RopeScaling(**rs) if rs else None)
+    try:
+        margs = dict(meta["model"])
+        rs = margs.pop("rope_scaling", None)
+        args = LlamaArgs(**{k: v for k, v in margs.items() if k in LlamaArgs.__dataclass_fields__},
+                         rope_scaling=RopeScaling(**rs) if rs else None)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: 'model' is not a model config ({e})") from None
+    return check_model_args(args, ckpt / "meta.json")
 
 
 def _load_model_tensors(ckpt: Path, saved: dict) -> Dict[str, torch.Tensor]:
@@ -406,7 +440,7 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
     shards = _plan_shards(entries, dtype.itemsize, max_shard_size)
     shapes = dict(entries)
     out = Path(out)
-    partial = _fresh_out(out, force)
+    partial = _fresh_out(out, force, ckpt)
     weight_map: Dict[str, str] = {}
     total = sum(_numel(s) * dtype.itemsize for _, s in entries)
     with _progress(total, f"exporting {ckpt.name}", progress) as bar:
@@ -462,7 +496,7 @@ def export_adapter(checkpoint, out, *, force: bool = False) -> Path:
             w = to_hf(f"{base}.weight", w, args)  # rows follow the q/k weight's layout
         tensors[f"base_model.model.{hf_base}.lora_{which[0].upper()}.weight"] = w.float().contiguous()
     out = Path(out)
-    partial = _fresh_out(out, force)
+    partial = _fresh_out(out, force, ckpt)
     save_file(tensors, str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
     (partial / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],

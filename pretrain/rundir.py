@@ -37,12 +37,16 @@ class RunDirLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> Optional[str]:
-        """Takes the lock; None on success, else who holds it (host, pid, since when)."""
+    def acquire(self, key: str = "hydra.run.dir") -> Optional[str]:
+        """Takes the lock; None on success, else why not: who holds it (host, pid, since
+        when), or that the run dir (``key``) cannot be written."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            return f"run dir {self.path.parent}: cannot open the lock file {self.path} ({e.strerror})"
+            if e.errno == errno.ELOOP:
+                return f"{key}={str(self.path.parent)!r}: {LOCK_FILE} is a symbolic link; remove it"
+            return (f"{key}={str(self.path.parent)!r}: not writable (cannot create the lock file {self.path}: "
+                    f"{e.strerror}); checkpoints, metrics and status.json go there")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -59,8 +63,11 @@ class RunDirLock:
             return (f"run dir {self.path.parent} is in use by another job (host {holder.get('host', '?')}, "
                     f"pid {holder.get('pid', '?')}, since {since}; lock file {self.path}): give this job its own "
                     "hydra.run.dir, or stop the other one")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode(), 0)
+        try:  # who holds it, for the message of a job that finds it taken
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, unnamed
         self._fd = fd
         return None
 
@@ -70,18 +77,37 @@ class RunDirLock:
             self._fd = None
 
 
+# Files the job writes in place (or rewrites) in its run dir: a symbolic link among them
+# would have the job overwrite whatever it points to.
+_WRITTEN = (LOCK_FILE, ".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "pretrain.log",
+            "metrics.jsonl", "status.json", "wandb_id", "data_audit")
+
+
 def unwritable(run_dir: Path, key: str = "hydra.run.dir") -> Optional[str]:
-    """Why the run dir or its checkpoints dir cannot be written (a probe file is created
-    and removed in each), or None."""
-    for d, what in ((Path(run_dir), f"{key}={str(run_dir)!r}"),
-                    (Path(run_dir) / "checkpoints", f"the checkpoints dir {Path(run_dir) / 'checkpoints'} (under {key})")):
+    """Why the run dir or its checkpoints dir cannot be written (a byte is written to a
+    probe file in each, then removed), or None. Also refuses a run dir where a file the
+    job writes is a symbolic link. Called by the lock's holder only."""
+    run_dir = Path(run_dir)
+    for d, what in ((run_dir, f"{key}={str(run_dir)!r}"),
+                    (run_dir / "checkpoints", f"the checkpoints dir {run_dir / 'checkpoints'} (under {key})")):
         try:
             d.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=d, prefix=".write-probe-")
-            os.close(fd)
-            os.unlink(probe)
+            try:
+                os.write(fd, b"x")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
         except OSError as e:
             return f"{what}: not writable ({e.strerror or e}); checkpoints, metrics and status.json go there"
+    audit = run_dir / "data_audit"
+    names = [*_WRITTEN, *(f"data_audit/{p.name}" for p in audit.iterdir())] if audit.is_dir() and not audit.is_symlink() \
+        else list(_WRITTEN)
+    for name in names:
+        if (run_dir / name).is_symlink():
+            return (f"{key}={str(run_dir)!r}: {name} is a symbolic link (to {os.readlink(run_dir / name)}); the job "
+                    "would write through it: remove it")
     return None
 
 

@@ -113,8 +113,9 @@ class SignalHandler:
         if self._pipe is None:  # restored: the job ended by itself
             return
         name = signal.Signals(signum).name
-        msg = (f"{name}: the main thread did not stop within {self.GRACE_S:.0f} s (blocked waiting for a peer or "
-               "a collective); ended by the signal watchdog")
+        msg = (f"{name}: the main thread did not stop within {self.GRACE_S:.0f} s (it was in native code that does "
+               "not run Python's signal handlers: waiting for a peer or a collective, tokenizer training, ...); "
+               "ended by the signal watchdog")
         print(f"stopped: {msg}", file=sys.stderr, flush=True)
         if self.report is not None:
             try:

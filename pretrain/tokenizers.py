@@ -45,6 +45,11 @@ def load_tokenizer(data_cfg, sources: Sequence[Source], env: LaunchEnv) -> Token
         if not text_sources:
             raise ValueError("data.tokenizer.kind=bpe without data.tokenizer.path needs a text source to train on")
         texts = sample_texts((t for s in text_sources for t in s.iter_texts()), tc.train_bytes)
+        if not texts:  # every record skipped: nothing to train on (and nothing to cache)
+            keys = " / ".join(f"{s.spec.key}field={s.spec.field!r} {s.spec.key}path={s.spec.path!r}"
+                              for s in text_sources)
+            raise ValueError(f"data.tokenizer.kind=bpe: no document to train the tokenizer on in {keys}: every "
+                             "record was skipped (check the field and the path)")
         path = bpe_cache_path(tc.cache_dir, texts, tc.vocab_size)
         if env.local_rank == 0 and not path.exists():
             log.info("training a %d-token BPE on %d documents (%.1f MB) -> %s", tc.vocab_size, len(texts),

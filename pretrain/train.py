@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -267,15 +267,16 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                      "targets": resolve_targets(list(lora.target_modules)), "base": cfg.model.init_from}
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
                         model_args=cfg.model, lora=lora_meta)
-    start_step, tokens_seen, loader_states = ckpt.maybe_resume(model, optimizer)
+    start_step, tokens_seen, loader_states = ckpt.maybe_resume(model, optimizer, loader.load_rank_states)
+    if start_step >= t.steps and is_rank0:
+        log.warning("the checkpoint is at step %d, train.steps=%d: nothing left to train (raise train.steps to "
+                    "continue)", start_step, t.steps)
     # LoRA checkpoints hold the adapters only: the base comes from init_from every start.
     if (loader_states is None or lora.rank > 0) and not cfg.checkpoint.load_path and cfg.model.init_from:
         from .hf import load_hf_weights
 
         for part in parts:
             load_hf_weights(part, cfg.model.init_from, cfg.model, progress=is_rank0)
-    if loader_states is not None:
-        loader.load_rank_states(loader_states)
     if cfg.data.audit and is_rank0:
         DataAudit.truncate(run_dir, start_step)
     pdist.barrier()
@@ -507,11 +508,12 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             if gap > 0 or is_rank0:
                 log.info("tied embedding copies (first and last stage): max |difference| %.3g", gap)
     finally:
-        profiler.stop()
-        sink.close()
-        loader.close()
-        if audit is not None:
-            audit.close()
+        # Each one runs even when another raises (a full disk fails the metrics sink's
+        # close): loader workers left alive would keep the process from exiting.
+        with ExitStack() as stack:
+            for close in (loader.close, audit.close if audit is not None else None, sink.close, profiler.stop):
+                if close is not None:
+                    stack.callback(close)
     if is_rank0:
         log.info("done: %d steps | metrics %s | tensorboard %s", t.steps, run_dir / "metrics.jsonl", run_dir / "tb")
     return history

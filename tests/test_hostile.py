@@ -175,23 +175,31 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(ckpt_run, tmp_path, t
     (only / "checkpoints" / "step-4" / ".metadata").write_bytes(b"\x80\x04garbage")
     bad = run_job(only, [*DET, "train.steps=6"], tok_cache=tok_cache, check=False)
     assert bad.returncode == 4, bad.stderr[-3000:]
-    assert str(only / "checkpoints" / "step-4" / ".metadata") in bad.stderr and "nothing to fall back to" in bad.stderr
+    assert str(only / "checkpoints" / "step-4" / ".metadata") in bad.stderr
+    assert "No earlier complete checkpoint" in bad.stderr and "to fall back to" in bad.stderr
     assert (only / "checkpoints" / "step-4").is_dir()  # left where it is for the user to decide
     assert status(only)["exit_code"] == 4
 
 
-def test_truncated_data_file_without_manifest_exits_4(ckpt_run, tmp_path, tok_cache):
-    """A checkpoint of an older version (no manifest) with a truncated .distcp: DCP's own
-    CheckpointException (a BaseException) ends as exit 4 naming the checkpoint, not exit 1."""
+def test_damaged_data_file_without_manifest_exits_4(ckpt_run, tmp_path, tok_cache):
+    """A checkpoint of an older version (no manifest): a .distcp cut short is named from
+    the metadata's offsets; one overwritten in the middle (same size) fails inside DCP,
+    whose CheckpointException (a BaseException) ends as exit 4 naming the file, not
+    exit 1."""
     ckpt = tmp_path / "step-4"
     shutil.copytree(ckpt_run / "checkpoints" / "step-4", ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     del meta["files"]
     (ckpt / "meta.json").write_text(json.dumps(meta))
     data = ckpt / "__0_0.distcp"
-    data.write_bytes(data.read_bytes()[:1000])
+    whole = data.read_bytes()
+    data.write_bytes(whole[:1000])
     out = run_job(tmp_path / "run", [*DET, f"checkpoint.load_path={ckpt}"], tok_cache=tok_cache, check=False)
-    assert out.returncode == 4 and f"checkpoint {ckpt} could not be read" in out.stderr, out.stderr[-3000:]
+    assert out.returncode == 4 and f"{data}: 1000 bytes, but .metadata places" in out.stderr, out.stderr[-3000:]
+    data.write_bytes(whole[:2000] + b"\xff" * 4096 + whole[6096:])
+    out = run_job(tmp_path / "run2", [*DET, f"checkpoint.load_path={ckpt}"], tok_cache=tok_cache, check=False)
+    assert out.returncode == 4 and f"{data}: entry" in out.stderr and "the file is damaged" in out.stderr, \
+        out.stderr[-3000:]
 
 
 @pytest.fixture
@@ -371,3 +379,190 @@ def test_parallel_degree_that_does_not_fit_names_its_key_and_the_world_size():
     for override, key in (("parallel.tp=4", "parallel.tp=4"), ("parallel.pp=3", "parallel.pp=3")):
         with pytest.raises(ConfigError, match=f"{key}: must divide the world size 2"):
             validate_job(compose_job(override), 2)
+
+
+# -- found by a hostile review: each of these broke the first version of the fixes ---------
+def crafted_metadata(src: Path, dst: Path, edit) -> Path:
+    """A copy of checkpoint ``src`` whose .metadata is DCP's own, edited by ``edit(md)``
+    (a crafted file needs no payload to mislead the loader)."""
+    shutil.copytree(src, dst)
+    md = pickle.loads((src / ".metadata").read_bytes())
+    edit(md)
+    (dst / ".metadata").write_bytes(pickle.dumps(md))
+    refresh_manifest(dst)
+    return dst
+
+
+def test_metadata_that_would_mislead_the_loader_is_refused(ckpt_run, tmp_path):
+    """Allowed classes only is not enough: stream transforms (a zstd bomb), chunks that do
+    not cover their tensor (DCP then leaves it unloaded, silently), entries past the end
+    of their file, storage that is not a map, data files that are FIFOs or links outside
+    the folder: each refused naming the file and what is wrong."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.ckpt_io import read_dcp_metadata
+
+    src = ckpt_run / "checkpoints" / "step-4"
+    first = lambda md: next(k for k in md.storage_data if k.offset is not None)  # noqa: E731
+
+    def transform(md):
+        md.storage_data[first(md)].transform_descriptors = ["stream.zstd/1"]
+
+    def gap(md):
+        md.state_dict_metadata["model.tok_embeddings.weight"].chunks[0].offsets = torch.Size([10 ** 9, 0])
+
+    def past_end(md):
+        md.storage_data[first(md)].offset = 10 ** 12
+
+    def storage_list(md):
+        md.storage_data = list(md.storage_data.values())
+
+    cases = {"transform": (transform, ".metadata: refused, .*stream transforms"),
+             "gap": (gap, ".metadata: refused, .*outside its size"),
+             "past_end": (past_end, r"__0_0.distcp: \d+ bytes, but .metadata places .* at 1000000000000 "),
+             "list": (storage_list, ".metadata: refused, .*storage_data is a list")}
+    for name, (edit, why) in cases.items():
+        ck = crafted_metadata(src, tmp_path / name, edit)
+        with pytest.raises(CheckpointError, match=f"{ck}/{why}"):
+            read_dcp_metadata(ck)
+    ck = tmp_path / "overlap"
+    shutil.copytree(src, ck)
+    md = pickle.loads((src / ".metadata").read_bytes())
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    tm = md.state_dict_metadata["model.tok_embeddings.weight"]
+    n, d = tm.size
+    tm.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([n // 2 + 1, d])),
+                 ChunkStorageMetadata(torch.Size([n // 2, 0]), torch.Size([n - n // 2 - 1, d]))]
+    (ck / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match="do not cover its size .* exactly once"):
+        read_dcp_metadata(ck)
+
+    fifo = tmp_path / "fifo"
+    shutil.copytree(src, fifo)
+    (fifo / "__0_0.distcp").unlink()
+    os.mkfifo(fifo / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="__0_0.distcp: not a regular file"):
+        read_dcp_metadata(fifo)
+    link = tmp_path / "link"
+    shutil.copytree(src, link)
+    outside = tmp_path / "elsewhere.distcp"
+    (link / "__0_0.distcp").rename(outside)
+    (link / "__0_0.distcp").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="a symbolic link to .*elsewhere.distcp, outside"):
+        read_dcp_metadata(link)
+
+
+def test_manifest_and_meta_values_are_checked(ckpt_run, tmp_path):
+    from pretrain.checkpoint import CheckpointError, read_meta
+    from pretrain.ckpt_io import verify_files
+
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpt_run / "checkpoints" / "step-4", ck)
+    for files, why in (({"/dev/zero": [0, 0]}, "not a file of a checkpoint"),
+                       ({"../../etc/hostname": [3, 0]}, "not a file of a checkpoint")):
+        with pytest.raises(CheckpointError, match=why):
+            verify_files(ck, files, sorted(files))
+    meta = json.loads((ck / "meta.json").read_text())
+    for value in (-7, True, "3"):
+        (ck / "meta.json").write_text(json.dumps({**meta, "step": value}))
+        with pytest.raises(CheckpointError, match=r"step=.*expected an integer >= 0"):
+            read_meta(ck)
+
+
+def test_a_checkpoint_of_another_model_is_not_moved_aside(ckpt_run, tmp_path, tok_cache):
+    """A changed model config is the config's fault, not the files': exit 4 naming the
+    tensor, and step-4 stays where it is (the corrupt-fallback would lose it)."""
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock", "status.json"))
+    out = run_job(run, [*DET, "train.steps=6", "model.ffn_hidden_dim=256"], tok_cache=tok_cache, check=False)
+    assert out.returncode == 4 and "has shape [128, 64] in the checkpoint but [256, 64]" in out.stderr, out.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+def test_a_malformed_loader_state_falls_back_like_a_corrupt_file(ckpt_run, tmp_path, tok_cache):
+    """loader/dp-0.json that is a loader state in form but holds a token id past the
+    vocabulary (it would fail the first step, or assert on a GPU), with a matching
+    manifest: named, moved aside with its checkpoint, and the run resumes from step 2.
+    JSON that is not a loader state at all is refused the same way."""
+    from data_pipeline.loader import _check_saved
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock", "status.json"))
+    ck = run / "checkpoints" / "step-4"
+    state = json.loads((ck / "loader" / "dp-0.json").read_text())
+    _check_saved([state], 1, 512)
+    state["rows"][0]["slots"][0]["packer"].insert(0, {"key": 0, "tokens": [1, 2, 512]})
+    (ck / "loader" / "dp-0.json").write_text(json.dumps(state))
+    refresh_manifest(ck)
+    out = run_job(run, [*DET, "train.steps=5"], tok_cache=tok_cache)
+    text = out.stdout + out.stderr
+    assert "is unusable" in text and "token ids are not in [0, 512)" in text and "resumed from step 2" in text, \
+        text[-2000:]
+    with pytest.raises(ValueError, match="lacks num_slots"):
+        _check_saved([{"n_sources": 1}], 1, 512)
+
+
+def test_disk_full_while_logging_ends_the_job_with_a_true_status(tmp_path, tok_cache, tmpfs):
+    """The disk fills after step 1 (metrics, log): the job exits 1 within seconds (its
+    loader worker is shut down, not waited for forever) and status.json says failed,
+    rewritten in place when no temporary file fits."""
+    run = tmpfs(tmp_path / "small", "1m")
+    proc = start(run / "run", [*DET, "train.steps=100000"], tok_cache)
+    try:
+        wait_steps(run / "run", proc, 1)
+        with open(run / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out[-2000:]
+    st = status(run / "run")
+    assert st["status"] == "failed" and "No space left on device" in st["error"]
+
+
+def test_symlinks_among_the_run_dirs_files_are_refused(tmp_path, tok_cache):
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (run / "pretrain.log").symlink_to(victim)
+    out = run_job(run, ["train.steps=2"], tok_cache=tok_cache, check=False)
+    assert out.returncode == 2 and "pretrain.log is a symbolic link" in out.stderr, out.stderr[-2000:]
+    assert victim.read_text() == "precious\n"
+
+
+def test_signal_exceptions_survive_dcp_and_the_zip_writer():
+    """A KeyboardInterrupt raised inside torch's C++ zip writer comes back as the context
+    of a RuntimeError, and DCP wraps it again: it still ends the job as itself (exit 130),
+    not as a failed save (exit 4)."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from pretrain.ckpt_io import reraise_interrupt
+
+    try:
+        try:
+            raise KeyboardInterrupt("second SIGINT")
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    except RuntimeError as inner:
+        wrapped = CheckpointException("save", {0: _wrap_exception(inner)})
+    with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+        reraise_interrupt(wrapped)
+    reraise_interrupt(CheckpointException("save", {0: _wrap_exception(OSError(28, "No space left on device"))}))
+
+
+def test_hf_export_never_replaces_its_own_input(ckpt_run, tmp_path):
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.hf import export_hf
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock"))
+    with pytest.raises(CheckpointError, match="holds the input"):
+        export_hf(run, run, force=True, progress=False)
+    assert (run / "checkpoints" / "step-4" / "meta.json").is_file()
