@@ -38,7 +38,9 @@ def hydra_main(dcfg: DictConfig) -> None:
     if os.environ.get("SLURM_JOB_ID"):  # which SLURM attempt wrote the status (the batch scripts requeue by it)
         info["slurm_attempt"] = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
     # From main() on (or here, in a launcher's job process) a signal ends the job cleanly.
-    signals = _SIGNALS.pop() if _SIGNALS else SignalHandler()  # main()'s for the first job, then fresh
+    # main()'s handler for the first job of this process, then a fresh one (a launcher's job
+    # process, which unpickled this module's globals, has its own pid).
+    signals = _SIGNALS.pop(os.getpid(), None) or SignalHandler()
     lock = RunDirLock(run_dir) if env.rank == 0 else None
 
     def status(state: str, exit_code=None, **fields) -> None:
@@ -113,15 +115,12 @@ def _multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-_SIGNALS: list = []  # the process's SignalHandler, installed by main() before Hydra composes
+_SIGNALS: dict = {}  # pid -> the SignalHandler main() installed before Hydra composes
 
 
 def main() -> None:
     die_with_parent()  # under torchrun: no orphan outlives a killed agent
-    try:
-        _SIGNALS.append(SignalHandler())
-    except ValueError:
-        pass
+    _SIGNALS[os.getpid()] = SignalHandler()
     try:
         _main()
     except Interrupted as e:  # before the run dir was known: nothing to write there

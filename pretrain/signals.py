@@ -64,6 +64,7 @@ class SignalHandler:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (embedded use): leave signals alone
                 pass
+        self._handled = {int(sig) for sig in self._old}
         self._pipe = None
         if self._old:
             r, w = os.pipe()
@@ -96,6 +97,8 @@ class SignalHandler:
             if not data:
                 return
             for signum in data:
+                if signum not in self._handled:  # the wakeup fd also hears others' handlers (SIGCHLD)
+                    continue
                 now = time.monotonic()
                 if self.phase == "setup":
                     self._force_exit(signum, 128 + signum)
@@ -123,6 +126,12 @@ class SignalHandler:
             except Exception:  # noqa: BLE001 (exiting anyway)
                 pass
         os._exit(code)
+
+    def __getstate__(self) -> dict:
+        # A copy in another process (cloudpickle carries a launcher job's globals by value)
+        # owns none of this process's signal handlers and file descriptors.
+        return {"received": False, "name": "", "phase": "setup", "_first_at": 0.0, "_old": {}, "report": None,
+                "exiting": False, "_handled": set(), "_pipe": None}
 
     def restore(self) -> None:
         for sig, old in self._old.items():

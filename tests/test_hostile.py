@@ -566,3 +566,15 @@ def test_hf_export_never_replaces_its_own_input(ckpt_run, tmp_path):
     with pytest.raises(CheckpointError, match="holds the input"):
         export_hf(run, run, force=True, progress=False)
     assert (run / "checkpoints" / "step-4" / "meta.json").is_file()
+
+
+def test_the_watchdog_acts_only_on_stop_signals():
+    """The wakeup fd also hears signals other code handles in Python (the DataLoader's
+    SIGCHLD handler): one of those during start-up must not end the job."""
+    code = ("import os, signal, sys, time; from pretrain.signals import SignalHandler\n"
+            "h = SignalHandler(); signal.signal(signal.SIGCHLD, lambda *a: None)\n"
+            "os.kill(os.getpid(), signal.SIGCHLD); time.sleep(SignalHandler.GRACE_S + 1.5)\n"
+            "print('alive'); h.restore()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "alive" in proc.stdout, proc.stderr[-2000:]
