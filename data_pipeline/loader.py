@@ -317,19 +317,20 @@ def _check_saved(saved, n_sources: int, vocab: int) -> None:
             need(isinstance(row, dict) and _nat(row.get("next")) and isinstance(row.get("slots"), list),
                  "a row lacks next or slots")
             for st in row["slots"]:
-                need(isinstance(st, dict) and _nat(st.get("slot")) and isinstance(st.get("readers"), list)
-                     and len(st["readers"]) == n_sources and isinstance(st.get("packer"), list)
+                need(isinstance(st, dict) and _nat(st.get("slot")), "a stream without its slot number")
+                need(isinstance(st.get("readers"), list) and len(st["readers"]) == n_sources
+                     and isinstance(st.get("packer"), list)
                      and all(isinstance(st.get(k), list) and len(st[k]) == n_sources and all(map(_nat, st[k]))
-                             for k in ("mix_tokens", "mix_docs")), f"stream {st.get('slot') if isinstance(st, dict) else '?'}: malformed")
+                             for k in ("mix_tokens", "mix_docs")), f"stream {st['slot']}: malformed")
                 for r in st["readers"]:
-                    need(isinstance(r, dict) and _nat(r.get("qi")) and _nat(r.get("next")) and type(r.get("stride")) is int
-                         and r["stride"] >= 1 and isinstance(r.get("queue"), list)
-                         and all(isinstance(x, list) and len(x) == 2 and all(map(_nat, x)) for x in r["queue"])
-                         and (r.get("cur") is None or (isinstance(r["cur"], list) and len(r["cur"]) == 2
-                                                       and all(map(_nat, r["cur"])))),
+                    pair = lambda x: isinstance(x, list) and len(x) == 2 and all(map(_nat, x))  # noqa: E731
+                    need(isinstance(r, dict) and _nat(r.get("qi")) and _nat(r.get("next"))
+                         and type(r.get("stride")) is int and r["stride"] >= 1 and isinstance(r.get("queue"), list)
+                         and all(map(pair, r["queue"])) and (r.get("cur") is None or pair(r["cur"])),
                          f"stream {st['slot']}: malformed reader position")
                 for fr in st["packer"]:
-                    need(isinstance(fr, dict) and type(fr.get("key")) is int, f"stream {st['slot']}: malformed fragment")
+                    need(isinstance(fr, dict) and type(fr.get("key")) is int,
+                         f"stream {st['slot']}: malformed fragment")
                     if "tokens" in fr:
                         toks = fr["tokens"]
                         need(isinstance(toks, list) and all(type(t) is int and 0 <= t < vocab for t in toks),
