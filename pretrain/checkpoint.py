@@ -19,7 +19,7 @@ a background thread while training continues; at most one save in flight (the ne
 waits), and the commit happens at the first step boundary where every rank is done.
 
 Everything read back is data (``ckpt_io``): no pickle from a checkpoint runs code. Before a
-load the files are checked against ``meta.json`` (sizes everywhere, CRC32s split between
+load the files are checked against ``meta.json`` (size and CRC32, the files split between
 the ranks); an unusable checkpoint of the run dir's own is moved aside to
 ``step-N.corrupt`` and the previous one is used. Errors that one rank finds are agreed
 between all ranks before the next collective, so every rank raises the same
@@ -44,9 +44,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from parallel import distributed as pdist
 
-from .ckpt_io import (CheckpointError, CheckpointMismatch, CrcWriter, SafeLoadPlanner, SafeReader, dcp_failure, describe_error,
-                      file_crc, load_rng, read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files,
-                      write_file)
+from .ckpt_io import (CheckpointError, CheckpointMismatch, CrcWriter, describe_error, file_crc, load_dcp, load_rng,
+                      read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files, write_file)
 
 log = logging.getLogger("pretrain")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -96,7 +95,8 @@ def check_shapes(path: Path, state: dict) -> None:
 
 def agreed(fn: Callable, *args, **kwargs):
     """Runs ``fn`` on every rank; if it raised on any rank, every rank raises the first
-    rank's error as ``CheckpointError`` (one object all-gather). Used before collectives,
+    rank's error as ``CheckpointError`` (``CheckpointMismatch`` when it was one), after one
+    object all-gather. Used before collectives,
     so that a rank that found a bad file does not leave the others waiting."""
     out, err = None, None
     try:
@@ -104,13 +104,16 @@ def agreed(fn: Callable, *args, **kwargs):
     except (Exception, CheckpointException) as e:  # noqa: BLE001 (CheckpointException is a BaseException)
         reraise_interrupt(e)
         err = e
-    msg = None if err is None else (str(err) if isinstance(err, CheckpointError) else describe_error(err))
-    errors = pdist.all_gather_object(msg)
-    for r, m in enumerate(errors):
-        if m is not None:
-            if err is not None and isinstance(err, CheckpointError) and m == msg:
+    mine = None if err is None else (str(err) if isinstance(err, CheckpointError) else describe_error(err),
+                                     isinstance(err, CheckpointMismatch))
+    for r, found in enumerate(pdist.all_gather_object(mine)):
+        if found is not None:
+            if r == pdist.rank() and isinstance(err, CheckpointError):
                 raise err
-            raise CheckpointError(m if r == pdist.rank() else f"{m} (found by rank {r})") from err
+            msg, mismatch = found
+            # The same class on every rank: a mismatch is not a corruption to fall back from.
+            raise (CheckpointMismatch if mismatch else CheckpointError)(
+                msg if r == pdist.rank() else f"{msg} (found by rank {r})") from err
     return out
 
 
@@ -411,13 +414,4 @@ class Checkpointer:
 
     @staticmethod
     def _dcp_load(state: dict, path: Path) -> None:
-        try:
-            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(path))
-        except CheckpointError:
-            raise
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP wraps each rank's error)
-            reraise_interrupt(e)
-            inner = dcp_failure(e)
-            if isinstance(inner, CheckpointError):
-                raise CheckpointError(str(inner)) from None
-            raise CheckpointError(f"checkpoint {path} could not be read: {describe_error(e)}") from None
+        load_dcp(state, path)

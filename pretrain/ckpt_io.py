@@ -28,8 +28,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorProperties, TensorStorageMetadata)
 
@@ -216,6 +215,25 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def load_dcp(state: dict, path: Path, **kw) -> None:
+    """``dcp.load`` of checkpoint ``path`` into ``state`` through the safe reader and
+    planner. DCP wraps each rank's error in ``CheckpointException`` (a BaseException):
+    a signal's exception goes on as itself, a ``CheckpointError`` of ours (naming the
+    file) as it is, anything else as ``CheckpointError`` naming the checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(path), **kw)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        reraise_interrupt(e)
+        inner = dcp_failure(e)
+        if isinstance(inner, CheckpointError):
+            raise type(inner)(str(inner)) from None
+        raise CheckpointError(f"checkpoint {path} could not be read: {describe_error(e)}") from None
 
 
 def dcp_failure(e: BaseException) -> BaseException:

@@ -38,8 +38,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from .checkpoint import CheckpointError, complete_checkpoints, read_meta
-from .ckpt_io import (CrcWriter, SafeLoadPlanner, SafeReader, dcp_failure, describe_error, file_crc,
-                      read_dcp_metadata, verify_files)
+from .ckpt_io import CrcWriter, file_crc, load_dcp, read_dcp_metadata, verify_files
 from .hf_convert import args_from_hf_config, hf_config_from_args, hf_name, ours_name, to_hf, to_ours
 from .model.args import LlamaArgs, RopeScaling
 
@@ -364,7 +363,7 @@ def _load_model_tensors(ckpt: Path, saved: dict) -> Dict[str, torch.Tensor]:
     """Every ``model.*`` tensor of a checkpoint (``saved``: its DCP metadata), by our name."""
     state = {"model": {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype)
                        for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}}
-    _dcp_read(ckpt, state)
+    load_dcp(state, ckpt, no_dist=True)
     return state["model"]
 
 
@@ -374,19 +373,6 @@ def _saved_metadata(ckpt: Path, meta: dict) -> dict:
     if meta.get("files") is not None:
         verify_files(ckpt, meta["files"], sorted(meta["files"]))
     return read_dcp_metadata(ckpt).state_dict_metadata
-
-
-def _dcp_read(ckpt: Path, state: dict) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        dcp.load(state, storage_reader=SafeReader(str(ckpt)), planner=SafeLoadPlanner(ckpt), no_dist=True)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP wraps errors in a BaseException)
-        inner = dcp_failure(e)
-        if isinstance(inner, CheckpointError):
-            raise CheckpointError(str(inner)) from None
-        raise CheckpointError(f"checkpoint {ckpt} could not be read: {describe_error(e)}") from None
 
 
 def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base) -> Dict[str, torch.Tensor]:
@@ -451,7 +437,7 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
             else:
                 saved_dtype = {n: saved[f"model.{n}"].properties.dtype for n in names}
                 state = {"model": {n: torch.empty(shapes[n], dtype=saved_dtype[n]) for n in names}}
-                _dcp_read(ckpt, state)
+                load_dcp(state, ckpt, no_dist=True)
             tensors = {hf_name(n): to_hf(n, w, args).to(dtype).contiguous() for n, w in state["model"].items()}
             save_file(tensors, str(partial / fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})

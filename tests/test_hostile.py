@@ -578,3 +578,20 @@ def test_the_watchdog_acts_only_on_stop_signals():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "alive" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_mismatch_on_one_pipeline_stage_moves_nothing_on_any_rank(tmp_path, tok_cache):
+    """Untying the embeddings adds output.weight to the last stage only: that rank finds the
+    mismatch, the other finds nothing. Every rank must treat the agreed error as the
+    mismatch it is (exit 4 naming the tensor), not as a corruption to move aside."""
+    run = tmp_path / "run"
+    pp = ["parallel.pp=2", "train.local_batch_size=2", "train.steps=4", "checkpoint.interval=2",
+          "checkpoint.keep_last=0"]
+    run_job(run, pp, tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    out = run_job(run, [*pp, "model.tie_embeddings=false"], tok_cache=tok_cache, nproc=2, launcher="torchrun",
+                  check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "has no tensor model.output.weight" in text, text[-3000:]
+    assert "is unusable" not in text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert status(run)["exit_code"] == 4
