@@ -34,7 +34,7 @@ def measure(mode: str, a) -> dict:
     import torch.nn.functional as F
 
     from parallel.ac import apply_activation_checkpointing
-    from pretrain.model.args import LlamaArgs
+    from pretrain.model.llama.args import LlamaArgs
     from pretrain.model.llama import build_llama
 
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pretrain.checkpoint import Checkpointer  # noqa: E402
 from pretrain.config import CheckpointConfig, OptimConfig  # noqa: E402
-from pretrain.model.args import LlamaArgs  # noqa: E402
+from pretrain.model.llama.args import LlamaArgs  # noqa: E402
 from pretrain.model.llama import build_llama, count_parameters  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 

@@ -31,7 +31,8 @@ def child(a) -> None:
     import torch.nn.functional as F
 
     from pretrain.lora import apply_lora, init_lora
-    from pretrain.model.args import LlamaArgs
+    from pretrain.model.llama import FAMILY
+    from pretrain.model.llama.args import LlamaArgs
     from pretrain.model.llama import build_llama, seeded_trunc_normal_
     from pretrain.optim import build_optimizer
 
@@ -43,7 +44,7 @@ def child(a) -> None:
     model.init_weights(seed=0)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     if a.variant == "lora":
-        apply_lora(model, rank=a.rank, alpha=2 * a.rank, dropout=0.0, targets=["all"])
+        apply_lora(model, FAMILY, rank=a.rank, alpha=2 * a.rank, dropout=0.0, targets=["all"])
         init_lora(model, lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, 0))
 
     class Cfg:

@@ -4,12 +4,12 @@ and transformers' LlamaForCausalLM: same model dims, batch, sequence, fp32, thre
 Default mode, one process, on CPU; the variants alternate (``--rounds`` rounds, each
 running every variant for ``--steps`` timed steps, the order rotated per round, after
 ``--warmup`` untimed steps of each) and the median tokens/s over rounds is reported:
-- ``ours``: the model built exactly as ``pretrain.train`` builds it for one process
-  (``build_llama`` on meta, ``parallelize_llama``, ``to_empty``, the seeded layout-aware
-  init, ``build_optimizer``), stepped by a replica of the training loop's step body (the
-  loop is not callable per step): lr from the schedule into the param groups, forward,
-  cross entropy on float logits, backward, ``parallel.init.clip_grad_norm_``,
-  ``optimizer.step``, ``zero_grad(set_to_none=True)``, the loss and norm read back;
+- ``ours``: the model built by the trainer's own ``pretrain.build.build_model`` for one
+  process (the family's model on meta, ``parallel.parallelize``, ``to_empty``, the seeded
+  layout-aware init), ``build_optimizer``, and the trainer's ``pretrain.step.TrainStep``
+  called per step (lr into the param groups, forward, cross entropy on float logits,
+  backward, ``parallel.init.clip_grad_norm_``, ``optimizer.step``, ``zero_grad``), the
+  loss and norm read back;
 - ``plain``: a compact Llama written in this file (RMSNorm, RoPE, GQA attention through
   ``F.scaled_dot_product_attention``, SwiGLU, tied head), ``torch.optim.AdamW`` on all
   parameters with its defaults, ``torch.nn.utils.clip_grad_norm_``;
@@ -17,7 +17,7 @@ running every variant for ``--steps`` timed steps, the order rotated per round, 
   logits + ``F.cross_entropy``, the same plain AdamW loop.
 Every variant clips at 1.0, reads the loss back each step and uses RoPE without Llama 3's
 frequency scaling (a precomputed table either way). MFU = FLOPs/token
-(``pretrain.flops.flops_per_token``) x tokens/s / peak, where peak = threads x one core's
+(``ModelFamily.flops_per_token``) x tokens/s / peak, where peak = threads x one core's
 fp32 matmul rate (``pretrain.flops.cpu_matmul_probe`` on 1024^2 matrices with one thread,
 best of three 1 s probes, at the start). "cpu s/step" is the process's CPU time per step
 (all threads): on a machine shared with other jobs it moves less than the wall time.
@@ -54,8 +54,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pretrain.flops import cpu_matmul_probe, flops_per_token  # noqa: E402
-from pretrain.model.args import LlamaArgs  # noqa: E402
+from pretrain.flops import cpu_matmul_probe  # noqa: E402
+from pretrain.model.llama import flops_per_token  # noqa: E402
+from pretrain.model.llama.args import LlamaArgs  # noqa: E402
 
 VARIANTS = ("ours", "plain", "hf")
 
@@ -64,54 +65,39 @@ VARIANTS = ("ours", "plain", "hf")
 
 def build_ours(args: LlamaArgs, seq: int, device: torch.device, *, compile_: bool = False, ac: str = "none",
                param_dtype=torch.float32, seed: int = 0):
-    """The one-process path of pretrain.train._train: model, layout, init, optimizer; the
-    step body of its loop (grad_accum_steps=1, no document masking, no pipeline)."""
-    from contextlib import nullcontext
-
+    """The one-process path of the trainer: ``pretrain.build.build_model`` (the family's
+    model on meta, the layout, materialization, the seeded init), ``build_optimizer``, and
+    the trainer's own ``pretrain.step.TrainStep`` called once per step (grad_accum_steps=1,
+    no document masking, no pipeline), its loss and norm read back."""
+    from parallel.config import ParallelConfig
     from parallel.dims import ParallelDims
-    from parallel.init import clip_grad_norm_, shard_aware_init
-    from parallel.parallelize import parallelize_llama
-    from pretrain.config import OptimConfig, ParallelConfig
-    from pretrain.model.llama import build_llama, seeded_trunc_normal_
+    from pretrain.build import build_model
+    from pretrain.config import FinetuneConfig, JobConfig, OptimConfig, TrainConfig
     from pretrain.optim import OptimizerParts, build_lr_fn, build_optimizer
+    from pretrain.step import TrainStep
 
     torch.manual_seed(seed)
-    model = build_llama(args, rope_cache_len=seq, device="meta")
+    pc = ParallelConfig(activation_checkpoint=ac, compile=compile_)
+    cfg = JobConfig(model=args, parallel=pc, train=TrainConfig(seq_len=seq, seed=seed, max_norm=1.0,
+                                                               mixed_precision="bf16" if param_dtype != torch.float32
+                                                               else "fp32"),
+                    optim=OptimConfig(), finetune=FinetuneConfig())
     dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1, world_size=1)
-    parallelize_llama(model, None, dims, ParallelConfig(activation_checkpoint=ac, compile=compile_),
-                      param_dtype=param_dtype, reduce_dtype=torch.float32)
-    model.to_empty(device=device)
-    base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, seed)  # noqa: E731
-    model.init_weights(init_fn=shard_aware_init(base_init))
-    autocast = (torch.autocast(device.type, dtype=param_dtype) if param_dtype != torch.float32 else nullcontext())
-    ocfg = OptimConfig()
-    optimizer = OptimizerParts([build_optimizer(model, ocfg)])
-    lr_at = build_lr_fn(ocfg, 10_000)
-    params = list(model.parameters())
-    window_loss = torch.zeros((), device=device)
+    built = build_model(cfg, dims, device)
+    model = built.parts[0]
+    optimizer = OptimizerParts([build_optimizer(model, cfg.optim)])
+    train_step = TrainStep(built.family, built.parts, optimizer, dims=dims, pc=pc, grad_accum_steps=1,
+                           max_norm=1.0, chat=False, device=device, param_dtype=built.param_dtype)
+    lr_at = build_lr_fn(cfg.optim, 10_000)
     model.train()
     state = {"step": 0}
 
     def step(inputs, labels) -> float:
-        nonlocal window_loss
         state["step"] += 1
-        lr = lr_at(state["step"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        with autocast:
-            logits = model(inputs, position_ids=None, attn_mask=None)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        loss.backward()
-        loss_sum += loss.detach()
-        window_loss += loss_sum
-        grad_norm = clip_grad_norm_(params, 1.0, skip=set(), group=None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        out = window_loss.item()
-        grad_norm.item()
-        window_loss.zero_()
-        return out
+        out = train_step([{"input_ids": inputs, "labels": labels}], lr_at(state["step"]))
+        loss = out.loss_sum.item()
+        out.grad_norm.item()
+        return loss
 
     return model, step
 
@@ -200,7 +186,7 @@ def build_plain(args: LlamaArgs, seq: int):
 def build_hf(args: LlamaArgs, seq: int):
     import transformers
 
-    from pretrain.hf_convert import hf_config_from_args
+    from pretrain.model.llama.hf import hf_config_from_args
 
     torch.manual_seed(0)
     cfg = hf_config_from_args(args)
@@ -314,12 +300,10 @@ GPU_MODELS = ("llama3_2_1b", "llama3_2_3b")
 
 
 def gpu_one(name: str, compile_: bool, ac: str, a) -> dict:
-    from omegaconf import OmegaConf
-
+    from pretrain.config import load_model_file
     from pretrain.flops import peak_flops
 
-    args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LlamaArgs),
-                                               OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml")))
+    args = load_model_file(REPO / "configs" / "model" / f"{name}.yaml")
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     model, step = build_ours(args, a.gpu_seq, device, compile_=compile_, ac=ac, param_dtype=torch.bfloat16)

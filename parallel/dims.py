@@ -3,6 +3,7 @@ before any process group exists."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 
@@ -34,6 +35,21 @@ class ParallelDims:
     @property
     def uses_fsdp(self) -> bool:
         return self.world_size > 1 and self.dp > 1
+
+    @property
+    def replicas_per_dp_rank(self) -> int:
+        """Ranks that see the same batches (the TP and PP ranks of one data-parallel
+        coordinate): a count summed over the world is divided by this."""
+        return self.tp * self.pp
+
+    def dp_coordinates(self, rank: int) -> Tuple[int, int, bool]:
+        """(dp rank, dp world, leader) of a global rank. The mesh is (pp, dp_replicate,
+        dp_shard, tp), tp fastest: TP and PP ranks of one DP group run identical loaders,
+        and one of them (the leader: tp 0 of the first stage) writes the loader state and
+        the data audit."""
+        dp_rank = (rank // self.tp) % self.dp
+        leader = rank % self.tp == 0 and rank < self.dp * self.tp
+        return dp_rank, self.dp, leader
 
 
 def resolve_parallel_dims(

@@ -1,8 +1,6 @@
-"""FSDP2 (fully_shard) per transformer block then the root; HSDP when the mesh has a
+"""FSDP2 (fully_shard) per block (the layout's ``blocks``) then the root; HSDP when the mesh has a
 replicate dim larger than one."""
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import nn
@@ -18,11 +16,10 @@ def apply_fsdp(
     reduce_dtype: torch.dtype,
     reshard_after_forward: bool,
     hsdp: bool,
-    blocks: Optional[list] = None,
+    blocks: list,
 ) -> nn.Module:
     dp_mesh = mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"]
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    blocks = list(model.layers.values()) if blocks is None else blocks
     for i, block in enumerate(blocks):
         # The last block's params are needed at once by backward: keep them gathered.
         fully_shard(

@@ -1,6 +1,8 @@
-"""``parallelize_llama``: the one place that applies the layout to a meta-device Llama, in
-the order that works with FSDP2 (DESIGN.md): TP/SP -> activation checkpointing -> compile
-per block -> FSDP2 per block then the root. The caller materializes and inits after."""
+"""``parallelize``: the one place that applies the layout to a meta-device model of any
+family, in the order that works with FSDP2 (README, "Architecture"): TP/SP -> activation
+checkpointing -> compile per block -> FSDP2 per block then the root. What is a block, which
+linears split how, where the embedding and head are: the family's ``ModelLayout``
+(``parallel/layout.py``). The caller materializes and inits after."""
 from __future__ import annotations
 
 import torch
@@ -9,8 +11,10 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .ac import apply_activation_checkpointing
 from .compile import apply_compile
+from .config import ParallelConfig
 from .dims import ParallelDims
 from .fsdp import apply_fsdp
+from .layout import ModelLayout
 from .tp import apply_tp
 
 
@@ -18,14 +22,14 @@ def _own_output(module, args, output):
     return output.clone()
 
 
-def parallelize_llama(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, pc, *, param_dtype: torch.dtype,
-                      reduce_dtype: torch.dtype) -> nn.Module:
+def parallelize(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, dims: ParallelDims, pc: ParallelConfig, *,
+                param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> nn.Module:
     """``pc``: the ``parallel`` config (sequence_parallel, loss_parallel,
     activation_checkpoint, ac_every_n, compile, reshard_after_forward)."""
-    blocks = list(model.layers.values())
+    blocks = layout.block_list(model)
     if dims.uses_tp:
         frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-        apply_tp(model, mesh["tp"], sequence_parallel=pc.sequence_parallel, loss_parallel=pc.loss_parallel)
+        apply_tp(model, layout, mesh["tp"], sequence_parallel=pc.sequence_parallel, loss_parallel=pc.loss_parallel)
         # The TP styles re-wrap parameters they replicate (the norms under SequenceParallel
         # or none) as trainable: a frozen base (LoRA) must stay frozen.
         for name, p in model.named_parameters():
@@ -34,13 +38,14 @@ def parallelize_llama(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, pc
     apply_activation_checkpointing(blocks, pc.activation_checkpoint, pc.ac_every_n)
     if pc.compile:
         apply_compile(blocks)
-        if dims.uses_tp and getattr(model, "tok_embeddings", None) is not None:
+        embedding = layout.part(model, layout.embedding)
+        if dims.uses_tp and embedding is not None:
             # TP hands the first block the embedding's output as ``DTensor.to_local()``, a
             # view made inside an autograd Function. A compiled block whose input is that
             # view returns a gradient the Function's backward cannot take (torch 2.13:
             # "'Tensor' object has no attribute '_local_tensor'"); a copy (b x s/tp x dim,
             # once per step) gives the compiled graph an input of its own.
-            model.tok_embeddings.register_forward_hook(_own_output)
+            embedding.register_forward_hook(_own_output)
     if dims.uses_fsdp:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=pc.reshard_after_forward, hsdp=dims.dp_replicate > 1, blocks=blocks)

@@ -1,9 +1,12 @@
 """Pipeline parallelism with ``torch.distributed.pipelining``.
 
-The model is split by layers into ``pp x stages_per_rank`` stages of equal depth. A stage
-is the Llama module with the other parts removed (parameter names unchanged, so
-checkpoints and the name-seeded init are those of the whole model): the first holds the
-embedding, the last the final norm and the head. Placement: loop style (stage s on pp
+The model is split by the layout's ``pipeline_blocks`` into ``pp x stages_per_rank``
+stages of equal depth. A stage is the family's module with the other parts removed
+(parameter names unchanged, so checkpoints and the name-seeded init are those of the whole
+model): the first holds the layout's ``first_stage`` parts (Llama: the embedding), the
+last its ``last_stage`` parts (the final norm and the head). What a stage returns is the
+next stage's positional inputs: the hidden states, or a tuple the family declares
+(hidden states plus what later stages need). Placement: loop style (stage s on pp
 rank s mod pp) for gpipe, 1f1b, interleaved_1f1b and interleaved_zb; V style for zbv
 (rank r holds stages r and 2*pp-1-r).
 
@@ -20,7 +23,7 @@ the number of micro-batches (and gradient accumulation steps), so gradients equa
 unpipelined ones."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                                     ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
+
+from .layout import ModelLayout
 
 SINGLE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 MULTI = {"interleaved_1f1b": ScheduleInterleaved1F1B, "interleaved_zb": ScheduleInterleavedZeroBubble,
@@ -53,37 +58,40 @@ def last_stage_rank(pp: int, per_rank: int, schedule: str) -> int:
     return 0 if schedule == "zbv" else (pp * per_rank - 1) % pp
 
 
-def build_stage(model: nn.Module, stage: int, num_stages: int) -> nn.Module:
-    """Cut a meta-device Llama down to ``stage``'s part, in place."""
-    n = len(model.layers)
+def build_stage(model: nn.Module, layout: ModelLayout, stage: int, num_stages: int) -> nn.Module:
+    """Cut a meta-device model down to ``stage``'s part, in place: its share of the
+    layout's ``pipeline_blocks`` (keys kept), the first stage's parts only on the first,
+    the last stage's only on the last. A tied head's last stage keeps the embedding."""
+    blocks = layout.part(model, layout.pipeline_blocks)
+    n = len(blocks)
     per = n // num_stages
-    keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
-    for key in list(model.layers.keys()):
+    keep = set(list(blocks.keys())[stage * per:(stage + 1) * per])
+    for key in list(blocks.keys()):
         if key not in keep:
-            del model.layers[key]
+            del blocks[key]
     first, last = stage == 0, stage == num_stages - 1
-    if not first and not (last and model.tied_head is not None):
-        model.tok_embeddings = None
-    if not last:
-        model.norm = None
-        model.output = None
-        model.tied_head = None
+    tied = layout.is_tied(model)
+    drop = [] if first else [p for p in layout.first_stage if not (last and tied and p == layout.embedding)]
+    drop += [] if last else list(layout.last_stage)
+    for path in drop:
+        parent, _, name = path.rpartition(".")
+        setattr(layout.part(model, parent) if parent else model, name, None)
     return model
 
 
 class TiedEmbeddingSync:
     """Sums the gradients of the two embedding copies (first stage's, last stage's)."""
 
-    def __init__(self, parts: List[nn.Module], ids: List[int], num_stages: int, mesh: DeviceMesh,
-                 pp: int, per_rank: int, schedule: str):
+    def __init__(self, parts: List[nn.Module], layout: ModelLayout, ids: List[int], num_stages: int,
+                 mesh: DeviceMesh, pp: int, per_rank: int, schedule: str):
         self.grads_of: List[nn.Parameter] = []
-        for part, sid in zip(parts, ids):
-            if sid in (0, num_stages - 1) and part.tok_embeddings is not None:
-                self.grads_of.append(part.tok_embeddings.weight)
         self.duplicate: Optional[nn.Parameter] = None  # the copy the norm does not count
         for part, sid in zip(parts, ids):
-            if sid == num_stages - 1 and sid != 0 and part.tok_embeddings is not None:
-                self.duplicate = part.tok_embeddings.weight
+            emb = layout.part(part, layout.embedding)
+            if sid in (0, num_stages - 1) and emb is not None:
+                self.grads_of.append(emb.weight)
+                if sid == num_stages - 1 and sid != 0:
+                    self.duplicate = emb.weight
         self.group = None
         last = last_stage_rank(pp, per_rank, schedule)
         if last != 0:
@@ -148,19 +156,20 @@ class PipelineRunner:
             self.schedule = MULTI[schedule](self.stages, n_microbatches=n_microbatches, loss_fn=loss_fn,
                                             scale_grads=False)
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    def step(self, inputs: Tuple[torch.Tensor, ...], labels: torch.Tensor) -> Optional[torch.Tensor]:
         return self._run(self.schedule.step, inputs, labels)
 
     @torch.no_grad()
-    def eval_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    def eval_step(self, inputs: Tuple[torch.Tensor, ...], labels: torch.Tensor) -> Optional[torch.Tensor]:
         """Forward only through the same schedule (validation)."""
         return self._run(self.schedule.eval, inputs, labels)
 
-    def _run(self, run, inputs: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
-        """``run`` (the schedule's step or eval) over this rank's stages: the summed
+    def _run(self, run, inputs: Tuple[torch.Tensor, ...], labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """``run`` (the schedule's step or eval) over this rank's stages, ``inputs`` the
+        first stage's positional inputs (split into micro-batches along dim 0): the summed
         micro-batch losses on the last stage's rank, None elsewhere."""
         losses: List[torch.Tensor] = []
-        args = (inputs,) if self.has_first else ()
+        args = tuple(inputs) if self.has_first else ()
         run(*args, target=labels if self.has_last else None, losses=losses if self.has_last else None,
             return_outputs=False)
         if not self.has_last:

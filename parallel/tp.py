@@ -1,11 +1,13 @@
-"""Tensor parallelism (Megatron-style) and sequence parallelism for the Llama blocks.
+"""Tensor parallelism (Megatron-style) and sequence parallelism, by the family's layout
+(``parallel/layout.py``).
 
-Per block: q/k/v and w1/w3 column-wise (each rank holds n_heads/tp query heads,
-n_kv_heads/tp kv heads and ffn/tp hidden units: GQA groups stay on one rank), wo and w2
-row-wise. The embedding is sharded over the vocabulary; the output head column-wise (a
-tied head reuses the vocabulary-sharded embedding). With sequence parallel the residual
-stream between blocks and the RMSNorms are sharded along the sequence (all-gather before
-attention/MLP, reduce-scatter after); without it they are replicated (all-reduce after).
+Per block, the plan's column-wise linears (Llama: q/k/v and w1/w3, so each rank holds
+n_heads/tp query heads, n_kv_heads/tp kv heads and ffn/tp hidden units: GQA groups stay
+on one rank) and row-wise ones (wo, w2). The embedding is sharded over the vocabulary;
+the output head column-wise (a tied head reuses the vocabulary-sharded embedding). With
+sequence parallel the residual stream between blocks and the plan's norms are sharded
+along the sequence (all-gather before attention/MLP, reduce-scatter after); without it
+they are replicated (all-reduce after).
 ``loss_parallel`` keeps the logits sharded over the vocabulary for the loss (the trainer
 computes cross-entropy under ``torch.distributed.tensor.parallel.loss_parallel``).
 
@@ -25,63 +27,61 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-
-# A block's linears by how TP splits them (the LoRA adapters follow).
-_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
-_ROWWISE = ("attention.wo", "feed_forward.w2")
+from .layout import BlockPlan, ModelLayout
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool) -> None:
+def apply_tp(model: nn.Module, layout: ModelLayout, tp_mesh: DeviceMesh, *, sequence_parallel: bool,
+             loss_parallel: bool) -> None:
     stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
     logits = Shard(-1) if loss_parallel else Replicate()
     # A pipeline stage lacks some of these parts: plan only those it holds.
     top = {}
-    if model.tok_embeddings is not None:
-        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
-    if sequence_parallel and model.norm is not None:
-        top["norm"] = SequenceParallel()
-    if model.output is not None:
-        top["output"] = ColwiseParallel(input_layouts=stream, output_layouts=logits,
-                                        use_local_output=not loss_parallel)
+    if layout.part(model, layout.embedding) is not None:
+        top[layout.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if sequence_parallel and layout.part(model, layout.norm) is not None:
+        top[layout.norm] = SequenceParallel()
+    if layout.part(model, layout.head) is not None:
+        top[layout.head] = ColwiseParallel(input_layouts=stream, output_layouts=logits,
+                                           use_local_output=not loss_parallel)
     if top:
         parallelize_module(model, tp_mesh, top)
-    if model.tied_head is not None:  # logits = h @ embedding^T, the embedding sharded over the vocabulary
-        parallelize_module(model.tied_head, tp_mesh, PrepareModuleInput(
+    tied = layout.part(model, layout.tied_head)
+    if tied is not None:  # logits = h @ embedding^T, the embedding sharded over the vocabulary
+        parallelize_module(tied, tp_mesh, PrepareModuleInput(
             input_layouts=(stream, None), desired_input_layouts=(Replicate(), None), use_local_output=False))
-        parallelize_module(model.tied_head, tp_mesh, PrepareModuleOutput(
+        parallelize_module(tied, tp_mesh, PrepareModuleOutput(
             output_layouts=Shard(-1), desired_output_layouts=logits, use_local_output=not loss_parallel))
 
-    for block in model.layers.values():
-        adapters = _detach_lora(block)  # the TP styles would shard every child parameter like the weight
+    for block in layout.block_list(model):
+        bp = layout.block_plan(block)
+        adapters = _detach_lora(block, bp)  # the TP styles would shard every child parameter like the weight
         plan = {
-            # x, cos, sin, attn_mask: only x is sharded.
-            "attention": PrepareModuleInput(input_layouts=(stream, None, None, None),
-                                            desired_input_layouts=(Replicate(), None, None, None)),
-            "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-            **{path: ColwiseParallel() for path in _COLWISE},
-            **{path: RowwiseParallel(output_layouts=stream) for path in _ROWWISE},
+            **{path: PrepareModuleInput(input_layouts=(stream,) + (None,) * (n - 1),
+                                        desired_input_layouts=(Replicate(),) + (None,) * (n - 1))
+               for path, n in bp.stream_inputs},
+            **{path: ColwiseParallel() for path in bp.colwise},
+            **{path: RowwiseParallel(output_layouts=stream) for path in bp.rowwise},
         }
         if sequence_parallel:
-            plan["attention_norm"] = SequenceParallel()
-            plan["ffn_norm"] = SequenceParallel()
+            plan.update({path: SequenceParallel() for path in bp.seq_norms})
         parallelize_module(block, tp_mesh, plan)
-        _attach_lora(block, adapters, tp_mesh)
+        _attach_lora(block, adapters, tp_mesh, bp)
 
 
-def _detach_lora(block: nn.Module) -> dict:
+def _detach_lora(block: nn.Module, bp: BlockPlan) -> dict:
     """Takes the adapters (and their dropout) off the block's linears: {linear path:
     (lora_a, lora_b, lora_dropout)}."""
     out = {}
-    for path in (*_COLWISE, *_ROWWISE):
+    for path in (*bp.colwise, *bp.rowwise):
         linear = block.get_submodule(path)
         if "lora_a" in linear._modules:
             out[path] = tuple(linear._modules.pop(k) for k in ("lora_a", "lora_b", "lora_dropout"))
     return out
 
 
-def _attach_lora(block: nn.Module, adapters: dict, tp_mesh: DeviceMesh) -> None:
+def _attach_lora(block: nn.Module, adapters: dict, tp_mesh: DeviceMesh, bp: BlockPlan) -> None:
     for path, (a, b, drop) in adapters.items():
-        a_place, b_place = (Replicate(), Shard(0)) if path in _COLWISE else (Shard(1), Replicate())
+        a_place, b_place = (Replicate(), Shard(0)) if path in bp.colwise else (Shard(1), Replicate())
         for child, place in ((a, a_place), (b, b_place)):
             w = child.weight
             child.weight = nn.Parameter(distribute_tensor(w, tp_mesh, [place]), requires_grad=w.requires_grad)

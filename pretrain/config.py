@@ -6,40 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import sysconfig
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .model.args import LlamaArgs
+from parallel.config import ParallelConfig
 
-
-@dataclass
-class ParallelConfig:
-    # Degrees; their product must equal the world size. dp_shard=-1 takes what is left.
-    dp_replicate: int = 1
-    dp_shard: int = -1
-    tp: int = 1
-    pp: int = 1
-    # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv
-    pp_schedule: str = "1f1b"
-    # Micro-batches per local batch through the pipeline; -1 = the number of stages.
-    pp_microbatches: int = -1
-    # Stages per pp rank for interleaved_1f1b / interleaved_zb; -1 = 2 (zbv: always 2, others 1).
-    pp_stages_per_rank: int = -1
-    # FSDP2: free unsharded params after forward (re-gathered in backward).
-    reshard_after_forward: bool = True
-    # Tensor parallel only: shard the residual stream and the norms along the sequence
-    # (sequence parallel); train.seq_len must divide by tp.
-    sequence_parallel: bool = True
-    # Tensor parallel only: keep the logits sharded over the vocabulary into the loss.
-    loss_parallel: bool = False
-    # none | full | every_n | selective_op (keep matmul and attention outputs, recompute the rest)
-    activation_checkpoint: str = "none"
-    # every_n: checkpoint blocks 0, n, 2n, ...
-    ac_every_n: int = 2
-    # torch.compile each transformer block (composes with TP, AC and FSDP2).
-    compile: bool = False
+from .model.llama.args import LlamaArgs
 
 
 @dataclass
@@ -252,7 +226,9 @@ class FinetuneConfig:
 
 @dataclass
 class JobConfig:
-    model: LlamaArgs = field(default_factory=LlamaArgs)
+    # The model file's family schema (configs/model/*.yaml pick it in their defaults list:
+    # llama_schema is LlamaArgs); an OmegaConf field cannot be a union of dataclasses.
+    model: Any = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -270,7 +246,33 @@ def _stdlib_dir() -> str:
 
 def register_configs() -> None:
     """Idempotent: the schema goes into Hydra's ConfigStore, resolvers into OmegaConf."""
-    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    # One schema per model family, named <family>_schema in the model group.
+    cs.store(group="model", name="llama_schema", node=LlamaArgs)
     if not OmegaConf.has_resolver("stdlib_dir"):
         # The Python standard library's own sources: text every interpreter ships.
         OmegaConf.register_new_resolver("stdlib_dir", _stdlib_dir)
+
+
+def load_model_file(path) -> object:
+    """A ``configs/model/*.yaml`` file (or an ``hf import``'s ``model.yaml``) as its family's
+    args dataclass: the schema its defaults list names (``<family>_schema``)."""
+    from .model import get_family
+
+    raw = OmegaConf.load(path)
+    schemas = [d for d in raw.pop("defaults", []) if isinstance(d, str) and d.endswith("_schema")]
+    family = schemas[0][: -len("_schema")] if schemas else raw.get("family", "llama")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(get_family(family).args), raw))
+
+
+def load_job_config(path) -> JobConfig:
+    """A composed job config saved by a run (``<run dir>/.hydra/config.yaml``) as the
+    dataclasses, its ``model`` by the schema of its ``model.family``."""
+    from .model import get_family
+
+    register_configs()  # its resolvers (stdlib_dir)
+    raw = OmegaConf.load(path)
+    base = OmegaConf.structured(JobConfig)
+    base.model = OmegaConf.structured(get_family(raw.model.get("family", "llama")).args)
+    return OmegaConf.to_object(OmegaConf.merge(base, raw))

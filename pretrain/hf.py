@@ -39,8 +39,8 @@ import torch
 
 from .checkpoint import CheckpointError, complete_checkpoints, read_meta
 from .ckpt_io import CrcWriter, file_crc, load_dcp, read_dcp_metadata, verify_files
-from .hf_convert import args_from_hf_config, hf_config_from_args, hf_name, ours_name, to_hf, to_ours
-from .model.args import LlamaArgs, RopeScaling
+from .model import UnknownFamily, family_for_hf, family_of
+from .model.llama.args import LlamaArgs, RopeScaling
 
 log = logging.getLogger("pretrain")
 EXIT_CHECKPOINT_ERROR = 4
@@ -77,8 +77,10 @@ class HFWeights:
         if not isinstance(self.config, dict):
             raise CheckpointError(f"{cfg_file}: a JSON {type(self.config).__name__}, not an object of config keys")
         kind = self.config.get("model_type", "llama")
-        if kind != "llama":
-            raise CheckpointError(f"{cfg_file}: model_type={kind!r}, expected 'llama'")
+        try:
+            self.family = family_for_hf(kind)
+        except UnknownFamily as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
         self.files: Dict[str, Path] = {}  # weight name -> file
         index = self.path / INDEX
         if index.is_file():
@@ -120,7 +122,7 @@ class HFWeights:
 
     def args(self) -> LlamaArgs:
         try:
-            args = args_from_hf_config(self.config, name=self.path.name)
+            args = self.family.hf.args_from_hf_config(self.config, name=self.path.name)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{self.path / 'config.json'}: not a supported Llama config ({e!r})") from e
         return check_model_args(args, self.path / "config.json")
@@ -171,7 +173,7 @@ def _check_keys(hf: HFWeights, wanted: Iterable[str], args: LlamaArgs) -> None:
     wanted = set(wanted)
     for key in sorted(hf.files):
         try:
-            name = ours_name(key)
+            name = family_of(args).hf.ours_name(key)
         except KeyError:
             raise CheckpointError(f"{hf.files[key]}: unexpected weight {key!r} (not a Llama parameter)") from None
         if name is not None and key not in wanted and not _tied_extra(key, args):
@@ -180,12 +182,13 @@ def _check_keys(hf: HFWeights, wanted: Iterable[str], args: LlamaArgs) -> None:
 
 def _read_converted(hf: HFWeights, name: str, shape: Tuple[int, ...], dtype: torch.dtype,
                     args: LlamaArgs) -> torch.Tensor:
-    key = hf_name(name)
+    conv = family_of(args).hf
+    key = conv.hf_name(name)
     have = hf.shape(key)
     if have != tuple(shape):
         raise CheckpointError(f"{hf._file(key)}: {key} (our {name}) has shape {list(have)} but this model "
                               f"expects {list(shape)}")
-    return to_ours(name, hf.get(key), args).to(dtype).contiguous()
+    return conv.to_ours(name, hf.get(key), args).to(dtype).contiguous()
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_bytes: int = 1 << 30,
@@ -202,7 +205,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_by
 
     targets = {k: v for k, v in get_model_state_dict(model).items() if not is_lora_param(k)}  # base weights only
     # The folder must fit the whole model; ``model`` may be a part of it (a pipeline stage).
-    _check_keys(hf, (hf_name(n) for n in _model_param_shapes(args)), args)
+    _check_keys(hf, (family_of(args).hf.hf_name(n) for n in _model_param_shapes(args)), args)
     total = sum(t.numel() * t.element_size() for t in targets.values())
     opts = StateDictOptions(full_state_dict=True, strict=False)
     batch: Dict[str, torch.Tensor] = {}
@@ -252,7 +255,7 @@ def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = 
     args = hf.args()
     out = Path(out)
     shapes = _model_param_shapes(args)
-    _check_keys(hf, (hf_name(n) for n in shapes), args)
+    _check_keys(hf, (family_of(args).hf.hf_name(n) for n in shapes), args)
     sd: Dict[str, torch.Tensor] = {}
     total = sum(_numel(s) * dtype.itemsize for s in shapes.values())
     with _progress(total, f"reading {hf.path.name}", progress) as bar:
@@ -265,7 +268,8 @@ def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = 
     files = {**{k: list(v) for k, v in writer.files.items()}, ".metadata": list(file_crc(partial / ".metadata"))}
     meta = {"step": 0, "tokens_seen": 0, "world_size": 1, "model": dataclasses.asdict(args),
             "weights_only": True, "source": str(hf.path.resolve()), "files": files}
-    model_cfg = {k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}
+    model_cfg = {"defaults": [f"{args.family}_schema", "_self_"],
+                 **{k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}}
     (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
                                         + yaml.safe_dump(model_cfg, sort_keys=False))
     (partial / "meta.json").write_text(json.dumps(meta))
@@ -282,9 +286,9 @@ def _numel(shape) -> int:
 
 def _model_param_shapes(args: LlamaArgs) -> Dict[str, Tuple[int, ...]]:
     """Our parameters in model order with their shapes (built on the meta device)."""
-    from .model import build_llama
 
-    model = build_llama(args, rope_cache_len=1, device="meta")
+    with torch.device("meta"):
+        model = family_of(args).build(args, 1)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
@@ -438,14 +442,16 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
                 saved_dtype = {n: saved[f"model.{n}"].properties.dtype for n in names}
                 state = {"model": {n: torch.empty(shapes[n], dtype=saved_dtype[n]) for n in names}}
                 load_dcp(state, ckpt, no_dist=True)
-            tensors = {hf_name(n): to_hf(n, w, args).to(dtype).contiguous() for n, w in state["model"].items()}
+            conv = family_of(args).hf
+            tensors = {conv.hf_name(n): conv.to_hf(n, w, args).to(dtype).contiguous()
+                       for n, w in state["model"].items()}
             save_file(tensors, str(partial / fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
             bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
     if len(shards) > 1:
         (partial / INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    cfg = hf_config_from_args(args)
+    cfg = family_of(args).hf.hf_config_from_args(args)
     cfg["torch_dtype"] = cfg["dtype"] = _HF_DTYPE_NAMES[dtype]
     gen = {}
     if args.vocab_size >= 128256:  # the Llama 3 vocabulary: its special token ids
@@ -464,7 +470,6 @@ def export_adapter(checkpoint, out, *, force: bool = False) -> Path:
     base. B's rows of q/k projections are permuted like the weights they update."""
     from safetensors.torch import save_file
 
-    from .lora import HF_NAMES
 
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
@@ -473,20 +478,21 @@ def export_adapter(checkpoint, out, *, force: bool = False) -> Path:
         raise CheckpointError(f"{ckpt / 'meta.json'}: not a LoRA checkpoint (no adapters to export); "
                               "use `export` for full weights")
     args = _checkpoint_args(ckpt, meta)
+    conv = family_of(args).hf
     saved = _saved_metadata(ckpt, meta)
     tensors = {}
     for name, w in _load_model_tensors(ckpt, saved).items():
         base, which = name.rsplit(".lora_", 1)  # layers.0.attention.wq, "a.weight"
-        hf_base = hf_name(f"{base}.weight")[: -len(".weight")]  # model.layers.0.self_attn.q_proj
+        hf_base = conv.hf_name(f"{base}.weight")[: -len(".weight")]  # model.layers.0.self_attn.q_proj
         if which == "b.weight":
-            w = to_hf(f"{base}.weight", w, args)  # rows follow the q/k weight's layout
+            w = conv.to_hf(f"{base}.weight", w, args)  # rows follow the q/k weight's layout
         tensors[f"base_model.model.{hf_base}.lora_{which[0].upper()}.weight"] = w.float().contiguous()
     out = Path(out)
     partial = _fresh_out(out, force, ckpt)
     save_file(tensors, str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
     (partial / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
-        "lora_dropout": lora["dropout"], "target_modules": sorted(HF_NAMES[t] for t in lora["targets"]),
+        "lora_dropout": lora["dropout"], "target_modules": sorted(conv.lora_names[t] for t in lora["targets"]),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": lora.get("base")}, indent=2))

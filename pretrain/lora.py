@@ -1,6 +1,6 @@
-"""LoRA adapters for the Llama's linear layers: the base weights frozen, a low-rank update
-``W x + (alpha / r) B A dropout(x)`` trained, with B = 0 at the start (the adapted model
-starts as the base model).
+"""LoRA adapters for a model's linear layers (the family's ``LoRASpec`` names them): the
+base weights frozen, a low-rank update ``W x + (alpha / r) B A dropout(x)`` trained, with
+B = 0 at the start (the adapted model starts as the base model).
 
 Adapters are child modules of the adapted ``nn.Linear`` (``wq.lora_a``, ``wq.lora_b``),
 so the base weights keep their names: Hugging Face import, checkpoints and FSDP2 see the
@@ -13,34 +13,25 @@ from typing import Dict, Iterable, List, Sequence
 import torch
 from torch import nn
 
-# Linear layers a target name picks, by their attribute name in the model.
-ATTENTION = ("wq", "wk", "wv", "wo")
-MLP = ("w1", "w2", "w3")
-TARGETS = (*ATTENTION, *MLP)
-# Hugging Face / PEFT module names of ours (for adapter export and users who know them).
-HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-            "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_FROM_HF = {v: k for k, v in HF_NAMES.items()}
+from .model.family import LoRASpec, ModelFamily
 
-
-def resolve_targets(names: Sequence[str]) -> List[str]:
-    """Our layer names from config names: ours (wq), Hugging Face's (q_proj), or the
-    shorthands ``attention``, ``mlp`` and ``all``."""
+def resolve_targets(names: Sequence[str], spec: LoRASpec) -> List[str]:
+    """Our layer names from config names: ours (wq), an alias (Hugging Face's q_proj), a
+    group of the family's (attention, mlp) or ``all``."""
     out: List[str] = []
     for n in names:
         if n == "all":
-            picked = TARGETS
-        elif n == "attention":
-            picked = ATTENTION
-        elif n == "mlp":
-            picked = MLP
-        elif n in TARGETS:
+            picked = spec.names
+        elif n in spec.groups:
+            picked = spec.groups[n]
+        elif n in spec.names:
             picked = (n,)
-        elif n in _FROM_HF:
-            picked = (_FROM_HF[n],)
+        elif n in spec.aliases:
+            picked = (spec.aliases[n],)
         else:
             raise ValueError(f"finetune.lora.target_modules: unknown target {n!r}; expected some of "
-                             f"{list(TARGETS)}, their Hugging Face names {list(_FROM_HF)}, attention, mlp or all")
+                             f"{list(spec.names)}, their Hugging Face names {list(spec.aliases)}, "
+                             f"{', '.join(spec.groups)} or all")
         out += [p for p in picked if p not in out]
     return out
 
@@ -54,17 +45,27 @@ class _LoRAHook:
         return output + module.lora_b(module.lora_a(self.dropout(x))) * self.scale
 
 
-def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targets: Iterable[str]) -> int:
+def apply_lora(model: nn.Module, family: ModelFamily, *, rank: int, alpha: float, dropout: float,
+               targets: Iterable[str]) -> int:
     """Freezes every parameter, then adds trainable adapters to the target linears of
-    every transformer block (on the model's device, meta included). Returns the number of
-    trainable parameters."""
-    targets = resolve_targets(list(targets))
+    every block of the family's layout (on the model's device, meta included). Returns
+    the number of trainable parameters."""
+    targets = resolve_targets(list(targets), family.lora)
     for p in model.parameters():
         p.requires_grad_(False)
     added = 0
-    for name, module in model.named_modules():
+    for block in family.layout.block_list(model):
+        added += _adapt_block(block, targets, rank, alpha, dropout)
+    if not added:
+        raise ValueError(f"finetune.lora.target_modules={list(targets)} matched no linear layer")
+    return added
+
+
+def _adapt_block(block: nn.Module, targets: List[str], rank: int, alpha: float, dropout: float) -> int:
+    added = 0
+    for name, module in block.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf not in targets or not isinstance(module, nn.Linear) or ".layers." not in f".{name}":
+        if leaf not in targets or not isinstance(module, nn.Linear):
             continue
         device = module.weight.device
         module.lora_a = nn.Linear(module.in_features, rank, bias=False, device=device)
@@ -74,19 +75,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
         module.lora_dropout = drop
         module.register_forward_hook(_LoRAHook(alpha / rank, drop))
         added += rank * (module.in_features + module.out_features)
-    if not added:
-        raise ValueError(f"finetune.lora.target_modules={list(targets)} matched no linear layer")
     return added
-
-
-def lora_param_count(args, rank: int, targets: Iterable[str]) -> int:
-    """r x (in + out) per adapted linear, per layer: the formula the tests check."""
-    hd = args.resolved_head_dim
-    shapes = {"wq": (args.dim, args.n_heads * hd), "wk": (args.dim, args.n_kv_heads * hd),
-              "wv": (args.dim, args.n_kv_heads * hd), "wo": (args.n_heads * hd, args.dim),
-              "w1": (args.dim, args.ffn_hidden_dim), "w3": (args.dim, args.ffn_hidden_dim),
-              "w2": (args.ffn_hidden_dim, args.dim)}
-    return args.n_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in resolve_targets(list(targets)))
 
 
 def is_lora_param(name: str) -> bool:

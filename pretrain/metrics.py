@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -177,3 +178,90 @@ class MetricsSink:
             exit_code = 0 if sys.exc_info()[0] is None else 1
             wb, self._wandb = self._wandb, None
             wb.close(exit_code)
+
+
+class DataCounts:
+    """Cumulative over the run (this process): tokens per source, skipped records,
+    documents cut to data.max_doc_bytes and chat conversations cut to data.max_length,
+    as each loader batch reports them."""
+
+    def __init__(self, n_sources: int):
+        self.src_tokens = torch.zeros(n_sources, dtype=torch.float64)
+        self.skipped = torch.zeros(1, dtype=torch.float64)
+        self.truncated_docs = torch.zeros(1, dtype=torch.float64)
+        self.truncated = torch.zeros(1, dtype=torch.float64)
+
+    def add(self, batch: dict) -> None:
+        self.src_tokens += batch["source_tokens"]
+        self.skipped += batch["skipped"]
+        self.truncated_docs += batch.get("truncated_docs", 0)
+        self.truncated += batch.get("truncated", 0)
+
+    def global_metrics(self, device: torch.device, replicas: int, source_names, listing_skipped: float,
+                       chat: bool) -> Dict[str, float]:
+        """Summed over ranks, each DP group counted once (its ``replicas`` TP/PP ranks
+        counted the same batches)."""
+        counts = pdist.all_reduce_sum(torch.cat([self.src_tokens, self.truncated_docs, self.truncated,
+                                                 self.skipped]).to(device)).cpu()
+        counts /= replicas
+        out = {"data/skipped": counts[-1].item() + listing_skipped,
+               "data/truncated_docs": counts[-3].item()}  # documents cut to data.max_doc_bytes
+        if chat:
+            out["data/truncated"] = counts[-2].item()  # conversations cut to data.max_length
+        src = counts[:-3]
+        total = max(src.sum().item(), 1.0)
+        for name, n in zip(source_names, src.tolist()):
+            out[f"data/tokens/{name}"] = n
+            if len(source_names) > 1:
+                out[f"data/share/{name}"] = n / total
+        return out
+
+
+class LogWindow:
+    """The steps since the last logged one: their summed mean losses, tokens, time and
+    time waiting for data; ``metrics`` turns it into one logged row (every rank takes
+    part: the values are reduced over ranks) and starts the next window. The first and
+    last steps are always logged (the curve has both ends), so is every evaluated step.
+    ``exclude(seconds)`` takes evaluation time out of training time."""
+
+    def __init__(self, device: torch.device, *, every: int, start_step: int, total_steps: int):
+        self.device, self.every, self.start_step, self.total_steps = device, every, start_step, total_steps
+        self.loop_start = self.start = time.perf_counter()
+        self.tokens, self.steps, self.data_wait = 0, 0, 0.0
+        # Sum of per-step mean losses since the last log: the logged loss is their average.
+        self.loss = torch.zeros((), device=device)
+
+    def add_step(self, step_mean_loss: torch.Tensor, tokens: int) -> None:
+        self.loss += step_mean_loss
+        self.tokens += tokens
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds
+
+    def due(self, step: int, evaluated: bool) -> bool:
+        return step % self.every == 0 or step in (self.start_step + 1, self.total_steps) or evaluated
+
+    def metrics(self, step: int, mean_loss: torch.Tensor, *, world_size: int, flops_per_token: float,
+                peak: float) -> Dict[str, float]:
+        """``mean_loss``: the window's mean loss, already averaged over the loss ranks."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed = now - self.start
+        tps = self.tokens / elapsed
+        mem_stats = memory_stats_gb(self.device)  # mem_gb and mem_reserved_gb (CUDA) / mem_rss_gb (CPU)
+        mem = pdist.all_reduce_max(torch.tensor(list(mem_stats.values()), device=self.device))
+        out = {
+            "loss": mean_loss.item(),
+            "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / world_size,
+            "mfu": flops_per_token * tps / (peak * world_size),
+            **dict(zip(mem_stats, mem.tolist())),
+            "step_time_s": elapsed / self.steps,
+            "data_wait_share": self.data_wait / elapsed,
+        }
+        self.eta_s = (now - self.loop_start) / (step - self.start_step) * (self.total_steps - step)
+        self.start, self.tokens, self.steps, self.data_wait = time.perf_counter(), 0, 0, 0.0
+        self.loss.zero_()
+        return out

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from parallel.tensors import is_distributed
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 
@@ -58,7 +58,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     # state of checkpoints: leave it out.
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    foreach = not all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in decay + no_decay)
+    foreach = not all(p.device.type == "cpu" and not is_distributed(p) for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=foreach)
 
 

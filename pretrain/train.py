@@ -1,5 +1,6 @@
-"""The training loop: build the model on meta, shard it, materialize it, then step:
-micro-batches with gradient accumulation, global-norm clipping, AdamW, schedule, metrics."""
+"""The training loop: build the job (``build.py``), then per step: the micro-batches into
+the ``TrainStep`` (``step.py``), evaluation, a logged row (``metrics.py``), checkpoints
+and the stop signal."""
 from __future__ import annotations
 
 import json
@@ -8,42 +9,31 @@ import math
 import os
 import random
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
-from data_pipeline.loader import LoaderSpec, RankLoader, listing_skips
 from parallel import distributed as pdist
 from parallel.dims import ParallelDims
 from parallel.env import LaunchEnv
-from parallel.init import clip_grad_norm_, settle_grads, shard_aware_init
-from parallel.parallelize import parallelize_llama
 
+from .build import Job, build_job
 from .checkpoint import Checkpointer
 from .config import JobConfig
-from .flops import flops_per_token, peak_flops
-from .metrics import MetricsSink, memory_stats_gb
-from .model.llama import build_llama, count_parameters, seeded_trunc_normal_
-from .optim import OptimizerParts, build_lr_fn, build_optimizer
+from .evaluate import Evaluator
+from .flops import peak_flops
+from .metrics import DataCounts, LogWindow, MetricsSink
+from .optim import build_lr_fn
 from .profiling import StepProfiler
 from .rundir import RunDirError
 from .signals import EXIT_PREEMPTED, Preempted, SignalHandler
-from .evaluate import Evaluator
 from .status import write_status
-from .tokenizers import build_sources, load_tokenizer
+from .step import TrainStep
 
 log = logging.getLogger("pretrain")
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, summed: bool) -> torch.Tensor:
-    """Cross-entropy in fp32 over (batch x seq) positions, labels -100 ignored: summed
-    (chat, weighed by trained tokens later) or the mean."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum" if summed else "mean")
 
 
 def seed_everything(seed: int) -> None:
@@ -76,13 +66,6 @@ def default_threads(local_world_size: int) -> int:
     return max(1, total // local_world_size)
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, S, S) boolean mask, True where a query may attend: causal and same document."""
-    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
-    causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device).tril()
-    return (same & causal).unsqueeze(1)
-
-
 class DataAudit:
     """data.audit: per step, how many tokens this DP rank took from each document."""
 
@@ -112,15 +95,6 @@ class DataAudit:
         for f in out.glob("rank-*.jsonl"):
             keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
             f.write_text("".join(ln + "\n" for ln in keep))
-
-
-def resolve_dtypes(mode: str, device: torch.device):
-    """(param dtype for compute, gradient-reduce dtype). Master weights stay fp32."""
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
-    if mode == "bf16":
-        return torch.bfloat16, torch.float32
-    return torch.float32, torch.float32
 
 
 def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, *,
@@ -156,364 +130,146 @@ def _write_status_to(run_dir: Path) -> Callable:
     return report
 
 
+def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, job: Job, device) -> None:
+    m, pc, lora = job.model, cfg.parallel, cfg.finetune.lora
+    log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s) | %s %s",
+             run_dir, f"{m.n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
+             f" ({pc.pp_schedule}, stages {m.stage_ids} here)" if dims.pp > 1 else "", env.world_size,
+             env.launcher, device.type, str(m.param_dtype).removeprefix("torch."))
+    if lora.rank > 0:
+        log.info("LoRA rank %d alpha %g on %s: %s trainable parameters (%.2f%% of %s), base frozen",
+                 lora.rank, lora.alpha, ",".join(lora.target_modules), f"{m.n_trainable:,}",
+                 100 * m.n_trainable / m.n_params, f"{m.n_params:,}")
+    if job.start_step:
+        log.info("resumed from step %d", job.start_step)
+
+
+def _micro_batches(job: Job, n: int, counts: DataCounts, window: LogWindow, audit: Optional[DataAudit]):
+    """The step's ``n`` loader batches, each counted (data metrics, wait time, audit) as it is taken."""
+    for _ in range(n):
+        d0 = time.perf_counter()
+        batch = next(job.loader)
+        window.data_wait += time.perf_counter() - d0
+        counts.add(batch)
+        if audit is not None:
+            audit.add(batch["window_doc_ids"])
+        yield batch
+
+
 def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, device: torch.device,
            preempt: SignalHandler, report: Callable):
-    t = cfg.train
-    is_rank0 = env.rank == 0
+    t, is_rank0 = cfg.train, env.rank == 0
     seed_everything(t.seed)
-
-    sources, weights, source_names = build_sources(cfg.data)
-    tokenizer = load_tokenizer(cfg.data, sources, env)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} tokens but "
-            f"model.vocab_size={cfg.model.vocab_size}"
-        )
-
-    model = build_llama(cfg.model, rope_cache_len=t.seq_len, device="meta")
-    n_params = count_parameters(model)
-    param_dtype, reduce_dtype = resolve_dtypes(t.mixed_precision, device)
-    mesh = pdist.build_device_mesh(dims, device)
-    if dims.uses_tp and device.type == "cuda":
-        # DTensor's RNG tracker (dropout on DTensor activations: LoRA), made now without
-        # the world broadcast its lazy creation runs, which would deadlock pipeline stages
-        # that reach their first random op at different times. Every rank has the same seed.
-        from torch.distributed.tensor._random import manual_seed as dtensor_manual_seed
-
-        dtensor_manual_seed(t.seed, mesh["tp"])
-    pc = cfg.parallel
-    # The model parts this rank holds: the whole model, or its pipeline stages.
-    runner, tied_sync, stage_list = None, None, [0]
-    if dims.pp > 1:
-        from parallel import pp as ppar
-
-        per_rank = ppar.stages_per_rank(pc.pp_schedule, pc.pp_stages_per_rank)
-        num_stages = dims.pp * per_rank
-        stage_list = ppar.stage_ids(mesh["pp"].get_local_rank(), dims.pp, per_rank, pc.pp_schedule)
-        parts = [ppar.build_stage(build_llama(cfg.model, rope_cache_len=t.seq_len, device="meta"), s, num_stages)
-                 for s in stage_list]
-    else:
-        parts = [model]
-    lora = cfg.finetune.lora
-    n_trainable = n_params
-    if lora.rank > 0:  # base frozen, adapters added before the layout is applied (FSDP2 shards both)
-        from .lora import apply_lora, init_lora
-
-        adapters = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.target_modules)
-        n_trainable = apply_lora(model, **adapters)  # the whole model: the count
-        for part in parts:
-            if part is not model:  # pipeline stages
-                apply_lora(part, **adapters)
-    base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, t.seed)  # noqa: E731
-    for part in parts:
-        parallelize_llama(part, mesh, dims, pc, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-        part.to_empty(device=device)
-        part.init_weights(init_fn=shard_aware_init(base_init))
-        if lora.rank > 0:
-            init_lora(part, shard_aware_init(base_init))
-    # Without FSDP, bf16 compute comes from autocast (weights stay fp32 masters).
-    autocast = (torch.autocast(device.type, dtype=param_dtype)
-                if not dims.uses_fsdp and param_dtype != torch.float32 else nullcontext())
-
-    # Loss parallel: cross-entropy over vocabulary-sharded logits, forward and backward.
-    if pc.loss_parallel:
-        from torch.distributed.tensor.parallel import loss_parallel as loss_ctx
-    else:
-        loss_ctx = nullcontext
-    optimizer = OptimizerParts([build_optimizer(part, cfg.optim) for part in parts])
-    if dims.pp > 1:
-        n_mb = num_stages if pc.pp_microbatches == -1 else pc.pp_microbatches
-
-        def pp_loss(logits, target):
-            if pp_summed[0]:  # chat: summed over trained tokens, divided by their global count later
-                return next_token_loss(logits, target, summed=True)
-            # text: a micro-batch's share of the step's mean loss
-            return next_token_loss(logits, target, summed=False) / (n_mb * t.grad_accum_steps)
-
-        runner = ppar.PipelineRunner(parts, stage_list, num_stages, mesh, pc.pp_schedule, n_mb, pp_loss, device)
-        if cfg.model.tie_embeddings:
-            tied_sync = ppar.TiedEmbeddingSync(parts, stage_list, num_stages, mesh, dims.pp, per_rank,
-                                               pc.pp_schedule)
-    model = parts if dims.pp > 1 else model
-    # Chat batches train on some tokens only (labels -100 elsewhere): the step's loss is the
-    # sum over trained tokens / their count over all data-parallel ranks, so every layout and
-    # micro-batching weighs each trained token the same. Under PP the loss function returns
-    # the sum while this is true (training on chat, or evaluating chat held-out data).
-    sft = cfg.data.format == "chat"
-    pp_summed = [sft]
-    params = [p for part in parts for p in part.parameters() if p.requires_grad]
-    # Parameters whose gradient the norm skips (the last stage's copy of a tied embedding).
-    norm_skip = {id(tied_sync.duplicate)} if tied_sync is not None and tied_sync.duplicate is not None else set()
-    pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
-    lr_at = build_lr_fn(cfg.optim, t.steps)
-
-    # Data-parallel coordinates from the mesh (pp, dp_replicate, dp_shard, tp). TP and PP
-    # ranks of one DP group run identical loaders; one of them writes the loader state and
-    # the audit.
-    dp_rank, dp_world = (env.rank // dims.tp) % dims.dp, dims.dp
-    is_dp_leader = env.rank % dims.tp == 0 and env.rank < dims.dp * dims.tp
-    loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
-        seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
-        num_workers=cfg.data.num_workers, seed=t.seed, shuffle=cfg.data.shuffle, grad_accum_steps=t.grad_accum_steps,
-        streams_per_row=cfg.data.streams_per_row, positions=cfg.data.document_masking,
-        sft_packing=cfg.data.sft_packing, max_length=cfg.data.max_length))
-    listing_skipped = listing_skips(sources) if is_rank0 else 0
-
-    lora_meta = None
-    if lora.rank > 0:
-        from .lora import resolve_targets
-
-        lora_meta = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
-                     "targets": resolve_targets(list(lora.target_modules)), "base": cfg.model.init_from}
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
-                        model_args=cfg.model, lora=lora_meta)
-    start_step, tokens_seen, loader_states = ckpt.maybe_resume(model, optimizer, loader.load_rank_states)
-    if start_step >= t.steps and is_rank0:
+    job = build_job(cfg, env, dims, device, run_dir)
+    step_fn, ckpt = job.step, job.ckpt
+    if job.start_step >= t.steps and is_rank0:
         log.warning("the checkpoint is at step %d, train.steps=%d: nothing left to train (raise train.steps to "
-                    "continue)", start_step, t.steps)
-    # LoRA checkpoints hold the adapters only: the base comes from init_from every start.
-    if (loader_states is None or lora.rank > 0) and not cfg.checkpoint.load_path and cfg.model.init_from:
-        from .hf import load_hf_weights
-
-        for part in parts:
-            load_hf_weights(part, cfg.model.init_from, cfg.model, progress=is_rank0)
+                    "continue)", job.start_step, t.steps)
     if cfg.data.audit and is_rank0:
-        DataAudit.truncate(run_dir, start_step)
+        DataAudit.truncate(run_dir, job.start_step)
     pdist.barrier()
-    audit = DataAudit(run_dir, dp_rank) if cfg.data.audit and is_dp_leader else None
-    # Cumulative over the run (this process): tokens per source, skipped records, documents
-    # cut to data.max_doc_bytes, and chat conversations cut to data.max_length.
-    src_tokens = torch.zeros(len(sources), dtype=torch.float64)
-    skipped = torch.zeros(1, dtype=torch.float64)
-    truncated_docs = torch.zeros(1, dtype=torch.float64)
-    truncated = torch.zeros(1, dtype=torch.float64)
-
-    tokens_per_step = dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
-    fpt = flops_per_token(cfg.model, t.seq_len, lora_params=n_trainable if lora.rank > 0 else 0)
+    audit = DataAudit(run_dir, job.dp_rank) if cfg.data.audit and job.is_dp_leader else None
+    tokens_per_step = job.dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
+    lora_params = job.model.n_trainable if cfg.finetune.lora.rank > 0 else 0
+    fpt = job.model.family.flops_per_token(cfg.model, t.seq_len, lora_params=lora_params)
     peak = peak_flops(device, cfg.logging.peak_tflops)
-    sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps,
-                       tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
-                       wandb_cfg=cfg.logging if cfg.logging.wandb else None, job_config=cfg)
+    sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps, tensorboard=cfg.logging.tensorboard,
+                       console=cfg.logging.console, wandb_cfg=cfg.logging if cfg.logging.wandb else None,
+                       job_config=cfg)
     if is_rank0:
-        log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s) | %s %s",
-                 run_dir, f"{n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
-                 f" ({pc.pp_schedule}, stages {stage_list} here)" if dims.pp > 1 else "", env.world_size,
-                 env.launcher, device.type, str(param_dtype).removeprefix("torch."))
-        if lora.rank > 0:
-            log.info("LoRA rank %d alpha %g on %s: %s trainable parameters (%.2f%% of %s), base frozen",
-                     lora.rank, lora.alpha, ",".join(lora.target_modules), f"{n_trainable:,}",
-                     100 * n_trainable / n_params, f"{n_params:,}")
-        if start_step:
-            log.info("resumed from step %d", start_step)
-
-    def device_batch(batch):
-        """(inputs, labels, positions, attention mask) on the device."""
-        inputs = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        positions, mask = None, None
-        if cfg.data.document_masking:
-            positions = batch["positions"].to(device, non_blocking=True)
-            mask = document_mask(batch["doc_ids"].to(device, non_blocking=True))
-        return inputs, labels, positions, mask
-
-    def mean_over_loss_ranks(value: torch.Tensor) -> torch.Tensor:
-        """``value`` averaged over the ranks that hold a loss (under PP: the last stage's)."""
-        holds = 1.0 if runner is None or runner.has_last else 0.0
-        agg = pdist.all_reduce_sum(torch.stack([value * holds, torch.tensor(holds, device=device)]))
-        return agg[0] / agg[1]
-
-    def token_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """Global summed loss / global trained-token count. Every TP rank of a DP group holds
-        the same sum (under PP only the last stage's), every TP and PP rank the same count.
-        Returns (mean, global count, at least 1)."""
-        sums = pdist.all_reduce_sum(torch.stack([loss_sum, count.to(loss_sum.dtype)]))
-        n = max(sums[1].item() / (dims.tp * dims.pp), 1.0)
-        return sums[0] / dims.tp / n, n
-
-    evaluator = Evaluator(cfg, tokenizer, dp_rank=dp_rank, dp_world=dp_world) if cfg.eval.interval > 0 else None
-
-    def evaluate() -> float:
-        """Mean held-out loss over all ranks' eval batches: text, each batch's mean,
-        averaged (packed windows have equal token counts); chat, the mean over every
-        batch's assistant tokens."""
-        for part in parts:
-            part.eval()
-        chat = evaluator.chat
-        total = torch.zeros((), device=device)
-        count = torch.zeros((), dtype=torch.long, device=device)
-        pp_summed[0] = chat
-        try:
-            for batch in evaluator.batches():
-                inputs, labels, positions, mask = device_batch(batch)
-                if chat:
-                    count += (labels != -100).sum()
-                if runner is not None:
-                    with autocast:
-                        loss = runner.eval_step(inputs, labels)
-                    if loss is not None:  # text: pp_loss divides each micro-batch's mean by n_mb x accum
-                        total += loss if chat else loss * t.grad_accum_steps
-                    continue
-                with torch.no_grad():
-                    with autocast:
-                        logits = model(inputs, position_ids=positions, attn_mask=mask)
-                    with loss_ctx():
-                        loss = next_token_loss(logits, labels, summed=chat)
-                total += loss.full_tensor() if isinstance(loss, DTensor) else loss
-        finally:
-            pp_summed[0] = sft
-        for part in parts:
-            part.train()
-        if chat:
-            return token_mean(total, count)[0].item()
-        return mean_over_loss_ranks(total / evaluator.steps).item()
-
-    profiler = StepProfiler(cfg.profiling, run_dir, env.rank, device, steps_done=start_step, last_step=t.steps)
-    history: List[Dict[str, float]] = []
-    loop_start = window_start = time.perf_counter()
-    window_tokens, window_steps, data_wait = 0, 0, 0.0
-    # Sum of per-step mean losses since the last log: the logged loss is their average.
-    window_loss = torch.zeros((), device=device)
-    for part in parts:
+        _announce(cfg, env, dims, run_dir, job, device)
+    evaluator = (Evaluator(cfg, job.tokenizer, dp_rank=job.dp_rank, dp_world=job.dp_world)
+                 if cfg.eval.interval > 0 else None)
+    profiler = StepProfiler(cfg.profiling, run_dir, env.rank, device, steps_done=job.start_step, last_step=t.steps)
+    counts, window = DataCounts(len(job.sources)), LogWindow(device, every=cfg.logging.every,
+                                                             start_step=job.start_step, total_steps=t.steps)
+    lr_at, tokens_seen, history = build_lr_fn(cfg.optim, t.steps), job.tokens_seen, []
+    for part in job.model.parts:
         part.train()
     try:
         profiler.start()
         preempt.phase = "loop"  # a signal now asks for a checkpoint at the next step boundary
-        for step in range(start_step + 1, t.steps + 1):
+        for step in range(job.start_step + 1, t.steps + 1):
             lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            trained = torch.zeros((), dtype=torch.long, device=device)
-            for _ in range(t.grad_accum_steps):
-                d0 = time.perf_counter()
-                batch = next(loader)
-                data_wait += time.perf_counter() - d0
-                src_tokens += batch["source_tokens"]
-                skipped += batch["skipped"]
-                truncated_docs += batch.get("truncated_docs", 0)
-                truncated += batch.get("truncated", 0)
-                if audit is not None:
-                    audit.add(batch["window_doc_ids"])
-                inputs, labels, positions, mask = device_batch(batch)
-                if sft:
-                    trained += (labels != -100).sum()
-                if runner is not None:  # forward and backward of every micro-batch, by the schedule
-                    with autocast:
-                        loss = runner.step(inputs, labels)
-                    if loss is not None:  # the last stage's rank: chat, the sum; text, this micro-step's mean / accum
-                        loss_sum += loss.detach() if sft else loss.detach() * t.grad_accum_steps
-                    continue
-                with autocast:
-                    logits = model(inputs, position_ids=positions, attn_mask=mask)
-                with loss_ctx():  # chat: summed here, divided by the global trained-token count below
-                    loss = next_token_loss(logits, labels, summed=sft)
-                    (loss if sft else loss / t.grad_accum_steps).backward()
-                loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
-            if sft:
-                # Gradients are of the local sums; FSDP averaged them over dp ranks, hence the dp factor.
-                mean, n_trained = token_mean(loss_sum, trained)
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(dims.dp / n_trained)
-                loss_sum = mean * t.grad_accum_steps
-            window_loss += loss_sum / t.grad_accum_steps
-            if dims.uses_tp:
-                settle_grads(params)
-            if tied_sync is not None:
-                tied_sync()
-            grad_norm = clip_grad_norm_(params, t.max_norm, skip=norm_skip, group=pp_group)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = step_fn(_micro_batches(job, t.grad_accum_steps, counts, window, audit), lr)
             tokens_seen += tokens_per_step
             if audit is not None:
                 audit.end_step(step)
-            window_tokens += tokens_per_step
-            window_steps += 1
-
-            val_loss = None
-            if evaluator is not None and evaluator.due(step, t.steps):
-                e0 = time.perf_counter()
-                val_loss = evaluate()
-                window_start += time.perf_counter() - e0  # evaluation time is not training time
-                if is_rank0:
-                    log.info("eval step %d | val loss %.4f | val ppl %.3f", step, val_loss, math.exp(val_loss))
-
-            # The first and last steps are always logged: the curve has both ends. So is
-            # every evaluated step.
-            if step % cfg.logging.every == 0 or step in (start_step + 1, t.steps) or val_loss is not None:
-                loss_avg = mean_over_loss_ranks(window_loss / window_steps)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                now = time.perf_counter()
-                elapsed = now - window_start
-                tps = window_tokens / elapsed
-                mem_stats = memory_stats_gb(device)  # mem_gb and mem_reserved_gb (CUDA) / mem_rss_gb (CPU)
-                mem = pdist.all_reduce_max(torch.tensor(list(mem_stats.values()), device=device))
-                data_counts = pdist.all_reduce_sum(torch.cat([src_tokens, truncated_docs, truncated, skipped]).to(device)).cpu()
-                data_counts /= dims.tp * dims.pp  # every rank of a DP group counted the same batches
-                metrics = {
-                    "loss": loss_avg.item(),
-                    "lr": lr,
-                    "grad_norm": grad_norm.item(),
-                    "tokens_per_s": tps,
-                    "tokens_per_s_per_device": tps / env.world_size,
-                    "tokens_seen": float(tokens_seen),
-                    "mfu": fpt * tps / (peak * env.world_size),
-                    **dict(zip(mem_stats, mem.tolist())),
-                    "step_time_s": elapsed / window_steps,
-                    "data_wait_share": data_wait / elapsed,
-                    "data/skipped": data_counts[-1].item() + listing_skipped,
-                    "data/truncated_docs": data_counts[-3].item(),  # documents cut to data.max_doc_bytes
-                }
-                if sft:
-                    metrics["data/truncated"] = data_counts[-2].item()  # conversations cut to data.max_length
-                if val_loss is not None:
-                    metrics["val/loss"], metrics["val/ppl"] = val_loss, math.exp(val_loss)
-                src_counts = data_counts[:-3]
-                total_src = max(src_counts.sum().item(), 1.0)
-                for name, n in zip(source_names, src_counts.tolist()):
-                    metrics[f"data/tokens/{name}"] = n
-                    if len(source_names) > 1:
-                        metrics[f"data/share/{name}"] = n / total_src
-                steps_done = step - start_step
-                eta = (now - loop_start) / steps_done * (t.steps - step)
-                sink.log(step, metrics, eta_s=eta)
+            window.add_step(out.loss_sum / t.grad_accum_steps, tokens_per_step)
+            val_loss = _maybe_evaluate(evaluator, step_fn, step, t.steps, window, is_rank0)
+            if window.due(step, val_loss is not None):
+                metrics = _log_row(cfg, env, job, window, counts, step, lr, out, tokens_seen, val_loss, fpt, peak)
+                sink.log(step, metrics, eta_s=window.eta_s)
                 history.append({"step": step, **metrics})
-                window_start, window_tokens, window_steps, data_wait = time.perf_counter(), 0, 0, 0.0
-                window_loss.zero_()
-
             ckpt.poll()
             # Every rank acts on a signal any rank received, at the same step boundary.
             stop = pdist.host_all_reduce(torch.tensor([float(preempt.received)]), dist.ReduceOp.MAX).item() > 0
             if stop or ckpt.due(step, t.steps):
-                ckpt.save(step, tokens_seen, model, optimizer,
-                          loader_state=loader.state_dict() if is_dp_leader else None,
+                ckpt.save(step, tokens_seen, job.model.state_model, job.optimizer,
+                          loader_state=job.loader.state_dict() if job.is_dp_leader else None,
                           blocking=stop or step == t.steps)
             if stop:
-                ckpt.wait()
-                if is_rank0:
-                    log.warning("stopping at step %d on %s: checkpoint saved; run the same command to resume",
-                                step, preempt.name)
-                    # Before any rank exits: the first exit makes torchrun (or srun
-                    # --kill-on-bad-exit) kill the others, and a batch script decides to
-                    # requeue by this file.
-                    report("preempted", EXIT_PREEMPTED, step=step, signal=preempt.name)
-                pdist.barrier()
-                raise Preempted(step, preempt.name)
+                _stop(ckpt, preempt, step, is_rank0, report)
             profiler.step()
         preempt.phase = "done"
         ckpt.wait()
-        if tied_sync is not None:
-            gap = tied_sync.max_divergence()
-            if gap > 0 or is_rank0:
-                log.info("tied embedding copies (first and last stage): max |difference| %.3g", gap)
+        _report_tied_gap(step_fn, is_rank0)
     finally:
         # Each one runs even when another raises (a full disk fails the metrics sink's
         # close): loader workers left alive would keep the process from exiting.
         with ExitStack() as stack:
-            for close in (loader.close, audit.close if audit is not None else None, sink.close, profiler.stop):
+            for close in (job.loader.close, audit.close if audit is not None else None, sink.close, profiler.stop):
                 if close is not None:
                     stack.callback(close)
     if is_rank0:
         log.info("done: %d steps | metrics %s | tensorboard %s", t.steps, run_dir / "metrics.jsonl", run_dir / "tb")
     return history
+
+
+def _maybe_evaluate(evaluator, step_fn: TrainStep, step: int, total: int, window: LogWindow,
+                    is_rank0: bool) -> Optional[float]:
+    if evaluator is None or not evaluator.due(step, total):
+        return None
+    e0 = time.perf_counter()
+    val_loss = step_fn.evaluate(evaluator.batches(), evaluator.steps, evaluator.chat)
+    window.exclude(time.perf_counter() - e0)  # evaluation time is not training time
+    if is_rank0:
+        log.info("eval step %d | val loss %.4f | val ppl %.3f", step, val_loss, math.exp(val_loss))
+    return val_loss
+
+
+def _log_row(cfg: JobConfig, env: LaunchEnv, job: Job, window: LogWindow, counts: DataCounts, step: int, lr: float,
+             out, tokens_seen: int, val_loss: Optional[float], fpt: float, peak: float) -> Dict[str, float]:
+    """One logged row; every rank takes part (the values are reduced over ranks)."""
+    loss = job.step.mean_over_loss_ranks(window.loss / window.steps)
+    w = window.metrics(step, loss, world_size=env.world_size, flops_per_token=fpt, peak=peak)
+    data = counts.global_metrics(loss.device, job.step.dims.replicas_per_dp_rank, job.source_names,
+                                 job.listing_skipped, chat=cfg.data.format == "chat")
+    metrics = {"loss": w.pop("loss"), "lr": lr, "grad_norm": out.grad_norm.item(),
+               "tokens_per_s": w.pop("tokens_per_s"), "tokens_per_s_per_device": w.pop("tokens_per_s_per_device"),
+               "tokens_seen": float(tokens_seen), **w,
+               **{k: data.pop(k) for k in ("data/skipped", "data/truncated_docs", "data/truncated") if k in data}}
+    if val_loss is not None:
+        metrics["val/loss"], metrics["val/ppl"] = val_loss, math.exp(val_loss)
+    metrics.update(data)
+    return metrics
+
+
+def _stop(ckpt: Checkpointer, preempt: SignalHandler, step: int, is_rank0: bool, report: Callable) -> None:
+    ckpt.wait()
+    if is_rank0:
+        log.warning("stopping at step %d on %s: checkpoint saved; run the same command to resume",
+                    step, preempt.name)
+        # Before any rank exits: the first exit makes torchrun (or srun
+        # --kill-on-bad-exit) kill the others, and a batch script decides to
+        # requeue by this file.
+        report("preempted", EXIT_PREEMPTED, step=step, signal=preempt.name)
+    pdist.barrier()
+    raise Preempted(step, preempt.name)
+
+
+def _report_tied_gap(step_fn: TrainStep, is_rank0: bool) -> None:
+    if step_fn.tied_sync is not None:
+        gap = step_fn.tied_sync.max_divergence()
+        if gap > 0 or is_rank0:
+            log.info("tied embedding copies (first and last stage): max |difference| %.3g", gap)

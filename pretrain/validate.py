@@ -7,6 +7,7 @@ from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
 
 from .config import JobConfig, eval_format
 from .metrics import WANDB_MODES
+from .model import UnknownFamily, get_family
 from .optim import SCHEDULES
 
 
@@ -25,24 +26,26 @@ def _one_of(key: str, value, choices) -> None:
     _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
 
 
-def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
-    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
-    for key, v in (("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
-                   ("model.n_kv_heads", m.n_kv_heads), ("model.ffn_hidden_dim", m.ffn_hidden_dim),
-                   ("model.vocab_size", m.vocab_size)):
-        _require(v >= 1, key, v, "must be >= 1")
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
-             f"must divide model.n_heads={m.n_heads} (grouped-query attention)")
-    if m.head_dim is None:
-        _require(m.dim % m.n_heads == 0, "model.n_heads", m.n_heads,
-                 f"must divide model.dim={m.dim} (or set model.head_dim)")
-    _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE rotates pairs)")
-    if m.rope_scaling is not None:
-        rs = m.rope_scaling
-        _require(rs.high_freq_factor > rs.low_freq_factor, "model.rope_scaling.high_freq_factor",
-                 rs.high_freq_factor, f"must exceed low_freq_factor={rs.low_freq_factor}")
-        _require(rs.factor >= 1, "model.rope_scaling.factor", rs.factor, "must be >= 1")
+def _check_model(cfg: JobConfig) -> None:
+    """The family ``model.family`` names takes the model file's schema, and the family's
+    own checks pass."""
+    m = cfg.model
+    try:
+        family = get_family(m.family)
+    except UnknownFamily as e:
+        raise ConfigError("model.family", m.family, str(e).split(": ", 1)[1]) from None
+    if not isinstance(m, family.args):
+        files = f" (model={' | model='.join(family.model_files)})" if family.model_files else ""
+        raise ConfigError("model.family", m.family,
+                          f"the model file gives a {type(m).__name__} config ({m.name}), family {m.family!r} takes "
+                          f"{family.args.__name__}: pick a model file of that family{files} instead of overriding "
+                          "model.family alone")
+    for key, value, expected in family.check(m):
+        raise ConfigError(key, value, expected)
 
+
+def _check_train(cfg: JobConfig) -> None:
+    m, t = cfg.model, cfg.train
     _require(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     _require(t.seq_len >= 1, "train.seq_len", t.seq_len, "must be >= 1")
     _require(t.seq_len <= m.max_position_embeddings, "train.seq_len", t.seq_len,
@@ -55,6 +58,9 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     if t.num_threads is not None:
         _require(t.num_threads >= 1, "train.num_threads", t.num_threads, "must be >= 1 or null")
 
+
+def _check_optim(cfg: JobConfig) -> None:
+    o = cfg.optim
     _one_of("optim.name", o.name, ("adamw",))
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
@@ -64,6 +70,10 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
 
+
+def _check_data(cfg: JobConfig) -> None:
+    m, t, d = cfg.model, cfg.train, cfg.data
+    eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
     from data_pipeline.sources import SOURCE_KINDS
 
     _one_of("data.source", d.source, (*SOURCE_KINDS, "mixture"))
@@ -90,7 +100,6 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     if d.format == "chat":
         _require(d.source == "jsonl", "data.format", d.format,
                  f"needs data.source=jsonl (chat records), not {d.source}")
-    eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
     if d.format == "chat" or eval_chat:
         # Packed conversations without document masking would attend to each other.
         _require(d.sft_packing == "pad" or d.document_masking, "data.sft_packing", d.sft_packing,
@@ -111,6 +120,8 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
                  "data.tokenizer.vocab_size", d.tokenizer.vocab_size,
                  f"must be <= model.vocab_size={m.vocab_size}")
 
+
+def _check_lora(cfg: JobConfig) -> None:
     lora = cfg.finetune.lora
     _require(lora.rank >= 0, "finetune.lora.rank", lora.rank, "must be >= 0 (0 = no LoRA)")
     if lora.rank > 0:
@@ -122,10 +133,17 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
         from .lora import resolve_targets
 
         try:
-            resolve_targets(list(lora.target_modules))
+            resolve_targets(list(lora.target_modules), get_family(cfg.model.family).lora)
         except ValueError as e:
             raise ConfigError("finetune.lora.target_modules", list(lora.target_modules),
                               str(e).split(": ", 1)[1]) from None
+
+
+def _check_eval(cfg: JobConfig) -> None:
+    from data_pipeline.sources import SOURCE_KINDS
+
+    d = cfg.data
+    eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
     ev = cfg.eval
     _require(ev.interval >= 0, "eval.interval", ev.interval, "must be >= 0 (0 = no evaluation)")
     if ev.interval > 0:
@@ -140,6 +158,11 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
                      f"jsonl: the held-out data is chat (eval.format={ev.format or 'null'}, data.format={d.format})")
         _require(ev.data.path is not None, "eval.data.path", ev.data.path,
                  "the held-out data (a path) when eval.interval > 0")
+
+
+def _check_run(cfg: JobConfig) -> None:
+    """logging, checkpoint and profiling."""
+    m = cfg.model
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, "must be >= 1")
     if cfg.logging.wandb_mode is not None:
         _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
@@ -153,6 +176,10 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
         _require(cfg.profiling.start_step >= 1, "profiling.start_step", cfg.profiling.start_step, "must be >= 1")
         _require(cfg.profiling.steps >= 1, "profiling.steps", cfg.profiling.steps, "must be >= 1")
 
+
+def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
+    m, t, d = cfg.model, cfg.train, cfg.data
+    eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
     p = cfg.parallel
     try:
         dims = resolve_parallel_dims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
@@ -162,8 +189,7 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     _require(p.ac_every_n >= 1, "parallel.ac_every_n", p.ac_every_n, "must be >= 1")
     if dims.tp > 1:
-        for key, v in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
-                       ("model.ffn_hidden_dim", m.ffn_hidden_dim), ("model.vocab_size", m.vocab_size)):
+        for key, v in get_family(m.family).tp_divisible(m):
             _require(v % dims.tp == 0, key, v, f"must divide by parallel.tp={dims.tp} (each rank holds 1/tp of it)")
         if p.sequence_parallel:
             _require(t.seq_len % dims.tp == 0, "train.seq_len", t.seq_len,
@@ -177,7 +203,8 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
 
         per = stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
         stages = dims.pp * per
-        _require(m.n_layers % stages == 0, "model.n_layers", m.n_layers,
+        key, depth = get_family(m.family).depth(m)
+        _require(depth % stages == 0, key, depth,
                  f"must divide into parallel.pp={dims.pp} x {per} stage(s) per rank = {stages} equal stages")
         mbs = stages if p.pp_microbatches == -1 else p.pp_microbatches
         _require(mbs >= 1 and t.local_batch_size % mbs == 0, "parallel.pp_microbatches", mbs,
@@ -198,3 +225,15 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
                  + ("; for chat data use data.sft_packing=pad data.document_masking=false (one conversation "
                     "per row needs no mask)" if d.format == "chat" or eval_chat else ""))
     return dims
+
+
+# Rules per config group, in the order errors are reported.
+RULES = (_check_model, _check_train, _check_optim, _check_data, _check_lora, _check_eval, _check_run)
+
+
+def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
+    """Every rule; the first failure raises ``ConfigError`` naming the key. Returns the
+    resolved parallel degrees."""
+    for rule in RULES:
+        rule(cfg)
+    return _check_parallel(cfg, world_size)

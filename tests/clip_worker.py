@@ -19,10 +19,10 @@ from parallel import pp as ppar
 from parallel.dims import ParallelDims
 from parallel.env import detect_launch_env
 from parallel.init import clip_grad_norm_, settle_grads, shard_aware_init
-from parallel.parallelize import parallelize_llama
+from parallel.parallelize import parallelize
 from pretrain.config import ParallelConfig
-from pretrain.model.args import LlamaArgs
-from pretrain.model.llama import build_llama, seeded_trunc_normal_
+from pretrain.model.llama.args import LlamaArgs
+from pretrain.model.llama import LAYOUT, build_llama, seeded_trunc_normal_
 
 ARGS = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, vocab_size=256)
 SEQ, BATCH, MAX_NORM = 16, 4, 0.05
@@ -69,19 +69,19 @@ def run_layout(name, dims, pc, env):
     skip, group, tied = set(), None, None
     if dims.pp > 1:
         stages = ppar.stage_ids(mesh["pp"].get_local_rank(), dims.pp, 1, "1f1b")
-        parts = [ppar.build_stage(build_llama(ARGS, rope_cache_len=SEQ, device="meta"), s, dims.pp) for s in stages]
+        parts = [ppar.build_stage(build_llama(ARGS, rope_cache_len=SEQ, device="meta"), LAYOUT, s, dims.pp) for s in stages]
     else:
         stages, parts = [0], [build_llama(ARGS, rope_cache_len=SEQ, device="meta")]
     for part in parts:
-        parallelize_llama(part, mesh, dims, pc, param_dtype=torch.float32, reduce_dtype=torch.float32)
+        parallelize(part, LAYOUT, mesh, dims, pc, param_dtype=torch.float32, reduce_dtype=torch.float32)
         part.to_empty(device="cpu")
         part.init_weights(init_fn=init)
     if dims.pp > 1:
         n_mb = 2
         runner = ppar.PipelineRunner(parts, stages, dims.pp, mesh, "1f1b", n_mb,
                                      lambda lg, lb: loss_fn(lg, lb) / n_mb, torch.device("cpu"))
-        runner.step(inputs, labels)
-        tied = ppar.TiedEmbeddingSync(parts, stages, dims.pp, mesh, dims.pp, 1, "1f1b")
+        runner.step((inputs,), labels)
+        tied = ppar.TiedEmbeddingSync(parts, LAYOUT, stages, dims.pp, mesh, dims.pp, 1, "1f1b")
         tied()
         if tied.duplicate is not None:
             skip = {id(tied.duplicate)}

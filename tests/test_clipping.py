@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from conftest import BIN, REPO, _env, free_port
 from parallel.init import clip_grad_norm_
-from pretrain.model.args import LlamaArgs
+from pretrain.model.llama.args import LlamaArgs
 from pretrain.model.llama import build_llama
 
 ARGS = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, vocab_size=256)

@@ -382,9 +382,9 @@ def test_llama3_shards_are_uint32(tmp_path):
 # -- document masking ----------------------------------------------------------------------
 
 def test_document_mask_isolates_documents(llama3):
-    from pretrain.model.args import LlamaArgs
+    from pretrain.model.llama.args import LlamaArgs
     from pretrain.model.llama import build_llama
-    from pretrain.train import document_mask
+    from pretrain.model.llama import document_mask
 
     torch.manual_seed(0)
     args = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, vocab_size=512)

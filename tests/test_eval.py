@@ -3,10 +3,9 @@ training curve, equal to a direct forward pass over the same held-out batches.""
 import math
 
 import torch
-from omegaconf import OmegaConf
 
 from conftest import losses, read_metrics, run_job
-from pretrain.config import JobConfig, register_configs
+from pretrain.config import load_job_config, register_configs
 
 EVAL = ["eval.interval=3", "eval.steps=2", "eval.data.path=${stdlib_dir:}", "eval.data.glob=email/*.py",
         "train.steps=6", "logging.every=1", "checkpoint.interval=6"]
@@ -28,8 +27,7 @@ def direct_val_loss(run) -> float:
     from pretrain.tokenizers import build_sources, load_tokenizer
 
     register_configs()
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig),
-                                              OmegaConf.load(run / ".hydra" / "config.yaml")))
+    cfg = load_job_config(run / ".hydra" / "config.yaml")
     model = build_llama(cfg.model, rope_cache_len=cfg.train.seq_len, device="cpu")
     model.init_buffers()  # RoPE tables are not in the checkpoint
     state = {"model": model.state_dict()}

@@ -1,15 +1,14 @@
 """MFU's numerator and denominator: Llama 3.2 1B's FLOPs per token worked out by hand
 from its published shape, and the GPU peak table's lookup by device name."""
-from omegaconf import OmegaConf
-
 from conftest import REPO
-from pretrain.flops import flops_per_token, gpu_peak_tflops, peak_flops
-from pretrain.model.args import LlamaArgs
+from pretrain.config import load_model_file
+from pretrain.flops import gpu_peak_tflops, peak_flops
+from pretrain.model.llama import flops_per_token
+from pretrain.model.llama.args import LlamaArgs
 
 
 def _load_1b() -> LlamaArgs:
-    yaml = OmegaConf.load(REPO / "configs" / "model" / "llama3_2_1b.yaml")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LlamaArgs), yaml))
+    return load_model_file(REPO / "configs" / "model" / "llama3_2_1b.yaml")
 
 
 def test_llama3_2_1b_flops_per_token_by_hand():

@@ -52,10 +52,11 @@ def our_model_from(ckpt: Path):
     import torch.distributed.checkpoint as dcp
     import yaml
 
-    from pretrain.model import build_llama
-    from pretrain.model.args import LlamaArgs, RopeScaling
+    from pretrain.model.llama import build_llama
+    from pretrain.model.llama.args import LlamaArgs, RopeScaling
 
     cfg = yaml.safe_load((ckpt / "model.yaml").read_text())
+    assert cfg.pop("defaults") == ["llama_schema", "_self_"]  # a model file of the Llama family
     rs = cfg.pop("rope_scaling")
     args = LlamaArgs(**cfg, rope_scaling=RopeScaling(**rs) if rs else None)
     model = build_llama(args, rope_cache_len=64, device="meta")
@@ -115,7 +116,7 @@ def test_export_of_a_training_run_loads_in_transformers(tmp_path, tok_cache):
     assert back.dtype == torch.bfloat16 and (tmp_path / "out" / "model.safetensors").is_file()
     import torch.distributed.checkpoint as dcp
 
-    from pretrain.hf_convert import args_from_hf_config, hf_to_ours
+    from pretrain.model.llama.hf import args_from_hf_config, hf_to_ours
 
     ck = sorted((run / "checkpoints").glob("step-*"))[-1]
     sd = hf_to_ours({k: v.float() for k, v in back.state_dict().items()}, args_from_hf_config(back.config.to_dict()))

@@ -4,8 +4,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pretrain.hf_convert import args_from_hf_config, hf_config_from_args, hf_to_ours, ours_to_hf
-from pretrain.model import build_llama
+from pretrain.model.llama.hf import args_from_hf_config, hf_config_from_args, hf_to_ours, ours_to_hf
+from pretrain.model.llama import build_llama
 
 
 def _hf_model(tied: bool):
@@ -69,8 +69,8 @@ def test_logits_match_transformers(tied):
 def test_scaled_rope_differs_from_plain():
     """Guard that the scaling path is exercised: positions past the original context
     would give different logits without it."""
-    from pretrain.model import llama3_inv_freq
-    from pretrain.model.args import RopeScaling
+    from pretrain.model.llama import llama3_inv_freq
+    from pretrain.model.llama.args import RopeScaling
 
     plain = llama3_inv_freq(64, 500000.0, None)
     scaled = llama3_inv_freq(64, 500000.0, RopeScaling(8.0, 1.0, 4.0, 32))

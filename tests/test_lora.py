@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.lora import apply_lora, init_lora, lora_param_count, merge_lora_state, resolve_targets
-from pretrain.model.args import LlamaArgs
+from pretrain.lora import apply_lora, init_lora, merge_lora_state, resolve_targets
+from pretrain.model.llama import FAMILY, LORA, lora_param_count
+from pretrain.model.llama.args import LlamaArgs
 from pretrain.model.llama import build_llama
 from pretrain.optim import build_optimizer
 from pretrain.model.llama import seeded_trunc_normal_
@@ -19,7 +20,7 @@ def tiny(targets=("attention",), rank=4, alpha=8.0):
     model = build_llama(ARGS, rope_cache_len=32, device="cpu")
     model.init_weights(seed=1)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    n = apply_lora(model, rank=rank, alpha=alpha, dropout=0.0, targets=targets)
+    n = apply_lora(model, FAMILY, rank=rank, alpha=alpha, dropout=0.0, targets=targets)
     init_lora(model, lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, 7))
     return model, base, n
 
@@ -44,7 +45,7 @@ def test_formula_by_hand_for_llama3_2_1b():
 
 def test_unknown_target_is_named():
     with pytest.raises(ValueError, match="finetune.lora.target_modules: unknown target 'qkv'"):
-        resolve_targets(["qkv"])
+        resolve_targets(["qkv"], LORA)
 
 
 def test_starts_as_base_trains_adapters_only_and_merges():
@@ -91,7 +92,7 @@ def test_dropout_under_activation_checkpointing_recomputes_the_same_masks(mode):
     for ac in ("none", mode):
         model = build_llama(ARGS, rope_cache_len=32, device="cpu")
         model.init_weights(seed=1)
-        apply_lora(model, rank=4, alpha=8.0, dropout=0.3, targets=["all"])
+        apply_lora(model, FAMILY, rank=4, alpha=8.0, dropout=0.3, targets=["all"])
         init_lora(model, lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, 7))
         with torch.no_grad():  # B != 0, so A's gradient and the masks matter
             for name, p in model.named_parameters():
@@ -120,7 +121,7 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
 
     from tests.conftest import losses, run_job
     from tests.test_hf_io import RUN_ROPE, cli, save_hf
-    from pretrain.hf_convert import hf_to_ours
+    from pretrain.model.llama.hf import hf_to_ours
 
     base_model = save_hf(tmp_path / "hf", tied=True, seed=5)
     common = [*RUN_ROPE, f"model.init_from={tmp_path / 'hf'}", "finetune.lora.rank=4", "finetune.lora.alpha=8",
@@ -155,7 +156,7 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
     ours = build_llama(args, rope_cache_len=32, device="cpu")
     ours.init_buffers()
     ours.load_state_dict(hf_to_ours(base_model.state_dict(), args), strict=False)
-    apply_lora(ours, rank=4, alpha=8.0, dropout=0.0, targets=["all"])
+    apply_lora(ours, FAMILY, rank=4, alpha=8.0, dropout=0.0, targets=["all"])
     state = {"model": {k: v for k, v in ours.state_dict().items() if ".lora_" in k}}
     dcp.load(state, checkpoint_id=str(ck), no_dist=True)
     ours.load_state_dict(state["model"], strict=False)

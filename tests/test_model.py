@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import compose_job
-from pretrain.model import build_llama, count_parameters
+from pretrain.model.llama import build_llama, count_parameters
 
 def model_args(name: str):
     return compose_job(f"model={name}").model

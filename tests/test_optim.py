@@ -40,7 +40,7 @@ def test_constant():
 
 
 def _tiny_model():
-    from pretrain.model.args import LlamaArgs
+    from pretrain.model.llama.args import LlamaArgs
     from pretrain.model.llama import build_llama
 
     model = build_llama(LlamaArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden_dim=64, vocab_size=64),

@@ -20,6 +20,9 @@ class RopeScaling:
 
 @dataclass
 class LlamaArgs:
+    # The model family (pretrain/model/): set by the model file's schema. A dotted import
+    # path (package.module:NAME) picks a family outside the tree that takes these args.
+    family: str = "llama"
     name: str = "debug"
     dim: int = 256
     n_layers: int = 4

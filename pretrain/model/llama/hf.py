@@ -9,7 +9,13 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .model.args import LlamaArgs, RopeScaling
+from .args import LlamaArgs, RopeScaling
+
+# config.json model_type values this converter reads.
+model_types = ("llama",)
+# Our LoRA target names -> Hugging Face / PEFT module names (adapter export).
+lora_names = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+              "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {

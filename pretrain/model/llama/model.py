@@ -5,29 +5,15 @@ materialized with ``to_empty`` + ``init_weights`` so any size can be constructed
 from __future__ import annotations
 
 import math
-import zlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..family import InitFn, seeded_trunc_normal_
 from .args import LlamaArgs, RopeScaling
 
-# init_fn(tensor, std, fqn): fills ``tensor`` in place with a truncated normal of ``std``.
-InitFn = Callable[[torch.Tensor, float, str], None]
-
-
-def param_seed(seed: int, fqn: str) -> int:
-    """A generator seed per (run seed, parameter name): init does not depend on the
-    order parameters are visited in, nor on how they are sharded."""
-    return (seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63 - 1)
-
-
-def seeded_trunc_normal_(tensor: torch.Tensor, std: float, fqn: str, seed: int) -> None:
-    gen = torch.Generator(device=tensor.device).manual_seed(param_seed(seed, fqn))
-    with torch.no_grad():
-        nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> torch.Tensor:
@@ -219,6 +205,13 @@ class Llama(nn.Module):
         if self.output is None:
             return self.tied_head(h, self.tok_embeddings.weight)
         return self.output(h)
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) boolean mask, True where a query may attend: causal and same document."""
+    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal).unsqueeze(1)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,33 @@
+"""The ``parallel`` config group's schema: degrees of each parallel dimension and how
+they are applied. Read by ``parallel/`` (layout, mesh) and validated with the job."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    # Degrees; their product must equal the world size. dp_shard=-1 takes what is left.
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+    # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv
+    pp_schedule: str = "1f1b"
+    # Micro-batches per local batch through the pipeline; -1 = the number of stages.
+    pp_microbatches: int = -1
+    # Stages per pp rank for interleaved_1f1b / interleaved_zb; -1 = 2 (zbv: always 2, others 1).
+    pp_stages_per_rank: int = -1
+    # FSDP2: free unsharded params after forward (re-gathered in backward).
+    reshard_after_forward: bool = True
+    # Tensor parallel only: shard the residual stream and the norms along the sequence
+    # (sequence parallel); train.seq_len must divide by tp.
+    sequence_parallel: bool = True
+    # Tensor parallel only: keep the logits sharded over the vocabulary into the loss.
+    loss_parallel: bool = False
+    # none | full | every_n | selective_op (keep matmul and attention outputs, recompute the rest)
+    activation_checkpoint: str = "none"
+    # every_n: checkpoint blocks 0, n, 2n, ...
+    ac_every_n: int = 2
+    # torch.compile each transformer block (composes with TP, AC and FSDP2).
+    compile: bool = False

@@ -1,0 +1,171 @@
+"""Everything a training job builds before its first step, in this order: data sources and
+tokenizer, the model (on meta, cut into pipeline stages, LoRA, parallelized, materialized,
+initialized), the optimizer, the ``TrainStep``, the loader, the checkpointer, and the
+state it resumes from (or the Hugging Face weights it starts from)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from data_pipeline.loader import LoaderSpec, RankLoader, listing_skips
+from parallel import distributed as pdist
+from parallel.dims import ParallelDims
+from parallel.env import LaunchEnv
+from parallel.init import shard_aware_init
+from parallel.parallelize import parallelize
+from parallel.tensors import seed_tensor_parallel_rng
+
+from .checkpoint import Checkpointer
+from .config import JobConfig
+from .model import family_of
+from .model.family import ModelFamily, seeded_trunc_normal_
+from .optim import OptimizerParts, build_optimizer
+from .step import TrainStep, resolve_dtypes
+from .tokenizers import build_sources, load_tokenizer
+
+log = logging.getLogger("pretrain")
+
+
+@dataclass
+class BuiltModel:
+    """The parts this rank holds (the whole model, or its pipeline stages), materialized."""
+
+    family: ModelFamily
+    parts: List[nn.Module]
+    stage_ids: List[int]
+    num_stages: int
+    n_params: int  # the whole model's
+    n_trainable: int
+    param_dtype: torch.dtype
+    tied: bool
+    mesh: object
+
+    @property
+    def state_model(self):
+        """What checkpoints save: the model, or the list of this rank's stages."""
+        return self.parts if self.num_stages > 1 else self.parts[0]
+
+
+def build_model(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> BuiltModel:
+    """The family's model on meta, its pipeline stages, LoRA adapters, then per part: the
+    layout (TP, AC, compile, FSDP2), materialization and the layout-invariant seeded init."""
+    t, pc, lora = cfg.train, cfg.parallel, cfg.finetune.lora
+    family = family_of(cfg.model)
+    with torch.device("meta"):
+        whole = family.build(cfg.model, t.seq_len)
+    n_params = family.count_parameters(whole)
+    tied = family.layout.is_tied(whole)
+    param_dtype, reduce_dtype = resolve_dtypes(t.mixed_precision, device)
+    mesh = pdist.build_device_mesh(dims, device)
+    if dims.uses_tp and device.type == "cuda":
+        seed_tensor_parallel_rng(t.seed, mesh["tp"])
+    stage_ids, num_stages, parts = [0], 1, [whole]
+    if dims.pp > 1:
+        from parallel import pp as ppar
+
+        per_rank = ppar.stages_per_rank(pc.pp_schedule, pc.pp_stages_per_rank)
+        num_stages = dims.pp * per_rank
+        stage_ids = ppar.stage_ids(mesh["pp"].get_local_rank(), dims.pp, per_rank, pc.pp_schedule)
+        with torch.device("meta"):
+            parts = [ppar.build_stage(family.build(cfg.model, t.seq_len), family.layout, s, num_stages)
+                     for s in stage_ids]
+    n_trainable = n_params
+    if lora.rank > 0:  # base frozen, adapters added before the layout is applied (FSDP2 shards both)
+        from .lora import apply_lora
+
+        adapters = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.target_modules)
+        n_trainable = apply_lora(whole, family, **adapters)  # the whole model: the count
+        for part in parts:
+            if part is not whole:  # pipeline stages
+                apply_lora(part, family, **adapters)
+    for part in parts:
+        _materialize(part, cfg, dims, mesh, device, family, param_dtype, reduce_dtype)
+    return BuiltModel(family, parts, stage_ids, num_stages, n_params, n_trainable, param_dtype, tied, mesh)
+
+
+def _materialize(part: nn.Module, cfg: JobConfig, dims, mesh, device, family, param_dtype, reduce_dtype) -> None:
+    seed = cfg.train.seed
+    base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, seed)  # noqa: E731
+    parallelize(part, family.layout, mesh, dims, cfg.parallel, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    part.to_empty(device=device)
+    part.init_weights(init_fn=shard_aware_init(base_init))
+    if cfg.finetune.lora.rank > 0:
+        from .lora import init_lora
+
+        init_lora(part, shard_aware_init(base_init))
+
+
+@dataclass
+class Job:
+    """What the loop runs: the model, its step, the data, the checkpointer and where the
+    run starts (``start_step``, ``tokens_seen``)."""
+
+    model: BuiltModel
+    step: TrainStep
+    optimizer: OptimizerParts
+    sources: list
+    source_names: List[str]
+    tokenizer: object
+    loader: RankLoader
+    listing_skipped: int
+    ckpt: Checkpointer
+    start_step: int
+    tokens_seen: int
+    dp_rank: int
+    dp_world: int
+    is_dp_leader: bool
+
+
+def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.device, run_dir: Path) -> Job:
+    t = cfg.train
+    sources, weights, source_names = build_sources(cfg.data)
+    tokenizer = load_tokenizer(cfg.data, sources, env)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={cfg.model.vocab_size}")
+    model = build_model(cfg, dims, device)
+    optimizer = OptimizerParts([build_optimizer(part, cfg.optim) for part in model.parts])
+    step = TrainStep(model.family, model.parts, optimizer, dims=dims, pc=cfg.parallel,
+                     grad_accum_steps=t.grad_accum_steps, max_norm=t.max_norm, chat=cfg.data.format == "chat",
+                     device=device, param_dtype=model.param_dtype, mesh=model.mesh, stage_ids=model.stage_ids,
+                     num_stages=model.num_stages, tied=model.tied)
+    dp_rank, dp_world, is_dp_leader = dims.dp_coordinates(env.rank)
+    loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
+        seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
+        num_workers=cfg.data.num_workers, seed=t.seed, shuffle=cfg.data.shuffle, grad_accum_steps=t.grad_accum_steps,
+        streams_per_row=cfg.data.streams_per_row, positions=cfg.data.document_masking,
+        sft_packing=cfg.data.sft_packing, max_length=cfg.data.max_length))
+    listing_skipped = listing_skips(sources) if env.rank == 0 else 0
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
+                        model_args=cfg.model, lora=_lora_meta(cfg, model.family))
+    start_step, tokens_seen, loader_states = ckpt.maybe_resume(model.state_model, optimizer,
+                                                               loader.load_rank_states)
+    _start_weights(cfg, model, loader_states, progress=env.rank == 0)
+    return Job(model, step, optimizer, sources, source_names, tokenizer, loader, listing_skipped, ckpt,
+               start_step, tokens_seen, dp_rank, dp_world, is_dp_leader)
+
+
+def _lora_meta(cfg: JobConfig, family: ModelFamily) -> Optional[dict]:
+    lora = cfg.finetune.lora
+    if lora.rank <= 0:
+        return None
+    from .lora import resolve_targets
+
+    return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+            "targets": resolve_targets(list(lora.target_modules), family.lora), "base": cfg.model.init_from}
+
+
+def _start_weights(cfg: JobConfig, model: BuiltModel, loader_states, *, progress: bool) -> None:
+    """``model.init_from``: the Hugging Face weights a fresh run starts from. LoRA
+    checkpoints hold the adapters only: their base comes from init_from every start."""
+    lora = cfg.finetune.lora.rank > 0
+    if (loader_states is None or lora) and not cfg.checkpoint.load_path and cfg.model.init_from:
+        from .hf import load_hf_weights
+
+        for part in model.parts:
+            load_hf_weights(part, cfg.model.init_from, cfg.model, progress=progress)

@@ -1,0 +1,85 @@
+"""What a model family gives the trainer, as plain data and functions (no
+torch.distributed): adding a family is one folder under ``pretrain/model/`` that defines
+a ``FAMILY`` plus its ``configs/model/*.yaml`` files.
+
+``model.family`` names a family of the registry (``pretrain/model/__init__.py``) or a
+dotted import path ``package.module:NAME`` (a family outside the tree, such as a test's,
+reaches torchrun workers by its name alone)."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from parallel.layout import ModelLayout
+
+# init_fn(tensor, std, fqn): fills ``tensor`` in place with a truncated normal of ``std``.
+InitFn = Callable[[torch.Tensor, float, str], None]
+
+# A problem with the model config: (key, value, what was expected).
+Problem = Tuple[str, Any, str]
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Linears that may get adapters, by their leaf name inside a block: named groups
+    (``attention``, ``mlp``; ``all`` is every name) and aliases (Hugging Face's names)."""
+
+    groups: Mapping[str, Tuple[str, ...]]
+    aliases: Mapping[str, str] = field(default_factory=dict)  # alias -> our name
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        out: list = []
+        for members in self.groups.values():
+            out += [m for m in members if m not in out]
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """``args``: the dataclass that is the Hydra schema of ``model`` for this family (its
+    ``family`` field holds the name). ``build(args, seq_len)``: the model, on the current
+    default device (the trainer builds on meta); the module has ``init_weights(init_fn)``
+    (``init_fn(tensor, std, name)`` fills a tensor, layout-invariantly). ``inputs(batch,
+    device)``: a loader batch -> the model's (first stage's) positional inputs.
+    ``layout``: how parallel/ splits it. ``lora``: adapter targets. ``flops_per_token(args,
+    seq_len, lora_params)``: model FLOPs per trained token (MFU). ``check(args)``: problems
+    with a model config. ``tp_divisible(args)``: (key, value) that parallel.tp must divide.
+    ``depth(args)``: (key, blocks) the pipeline splits into equal stages. ``hf``: the
+    Hugging Face converter (a module with ``model_types``, ``args_from_hf_config``,
+    ``hf_config_from_args``, ``ours_name``, ``hf_name``, ``to_ours``, ``to_hf``,
+    ``hf_to_ours``, ``ours_to_hf``, ``lora_names``), or None."""
+
+    name: str
+    args: type
+    build: Callable[[Any, int], nn.Module]
+    inputs: Callable[[dict, torch.device], Tuple[torch.Tensor, ...]]
+    layout: ModelLayout
+    lora: LoRASpec
+    flops_per_token: Callable[..., float]
+    check: Callable[[Any], Iterable[Problem]]
+    tp_divisible: Callable[[Any], Iterable[Tuple[str, int]]]
+    depth: Callable[[Any], Tuple[str, int]]
+    hf: Optional[Any] = None
+    # Extra documentation shown by errors: the model files of this family.
+    model_files: Tuple[str, ...] = ()
+
+    def count_parameters(self, model: nn.Module) -> int:
+        """Unique parameters (a tied embedding counts once), works on meta-device models."""
+        return sum(p.numel() for p in model.parameters())
+
+
+def param_seed(seed: int, fqn: str) -> int:
+    """A generator seed per (run seed, parameter name): init does not depend on the
+    order parameters are visited in, nor on how they are sharded."""
+    return (seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63 - 1)
+
+
+def seeded_trunc_normal_(tensor: torch.Tensor, std: float, fqn: str, seed: int) -> None:
+    gen = torch.Generator(device=tensor.device).manual_seed(param_seed(seed, fqn))
+    with torch.no_grad():
+        nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)

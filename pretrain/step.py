@@ -1,0 +1,192 @@
+"""``TrainStep``: one optimizer step of any family under any layout, plain or pipelined.
+
+It owns what happens between "here are this step's micro-batches" and "the weights moved":
+autocast, the loss context (loss parallel), micro-batching through the pipeline schedule,
+gradient accumulation, the chat loss (summed over trained tokens, divided by their global
+count), gradient settling (TP), the tied-embedding sync (PP), clipping and the optimizer
+step. ``evaluate`` runs its forward-only path. ``bench/train_throughput.py`` times this
+object."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel import distributed as pdist
+from parallel.config import ParallelConfig
+from parallel.dims import ParallelDims
+from parallel.init import clip_grad_norm_, settle_grads
+from parallel.tensors import full_value, loss_context
+
+from .model.family import ModelFamily
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, summed: bool) -> torch.Tensor:
+    """Cross-entropy in fp32 over (batch x seq) positions, labels -100 ignored: summed
+    (chat, weighed by trained tokens later) or the mean."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum" if summed else "mean")
+
+
+def resolve_dtypes(mode: str, device: torch.device):
+    """(param dtype for compute, gradient-reduce dtype). Master weights stay fp32."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "fp32"
+    if mode == "bf16":
+        return torch.bfloat16, torch.float32
+    return torch.float32, torch.float32
+
+
+@dataclass
+class StepResult:
+    """``loss_sum``: the step's loss x grad_accum_steps (sum of micro-step means; chat: the
+    global token mean x accum), on ranks that hold a loss (under PP the last stage's; 0
+    elsewhere). ``grad_norm``: before clipping. Both device tensors: reading them syncs."""
+
+    loss_sum: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+class TrainStep:
+    """``parts``: the model, or this rank's pipeline stages (``stage_ids``, of ``num_stages``).
+    ``chat``: the training data trains on some tokens only (labels -100 elsewhere)."""
+
+    def __init__(self, family: ModelFamily, parts: List[nn.Module], optimizer, *, dims: ParallelDims,
+                 pc: ParallelConfig, grad_accum_steps: int, max_norm: float, chat: bool, device: torch.device,
+                 param_dtype: torch.dtype, mesh=None, stage_ids=(0,), num_stages: int = 1, tied: bool = False):
+        self.family, self.parts, self.optimizer = family, parts, optimizer
+        self.dims, self.accum, self.max_norm, self.chat, self.device = dims, grad_accum_steps, max_norm, chat, device
+        self.loss_parallel = pc.loss_parallel
+        # Without FSDP, bf16 compute comes from autocast (weights stay fp32 masters).
+        self.autocast = (torch.autocast(device.type, dtype=param_dtype)
+                         if not dims.uses_fsdp and param_dtype != torch.float32 else nullcontext())
+        self.params = [p for part in parts for p in part.parameters() if p.requires_grad]
+        self.runner, self.tied_sync, self.pp_group = None, None, None
+        self._summed = chat  # what the pipeline's loss function returns: chat sums, text means
+        if dims.pp > 1:
+            from parallel import pp as ppar
+
+            self.n_mb = num_stages if pc.pp_microbatches == -1 else pc.pp_microbatches
+            self.runner = ppar.PipelineRunner(parts, list(stage_ids), num_stages, mesh, pc.pp_schedule, self.n_mb,
+                                              self._pp_loss, device)
+            if tied:
+                per_rank = len(stage_ids)
+                self.tied_sync = ppar.TiedEmbeddingSync(parts, family.layout, list(stage_ids), num_stages, mesh,
+                                                        dims.pp, per_rank, pc.pp_schedule)
+            self.pp_group = mesh["pp"].get_group()
+        # Parameters whose gradient the norm skips (the last stage's copy of a tied embedding).
+        dup = self.tied_sync.duplicate if self.tied_sync is not None else None
+        self.norm_skip = {id(dup)} if dup is not None else set()
+
+    @property
+    def holds_loss(self) -> bool:
+        """This rank computes the loss (always, except on a pipeline's non-last stages)."""
+        return self.runner is None or self.runner.has_last
+
+    def _pp_loss(self, logits, target):
+        if self._summed:  # chat: summed over trained tokens, divided by their global count later
+            return next_token_loss(logits, target, summed=True)
+        # text: a micro-batch's share of the step's mean loss
+        return next_token_loss(logits, target, summed=False) / (self.n_mb * self.accum)
+
+    def _forward_backward(self, inputs: Tuple[torch.Tensor, ...], labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """One micro-step: the loss (chat: summed; text: this micro-batch's mean) detached,
+        None on a pipeline rank without the last stage."""
+        if self.runner is not None:  # forward and backward of every micro-batch, by the schedule
+            with self.autocast:
+                loss = self.runner.step(inputs, labels)
+            if loss is None:
+                return None
+            return loss.detach() if self.chat else loss.detach() * self.accum  # text: mean / accum came back
+        with self.autocast:
+            logits = self.parts[0](*inputs)
+        with loss_context(self.loss_parallel):  # chat: summed here, divided by the global trained-token count
+            loss = next_token_loss(logits, labels, summed=self.chat)
+            (loss if self.chat else loss / self.accum).backward()
+        return full_value(loss.detach())
+
+    def __call__(self, batches: Iterable[dict], lr: float) -> StepResult:
+        """Forward and backward of ``grad_accum_steps`` micro-batches (loader batches), then
+        the update at learning rate ``lr``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        trained = torch.zeros((), dtype=torch.long, device=self.device)
+        for batch in batches:
+            inputs = self.family.inputs(batch, self.device)
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            if self.chat:
+                trained += (labels != -100).sum()
+            loss = self._forward_backward(inputs, labels)
+            if loss is not None:
+                loss_sum += loss
+        if self.chat:
+            # Gradients are of the local sums; FSDP averaged them over dp ranks, hence the dp factor.
+            mean, n_trained = self.token_mean(loss_sum, trained)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(self.dims.dp / n_trained)
+            loss_sum = mean * self.accum
+        if self.dims.uses_tp:
+            settle_grads(self.params)
+        if self.tied_sync is not None:
+            self.tied_sync()
+        grad_norm = clip_grad_norm_(self.params, self.max_norm, skip=self.norm_skip, group=self.pp_group)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_sum, grad_norm)
+
+    def token_mean(self, loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """Global summed loss / global trained-token count. Every TP rank of a DP group holds
+        the same sum (under PP only the last stage's), every TP and PP rank the same count.
+        Returns (mean, global count, at least 1)."""
+        sums = pdist.all_reduce_sum(torch.stack([loss_sum, count.to(loss_sum.dtype)]))
+        n = max(sums[1].item() / self.dims.replicas_per_dp_rank, 1.0)
+        return sums[0] / self.dims.tp / n, n
+
+    def mean_over_loss_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` averaged over the ranks that hold a loss (under PP: the last stage's)."""
+        holds = 1.0 if self.holds_loss else 0.0
+        agg = pdist.all_reduce_sum(torch.stack([value * holds, torch.tensor(holds, device=self.device)]))
+        return agg[0] / agg[1]
+
+    def evaluate(self, batches: Iterable[dict], n_batches: int, chat: bool) -> float:
+        """Mean held-out loss over all ranks' eval batches: text, each batch's mean,
+        averaged (packed windows have equal token counts); chat, the mean over every
+        batch's assistant tokens."""
+        for part in self.parts:
+            part.eval()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), dtype=torch.long, device=self.device)
+        self._summed = chat
+        try:
+            for batch in batches:
+                inputs = self.family.inputs(batch, self.device)
+                labels = batch["labels"].to(self.device, non_blocking=True)
+                if chat:
+                    count += (labels != -100).sum()
+                total += self._eval_loss(inputs, labels, chat)
+        finally:
+            self._summed = self.chat
+        for part in self.parts:
+            part.train()
+        if chat:
+            return self.token_mean(total, count)[0].item()
+        return self.mean_over_loss_ranks(total / n_batches).item()
+
+    def _eval_loss(self, inputs, labels, chat: bool) -> torch.Tensor:
+        if self.runner is not None:
+            with self.autocast:
+                loss = self.runner.eval_step(inputs, labels)
+            if loss is None:
+                return torch.zeros((), device=self.device)
+            return loss if chat else loss * self.accum  # text: _pp_loss divided each mean by n_mb x accum
+        with torch.no_grad():
+            with self.autocast:
+                logits = self.parts[0](*inputs)
+            with loss_context(self.loss_parallel):
+                loss = next_token_loss(logits, labels, summed=chat)
+        return full_value(loss)

@@ -1,0 +1,111 @@
+"""The model-family seam: a family outside the tree (``tests/toy_family.py``: renamed
+parts, an untied head, an extra tensor across pipeline stages) trains through
+``model.family=<import path>`` under FSDP2 x TP 2 and PP 2 with no change to
+``parallel/``, equal to one process (the parity suite's tolerances: 1e-5 relative on every
+step's loss and grad norm, 1e-5 absolute on every final weight). And the rules that keep
+the seam honest: ``parallel/`` names no model attribute, ``pretrain/`` imports no
+``torch.distributed.{tensor,fsdp,pipelining}``, no function runs over 80 lines."""
+import ast
+import re
+
+import pytest
+import torch
+
+from conftest import REPO, compose_job, run_job
+from test_parallel_parity import CKPT, assert_parity
+
+TOY = ["model.family=tests.toy_family:FAMILY", "model.tie_embeddings=false", *CKPT]
+
+
+@pytest.fixture(scope="module")
+def toy_reference(tmp_path_factory, tok_cache):
+    d = tmp_path_factory.mktemp("toy-single")
+    proc = run_job(d, [*TOY, "train.local_batch_size=4"], tok_cache=tok_cache)
+    return d, proc
+
+
+def toy_params() -> int:
+    from tests.toy_family import FAMILY
+
+    cfg = compose_job(*[o for o in TOY if not o.startswith(("checkpoint.", "logging."))],
+                      "model.dim=64", "model.n_layers=2", "model.ffn_hidden_dim=128", "model.vocab_size=512")
+    with torch.device("meta"):
+        return FAMILY.count_parameters(FAMILY.build(cfg.model, 32))
+
+
+@pytest.mark.parametrize("name,overrides,nproc", [
+    ("fsdp2xtp2+sp", ["parallel=fsdp_tp", "train.local_batch_size=2"], 4),
+    ("pp2-1f1b", ["parallel.pp=2", "train.local_batch_size=4"], 2),
+])
+def test_toy_family_trains_under_every_layout_like_one_process(name, overrides, nproc, toy_reference, tmp_path,
+                                                               tok_cache):
+    ref, ref_proc = toy_reference
+    n = toy_params()
+    # The toy, not the Llama of the same config, ran: 2 x (2 x 64 x 128 + 64) + 2 x 512 x 64 + 64.
+    assert n == 2 * (2 * 64 * 128 + 64) + 2 * 512 * 64 + 64 == 98_496
+    assert f"| {n:,} params |" in ref_proc.stderr + ref_proc.stdout
+    run = tmp_path / name
+    run_job(run, [*TOY, *overrides], tok_cache=tok_cache, nproc=nproc, launcher="torchrun")
+    assert_parity(run, ref)
+
+
+def test_overriding_model_family_alone_names_the_model_file(tmp_path):
+    from pretrain.validate import ConfigError, validate_job
+
+    cfg = compose_job("model.family=tests.toy_family:OTHER")
+    with pytest.raises(ConfigError) as e:
+        validate_job(cfg, 1)
+    assert e.value.key == "model.family"
+    assert "LlamaArgs" in str(e.value) and "pick a model file" in str(e.value) and "model=other_tiny" in str(e.value)
+    with pytest.raises(ConfigError, match="cannot import"):
+        validate_job(compose_job("model.family=tests.nowhere:FAMILY"), 1)
+    with pytest.raises(ConfigError, match="untied head"):  # the family's own checks run
+        validate_job(compose_job("model.family=tests.toy_family:FAMILY"), 1)
+
+
+def _code_names(path) -> set:
+    """Identifiers and string constants of a file's code, docstrings and comments left out."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            out.add(n.attr)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+            out.update(re.findall(r"[A-Za-z_]+", n.value))
+    return out
+
+
+def test_parallel_names_no_model_attribute():
+    llama = {"tok_embeddings", "layers", "attention", "feed_forward", "wq", "wk", "wv", "wo", "w1", "w2", "w3",
+             "attention_norm", "ffn_norm", "rope_cos", "rope_sin"}
+    for path in sorted((REPO / "parallel").glob("*.py")):
+        used = _code_names(path) & llama
+        assert not used, f"{path.name} names model attributes {sorted(used)}: read them from the family's layout"
+
+
+def test_pretrain_imports_no_distributed_tensor_fsdp_or_pipelining():
+    banned = re.compile(r"torch\.distributed\.(tensor|fsdp|pipelining)")
+    for folder in ("pretrain", "data_pipeline", "bench"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                for m in mods:
+                    assert not banned.match(m), f"{path.relative_to(REPO)}:{node.lineno} imports {m}"
+
+
+def test_no_function_over_80_lines():
+    long = []
+    for folder in ("pretrain", "parallel", "data_pipeline"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > 80:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
