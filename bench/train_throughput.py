@@ -18,7 +18,7 @@ running every variant for ``--steps`` timed steps, the order rotated per round, 
 Every variant clips at 1.0, reads the loss back each step and uses RoPE without Llama 3's
 frequency scaling (a precomputed table either way). MFU = FLOPs/token
 (``ModelFamily.flops_per_token``) x tokens/s / peak, where peak = threads x one core's
-fp32 matmul rate (``pretrain.flops.cpu_matmul_probe`` on 1024^2 matrices with one thread,
+fp32 matmul rate (``pretrain.observe.flops.cpu_matmul_probe`` on 1024^2 matrices with one thread,
 best of three 1 s probes, at the start). "cpu s/step" is the process's CPU time per step
 (all threads): on a machine shared with other jobs it moves less than the wall time.
 
@@ -31,7 +31,7 @@ the efficiency (2-process per-process rate / 1-process rate).
 fp32 masters as the trainer does, seq 4096, compile on/off x selective activation
 checkpointing on/off; each combination in a fresh process finds the largest micro-batch
 that fits (descending sizes, catching ``torch.cuda.OutOfMemoryError``) and reports
-tokens/s, MFU (``pretrain.flops.peak_flops``) and ``torch.cuda.max_memory_allocated``.
+tokens/s, MFU (``pretrain.observe.flops.peak_flops``) and ``torch.cuda.max_memory_allocated``.
 
 The last line is machine-readable key=value pairs."""
 from __future__ import annotations
@@ -54,7 +54,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pretrain.flops import cpu_matmul_probe  # noqa: E402
+from pretrain.observe.flops import cpu_matmul_probe  # noqa: E402
 from pretrain.model.llama import flops_per_token  # noqa: E402
 from pretrain.model.llama.args import LlamaArgs  # noqa: E402
 
@@ -301,7 +301,7 @@ GPU_MODELS = ("llama3_2_1b", "llama3_2_3b")
 
 def gpu_one(name: str, compile_: bool, ac: str, a) -> dict:
     from pretrain.config import load_model_file
-    from pretrain.flops import peak_flops
+    from pretrain.observe.flops import peak_flops
 
     args = load_model_file(REPO / "configs" / "model" / f"{name}.yaml")
     device = torch.device("cuda", 0)

@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallel.env import detect_launch_env
 
-from .ckpt_io import CheckpointError
+from .checkpoint.files import CheckpointError
 from .config import JobConfig, register_configs
-from .rundir import EXIT_RUN_DIR, RunDirError, RunDirLock, unwritable, write_hydra_files
-from .signals import EXIT_PREEMPTED, Interrupted, Preempted, SignalHandler, die_with_parent
-from .status import write_status
+from .runtime.rundir import EXIT_RUN_DIR, RunDirError, RunDirLock, unwritable, write_hydra_files
+from .runtime.signals import EXIT_PREEMPTED, Interrupted, Preempted, SignalHandler, die_with_parent
+from .runtime.status import write_status
 from .validate import ConfigError, validate_job
 
 log = logging.getLogger("pretrain")

@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from .checkpoint import CheckpointError, complete_checkpoints, read_meta
-from .ckpt_io import CrcWriter, file_crc, load_dcp, read_dcp_metadata, verify_files
+from .checkpoint.files import CrcWriter, file_crc, load_dcp, read_dcp_metadata, verify_files
 from .model import UnknownFamily, family_for_hf, family_of
 from .model.llama.args import LlamaArgs, RopeScaling
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import yaml
 from omegaconf import OmegaConf
 
-from .status import read_status
+from .runtime.status import read_status
 
 EXIT_ALL_COMPLETED, EXIT_NOT_ALL_COMPLETED, EXIT_BAD_DIR = 0, 1, 2
 EXPECTED = ("expected a Hydra multirun dir (e.g. multirun/<date>/<time>/) with multirun.yaml and one "

@@ -24,13 +24,13 @@ from .build import Job, build_job
 from .checkpoint import Checkpointer
 from .config import JobConfig
 from .evaluate import Evaluator
-from .flops import peak_flops
-from .metrics import DataCounts, LogWindow, MetricsSink
+from .observe.flops import peak_flops
+from .observe.metrics import DataCounts, LogWindow, MetricsSink
 from .optim import build_lr_fn
-from .profiling import StepProfiler
-from .rundir import RunDirError
-from .signals import EXIT_PREEMPTED, Preempted, SignalHandler
-from .status import write_status
+from .observe.profiling import StepProfiler
+from .runtime.rundir import RunDirError
+from .runtime.signals import EXIT_PREEMPTED, Preempted, SignalHandler
+from .runtime.status import write_status
 from .step import TrainStep
 
 log = logging.getLogger("pretrain")

@@ -6,7 +6,7 @@ from parallel.ac import AC_MODES
 from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
 
 from .config import JobConfig, eval_format
-from .metrics import WANDB_MODES
+from .observe.metrics import WANDB_MODES
 from .model import UnknownFamily, get_family
 from .optim import SCHEDULES
 

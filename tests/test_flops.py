@@ -2,7 +2,7 @@
 from its published shape, and the GPU peak table's lookup by device name."""
 from conftest import REPO
 from pretrain.config import load_model_file
-from pretrain.flops import gpu_peak_tflops, peak_flops
+from pretrain.observe.flops import gpu_peak_tflops, peak_flops
 from pretrain.model.llama import flops_per_token
 from pretrain.model.llama.args import LlamaArgs
 

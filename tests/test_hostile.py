@@ -316,7 +316,7 @@ def test_second_sigint_after_a_pause_aborts(monkeypatch):
     """In the step loop a second SIGINT more than ABORT_AFTER_S after the first raises
     KeyboardInterrupt (a save that takes too long can be abandoned); in start-up any
     signal raises Interrupted at once."""
-    from pretrain import signals as sg
+    from pretrain.runtime import signals as sg
 
     h = sg.SignalHandler()
     try:
@@ -399,7 +399,7 @@ def test_metadata_that_would_mislead_the_loader_is_refused(ckpt_run, tmp_path):
     of their file, storage that is not a map, data files that are FIFOs or links outside
     the folder: each refused naming the file and what is wrong."""
     from pretrain.checkpoint import CheckpointError
-    from pretrain.ckpt_io import read_dcp_metadata
+    from pretrain.checkpoint.files import read_dcp_metadata
 
     src = ckpt_run / "checkpoints" / "step-4"
     first = lambda md: next(k for k in md.storage_data if k.offset is not None)  # noqa: E731
@@ -454,7 +454,7 @@ def test_metadata_that_would_mislead_the_loader_is_refused(ckpt_run, tmp_path):
 
 def test_manifest_and_meta_values_are_checked(ckpt_run, tmp_path):
     from pretrain.checkpoint import CheckpointError, read_meta
-    from pretrain.ckpt_io import verify_files
+    from pretrain.checkpoint.files import verify_files
 
     ck = tmp_path / "ck"
     shutil.copytree(ckpt_run / "checkpoints" / "step-4", ck)
@@ -543,7 +543,7 @@ def test_signal_exceptions_survive_dcp_and_the_zip_writer():
     not as a failed save (exit 4)."""
     from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
-    from pretrain.ckpt_io import reraise_interrupt
+    from pretrain.checkpoint.files import reraise_interrupt
 
     try:
         try:
@@ -571,7 +571,7 @@ def test_hf_export_never_replaces_its_own_input(ckpt_run, tmp_path):
 def test_the_watchdog_acts_only_on_stop_signals():
     """The wakeup fd also hears signals other code handles in Python (the DataLoader's
     SIGCHLD handler): one of those during start-up must not end the job."""
-    code = ("import os, signal, sys, time; from pretrain.signals import SignalHandler\n"
+    code = ("import os, signal, sys, time; from pretrain.runtime.signals import SignalHandler\n"
             "h = SignalHandler(); signal.signal(signal.SIGCHLD, lambda *a: None)\n"
             "os.kill(os.getpid(), signal.SIGCHLD); time.sleep(SignalHandler.GRACE_S + 1.5)\n"
             "print('alive'); h.restore()\n")

@@ -6,7 +6,7 @@ import re
 import torch
 
 from pretrain.config import ProfilingConfig
-from pretrain.profiling import StepProfiler
+from pretrain.observe.profiling import StepProfiler
 from tests.conftest import run_job
 
 

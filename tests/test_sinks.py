@@ -171,7 +171,7 @@ def test_wandb_init_failure_names_the_knob(tmp_path, monkeypatch):
     import wandb
 
     from pretrain.config import LoggingConfig
-    from pretrain.metrics import MetricsSink
+    from pretrain.observe.metrics import MetricsSink
 
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)

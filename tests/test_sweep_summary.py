@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO, run_job
-from pretrain.status import read_status, write_status
+from pretrain.runtime.status import read_status, write_status
 from pretrain.sweep_summary import format_table, main, read_metrics, summarize
 
 

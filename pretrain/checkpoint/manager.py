@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from parallel import distributed as pdist
 
-from .ckpt_io import (CheckpointError, CheckpointMismatch, CrcWriter, describe_error, file_crc, load_dcp, load_rng,
+from .files import (CheckpointError, CheckpointMismatch, CrcWriter, describe_error, file_crc, load_dcp, load_rng,
                       read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files, write_file)
 
 log = logging.getLogger("pretrain")

@@ -1,0 +1,2 @@
+"""What a run shows: metrics sinks and the logging window (``metrics``), the profiler
+window (``profiling``), the peak FLOP/s that MFU divides by (``flops``)."""
