@@ -3,7 +3,6 @@ the ``TrainStep`` (``step.py``), evaluation, a logged row (``metrics.py``), chec
 and the stop signal."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,10 +23,11 @@ from .build import Job, build_job
 from .checkpoint import Checkpointer
 from .config import JobConfig
 from .evaluate import Evaluator
+from .observe.audit import DataAudit
 from .observe.flops import peak_flops
-from .observe.metrics import DataCounts, LogWindow, MetricsSink
-from .optim import build_lr_fn
+from .observe.metrics import DataCounts, LogWindow, MetricsSink, training_row
 from .observe.profiling import StepProfiler
+from .optim import build_lr_fn
 from .runtime.rundir import RunDirError
 from .runtime.signals import EXIT_PREEMPTED, Preempted, SignalHandler
 from .runtime.status import write_status
@@ -64,37 +64,6 @@ def default_threads(local_world_size: int) -> int:
     if mine < total:
         return mine
     return max(1, total // local_world_size)
-
-
-class DataAudit:
-    """data.audit: per step, how many tokens this DP rank took from each document."""
-
-    def __init__(self, run_dir: Path, dp_rank: int):
-        self._f = open(run_dir / "data_audit" / f"rank-{dp_rank}.jsonl", "a")
-        self._counts: Dict[int, int] = {}
-
-    def add(self, window_doc_ids: torch.Tensor) -> None:
-        keys, counts = torch.unique(window_doc_ids, return_counts=True)
-        for k, c in zip(keys.tolist(), counts.tolist()):
-            self._counts[k] = self._counts.get(k, 0) + c
-
-    def end_step(self, step: int) -> None:
-        self._f.write(json.dumps({"step": step, "docs": {str(k): c for k, c in sorted(self._counts.items())}}) + "\n")
-        self._f.flush()
-        self._counts = {}
-
-    def close(self) -> None:
-        self._f.close()
-
-    @staticmethod
-    def truncate(run_dir: Path, last_step: int) -> None:
-        """Before a run (or a resumed one) writes: drop steps after the checkpoint it
-        starts from, in every rank's file (a resumed job may have fewer ranks)."""
-        out = run_dir / "data_audit"
-        out.mkdir(parents=True, exist_ok=True)
-        for f in out.glob("rank-*.jsonl"):
-            keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
-            f.write_text("".join(ln + "\n" for ln in keep))
 
 
 def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, *,
@@ -242,17 +211,11 @@ def _log_row(cfg: JobConfig, env: LaunchEnv, job: Job, window: LogWindow, counts
              out, tokens_seen: int, val_loss: Optional[float], fpt: float, peak: float) -> Dict[str, float]:
     """One logged row; every rank takes part (the values are reduced over ranks)."""
     loss = job.step.mean_over_loss_ranks(window.loss / window.steps)
-    w = window.metrics(step, loss, world_size=env.world_size, flops_per_token=fpt, peak=peak)
+    timing = window.metrics(step, loss, world_size=env.world_size, flops_per_token=fpt, peak=peak)
     data = counts.global_metrics(loss.device, job.step.dims.replicas_per_dp_rank, job.source_names,
                                  job.listing_skipped, chat=cfg.data.format == "chat")
-    metrics = {"loss": w.pop("loss"), "lr": lr, "grad_norm": out.grad_norm.item(),
-               "tokens_per_s": w.pop("tokens_per_s"), "tokens_per_s_per_device": w.pop("tokens_per_s_per_device"),
-               "tokens_seen": float(tokens_seen), **w,
-               **{k: data.pop(k) for k in ("data/skipped", "data/truncated_docs", "data/truncated") if k in data}}
-    if val_loss is not None:
-        metrics["val/loss"], metrics["val/ppl"] = val_loss, math.exp(val_loss)
-    metrics.update(data)
-    return metrics
+    return training_row(timing, data, lr=lr, grad_norm=out.grad_norm.item(), tokens_seen=tokens_seen,
+                        val_loss=val_loss)
 
 
 def _stop(ckpt: Checkpointer, preempt: SignalHandler, step: int, is_rank0: bool, report: Callable) -> None:

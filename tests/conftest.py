@@ -35,6 +35,30 @@ def tok_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tokenizers"))
 
 
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, tok_cache):
+    """``shared_run(overrides, nproc=1, launcher="single")``: (run dir, process) of a job
+    run once per session, for the tests that read the same reference run (its losses,
+    checkpoints). Read-only: a test that resumes or damages a run makes its own."""
+    cache: Dict[tuple, tuple] = {}
+
+    def get(overrides: Sequence[str], nproc: int = 1, launcher: str = "single"):
+        key = (tuple(overrides), nproc, launcher)
+        if key not in cache:
+            d = tmp_path_factory.mktemp("shared")
+            cache[key] = (d, run_job(d, list(overrides), tok_cache=tok_cache, nproc=nproc, launcher=launcher))
+        return cache[key]
+
+    return get
+
+
+# The single-process reference of the tiny model, global batch 4, a checkpoint at step 5
+# (its final weights): test_distributed, test_parallel_parity.
+SINGLE4 = ["train.local_batch_size=4", "checkpoint.interval=5", "logging.every=1"]
+# FSDP2 over two torchrun processes, the same global batch: test_distributed, test_precision.
+FSDP2 = (["train.local_batch_size=2"], 2, "torchrun")
+
+
 def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from conftest import losses, read_metrics, run_job
+from conftest import FSDP2, SINGLE4, losses, read_metrics, run_job
 
 RTOL = 1e-5
 
@@ -21,15 +21,13 @@ def _close(a, b, rtol=RTOL):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, tok_cache):
-    d = tmp_path_factory.mktemp("single")
-    run_job(d, ["train.local_batch_size=4"], tok_cache=tok_cache)
-    return d
+def single_run(shared_run):
+    return shared_run(SINGLE4)[0]
 
 
-def test_fsdp2_two_processes_match_single(single_run, tmp_path, tok_cache):
-    run_job(tmp_path, ["train.local_batch_size=2"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
-    ref, got = read_metrics(single_run), read_metrics(tmp_path)
+def test_fsdp2_two_processes_match_single(single_run, shared_run):
+    run = shared_run(*FSDP2)[0]
+    ref, got = read_metrics(single_run), read_metrics(run)
     assert [m["step"] for m in got] == [1, 2, 3, 4, 5]
     _close([m["loss"] for m in got], [m["loss"] for m in ref])
     # Clipping uses the global gradient norm across shards: same value as one process.
@@ -62,9 +60,8 @@ def test_deterministic_mode_is_bitwise_reproducible(tmp_path, tok_cache):
     assert [m["grad_norm"] for m in ma] == [m["grad_norm"] for m in mb]
 
 
-def test_torchrun_and_srun_tasks_agree(tmp_path, tok_cache):
-    t, s = tmp_path / "torchrun", tmp_path / "srun"
-    run_job(t, ["train.local_batch_size=2"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
+def test_torchrun_and_srun_tasks_agree(tmp_path, tok_cache, shared_run):
+    t, s = shared_run(*FSDP2)[0], tmp_path / "srun"
     proc = run_job(s, ["train.local_batch_size=2"], tok_cache=tok_cache, nproc=2, launcher="srun")
     assert "world 2 (slurm)" in proc.stderr + proc.stdout
     assert losses(s) == losses(t)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import losses, read_metrics, run_job
+from conftest import SINGLE4, losses, read_metrics, run_job
 
 RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 CKPT = ["checkpoint.interval=5", "logging.every=1"]
@@ -36,10 +36,8 @@ def final_weights(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tok_cache):
-    d = tmp_path_factory.mktemp("single")
-    run_job(d, ["train.local_batch_size=4", *CKPT], tok_cache=tok_cache)
-    return d
+def reference(shared_run):
+    return shared_run(SINGLE4)[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -265,3 +266,20 @@ class LogWindow:
         self.start, self.tokens, self.steps, self.data_wait = time.perf_counter(), 0, 0, 0.0
         self.loss.zero_()
         return out
+
+
+def training_row(timing: Dict[str, float], data: Dict[str, float], *, lr: float, grad_norm: float,
+                 tokens_seen: int, val_loss: Optional[float]) -> Dict[str, float]:
+    """One logged row, keys in the order the sinks show them: loss, lr, grad_norm,
+    throughput, tokens seen, mfu, memory, step time, data wait, data counts, validation,
+    tokens (and shares) per source. ``timing``: ``LogWindow.metrics``; ``data``:
+    ``DataCounts.global_metrics``."""
+    timing, data = dict(timing), dict(data)
+    row = {"loss": timing.pop("loss"), "lr": lr, "grad_norm": grad_norm,
+           "tokens_per_s": timing.pop("tokens_per_s"), "tokens_per_s_per_device": timing.pop("tokens_per_s_per_device"),
+           "tokens_seen": float(tokens_seen), **timing,
+           **{k: data.pop(k) for k in ("data/skipped", "data/truncated_docs", "data/truncated") if k in data}}
+    if val_loss is not None:
+        row["val/loss"], row["val/ppl"] = val_loss, math.exp(val_loss)
+    row.update(data)
+    return row
