@@ -105,6 +105,9 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+# The scheduling loop every second (default 60): a requeued job starts as soon as its
+# credential has expired instead of at the next minute's pass.
+SchedulerParameters=sched_interval=1
 SlurmdParameters=config_overrides
 ReturnToService=2
 MpiDefault=none
