@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 from parallel.config import ParallelConfig
 
-from .model.llama.args import LlamaArgs
 
 
 @dataclass
@@ -249,7 +248,10 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     # One schema per model family, named <family>_schema in the model group.
-    cs.store(group="model", name="llama_schema", node=LlamaArgs)
+    from .model import family_names, get_family
+
+    for name in family_names():
+        cs.store(group="model", name=f"{name}_schema", node=get_family(name).args)
     if not OmegaConf.has_resolver("stdlib_dir"):
         # The Python standard library's own sources: text every interpreter ships.
         OmegaConf.register_new_resolver("stdlib_dir", _stdlib_dir)

@@ -1,18 +1,20 @@
-"""Model families: each a folder (``llama/``) whose ``FAMILY`` (``family.ModelFamily``)
+"""Model families: each a sub-package (``llama/``) whose ``FAMILY`` (``family.ModelFamily``)
 gives the trainer its config schema, builder, layout, LoRA targets, FLOPs and Hugging
-Face converter. ``get_family`` resolves ``model.family``: a registered name or a dotted
-import path ``package.module:NAME``."""
+Face converter. The folder is the registration: ``family_names`` lists them.
+``get_family`` resolves ``model.family``: a family's folder name or a dotted import path
+``package.module:NAME``."""
 from __future__ import annotations
 
 import importlib
-from typing import Dict
+import pkgutil
+from typing import List
 
 from .family import LoRASpec, ModelFamily
 
-# name -> "module:attribute", imported on first use.
-REGISTRY: Dict[str, str] = {
-    "llama": "pretrain.model.llama:FAMILY",
-}
+
+def family_names() -> List[str]:
+    """The families in the tree: every sub-package of ``pretrain/model/``."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
 
 
 class UnknownFamily(ValueError):
@@ -20,10 +22,10 @@ class UnknownFamily(ValueError):
 
 
 def get_family(name: str) -> ModelFamily:
-    """The family ``model.family`` names: a key of ``REGISTRY`` or ``package.module:NAME``."""
-    target = REGISTRY.get(name, name)
+    """The family ``model.family`` names: a folder under ``pretrain/model/`` or ``package.module:NAME``."""
+    target = f"{__name__}.{name}:FAMILY" if name in family_names() else name
     if ":" not in target:
-        raise UnknownFamily(f"model.family={name!r}: expected one of {', '.join(sorted(REGISTRY))} or an import "
+        raise UnknownFamily(f"model.family={name!r}: expected one of {', '.join(family_names())} or an import "
                             "path package.module:NAME")
     module, _, attr = target.partition(":")
     try:
@@ -42,12 +44,13 @@ def family_of(args) -> ModelFamily:
 
 def family_for_hf(model_type: str) -> ModelFamily:
     """The registered family whose converter reads Hugging Face ``model_type``."""
-    for name in REGISTRY:
-        fam = get_family(name)
+    families = [get_family(name) for name in family_names()]
+    for fam in families:
         if fam.hf is not None and model_type in fam.hf.model_types:
             return fam
-    known = [t for n in REGISTRY for t in (get_family(n).hf.model_types if get_family(n).hf else ())]
+    known = [t for fam in families if fam.hf is not None for t in fam.hf.model_types]
     raise UnknownFamily(f"model_type={model_type!r}: expected one of {', '.join(known)}")
 
 
-__all__ = ["REGISTRY", "LoRASpec", "ModelFamily", "UnknownFamily", "family_for_hf", "family_of", "get_family"]
+__all__ = ["LoRASpec", "ModelFamily", "UnknownFamily", "family_for_hf", "family_names", "family_of",
+           "get_family"]

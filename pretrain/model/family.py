@@ -2,9 +2,9 @@
 torch.distributed): adding a family is one folder under ``pretrain/model/`` that defines
 a ``FAMILY`` plus its ``configs/model/*.yaml`` files.
 
-``model.family`` names a family of the registry (``pretrain/model/__init__.py``) or a
-dotted import path ``package.module:NAME`` (a family outside the tree, such as a test's,
-reaches torchrun workers by its name alone)."""
+``model.family`` names a family folder (``pretrain/model/<name>/``, listed by
+``pretrain.model.family_names``) or a dotted import path ``package.module:NAME`` (a
+family outside the tree, such as a test's, reaches torchrun workers by its name alone)."""
 from __future__ import annotations
 
 import zlib
