@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?= --durations=25
+# Two test workers (pytest-xdist), whole files per worker (their module fixtures stay
+# shared): most tests wait on one subprocess at a time, so one worker leaves a core idle.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= --durations=25 -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: demo test install clean
 

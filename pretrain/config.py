@@ -9,7 +9,7 @@ import sysconfig
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from parallel.config import ParallelConfig
 
@@ -263,9 +263,12 @@ def load_model_file(path) -> object:
     from .model import get_family
 
     raw = OmegaConf.load(path)
-    schemas = [d for d in raw.pop("defaults", []) if isinstance(d, str) and d.endswith("_schema")]
+    if not isinstance(raw, DictConfig):
+        raise ValueError(f"{path}: a model file is a mapping of model fields, not a {type(raw).__name__}")
+    defaults = raw.pop("defaults", [])
+    schemas = [d for d in defaults if isinstance(d, str) and d.endswith("_schema")]
     family = schemas[0][: -len("_schema")] if schemas else raw.get("family", "llama")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(get_family(family).args), raw))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(_family_args(get_family, family, path)), raw))
 
 
 def load_job_config(path) -> JobConfig:
@@ -275,6 +278,17 @@ def load_job_config(path) -> JobConfig:
 
     register_configs()  # its resolvers (stdlib_dir)
     raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig) or not isinstance(raw.get("model"), DictConfig):
+        raise ValueError(f"{path}: not a job config (no model mapping)")
     base = OmegaConf.structured(JobConfig)
-    base.model = OmegaConf.structured(get_family(raw.model.get("family", "llama")).args)
+    base.model = OmegaConf.structured(_family_args(get_family, raw.model.get("family", "llama"), path))
     return OmegaConf.to_object(OmegaConf.merge(base, raw))
+
+
+def _family_args(get_family, family, path) -> type:
+    from .model import UnknownFamily
+
+    try:
+        return get_family(family).args
+    except UnknownFamily as e:
+        raise ValueError(f"{path}: {e}") from None

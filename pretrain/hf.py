@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, complete_checkpoints, read_meta
 from .checkpoint.files import CrcWriter, file_crc, load_dcp, read_dcp_metadata, verify_files
-from .model import UnknownFamily, family_for_hf, family_of
-from .model.llama.args import LlamaArgs, RopeScaling
+from .model import family_for_hf, family_names, family_of, get_family
+from .model.llama.args import LlamaArgs
 
 log = logging.getLogger("pretrain")
 EXIT_CHECKPOINT_ERROR = 4
@@ -79,7 +80,7 @@ class HFWeights:
         kind = self.config.get("model_type", "llama")
         try:
             self.family = family_for_hf(kind)
-        except UnknownFamily as e:
+        except ValueError as e:
             raise CheckpointError(f"{cfg_file}: {e}") from None
         self.files: Dict[str, Path] = {}  # weight name -> file
         index = self.path / INDEX
@@ -200,6 +201,9 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_by
                                                          set_model_state_dict)
 
     hf = HFWeights(hf_dir)
+    if hf.family is not family_of(args):
+        raise CheckpointError(f"{hf.path / 'config.json'}: model_type={hf.config.get('model_type', 'llama')!r} is "
+                              f"family {hf.family.name!r}; the configured model is family {args.family!r}")
     check_args_match(args, hf.args(), hf.path)
     from .lora import is_lora_param
 
@@ -349,18 +353,28 @@ def check_model_args(args: LlamaArgs, where) -> LlamaArgs:
     return args
 
 
-def _checkpoint_args(ckpt: Path, meta: dict) -> LlamaArgs:
-    """The model config a checkpoint's meta.json records."""
-    if not meta.get("model"):
-        raise CheckpointError(f"{ckpt / 'meta.json'} has no model config: written by an older version")
+def _checkpoint_args(ckpt: Path, meta: dict):
+    """The model config a checkpoint's meta.json records, as its family's args. The family
+    must be a folder of this tree with a Hugging Face converter: meta.json is data, never
+    a reason to import code."""
+    where = ckpt / "meta.json"
+    if not meta.get("model") or not isinstance(meta["model"], dict):
+        raise CheckpointError(f"{where} has no model config: written by an older version")
+    margs = dict(meta["model"])
+    name = margs.get("family", "llama")
+    if not isinstance(name, str) or name not in family_names():
+        raise CheckpointError(f"{where}: model.family={name!r} is not a model family of this tree (expected one of "
+                              f"{', '.join(family_names())}); a family outside it cannot be exported")
+    family = get_family(name)
+    if family.hf is None:
+        raise CheckpointError(f"{where}: model family {name!r} has no Hugging Face converter")
+    fields = {f.name for f in dataclasses.fields(family.args)}
     try:
-        margs = dict(meta["model"])
-        rs = margs.pop("rope_scaling", None)
-        args = LlamaArgs(**{k: v for k, v in margs.items() if k in LlamaArgs.__dataclass_fields__},
-                         rope_scaling=RopeScaling(**rs) if rs else None)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / 'meta.json'}: 'model' is not a model config ({e})") from None
-    return check_model_args(args, ckpt / "meta.json")
+        args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(family.args),
+                                                   {k: v for k, v in margs.items() if k in fields}))
+    except Exception as e:  # a wrong type or value: OmegaConf's validation errors
+        raise CheckpointError(f"{where}: 'model' is not a {family.args.__name__} config ({e})") from None
+    return check_model_args(args, where)
 
 
 def _load_model_tensors(ckpt: Path, saved: dict) -> Dict[str, torch.Tensor]:

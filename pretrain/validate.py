@@ -2,6 +2,8 @@
 Each failure names the key, the value and what would be valid."""
 from __future__ import annotations
 
+import dataclasses
+
 from parallel.ac import AC_MODES
 from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
 
@@ -27,13 +29,16 @@ def _one_of(key: str, value, choices) -> None:
 
 
 def _check_model(cfg: JobConfig) -> None:
-    """The family ``model.family`` names takes the model file's schema, and the family's
-    own checks pass."""
+    """The model file gave a schema, the family ``model.family`` names takes it, and the
+    family's own checks pass."""
     m = cfg.model
+    if not dataclasses.is_dataclass(m):
+        raise ConfigError("model", "(no schema)", "the model file must pick its family's schema first in its "
+                          "defaults list, e.g. defaults: [llama_schema, _self_]")
     try:
         family = get_family(m.family)
     except UnknownFamily as e:
-        raise ConfigError("model.family", m.family, str(e).split(": ", 1)[1]) from None
+        raise ConfigError("model.family", m.family, e.expected) from None
     if not isinstance(m, family.args):
         files = f" (model={' | model='.join(family.model_files)})" if family.model_files else ""
         raise ConfigError("model.family", m.family,
@@ -42,6 +47,11 @@ def _check_model(cfg: JobConfig) -> None:
                           "model.family alone")
     for key, value, expected in family.check(m):
         raise ConfigError(key, value, expected)
+    if getattr(m, "init_from", None) and family.hf is None:
+        raise ConfigError("model.init_from", m.init_from, f"model family {m.family!r} has no Hugging Face converter")
+    if cfg.data.document_masking and not family.document_masking:
+        raise ConfigError("data.document_masking", True, f"model family {m.family!r} does not support it (its "
+                          "inputs take no document ids)")
 
 
 def _check_train(cfg: JobConfig) -> None:

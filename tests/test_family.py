@@ -63,6 +63,59 @@ def test_overriding_model_family_alone_names_the_model_file(tmp_path):
         validate_job(compose_job("model.family=tests.toy_family:FAMILY"), 1)
 
 
+@pytest.mark.parametrize("value,expected", [
+    (":", "expected one of llama"), (".:x", "expected one of llama"), ("..llama:FAMILY", "expected one of llama"),
+    ("llama ", "expected one of llama"), ("tests.toy_family:Block", "is a type, not a ModelFamily"),
+    ("tests.toy_family_raises:FAMILY", "cannot import"), ("tests.toy_family_exits:FAMILY", "cannot import"),
+])
+def test_a_bad_model_family_is_a_config_error(value, expected, tmp_path, monkeypatch):
+    """Whatever the value, and whatever its module does on import (raise, sys.exit), the
+    answer is a ConfigError on model.family (exit 2), never a traceback or a quiet exit."""
+    from pretrain.validate import ConfigError, validate_job
+
+    pkg = tmp_path / "tests"
+    pkg.mkdir()
+    (pkg / "toy_family_raises.py").write_text("raise RuntimeError('broken family module')\n")
+    (pkg / "toy_family_exits.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # tests.<module> found in either folder (namespace package)
+    import tests
+
+    monkeypatch.setattr(tests, "__path__", [*tests.__path__, str(pkg)])
+    cfg = compose_job()
+    cfg.model.family = value
+    with pytest.raises(ConfigError) as e:
+        validate_job(cfg, 1)
+    assert e.value.key == "model.family" and expected in str(e.value), str(e.value)
+    assert str(e.value).startswith(f"model.family={value!r}: ")
+
+
+def test_family_settings_it_cannot_take_are_config_errors():
+    from pretrain.validate import ConfigError, validate_job
+
+    cfg = compose_job("model.family=tests.toy_family:FAMILY", "model.tie_embeddings=false", "model.init_from=/hf")
+    with pytest.raises(ConfigError, match="no Hugging Face converter"):
+        validate_job(cfg, 1)
+    cfg = compose_job("model.family=tests.toy_family:FAMILY", "model.tie_embeddings=false",
+                      "data.document_masking=true")
+    with pytest.raises(ConfigError, match="does not support it"):
+        validate_job(cfg, 1)
+    cfg = compose_job()
+    cfg.model = {"dim": 64}  # a model file without its schema in the defaults list
+    with pytest.raises(ConfigError) as e:
+        validate_job(cfg, 1)
+    assert e.value.key == "model" and "defaults: [llama_schema, _self_]" in str(e.value)
+
+
+def test_a_helper_package_among_the_families_is_not_one(tmp_path, monkeypatch):
+    import pretrain.model as families
+
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "__init__.py").write_text("SHARED = 1\n")
+    monkeypatch.setattr(families, "__path__", [*families.__path__, str(tmp_path)])
+    monkeypatch.setattr(families, "family_names", families.family_names.__wrapped__)
+    assert families.family_names() == ("llama",)
+
+
 def _code_names(path) -> set:
     """Identifiers and string constants of a file's code, docstrings and comments left out."""
     tree = ast.parse(path.read_text())

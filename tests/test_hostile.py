@@ -246,7 +246,7 @@ def test_unwritable_run_dir_or_checkpoints_dir_exits_2_at_start(tmp_path, tok_ca
 
 def test_second_job_on_a_busy_run_dir_exits_2_on_every_rank_and_writes_nothing(tmp_path, tok_cache):
     run = tmp_path / "run"
-    holder = start(run, [*DET, "train.steps=400"], tok_cache)
+    holder = start(run, [*DET, "train.steps=1000000"], tok_cache)  # runs until killed
     try:
         wait_steps(run, holder, 2)
         before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -595,3 +595,23 @@ def test_a_mismatch_on_one_pipeline_stage_moves_nothing_on_any_rank(tmp_path, to
     assert "is unusable" not in text
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert status(run)["exit_code"] == 4
+
+
+@pytest.mark.parametrize("family", ["evil_family:FAMILY", "tests.toy_family:FAMILY", 5])
+def test_a_checkpoints_model_family_is_data_never_an_import(family, ckpt_run, tmp_path):
+    """meta.json names the model family; export reads it as a name of this tree's families
+    and never imports what it names (a module beside the checkpoint, on the path of a
+    `python -m` run from there). Exit 4 naming meta.json; no output written."""
+    ckpt = tmp_path / "step-4"
+    shutil.copytree(ckpt_run / "checkpoints" / "step-4", ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["model"]["family"] = family
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "evil_family.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').close()\n")
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.hf", "export", str(ckpt), str(out)], cwd=tmp_path,
+                          env={**_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "meta.json" in proc.stderr and "is not a model family of this tree" in proc.stderr
+    assert not (tmp_path / "RAN").exists()
+    assert not out.exists() and not list(tmp_path.glob("hf*.partial"))

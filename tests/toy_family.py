@@ -102,7 +102,7 @@ FAMILY = ModelFamily(
     check=lambda a: [("model.tie_embeddings", True, "false: the toy family has an untied head")]
     if a.tie_embeddings else [],
     tp_divisible=lambda a: [("model.ffn_hidden_dim", a.ffn_hidden_dim), ("model.vocab_size", a.vocab_size)],
-    depth=lambda a: ("model.n_layers", a.n_layers),
+    depth=lambda a: ("model.n_layers", a.n_layers), document_masking=False,
 )
 
 

@@ -5,35 +5,56 @@ Face converter. The folder is the registration: ``family_names`` lists them.
 ``package.module:NAME``."""
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
-from typing import List
+import re
+from typing import Tuple
 
 from .family import LoRASpec, ModelFamily
 
 
-def family_names() -> List[str]:
-    """The families in the tree: every sub-package of ``pretrain/model/``."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
+_TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+@functools.lru_cache(maxsize=None)
+def family_names() -> Tuple[str, ...]:
+    """The families in the tree: the sub-packages of ``pretrain/model/`` that define a
+    ``FAMILY`` (a package of shared helpers there is not one). A family folder that fails
+    to import fails loudly, naming it."""
+    names = []
+    for m in pkgutil.iter_modules(__path__):
+        if m.ispkg and isinstance(getattr(importlib.import_module(f"{__name__}.{m.name}"), "FAMILY", None),
+                                  ModelFamily):
+            names.append(m.name)
+    return tuple(sorted(names))
 
 
 class UnknownFamily(ValueError):
-    pass
+    """``model.family`` names no family; ``expected`` says what would."""
+
+    def __init__(self, name, expected: str):
+        self.value, self.expected = name, expected
+        super().__init__(f"model.family={name!r}: {expected}")
 
 
 def get_family(name: str) -> ModelFamily:
-    """The family ``model.family`` names: a folder under ``pretrain/model/`` or ``package.module:NAME``."""
-    target = f"{__name__}.{name}:FAMILY" if name in family_names() else name
-    if ":" not in target:
-        raise UnknownFamily(f"model.family={name!r}: expected one of {', '.join(family_names())} or an import "
-                            "path package.module:NAME")
+    """The family ``model.family`` names: a folder under ``pretrain/model/`` or an import
+    path ``package.module:NAME`` (imported: the user's own code, never a checkpoint's)."""
+    if isinstance(name, str) and name in family_names():
+        target = f"{__name__}.{name}:FAMILY"
+    elif isinstance(name, str) and _TARGET.fullmatch(name):
+        target = name
+    else:
+        raise UnknownFamily(name, f"expected one of {', '.join(family_names())} or an import path "
+                                  "package.module:NAME")
     module, _, attr = target.partition(":")
     try:
         family = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UnknownFamily(f"model.family={name!r}: cannot import {target} ({e})") from None
+    except (Exception, SystemExit) as e:  # whatever the module does on import: it is not a family
+        raise UnknownFamily(name, f"cannot import {target} ({type(e).__name__}: {e})") from None
     if not isinstance(family, ModelFamily):
-        raise UnknownFamily(f"model.family={name!r}: {target} is a {type(family).__name__}, not a ModelFamily")
+        raise UnknownFamily(name, f"{target} is a {type(family).__name__}, not a ModelFamily")
     return family
 
 
@@ -49,7 +70,7 @@ def family_for_hf(model_type: str) -> ModelFamily:
         if fam.hf is not None and model_type in fam.hf.model_types:
             return fam
     known = [t for fam in families if fam.hf is not None for t in fam.hf.model_types]
-    raise UnknownFamily(f"model_type={model_type!r}: expected one of {', '.join(known)}")
+    raise ValueError(f"model_type={model_type!r}: expected one of {', '.join(known)}")
 
 
 __all__ = ["LoRASpec", "ModelFamily", "UnknownFamily", "family_for_hf", "family_names", "family_of",

@@ -52,7 +52,8 @@ class ModelFamily:
     ``depth(args)``: (key, blocks) the pipeline splits into equal stages. ``hf``: the
     Hugging Face converter (a module with ``model_types``, ``args_from_hf_config``,
     ``hf_config_from_args``, ``ours_name``, ``hf_name``, ``to_ours``, ``to_hf``,
-    ``hf_to_ours``, ``ours_to_hf``, ``lora_names``), or None."""
+    ``hf_to_ours``, ``ours_to_hf``, ``lora_names``), or None. ``document_masking``: whether
+    ``inputs`` honours positions and document ids (data.document_masking is refused if not)."""
 
     name: str
     args: type
@@ -65,6 +66,8 @@ class ModelFamily:
     tp_divisible: Callable[[Any], Iterable[Tuple[str, int]]]
     depth: Callable[[Any], Tuple[str, int]]
     hf: Optional[Any] = None
+    # Whether ``inputs`` honours data.document_masking (positions and document ids).
+    document_masking: bool = True
     # Extra documentation shown by errors: the model files of this family.
     model_files: Tuple[str, ...] = ()
 
