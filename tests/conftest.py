@@ -24,6 +24,17 @@ TINY = [
 ]
 
 
+# Under pytest-xdist (make test: --dist loadfile) whole files go to the workers in
+# collection order: the longest files first, so that no worker ends alone on one of them.
+LONGEST_FIRST = ("test_parallel_parity.py", "test_checkpoint.py", "test_lora.py", "test_hostile.py",
+                 "test_slurm.py", "test_distributed.py", "test_eval.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
