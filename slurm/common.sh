@@ -36,6 +36,9 @@ mkdir -p "$RUN_DIR"
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}  # below the ephemeral range
 export MASTER_PORT
+# shellcheck source=slurm/net.sh
+source "$PRETRAIN_HOME/slurm/net.sh"
+default_gloo_ifname
 
 echo "pretrain: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, run dir $RUN_DIR"
 

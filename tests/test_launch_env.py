@@ -1,6 +1,7 @@
 """Rank/world/master discovery from torchrun and SLURM variables."""
 import pytest
 
+from conftest import REPO
 from parallel.env import detect_launch_env, expand_hostlist
 
 
@@ -72,3 +73,22 @@ def test_submitit_local_tasks():
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.launcher) == (
         1, 2, 1, 2, "submitit_local")
     assert env.master_addr == "127.0.0.1" and env.master_port == 20000 + 31337 % 10000
+
+
+def test_batch_scripts_give_gloo_the_interfaces_of_nccl_socket_ifname(tmp_path):
+    """slurm/net.sh: NCCL_SOCKET_IFNAME's prefixes resolve to this host's interfaces (gloo
+    takes exact names), '=' names pass as they are, an exclusion list is not passed on,
+    and a GLOO_SOCKET_IFNAME the user set wins."""
+    import subprocess
+
+    for dev in ("ib0", "ib1", "eth0", "lo"):
+        (tmp_path / dev).mkdir()
+    cases = {"ib": "ib0", "eth0,ib": "eth0,ib0", "=ib7": "ib7", "^docker,lo": "", "nope": "", "": ""}
+    script = "source slurm/net.sh\n" + "".join(
+        f'echo "[$(gloo_ifname_from_nccl {spec!r})]"\n' for spec in cases)
+    script += ('unset GLOO_SOCKET_IFNAME; NCCL_SOCKET_IFNAME=ib default_gloo_ifname >/dev/null; '
+               'echo "[$GLOO_SOCKET_IFNAME]"\n'
+               'export GLOO_SOCKET_IFNAME=mine; NCCL_SOCKET_IFNAME=ib default_gloo_ifname; echo "[$GLOO_SOCKET_IFNAME]"\n')
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, env={"PATH": "/usr/bin:/bin", "NET_SYSFS": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [f"[{v}]" for v in cases.values()] + ["[ib0]", "[mine]"]

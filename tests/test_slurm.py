@@ -77,16 +77,18 @@ def job_output(runs: Path, job_id: int) -> str:
 
 def test_sbatch_torchrun_job_completes_with_every_step(cluster, reference, tmp_path, tok_cache):
     """Also: a hydra.run.dir among the overrides is the run dir (the script's default,
-    runs/<job name>-<id>, is not used)."""
+    runs/<job name>-<id>, is not used), and NCCL_SOCKET_IFNAME sets GLOO_SOCKET_IFNAME."""
     run = tmp_path / "my-run"
     job = sbatch(cluster, "train.sbatch", [*job_overrides(tok_cache), f"hydra.run.dir={run}"], tmp_path,
-                 env={"NPROC_PER_NODE": "2"}, sbatch_opts=["--job-name", "tiny"])
+                 env={"NPROC_PER_NODE": "2", "NCCL_SOCKET_IFNAME": "lo"}, sbatch_opts=["--job-name", "tiny"])
     info = wait_job(cluster, job)
     out = job_output(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
     assert f"run dir {run}" in out and not (tmp_path / f"tiny-{job}").exists()
     assert [m["step"] for m in read_metrics(run)] == list(range(1, STEPS + 1))
     assert "world 2 (torchrun)" in out
+    # The host-side gloo group gets NCCL's interface (here the only one both ranks share).
+    assert "GLOO_SOCKET_IFNAME=lo (from NCCL_SOCKET_IFNAME=lo)" in out
     assert losses(run) == reference
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
 
