@@ -4,7 +4,6 @@ initialized), the optimizer, the ``TrainStep``, the loader, the checkpointer, an
 state it resumes from (or the Hugging Face weights it starts from)."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -23,12 +22,10 @@ from parallel.tensors import seed_tensor_parallel_rng
 from .checkpoint import Checkpointer
 from .config import JobConfig
 from .model import family_of
-from .model.family import ModelFamily, seeded_trunc_normal_
+from .model.family import ModelFamily, count_parameters, seeded_trunc_normal_
 from .optim import OptimizerParts, build_optimizer
 from .step import TrainStep, resolve_dtypes
 from .tokenizers import build_sources, load_tokenizer
-
-log = logging.getLogger("pretrain")
 
 
 @dataclass
@@ -58,7 +55,7 @@ def build_model(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Bui
     family = family_of(cfg.model)
     with torch.device("meta"):
         whole = family.build(cfg.model, t.seq_len)
-    n_params = family.count_parameters(whole)
+    n_params = count_parameters(whole)
     tied = family.layout.is_tied(whole)
     param_dtype, reduce_dtype = resolve_dtypes(t.mixed_precision, device)
     mesh = pdist.build_device_mesh(dims, device)

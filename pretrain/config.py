@@ -260,33 +260,30 @@ def register_configs() -> None:
 def load_model_file(path) -> object:
     """A ``configs/model/*.yaml`` file (or an ``hf import``'s ``model.yaml``) as its family's
     args dataclass: the schema its defaults list names (``<family>_schema``)."""
-    from .model import get_family
-
     raw = OmegaConf.load(path)
     if not isinstance(raw, DictConfig):
         raise ValueError(f"{path}: a model file is a mapping of model fields, not a {type(raw).__name__}")
     defaults = raw.pop("defaults", [])
     schemas = [d for d in defaults if isinstance(d, str) and d.endswith("_schema")]
     family = schemas[0][: -len("_schema")] if schemas else raw.get("family", "llama")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(_family_args(get_family, family, path)), raw))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(_family_args(family, path)), raw))
 
 
 def load_job_config(path) -> JobConfig:
     """A composed job config saved by a run (``<run dir>/.hydra/config.yaml``) as the
     dataclasses, its ``model`` by the schema of its ``model.family``."""
-    from .model import get_family
-
     register_configs()  # its resolvers (stdlib_dir)
     raw = OmegaConf.load(path)
     if not isinstance(raw, DictConfig) or not isinstance(raw.get("model"), DictConfig):
         raise ValueError(f"{path}: not a job config (no model mapping)")
     base = OmegaConf.structured(JobConfig)
-    base.model = OmegaConf.structured(_family_args(get_family, raw.model.get("family", "llama"), path))
+    base.model = OmegaConf.structured(_family_args(raw.model.get("family", "llama"), path))
     return OmegaConf.to_object(OmegaConf.merge(base, raw))
 
 
-def _family_args(get_family, family, path) -> type:
-    from .model import UnknownFamily
+def _family_args(family, path) -> type:
+    """The args dataclass of ``family``; ValueError naming ``path`` when there is none."""
+    from .model import UnknownFamily, get_family
 
     try:
         return get_family(family).args

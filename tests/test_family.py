@@ -25,12 +25,13 @@ def toy_reference(tmp_path_factory, tok_cache):
 
 
 def toy_params() -> int:
+    from pretrain.model.family import count_parameters
     from tests.toy_family import FAMILY
 
     cfg = compose_job(*[o for o in TOY if not o.startswith(("checkpoint.", "logging."))],
                       "model.dim=64", "model.n_layers=2", "model.ffn_hidden_dim=128", "model.vocab_size=512")
     with torch.device("meta"):
-        return FAMILY.count_parameters(FAMILY.build(cfg.model, 32))
+        return count_parameters(FAMILY.build(cfg.model, 32))
 
 
 @pytest.mark.parametrize("name,overrides,nproc", [

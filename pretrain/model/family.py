@@ -71,9 +71,10 @@ class ModelFamily:
     # Extra documentation shown by errors: the model files of this family.
     model_files: Tuple[str, ...] = ()
 
-    def count_parameters(self, model: nn.Module) -> int:
-        """Unique parameters (a tied embedding counts once), works on meta-device models."""
-        return sum(p.numel() for p in model.parameters())
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied embedding counts once), works on meta-device models."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def param_seed(seed: int, fqn: str) -> int:

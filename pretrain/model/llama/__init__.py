@@ -9,11 +9,11 @@ import torch
 
 from parallel.layout import BlockPlan, ModelLayout
 
-from ..family import LoRASpec, ModelFamily, Problem, param_seed, seeded_trunc_normal_
+from ..family import LoRASpec, ModelFamily, Problem, count_parameters, param_seed, seeded_trunc_normal_
 from . import hf
 from .args import LlamaArgs, RopeScaling
 from .flops import flops_per_token, matmul_params
-from .model import Llama, build_llama, count_parameters, document_mask, llama3_inv_freq
+from .model import Llama, build_llama, document_mask, llama3_inv_freq
 
 # Every block is a TransformerBlock: attention(x, cos, sin, mask) and feed_forward(x) read
 # the residual stream; q/k/v and the SwiGLU gate/up split by output features (heads and

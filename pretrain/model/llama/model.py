@@ -214,11 +214,6 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (a tied embedding counts once), works on meta-device models."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def build_llama(args: LlamaArgs, rope_cache_len: Optional[int] = None, device="meta") -> Llama:
     with torch.device(device):
         return Llama(args, rope_cache_len)
