@@ -35,14 +35,14 @@ def measure(mode: str, a) -> dict:
 
     from parallel.ac import apply_activation_checkpointing
     from pretrain.model.llama.args import LlamaArgs
-    from pretrain.model.llama import build_llama
+    from pretrain.model.llama import LAYOUT, build_llama
 
     torch.manual_seed(0)
     device = torch.device(a.device)
     args = LlamaArgs(name="bench", dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.heads // 2,
                      ffn_hidden_dim=a.dim * 3, vocab_size=a.vocab, tie_embeddings=True)
     model = build_llama(args, rope_cache_len=a.seq, device="meta")
-    apply_activation_checkpointing(list(model.layers.values()), mode, every_n=2)
+    apply_activation_checkpointing(LAYOUT.block_list(model), mode, every_n=2)  # the trainer's blocks
     model.to_empty(device=device)
     model.init_weights()
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=device)

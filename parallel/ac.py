@@ -51,8 +51,14 @@ def apply_activation_checkpointing(blocks, mode: str, every_n: int = 2) -> int:
             continue
         random = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in block.modules())
         block.forward = _checkpointed(block.forward, selective=(mode == "selective_op"), preserve_rng=random)
+        block.forward.activation_checkpoint = mode  # what checkpointed_mode() reads back
         wrapped += 1
     return wrapped
 
 
-__all__ = ["AC_MODES", "apply_activation_checkpointing"]
+def checkpointed_mode(block) -> str:
+    """The activation-checkpointing mode this block's forward runs under ("none" if unwrapped)."""
+    return getattr(block.__dict__.get("forward"), "activation_checkpoint", "none")
+
+
+__all__ = ["AC_MODES", "apply_activation_checkpointing", "checkpointed_mode"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .ac import apply_activation_checkpointing
+from .ac import apply_activation_checkpointing, checkpointed_mode
 from .compile import apply_compile
 from .config import ParallelConfig
 from .dims import ParallelDims
@@ -50,3 +50,17 @@ def parallelize(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, dims: P
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=pc.reshard_after_forward, hsdp=dims.dp_replicate > 1, blocks=blocks)
     return model
+
+
+def describe_blocks(parts, layout: ModelLayout) -> str:
+    """What the blocks of this rank's ``parts`` run under, read back from the modules (not
+    from the config): how many are activation-checkpointed (by mode), compiled, FSDP2 units."""
+    from torch.distributed.fsdp import FSDPModule
+
+    blocks = [b for part in parts for b in layout.block_list(part)]
+    modes = [checkpointed_mode(b) for b in blocks]
+    ac = ", ".join(f"{m} {modes.count(m)}" for m in sorted(set(modes)) if m != "none") or "none"
+    compiled = sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    fsdp = sum(isinstance(b, FSDPModule) for b in blocks)
+    return (f"{len(blocks)} blocks here: activation checkpointing {ac} | compiled {compiled} | "
+            f"FSDP2 units {fsdp}")

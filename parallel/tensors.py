@@ -19,6 +19,16 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def describe_layout(t: torch.Tensor) -> str:
+    """How ``t`` is laid out: "full (shape)" for a plain tensor, or its placements over its
+    mesh and the local shard's shape ("Shard(dim=2) over tp=2, local (4, 32, 128)")."""
+    if not isinstance(t, DTensor):
+        return f"full {tuple(t.shape)}"
+    mesh = t.device_mesh
+    over = " x ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names or ("mesh",) * mesh.ndim, mesh.shape))
+    return f"{','.join(map(str, t.placements))} over {over}, local {tuple(t.to_local().shape)}"
+
+
 def loss_context(loss_parallel: bool):
     """A context for the loss's forward and backward: cross-entropy over vocabulary-sharded
     logits (``parallel.loss_parallel``), or nothing."""

@@ -20,7 +20,7 @@ from parallel import distributed as pdist
 from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims
 from parallel.init import clip_grad_norm_, settle_grads
-from parallel.tensors import full_value, loss_context
+from parallel.tensors import describe_layout, full_value, loss_context
 
 from .model.family import ModelFamily
 
@@ -66,6 +66,7 @@ class TrainStep:
         self.params = [p for part in parts for p in part.parameters() if p.requires_grad]
         self.runner, self.tied_sync, self.pp_group = None, None, None
         self._summed = chat  # what the pipeline's loss function returns: chat sums, text means
+        self.loss_input: Optional[str] = None  # the layout of the first logits the loss took
         if dims.pp > 1:
             from parallel import pp as ppar
 
@@ -86,7 +87,12 @@ class TrainStep:
         """This rank computes the loss (always, except on a pipeline's non-last stages)."""
         return self.runner is None or self.runner.has_last
 
+    def _note_loss_input(self, logits) -> None:
+        if self.loss_input is None:  # what the loss received on the first call (logged at the end)
+            self.loss_input = describe_layout(logits)
+
     def _pp_loss(self, logits, target):
+        self._note_loss_input(logits)
         if self._summed:  # chat: summed over trained tokens, divided by their global count later
             return next_token_loss(logits, target, summed=True)
         # text: a micro-batch's share of the step's mean loss
@@ -103,6 +109,7 @@ class TrainStep:
             return loss.detach() if self.chat else loss.detach() * self.accum  # text: mean / accum came back
         with self.autocast:
             logits = self.parts[0](*inputs)
+        self._note_loss_input(logits)
         with loss_context(self.loss_parallel):  # chat: summed here, divided by the global trained-token count
             loss = next_token_loss(logits, labels, summed=self.chat)
             (loss if self.chat else loss / self.accum).backward()

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 
 from parallel import distributed as pdist
+from parallel.compile import compiled_graphs
 from parallel.dims import ParallelDims
 from parallel.env import LaunchEnv
+from parallel.parallelize import describe_blocks
 
 from .build import Job, build_job
 from .checkpoint import Checkpointer
@@ -109,6 +111,8 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
         log.info("LoRA rank %d alpha %g on %s: %s trainable parameters (%.2f%% of %s), base frozen",
                  lora.rank, lora.alpha, ",".join(lora.target_modules), f"{m.n_trainable:,}",
                  100 * m.n_trainable / m.n_params, f"{m.n_params:,}")
+    log.info("%s | deterministic algorithms %s", describe_blocks(m.parts, m.family.layout),
+             "on" if torch.are_deterministic_algorithms_enabled() else "off")
     if job.start_step:
         log.info("resumed from step %d", job.start_step)
 
@@ -182,7 +186,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             profiler.step()
         preempt.phase = "done"
         ckpt.wait()
-        _report_tied_gap(step_fn, is_rank0)
+        _report_effects(step_fn, is_rank0)
     finally:
         # Each one runs even when another raises (a full disk fails the metrics sink's
         # close): loader workers left alive would keep the process from exiting.
@@ -231,8 +235,16 @@ def _stop(ckpt: Checkpointer, preempt: SignalHandler, step: int, is_rank0: bool,
     raise Preempted(step, preempt.name)
 
 
-def _report_tied_gap(step_fn: TrainStep, is_rank0: bool) -> None:
+def _report_effects(step_fn: TrainStep, is_rank0: bool) -> None:
+    """After the last step, what the run did, read back from it: the tied embedding's two
+    copies (pipelines), the layout of the logits the loss took (vocabulary-sharded under
+    loss parallel), the graphs torch.compile built."""
     if step_fn.tied_sync is not None:
         gap = step_fn.tied_sync.max_divergence()
         if gap > 0 or is_rank0:
-            log.info("tied embedding copies (first and last stage): max |difference| %.3g", gap)
+            log.info("tied embedding copies (first and last stage): max |difference| %r", float(gap))
+    # The loss sits on the last pipeline stage, which rank 0 may not hold.
+    seen = [s for s in pdist.all_gather_object(step_fn.loss_input) if s is not None]
+    if is_rank0:
+        log.info("the loss took logits %s | torch.compile graphs built: %d", seen[0] if seen else "(none: no step ran)",
+                 compiled_graphs())

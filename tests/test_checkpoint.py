@@ -17,6 +17,10 @@ from tests.conftest import BIN, REPO, TINY, _env, free_port, losses, read_metric
 DET = ["train.deterministic=true", "optim.schedule=constant", "optim.warmup_steps=0", "train.seq_len=64",
        "model.dim=128", "model.ffn_hidden_dim=256", "logging.every=1"]
 
+# A model whose checkpoint takes a while to write (~11M parameters, ~130 MB with AdamW).
+BIG = ["model.dim=512", "model.ffn_hidden_dim=2048", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4",
+       "train.local_batch_size=2", "train.seq_len=32"]
+
 
 def start_job(run_dir: Path, overrides, tok_cache: str, nproc: int = 2, max_restarts: int = 0) -> subprocess.Popen:
     args = [*TINY, f"data.tokenizer.cache_dir={tok_cache}", *overrides, f"hydra.run.dir={run_dir}"]
@@ -90,9 +94,7 @@ def test_sigkill_mid_interval_resumes_bit_identically(reference, tmp_path, tok_c
 def test_kill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, tok_cache):
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    big = ["model.dim=512", "model.ffn_hidden_dim=2048", "model.n_layers=4", "model.n_heads=8",
-           "model.n_kv_heads=4", "train.local_batch_size=2", "train.seq_len=32", "checkpoint.interval=3",
-           "checkpoint.keep_last=0", "train.steps=12"]
+    big = [*BIG, "checkpoint.interval=3", "checkpoint.keep_last=0", "train.steps=12"]
     proc = start_job(run, big, tok_cache)
     wait_for(lambda: (ckpts / "step-3").is_dir() and any(ckpts.glob("step-6.partial")), proc)
     kill_all(proc)
@@ -109,11 +111,15 @@ def test_sigusr1_checkpoints_exits_3_and_the_rerun_continues(reference, tmp_path
     wait_for(lambda: max(logged_steps(run), default=0) >= 5, proc)
     for pid in worker_pids(proc.pid):
         os.kill(pid, signal.SIGUSR1)
-        os.kill(pid, signal.SIGUSR1)  # a second signal during the save changes nothing
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "stopping at step" in out and "SIGUSR1" in out
+    # Both workers exited 3; torchrun itself reports a worker failure with 1.
+    assert proc.returncode == 1 and out.count("exitcode: 3") >= 1, out[-3000:]
+    assert "stopping at step" in out and "SIGUSR1" in out
     saved = sorted((run / "checkpoints").iterdir())
     assert len(saved) == 1 and saved[0].name.startswith("step-")
+    st = json.loads((run / "status.json").read_text())
+    assert (st["status"], st["exit_code"], st["signal"], st["step"]) == ("preempted", 3, "SIGUSR1",
+                                                                         int(saved[0].name[5:]))
     run_job(run, [*DET, "train.steps=30"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
     assert last_per_step(run) == reference
 
@@ -130,6 +136,29 @@ def test_sigusr1_under_torchrun_max_restarts_resumes_by_itself(reference, tmp_pa
     assert proc.returncode == 0, out[-3000:]
     assert "exitcode: 3" in out and "stopping at step" in out and "resumed from step" in out
     assert last_per_step(run) == reference
+
+
+def test_signals_during_the_save_change_nothing(tmp_path, tok_cache):
+    """SIGUSR1 asks for a checkpoint; SIGUSR1 and SIGTERM again while that save is being
+    written (its .partial dir exists, a ~130 MB save) neither abort it nor change the exit."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    cmd = [sys.executable, "-m", "pretrain", *TINY, f"data.tokenizer.cache_dir={tok_cache}", *BIG,
+           "train.steps=400", f"hydra.run.dir={run}"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: max(logged_steps(run), default=0) >= 2, p)
+    p.send_signal(signal.SIGUSR1)
+    wait_for(lambda: any(ckpts.glob("*.partial")), p, timeout=60)
+    p.send_signal(signal.SIGUSR1)
+    p.send_signal(signal.SIGTERM)
+    during = any(ckpts.glob("*.partial"))  # the signals went in while the save was still being written
+    out, _ = p.communicate(timeout=120)
+    assert during, "the save finished before the second signals were sent"
+    assert p.returncode == 3, out[-3000:]
+    (saved,) = ckpts.iterdir()
+    assert (saved / "meta.json").is_file() and int(saved.name[5:]) == max(logged_steps(run))
+    st = json.loads((run / "status.json").read_text())
+    assert (st["status"], st["exit_code"], st["signal"]) == ("preempted", 3, "SIGUSR1")
 
 
 def test_single_process_sigterm_exits_3_after_its_checkpoint(tmp_path, tok_cache):

@@ -1,11 +1,16 @@
 """Two-node torchrun outside SLURM: two hosts made as network namespaces on this machine
 (a veth pair, addresses that exist only inside them), one torchrun agent per host,
-FSDP2 over both. The losses must equal the single-node 2-process run. Where namespaces
-cannot be made (no root / CAP_NET_ADMIN), two agents on loopback, and the test says so."""
-import math
+FSDP2 over both. The losses must equal the single-node 2-process run, bit for bit. Where
+namespaces cannot be made (no root / CAP_NET_ADMIN): with PRETRAIN_TEST_REQUIRE_NETNS=1
+(set by .ci/run) the test fails, naming why; otherwise two agents run on loopback and the
+test ends with a warning that pytest's summary shows, never as a quiet pass."""
 import os
+import re
 import subprocess
+import warnings
 from contextlib import contextmanager
+
+import pytest
 
 from tests.conftest import BIN, REPO, TINY, _env, free_port, losses, run_job
 
@@ -35,8 +40,12 @@ def two_hosts():
     except (subprocess.CalledProcessError, FileNotFoundError) as e:
         for n in made:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
-        reason = getattr(e, "stderr", "") or str(e)
-        print(f"network namespaces unavailable ({reason.strip()}): two torchrun agents on loopback instead")
+        reason = (getattr(e, "stderr", "") or str(e)).strip()
+        if os.environ.get("PRETRAIN_TEST_REQUIRE_NETNS") == "1":
+            pytest.fail(f"PRETRAIN_TEST_REQUIRE_NETNS=1 but network namespaces cannot be made ({reason}): the "
+                        f"two-host test needs root or CAP_NET_ADMIN and iproute2")
+        warnings.warn(f"network namespaces unavailable ({reason}): the two-node test ran two torchrun agents on "
+                      f"loopback, not two hosts")
         yield [([], "127.0.0.1", "lo"), ([], "127.0.0.1", "lo")], False
         return
     try:
@@ -80,14 +89,16 @@ def test_two_node_torchrun_over_namespaces_matches_one_node(tmp_path, tok_cache)
         for p, out in zip(procs, outs):
             assert p.returncode == 0, out[-4000:]
         if namespaces:
-            # The gradients really went over the veth pair: both ends sent data.
+            # The training traffic really went over the veth pair. Each step, each rank sends
+            # at least its half of the fp32 parameters (forward all-gather) and its half of the
+            # gradients (reduce-scatter): 4 bytes x n_params per step, 5 steps. Measured ~4 MB.
+            n_params = int(re.search(r"\| ([\d,]+) params \|", outs[0] + outs[1])[1].replace(",", ""))
             sent = [_tx_bytes(prefix, dev) for prefix, _, dev in hosts]
-            assert all(s > 10_000 for s in sent), sent
-            print(f"bytes sent over the veth pair: {sent}")
+            assert all(s >= 5 * 4 * n_params for s in sent), (sent, n_params)
+            print(f"bytes sent over the veth pair: {sent} ({n_params:,} parameters)")
     assert "world 2 (torchrun)" in outs[0] + outs[1]
     got, want = losses(two), losses(one)
     assert len(got) == len(want) == 5
-    worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
-    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(got, want)), (got, want)
-    print(f"two hosts {'(network namespaces)' if namespaces else '(loopback)'}: max relative loss difference "
-          f"vs one node {worst:.1e}")
+    # Exactly: the same two ranks reduce in the same order whichever network joins them.
+    assert got == want, (got, want)
+    print(f"two hosts {'(network namespaces)' if namespaces else '(loopback)'}: losses equal one node's bit for bit")
