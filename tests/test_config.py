@@ -2,10 +2,11 @@
 file under configs/."""
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import REPO, compose_job, run_job
+from conftest import REPO, compose_job, free_port, run_job
 from pretrain.validate import ConfigError, validate_job
 
 
@@ -17,20 +18,26 @@ from pretrain.validate import ConfigError, validate_job
 ])
 def test_bad_keys_and_types_exit_nonzero_naming_the_key(tmp_path, tok_cache, override, key):
     proc = run_job(tmp_path, [override], tok_cache=tok_cache, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 1  # Hydra's own rejection (README, "Exit codes")
     assert key in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_impossible_layout_fails_in_every_worker_before_process_group(tmp_path, tok_cache):
-    proc = run_job(tmp_path, ["parallel.dp_shard=3"], tok_cache=tok_cache, nproc=2,
-                   launcher="torchrun", check=False)
-    assert proc.returncode != 0
+@pytest.mark.parametrize("rank", [0, 1])
+def test_impossible_layout_fails_in_every_worker_before_process_group(tmp_path, tok_cache, rank):
+    """Each rank of a 2-process job started alone, its peer never coming, the master port
+    closed: a rank that joined the process group first would wait there (600 s). Each
+    exits 2 at once, naming the key: the check ran before any rendezvous."""
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "TORCHELASTIC_RUN_ID": "lonely"}
+    t0 = time.monotonic()
+    proc = run_job(tmp_path, ["parallel.dp_shard=3"], tok_cache=tok_cache, check=False, env=env, timeout=120)
+    took = time.monotonic() - t0
     out = proc.stdout + proc.stderr
-    # Each rank checks on its own; torchrun may stop the second once the first exits.
-    assert out.count("config error: parallel.dp_shard=3") >= 1
-    assert "must equal the world size 2" in out
-    assert "run dir" not in out  # training never started
+    assert proc.returncode == 2, out[-3000:]
+    assert "config error: parallel.dp_shard=3" in out and "must equal the world size 2" in out
+    assert took < 60 and "run dir" not in out  # training never started
 
 
 def test_cross_field_rules_exit_2(tmp_path, tok_cache):

@@ -63,13 +63,17 @@ def test_eval_leaves_training_alone_and_equals_a_direct_forward(tmp_path, tok_ca
     assert "eval step 6 | val loss" in proc.stdout + proc.stderr
 
 
-def test_eval_under_fsdp_and_pipeline_matches_one_process(tmp_path, tok_cache):
+def test_eval_under_fsdp_tp_and_pipeline_matches_one_process(tmp_path, tok_cache):
     ref = tmp_path / "one"
     run_job(ref, ["train.local_batch_size=4", *EVAL], tok_cache=tok_cache)
     for name, overrides in (("fsdp2", ["train.local_batch_size=2"]),
-                            ("pp2", ["parallel.pp=2", "train.local_batch_size=4"])):
+                            ("pp2", ["parallel.pp=2", "train.local_batch_size=4"]),
+                            # vocabulary-sharded logits reach the eval loss too
+                            ("tp2+loss_parallel", ["parallel.tp=2", "parallel.loss_parallel=true",
+                                                   "train.local_batch_size=4"])):
         run = tmp_path / name
         run_job(run, [*overrides, *EVAL], tok_cache=tok_cache, nproc=2, launcher="torchrun")
+        assert len(losses(run)) == len(losses(ref)) == 6
         for a, b in zip(losses(run), losses(ref)):
             assert math.isclose(a, b, rel_tol=1e-5), (name, a, b)
         got, want = val_losses(run), val_losses(ref)

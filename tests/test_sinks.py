@@ -122,10 +122,17 @@ def test_wandb_offline_has_config_and_every_logged_step(wandb_run):
     assert run["dir"].name.endswith("-" + run_id) and run["id"] == run_id
     assert (run["project"], run["name"], run["tags"]) == ("sinks-test", "tiny-sinks", ["tiny", "ci"])
     assert run["group"] == ""  # a single run, not a multirun job: no group
-    cfg = run["config"]
+    cfg = {k: v for k, v in run["config"].items() if not k.startswith("_")}  # _wandb: W&B's own
     assert cfg["model"]["dim"] == 64 and cfg["model"]["n_layers"] == 2
     assert cfg["optim"]["lr"] == 1e-3 and cfg["train"]["steps"] == 3
     assert cfg["logging"]["wandb_tags"] == ["tiny", "ci"]
+    # The whole composed job config, every group and key, as the run dir's .hydra has it.
+    from dataclasses import asdict
+
+    from pretrain.config import load_job_config
+
+    composed = json.loads(json.dumps(asdict(load_job_config(run_dir / ".hydra" / "config.yaml"))))
+    assert cfg == composed
 
     hist = [h for h in run["history"] if "loss" in h]
     assert [h["_step"] for h in hist] == [r["step"] for r in rows]
