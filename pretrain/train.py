@@ -101,7 +101,8 @@ def _write_status_to(run_dir: Path) -> Callable:
     return report
 
 
-def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, job: Job, device) -> None:
+def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, job: Job, device,
+              fpt: float, peak: float) -> None:
     m, pc, lora = job.model, cfg.parallel, cfg.finetune.lora
     log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s) | %s %s",
              run_dir, f"{m.n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
@@ -113,6 +114,10 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
                  100 * m.n_trainable / m.n_params, f"{m.n_params:,}")
     log.info("%s | deterministic algorithms %s", describe_blocks(m.parts, m.family.layout),
              "on" if torch.are_deterministic_algorithms_enabled() else "off")
+    source = ("logging.peak_tflops" if cfg.logging.peak_tflops else
+              "the GPU table" if device.type == "cuda" else "a CPU fp32 matmul probe")
+    log.info("MFU = %r FLOPs/token x tokens/s / (%r FLOP/s peak per device, from %s x %d devices)",
+             fpt, peak, source, env.world_size)
     if job.start_step:
         log.info("resumed from step %d", job.start_step)
 
@@ -150,7 +155,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                        console=cfg.logging.console, wandb_cfg=cfg.logging if cfg.logging.wandb else None,
                        job_config=cfg)
     if is_rank0:
-        _announce(cfg, env, dims, run_dir, job, device)
+        _announce(cfg, env, dims, run_dir, job, device, fpt, peak)
     evaluator = (Evaluator(cfg, job.tokenizer, dp_rank=job.dp_rank, dp_world=job.dp_world)
                  if cfg.eval.interval > 0 else None)
     profiler = StepProfiler(cfg.profiling, run_dir, env.rank, device, steps_done=job.start_step, last_step=t.steps)

@@ -88,3 +88,35 @@ def test_layouts_clip_like_one_process():
         assert r["ref_norm"] > 20 * 0.05  # clipping happened
         assert abs(r["clipped_norm"] - 0.05) <= 1e-5, r
         assert r["max_abs_diff"] <= 1e-5 * r["max_abs_grad"], r
+
+
+def test_train_step_clips_to_train_max_norm_like_torch():
+    """The trainer's step (``TrainStep``, the object ``train.max_norm`` is given to) on one
+    process: with SGD at lr 1 the update is minus the clipped gradient, so it must equal
+    the gradient torch's ``clip_grad_norm_`` leaves on a copy; the step reports the norm
+    before clipping, as torch returns it."""
+    from parallel.config import ParallelConfig
+    from parallel.dims import ParallelDims
+    from pretrain.model.llama import FAMILY
+    from pretrain.step import TrainStep
+
+    torch.manual_seed(0)
+    ours = build_llama(ARGS, rope_cache_len=16, device="cpu")
+    ours.init_weights(seed=0)
+    ref = copy.deepcopy(ours)
+    tokens = torch.randint(0, ARGS.vocab_size, (4, 17))
+    F.cross_entropy(ref(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]).item()
+    max_norm = norm / 33
+    want_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    step = TrainStep(FAMILY, [ours], torch.optim.SGD(ours.parameters(), lr=1.0), dims=ParallelDims(1, 1, 1, 1, 1),
+                     pc=ParallelConfig(), grad_accum_steps=1, max_norm=max_norm, chat=False,
+                     device=torch.device("cpu"), param_dtype=torch.float32)
+    out = step([{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}], lr=1.0)
+    assert torch.equal(out.grad_norm, want_norm)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        update = before[name] - p.detach()
+        assert torch.allclose(update, q.grad, rtol=0, atol=1e-7), name  # fp32 subtraction rounding only
+    total = torch.nn.utils.get_total_norm([before[n] - p.detach() for n, p in ours.named_parameters()]).item()
+    assert abs(total - max_norm) <= 1e-4 * max_norm, (total, max_norm)

@@ -1,6 +1,7 @@
 """Data pipeline units: sources and their bad input, tokenizers, packing, slot streams
 (exact resume and resharding), worker loaders, pretokenized shards, document masking."""
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -9,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.loader import LoaderSpec, RankLoader
+from data_pipeline.loader import LoaderSpec, RankLoader, listing_skips
 from data_pipeline.packing import Packer, pack_all, positions
 from data_pipeline.sources import SourceSpec, build_source
 from data_pipeline.stream import (SlotStream, UnitPlan, doc_key, fresh_slot_state, key_cursor, key_source,
                                   key_unit, reshard)
 from data_pipeline.tokenizer import HFTokenizer, Llama3Tokenizer, TiktokenTokenizer, train_bpe, write_tiktoken_model
+from data_pipeline.tokenizer import main as tokenizer_main
 from tests.conftest import REPO
 from tests.datagen import make_docs, write_jsonl, write_parquet
 
@@ -133,6 +135,34 @@ def test_fsspec_urls_are_accepted(tmp_path):
     assert all_docs(build_source(SourceSpec("jsonl", f"file://{tmp_path}/*.jsonl"))) == docs
 
 
+def test_max_file_bytes_skips_larger_text_files_at_listing(tmp_path, caplog):
+    """data.max_file_bytes: a text file over it is skipped whole at listing, counted and logged naming the key."""
+    small, big = make_docs(2)
+    big = big * 20
+    (tmp_path / "big.txt").write_text(big)
+    (tmp_path / "small.txt").write_text(small)
+    limit = len(small.encode())  # the small file is exactly at the limit: kept
+    src = build_source(SourceSpec("text_folder", str(tmp_path), max_file_bytes=limit))
+    assert all_docs(src) == [small]
+    assert src.listing_skipped == [(str(tmp_path / "big.txt"), f"larger than data.max_file_bytes={limit}")]
+    with caplog.at_level("WARNING", logger="data_pipeline"):
+        assert listing_skips([src]) == 1  # what the run adds to data/skipped
+    assert f"big.txt: larger than data.max_file_bytes={limit}" in caplog.text
+
+
+def test_hf_dataset_split_picks_one_split_of_a_dataset_dict(tmp_path):
+    """data.split: a saved DatasetDict is read from the named split only; an unknown split names data.split."""
+    import datasets
+
+    train, val = make_docs(9, seed=1), make_docs(4, seed=2)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                          "validation": datasets.Dataset.from_dict({"text": val})}).save_to_disk(str(tmp_path / "ds"))
+    assert all_docs(build_source(SourceSpec("hf_dataset", str(tmp_path / "ds"), split="validation"))) == val
+    assert all_docs(build_source(SourceSpec("hf_dataset", str(tmp_path / "ds"), split="train"))) == train
+    with pytest.raises(ValueError, match=r"data.split='test': .* holds splits \['train', 'validation'\]"):
+        build_source(SourceSpec("hf_dataset", str(tmp_path / "ds"), split="test"))
+
+
 # -- tokenizers ----------------------------------------------------------------------------
 
 TEXTS = ["Hello world", "Grüße aus Köln — naïve café", "東京は晴れです。你好，世界", "Привет, мир! Γειά σου",
@@ -180,6 +210,23 @@ def test_hf_tokenizer_from_a_model_folder(bpe, tmp_path):
     assert HFTokenizer(tmp_path).encode(TEXTS[0]) == bpe.encode(TEXTS[0])
     with pytest.raises(FileNotFoundError, match="no such tokenizer.json"):
         HFTokenizer(tmp_path / "missing")
+
+
+def test_tokenizer_cli_exports_llama3_and_trains_a_bpe(tmp_path, llama3):
+    """python -m data_pipeline.tokenizer: export-llama3 writes Meta's tokenizer.model, train a usable BPE."""
+    assert tokenizer_main(["export-llama3", str(tmp_path / "tokenizer.model")]) == 0
+    tt = TiktokenTokenizer(tmp_path / "tokenizer.model")
+    assert tt.vocab_size == 128256 and tt.fingerprint == llama3.fingerprint
+    docs = make_docs(200, seed=5)
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", docs)
+    out = tmp_path / "bpe.json"
+    assert tokenizer_main(["train", "--source", "jsonl", "--path", str(tmp_path / "corpus"), "--vocab-size", "300",
+                           str(out)]) == 0
+    tok = HFTokenizer(out)
+    assert tok.vocab_size == 300
+    for d in docs[:5]:
+        assert tok.decode(tok.encode(d)) == d
+        assert len(tok.encode(d)) < len(d.encode())  # it learned merges from the corpus
 
 
 # -- packing -------------------------------------------------------------------------------
@@ -329,6 +376,31 @@ def test_micro_batches_split_the_same_step_rows(tmp_path, llama3):
     next(small)
     with pytest.raises(RuntimeError, match="middle of a step"):
         small.state_dict()
+
+
+def _reading_order(folder, tok, shuffle: bool, n: int):
+    """The numbers of the first n documents (``doc NNNNN:``) one loader row reads, in order."""
+    src = build_source(SourceSpec("text_folder", str(folder)))
+    loader = RankLoader([src], [1.0], tok, LoaderSpec(seq_len=31, local_batch_size=1, dp_rank=0, dp_world=1,
+                                                      num_workers=0, seed=0, shuffle=shuffle))
+    tokens, found = [], []
+    while len(found) < n:
+        batch = next(loader)  # one row: its window is input_ids plus the last label
+        tokens += batch["input_ids"][0].tolist() + batch["labels"][0, -1:].tolist()
+        found = [int(m) for m in re.findall(r"doc (\d{5}):", tok.decode(tokens))]
+    loader.close()
+    return found[:n]
+
+
+def test_shuffle_false_reads_units_in_listing_order(tmp_path, llama3):
+    """data.shuffle=false: files are read in listing (sorted) order; true: another order of the same files."""
+    docs = make_docs(12, max_words=8)
+    for i in reversed(range(len(docs))):  # written last to first: the listing, not creation, orders them
+        (tmp_path / f"{i:02d}.txt").write_text(docs[i])
+    in_order = _reading_order(tmp_path, llama3, False, len(docs))
+    shuffled = _reading_order(tmp_path, llama3, True, len(docs))
+    assert in_order == list(range(len(docs)))
+    assert sorted(shuffled) == in_order and shuffled != in_order
 
 
 # -- pretokenized shards -------------------------------------------------------------------

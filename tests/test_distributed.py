@@ -97,8 +97,16 @@ def test_resume_continues_the_exact_curve(tmp_path, tok_cache, nproc):
     assert losses(resumed) == losses(straight)  # bit for bit, after the resume too
 
 
-def test_keep_last_prunes_older_checkpoints(tmp_path, tok_cache):
+def test_keep_last_prunes_older_checkpoints_and_resume_false_starts_over(tmp_path, tok_cache):
     run_job(tmp_path, ["train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=2",
                        "train.local_batch_size=2"], tok_cache=tok_cache)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4", "step-6"]
     assert (tmp_path / "checkpoints" / "step-6" / "meta.json").is_file()
+    first = losses(tmp_path)
+    # checkpoint.resume=false: the same run dir, its checkpoints ignored; the run starts at
+    # step 1 from the seeded init and repeats the first run's curve.
+    proc = run_job(tmp_path, ["train.steps=3", "checkpoint.resume=false", "train.local_batch_size=2"],
+                   tok_cache=tok_cache)
+    assert "resumed" not in proc.stderr + proc.stdout
+    again = [m["loss"] for m in read_metrics(tmp_path)[6:]]
+    assert again == first[:3], (again, first)

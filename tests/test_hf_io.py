@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, _env, losses, run_job
+from tests.conftest import REPO, _env, losses, read_metrics, run_job
 
 transformers = pytest.importorskip("transformers")
 
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.hf import HFWeights, import_hf, parse_size  # noqa: E402
+from pretrain.hf import main as hf_main  # noqa: E402
+from pretrain.model.llama.args import LlamaArgs, RopeScaling  # noqa: E402
+from pretrain.model.llama.hf import args_from_hf_config, hf_config_from_args  # noqa: E402
 
 # The TINY model of the job tests (conftest), with a rope scaling band that matters at
 # the sequence lengths used here (original context 16 < 32, 64).
@@ -26,6 +29,8 @@ HF_CFG = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_
                                                      high_freq_factor=4.0, original_max_position_embeddings=16),
               attention_bias=False, mlp_bias=False)
 RUN_ROPE = ["model.rope_scaling.original_max_position_embeddings=16"]
+# One short training run with a checkpoint, shared by the export tests (read-only).
+EXPORT_RUN = [*RUN_ROPE, "train.steps=2", "checkpoint.interval=2"]
 SHARD = "40KB"
 
 
@@ -107,10 +112,9 @@ def test_import_export_round_trip(tmp_path, tied):
     assert back.config.tie_word_embeddings is tied
 
 
-def test_export_of_a_training_run_loads_in_transformers(tmp_path, tok_cache):
+def test_export_of_a_training_run_loads_in_transformers(tmp_path, shared_run):
     """A run dir (its newest checkpoint) exports in bf16, the default dtype."""
-    run = tmp_path / "run"
-    run_job(run, [*RUN_ROPE, "train.steps=2", "checkpoint.interval=2"], tok_cache=tok_cache)
+    run = shared_run(EXPORT_RUN)[0]
     cli("export", run, tmp_path / "out")
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
     assert back.dtype == torch.bfloat16 and (tmp_path / "out" / "model.safetensors").is_file()
@@ -126,6 +130,66 @@ def test_export_of_a_training_run_loads_in_transformers(tmp_path, tok_cache):
         assert torch.equal(v, state["model"][k].bfloat16().float()), k
 
 
+def test_export_fp16_is_the_fp32_export_rounded(tmp_path, shared_run):
+    """--dtype fp16: every exported tensor is float16 and equals the fp32 export's value rounded to fp16."""
+    from safetensors.torch import load_file
+
+    run = shared_run(EXPORT_RUN)[0]
+    for dtype in ("fp16", "fp32"):
+        assert hf_main(["export", str(run), str(tmp_path / dtype), "--dtype", dtype, "--no-progress"]) == 0
+    t16, t32 = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(f).items()}
+                for d in ("fp16", "fp32"))
+    assert t16 and sorted(t16) == sorted(t32)
+    for k, v in t16.items():
+        assert t32[k].dtype == torch.float32 and v.dtype == torch.float16, k
+        assert torch.equal(v, t32[k].to(torch.float16)), k
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+@pytest.mark.parametrize("scaling", [RopeScaling(factor=8.0, low_freq_factor=2.0, high_freq_factor=3.0,
+                                                 original_max_position_embeddings=16), None], ids=["llama3", "plain"])
+def test_transformers5_config_form_reads_back_the_same_args(scaling):
+    """A config.json in the transformers 5 form (rope_parameters only) parses back to the same args."""
+    args = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, vocab_size=512,
+                     rope_theta=123456.0, rope_scaling=scaling)
+    v4 = hf_config_from_args(args)
+    v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters")}
+    v5["rope_parameters"] = {**(v4["rope_scaling"] or {"rope_type": "default"}), "rope_theta": v4["rope_theta"]}
+    if int(transformers.__version__.split(".")[0]) >= 5:  # the layout transformers 5 itself writes
+        written = transformers.LlamaConfig(**v4).to_dict()
+        assert "rope_scaling" not in written and "rope_theta" not in written
+        assert written["rope_parameters"] == v5["rope_parameters"]
+        assert args_from_hf_config(written, name=args.name) == args
+    assert args_from_hf_config(v5, name=args.name) == args
+
+
+class _Payload:
+    """Unpickling this creates the file ``path``: the mark of a weights file that was unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_bin_weights_are_refused_with_the_fix_and_never_unpickled(tmp_path):
+    """A folder with only pytorch_model.bin is refused naming the fix; the pickle is never loaded."""
+    hf, marker = tmp_path / "hf", tmp_path / "unpickled"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config_from_args(LlamaArgs(dim=64, n_layers=2))))
+    torch.save({"model.norm.weight": _Payload(str(marker))}, hf / "pytorch_model.bin")
+    fix = r"PyTorch \.bin weights are not read: re-save them with .*save_pretrained\(\.\.\., safe_serialization=True\)"
+    with pytest.raises(CheckpointError, match=fix):
+        HFWeights(hf)
+    with pytest.raises(CheckpointError, match=fix):
+        import_hf(hf, tmp_path / "ck", progress=False)
+    assert not marker.exists() and not (tmp_path / "ck").exists()
+    # Control: the file is a live payload, so the assertion above means something.
+    torch.load(hf / "pytorch_model.bin", weights_only=False)["model.norm.weight"].close()
+    assert marker.exists()
+
+
 def test_init_from_under_fsdp_matches_weights_only_start(tmp_path, tok_cache):
     """model.init_from on 2 FSDP2 ranks trains exactly like 1 process started from the
     imported checkpoint, and unlike a random start."""
@@ -138,12 +202,22 @@ def test_init_from_under_fsdp_matches_weights_only_start(tmp_path, tok_cache):
     assert "initialized weights from Hugging Face folder" in fsdp.stderr + fsdp.stdout
     run_job(tmp_path / "b", [*common, "train.local_batch_size=16", f"checkpoint.load_path={tmp_path / 'ck'}",
                                       "checkpoint.load_weights_only=true"], tok_cache=tok_cache)
-    run_job(tmp_path / "c", [*common, "train.local_batch_size=16"], tok_cache=tok_cache)
+    run_job(tmp_path / "c", [*common, "train.local_batch_size=16", "train.steps=4"], tok_cache=tok_cache)
     a, b, c = losses(tmp_path / "a"), losses(tmp_path / "b"), losses(tmp_path / "c")
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):  # fp32; reduction order differs between 1 and 2 ranks
         assert abs(x - y) <= 1e-5 * abs(y), (a, b)
     assert abs(a[0] - c[0]) > 1e-3, "init_from gave the random init's loss"
+    # init_from is ignored once the run dir has a checkpoint of its own: a random-init run
+    # saved at step 3, resumed with init_from set, continues its own curve (step 4 equals
+    # the straight run's), not the HF weights.
+    d = tmp_path / "d"
+    run_job(d, [*common, "train.local_batch_size=16", "checkpoint.interval=3"], tok_cache=tok_cache)
+    again = run_job(d, [*common, "train.local_batch_size=16", "train.steps=4", f"model.init_from={tmp_path / 'hf'}"],
+                    tok_cache=tok_cache)
+    out = again.stderr + again.stdout
+    assert "resumed from step 3" in out and "initialized weights from Hugging Face folder" not in out
+    assert {m["step"]: m["loss"] for m in read_metrics(d)}[4] == c[3]
 
 
 def test_errors_name_file_key_and_values(tmp_path, tok_cache):

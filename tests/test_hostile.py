@@ -287,6 +287,9 @@ def test_workers_die_with_a_killed_agent_and_a_restart_takes_the_lock(tmp_path, 
     finally:
         for w in filter(alive, workers):  # the orphans of a failed check: not left running
             os.kill(w, signal.SIGKILL)
+    # Killed outright, no code ran: status.json still says running, with no end (README).
+    st = status(run)
+    assert st["status"] == "running" and not {"ended", "exit_code"} & st.keys(), st
     out = run_job(run, [*DET, "train.steps=6", "checkpoint.interval=2"], tok_cache=tok_cache, nproc=2,
                   launcher="torchrun")
     assert "resumed from step" in out.stdout + out.stderr

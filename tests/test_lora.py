@@ -119,7 +119,7 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
     peft = pytest.importorskip("peft")
     import torch.distributed.checkpoint as dcp
 
-    from tests.conftest import losses, run_job
+    from tests.conftest import losses, read_metrics, run_job
     from tests.test_hf_io import RUN_ROPE, cli, save_hf
     from pretrain.model.llama.hf import hf_to_ours
 
@@ -137,11 +137,27 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
                                    "parallel.pp_stages_per_rank=1"]),
         "fsdp2xtp2+sp": (4, ["train.local_batch_size=2", "parallel.dp_shard=2", "parallel.tp=2",
                              "parallel.sequence_parallel=true"]),
+        # HSDP (2 replicas of 1 shard) with full activation checkpointing and compiled blocks
+        "hsdp2+ac+compile": (2, ["train.local_batch_size=2", "parallel.dp_replicate=2", "parallel.dp_shard=1",
+                                 "parallel.activation_checkpoint=full", "parallel.compile=true"]),
     }
     a = losses(tmp_path / "one")
     assert len(a) == 4 and a[-1] < a[0]
+    # Resume: checkpoints hold the adapters only, so a resumed run takes its frozen base
+    # from model.init_from again; steps 3-4 then equal the straight run's.
+    resumed = tmp_path / "resumed"
+    run_job(resumed, [*common, "train.local_batch_size=4", "train.steps=2", "checkpoint.interval=2"],
+            tok_cache=tok_cache)
+    again = run_job(resumed, [*common, "train.local_batch_size=4"], tok_cache=tok_cache)
+    assert "resumed from step 2" in again.stdout + again.stderr
+    tail = {m["step"]: m["loss"] for m in read_metrics(resumed)}
+    assert [tail[3], tail[4]] == a[2:], (tail, a)
     for name, (nproc, extra) in layouts.items():
-        run_job(tmp_path / name, [*common, *extra], tok_cache=tok_cache, nproc=nproc, launcher="torchrun")
+        proc = run_job(tmp_path / name, [*common, *extra], tok_cache=tok_cache, nproc=nproc, launcher="torchrun")
+        if name.startswith("hsdp"):  # read back from the blocks by the run itself
+            out = proc.stderr + proc.stdout
+            assert "2 blocks here: activation checkpointing full 2 | compiled 2 | FSDP2 units 2" in out
+            assert "dp_replicate=2 dp_shard=1" in out
         b = losses(tmp_path / name)
         print(f"{name}: max relative loss difference {max(abs(x - y) / abs(x) for x, y in zip(a, b)):.1e}")
         assert len(b) == 4 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (name, a, b)

@@ -1,7 +1,9 @@
 """What a job writes: metrics.jsonl fields, TensorBoard events read back, console lines."""
 import math
+import re
 
-from conftest import read_metrics, run_job
+from conftest import TINY, compose_job, read_metrics, run_job
+from pretrain.model.llama import FAMILY
 
 REQUIRED = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "mfu", "mem_gb")
 
@@ -30,5 +32,25 @@ def test_metrics_jsonl_tensorboard_and_console_agree(tmp_path, tok_cache):
 
     out = proc.stdout + proc.stderr
     assert "step 6/6 | loss" in out and "tok/s" in out and "eta" in out
+    # MFU from its formula: the family's FLOPs per token x tokens/s / (peak x devices), the
+    # peak from the CPU probe (about 0.1-2 TFLOP/s on a CPU core or two, fp32).
+    fpt, peak = (float(x) for x in re.search(
+        r"MFU = (\S+) FLOPs/token x tokens/s / \((\S+) FLOP/s peak per device, from a CPU fp32 matmul probe "
+        r"x 1 devices\)", out).groups())
+    cfg = compose_job(*TINY, "train.local_batch_size=2")
+    assert fpt == FAMILY.flops_per_token(cfg.model, cfg.train.seq_len) and 1e9 < peak < 1e13
+    for r in rows:
+        assert math.isclose(r["mfu"], fpt * r["tokens_per_s"] / peak, rel_tol=1e-9), r
+    # logging.every=2: each row's loss is the mean of the per-step losses since the last
+    # row (the same run logging every step gives them).
+    each = tmp_path / "every1"
+    run_job(each, ["train.local_batch_size=2", "train.steps=6"], tok_cache=tok_cache)
+    per_step = {r["step"]: r["loss"] for r in read_metrics(each)}
+    assert len(per_step) == 6
+    windows = {1: [1], 2: [2], 4: [3, 4], 6: [5, 6]}
+    for r in rows:
+        mean = sum(per_step[s] for s in windows[r["step"]]) / len(windows[r["step"]])
+        assert math.isclose(r["loss"], mean, rel_tol=1e-6), (r["step"], r["loss"], mean)
+    assert rows[2]["loss"] not in (per_step[3], per_step[4])  # a real average, not one step's
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "pretrain.log").is_file()

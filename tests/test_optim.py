@@ -92,3 +92,27 @@ def test_checkpoint_load_keeps_this_process_update_implementation():
     fresh = build_optimizer(model, OptimConfig())
     set_states(model, fresh, model_sd, optim_sd)
     assert len(fresh.state) > 0 and all(g["foreach"] is False for g in fresh.param_groups)
+
+
+def test_weight_decay_on_matrices_not_on_norm_weights():
+    """optim.weight_decay decays exactly the matrices (embedding included), by (1 - lr * wd) a step; norms get none."""
+    import torch
+
+    from pretrain.config import OptimConfig
+    from pretrain.optim import build_optimizer
+
+    model = _tiny_model()
+    cfg = OptimConfig(lr=0.5, weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: sorted(by_id[id(p)] for p in g["params"]) for g in opt.param_groups}
+    assert groups == {0.1: sorted(n for n, p in model.named_parameters() if p.ndim == 2),
+                      0.0: sorted(n for n, p in model.named_parameters() if "norm" in n)}
+    assert "tok_embeddings.weight" in groups[0.1] and "norm.weight" in groups[0.0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        want = before[n] * (1 - cfg.lr * cfg.weight_decay) if p.ndim == 2 else before[n]
+        assert torch.equal(p.detach(), want), n

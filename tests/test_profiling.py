@@ -41,3 +41,26 @@ def test_window_against_resume_and_run_end(tmp_path):
     p.stop()
     assert StepProfiler(ProfilingConfig(), tmp_path, 0, cpu, steps_done=0, last_step=10).prof is None
     assert not (tmp_path / "profile").exists()
+
+
+def test_memory_writes_the_per_op_table_and_counters(tmp_path):
+    """profiling.memory=true adds memory-rank<r>.txt (the window's per-op allocations) and [memory] trace events."""
+    cpu = torch.device("cpu")
+    for memory in (True, False):
+        run = tmp_path / str(memory)
+        p = StepProfiler(ProfilingConfig(enable=True, start_step=2, steps=2, memory=memory), run, 1, cpu,
+                         steps_done=0, last_step=4)
+        p.start()
+        for _ in range(4):
+            torch.ones(256, 256) @ torch.ones(256, 256)
+            p.step()
+        p.stop()
+        events = json.loads((run / "profile" / "trace-rank1.pt.trace.json").read_text())["traceEvents"]
+        assert any(e.get("name") == "[memory]" for e in events) is memory
+        assert sorted(f.name for f in (run / "profile").iterdir()) == (
+            ["memory-rank1.txt", "trace-rank1.pt.trace.json"] if memory else ["trace-rank1.pt.trace.json"])
+    table = (tmp_path / "True" / "profile" / "memory-rank1.txt").read_text()
+    assert "Self CPU Mem" in table
+    # The window's two matmuls, each allocating a 256 x 256 fp32 result (256 KB).
+    mm = next(line.split() for line in table.splitlines() if line.split()[:1] == ["aten::mm"])
+    assert mm[-1] == "2" and "512.00 KB" in " ".join(mm)

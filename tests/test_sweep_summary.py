@@ -175,3 +175,27 @@ def test_config_error_records_failed_status(tmp_path, tok_cache):
     assert st["status"] == "failed" and st["exit_code"] == 2 and st["step"] is None
     assert st["error"].startswith("ConfigError: model.n_kv_heads=3")
     assert st["world_size"] == 1 and st["ended"] >= st["started"]
+
+
+def test_local_launcher_sweep_end_to_end(tmp_path, tok_cache):
+    """README's `hydra/launcher=local` sweep, for real: two lr points, each 2 processes from
+    submitit's local executor (the entry point reads SUBMITIT_LOCAL_*), then the summary."""
+    from tests.conftest import TINY, _env
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "pretrain", "-m", *TINY, f"data.tokenizer.cache_dir={tok_cache}",
+           "train.local_batch_size=2", "train.steps=3", "optim.warmup_steps=0", "optim.lr=0.001,0.003",
+           "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for point in ("0", "1"):
+        log = (sweep / point / "pretrain.log").read_text()
+        assert "world 2 (submitit_local)" in log, log[-2000:]
+        assert read_status(sweep / point)["status"] == "completed"
+    rows = summarize(sweep)
+    assert [(r["status"], r["step"], r["overrides"]) for r in rows] == [
+        ("completed", 3, ["optim.lr=0.001"]), ("completed", 3, ["optim.lr=0.003"])], rows
+    la, lb = ([m["loss"] for m in read_metrics(sweep / p)] for p in ("0", "1"))
+    assert len(la) == len(lb) == 3 and la[0] == lb[0] and la[-1] != lb[-1]  # same start, its own lr
+    out = cli(sweep)
+    assert out.returncode == 0 and "optim.lr=0.001" in out.stdout and "optim.lr=0.003" in out.stdout, out.stdout
