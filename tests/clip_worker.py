@@ -10,7 +10,6 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 

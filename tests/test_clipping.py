@@ -12,7 +12,6 @@ at all, is off by a factor of 2 to 33."""
 import copy
 import json
 import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F

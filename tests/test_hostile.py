@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BIN, REPO, TINY, _env, free_port, losses, read_metrics, run_job
+from tests.conftest import BIN, REPO, TINY, _env, free_port, read_metrics, run_job
 
 DET = ["train.deterministic=true", "optim.schedule=constant", "optim.warmup_steps=0", "logging.every=1"]
 
