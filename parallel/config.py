@@ -31,3 +31,7 @@ class ParallelConfig:
     ac_every_n: int = 2
     # torch.compile each transformer block (composes with TP, AC and FSDP2).
     compile: bool = False
+    # Seconds a collective may wait before the process group gives up (NCCL's watchdog,
+    # gloo's timeout), for every group the trainer makes: raise it when a synchronous save
+    # of a large checkpoint on a slow filesystem keeps the fastest rank waiting longer.
+    timeout_s: float = 600.0

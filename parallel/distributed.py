@@ -25,12 +25,23 @@ def pick_device(requested: str, env: LaunchEnv) -> torch.device:
     return torch.device("cpu")
 
 
+_TIMEOUT = timedelta(seconds=600)  # parallel.timeout_s, for every group made after init
+
+
+def group_timeout() -> timedelta:
+    """The timeout the world group was made with (``parallel.timeout_s``): new groups take it too."""
+    return _TIMEOUT
+
+
 def init_distributed(env: LaunchEnv, device: torch.device, timeout_s: float = 600) -> None:
-    """gloo on CPU, nccl on CUDA; nothing for a single process."""
+    """gloo on CPU, nccl on CUDA; nothing for a single process. ``timeout_s``
+    (``parallel.timeout_s``): how long any collective of the world group, and of every
+    group made later through this module's timeout, may wait."""
+    global _TIMEOUT
+    _TIMEOUT = timeout = timedelta(seconds=timeout_s)
     if env.world_size == 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = timedelta(seconds=timeout_s)
     common = dict(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
                   device_id=device if device.type == "cuda" else None)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
@@ -65,7 +76,7 @@ def host_all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
     group = None
     if dist.get_backend() != "gloo":
         if _HOST_GROUP is None:
-            _HOST_GROUP = dist.new_group(backend="gloo")
+            _HOST_GROUP = dist.new_group(backend="gloo", timeout=_TIMEOUT)
         group = _HOST_GROUP
     values = values.clone()
     dist.all_reduce(values, op=op if op is not None else dist.ReduceOp.SUM, group=group)
@@ -77,10 +88,10 @@ def build_device_mesh(dims: ParallelDims, device: torch.device) -> Optional[Devi
     if dims.world_size == 1:
         return None
     # pp outermost, tp innermost: the ranks of a tensor-parallel group are neighbours (one node).
-    return init_device_mesh(
-        device.type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
-        mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
-    )
+    # Its groups are split from the world group and keep its timeout (parallel.timeout_s:
+    # tests/timeout_worker.py reads it back from each).
+    return init_device_mesh(device.type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                                     ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
+from . import distributed as pdist
 from .layout import ModelLayout
 
 SINGLE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -100,7 +101,7 @@ class TiedEmbeddingSync:
             for coord in torch.cartesian_prod(*[torch.arange(s) for s in grid.shape[1:]]).reshape(-1, 3):
                 i, j, k = coord.tolist()
                 ranks = [int(grid[0, i, j, k]), int(grid[last, i, j, k])]
-                g = dist.new_group(ranks=ranks)
+                g = dist.new_group(ranks=ranks, timeout=pdist.group_timeout())
                 if me in ranks:
                     self.group = g
 

@@ -80,7 +80,7 @@ def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, *,
     threads = t.num_threads or default_threads(env.local_world_size)
     torch.set_num_threads(threads)
     set_determinism(t.deterministic, device)
-    pdist.init_distributed(env, device)
+    pdist.init_distributed(env, device, timeout_s=cfg.parallel.timeout_s)
     own_signals = signals is None
     signals = signals or SignalHandler()
     try:
@@ -104,10 +104,11 @@ def _write_status_to(run_dir: Path) -> Callable:
 def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, job: Job, device,
               fpt: float, peak: float) -> None:
     m, pc, lora = job.model, cfg.parallel, cfg.finetune.lora
-    log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s) | %s %s",
+    log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s)%s | %s %s",
              run_dir, f"{m.n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
              f" ({pc.pp_schedule}, stages {m.stage_ids} here)" if dims.pp > 1 else "", env.world_size,
-             env.launcher, device.type, str(m.param_dtype).removeprefix("torch."))
+             env.launcher, f" | collectives time out after {pdist.group_timeout().total_seconds():g} s"
+             if env.world_size > 1 else "", device.type, str(m.param_dtype).removeprefix("torch."))
     if lora.rank > 0:
         log.info("LoRA rank %d alpha %g on %s: %s trainable parameters (%.2f%% of %s), base frozen",
                  lora.rank, lora.alpha, ",".join(lora.target_modules), f"{m.n_trainable:,}",
@@ -192,6 +193,9 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         preempt.phase = "done"
         ckpt.wait()
         _report_effects(step_fn, is_rank0)
+    except BaseException:
+        ckpt.abandon()  # an async save in flight is never committed by a failing job
+        raise
     finally:
         # Each one runs even when another raises (a full disk fails the metrics sink's
         # close): loader workers left alive would keep the process from exiting.

@@ -198,6 +198,7 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
         raise ConfigError(e.key, e.value, e.expected) from None
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     _require(p.ac_every_n >= 1, "parallel.ac_every_n", p.ac_every_n, "must be >= 1")
+    _require(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds")
     if dims.tp > 1:
         for key, v in get_family(m.family).tp_divisible(m):
             _require(v % dims.tp == 0, key, v, f"must divide by parallel.tp={dims.tp} (each rank holds 1/tp of it)")

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import BIN, REPO, TINY, _env, free_port, losses, read_metrics, run_job
 
@@ -228,3 +230,36 @@ def test_weights_only_start_and_clear_errors(tmp_path, tok_cache):
     bad = run_job(tmp_path / "missing", ["train.steps=2", f"checkpoint.load_path={tmp_path / 'nope'}"],
                   tok_cache=tok_cache, check=False)
     assert bad.returncode == 4 and "no such checkpoint directory" in bad.stderr
+
+
+def test_a_failed_job_leaves_its_async_save_uncommitted(tmp_path, monkeypatch, caplog):
+    """Training fails while an async save is being written: Checkpointer.abandon (the
+    trainer's failure path) leaves it as .partial, never step-N, even once its writes end;
+    the newest complete checkpoint stays the one to resume from."""
+    import pretrain.checkpoint.manager as man
+    from pretrain.checkpoint import Checkpointer, complete_checkpoints
+    from pretrain.config import CheckpointConfig
+
+    release = threading.Event()
+    real = man.CrcWriter.write_data
+
+    def slow(self, plan, planner):
+        release.wait(30)  # the background write is still going when training fails
+        return real(self, plan, planner)
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(interval=1, async_save=True), rank=0, world_size=1)
+    ckpt.save(1, 10, model, opt, blocking=True)
+    monkeypatch.setattr(man.CrcWriter, "write_data", slow)
+    ckpt.save(2, 20, model, opt)
+    with caplog.at_level("WARNING", logger="pretrain"):
+        partial = ckpt.abandon()
+    assert partial == tmp_path / "step-2.partial" and partial.is_dir()
+    assert "async save of step 2 in flight: not committed" in caplog.text
+    release.set()
+    ckpt.wait()  # nothing pending any more: no commit happens later either
+    # What the next start resumes from (its removal of .partial dirs: test_distributed's resume test).
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [1] and not (tmp_path / "step-2").exists()

@@ -37,9 +37,10 @@ def test_fsdp2_two_processes_match_single(single_run, shared_run):
 
 
 def test_hsdp_2x2_matches_single(single_run, tmp_path, tok_cache):
-    proc = run_job(tmp_path, ["train.local_batch_size=1", "parallel.dp_replicate=2", "parallel.dp_shard=2"],
-                   tok_cache=tok_cache, nproc=4, launcher="torchrun")
+    proc = run_job(tmp_path, ["train.local_batch_size=1", "parallel.dp_replicate=2", "parallel.dp_shard=2",
+                              "parallel.timeout_s=321"], tok_cache=tok_cache, nproc=4, launcher="torchrun")
     assert "dp_replicate=2 dp_shard=2" in proc.stderr + proc.stdout
+    assert "world 4 (torchrun) | collectives time out after 321 s" in proc.stderr + proc.stdout
     _close(losses(tmp_path), losses(single_run))
     _close([m["grad_norm"] for m in read_metrics(tmp_path)], [m["grad_norm"] for m in read_metrics(single_run)])
 
@@ -110,3 +111,22 @@ def test_keep_last_prunes_older_checkpoints_and_resume_false_starts_over(tmp_pat
     assert "resumed" not in proc.stderr + proc.stdout
     again = [m["loss"] for m in read_metrics(tmp_path)[6:]]
     assert again == first[:3], (again, first)
+
+
+def test_parallel_timeout_reaches_every_group():
+    """parallel.timeout_s: the world group, each mesh dimension's group and the async
+    checkpoint writer's group all wait that long (read back from the groups; torch would
+    give a new gloo group 1800 s, a new nccl group 600 s)."""
+    import json
+    import subprocess
+
+    from conftest import BIN, REPO, _env, free_port
+
+    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(REPO / "tests" / "timeout_worker.py"), "123"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert row == {k: 123.0 for k in ("world", "mesh:dp_shard", "mesh:dp_replicate", "mesh:tp", "mesh:pp",
+                                      "checkpoint writer")}

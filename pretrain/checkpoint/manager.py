@@ -189,7 +189,7 @@ class Checkpointer:
         self._pg = None
         if cfg.async_save and dist.is_initialized():
             # Background writes must not share a communicator with training collectives.
-            self._pg = dist.new_group(backend="gloo")
+            self._pg = dist.new_group(backend="gloo", timeout=pdist.group_timeout())
         self.blocked_s = 0.0  # time the training loop spent inside save calls
         self.verify_s = 0.0  # time spent checking files before a load
 
@@ -269,6 +269,21 @@ class Checkpointer:
             self._commit(step, partial, meta, {**writer.files, **side})
         except (Exception, CheckpointException) as e:  # noqa: BLE001
             self._save_failed(partial, e)
+
+    def abandon(self) -> Optional[Path]:
+        """Training failed with an async save in flight: leave it uncommitted. Its commit
+        takes collectives every rank must join, and a failed job's ranks may not; the
+        ``.partial`` dir is removed at the next start, which resumes from the newest
+        complete checkpoint. The writer thread itself ends before the process exits, when
+        its writes finish or its group times out (``parallel.timeout_s``). Returns the
+        abandoned ``.partial`` (None when no save was in flight)."""
+        if self._pending is None:
+            return None
+        _, step, partial, *_ = self._pending
+        self._pending = None
+        log.warning("training failed with the async save of step %d in flight: not committed (%s is removed at "
+                    "the next start, which resumes from the newest complete checkpoint)", step, partial)
+        return partial
 
     def _commit(self, step: int, partial: Path, meta: dict, files: Dict[str, Tuple[int, int]]) -> None:
         manifest: Dict[str, List[int]] = {}
