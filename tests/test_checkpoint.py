@@ -263,3 +263,35 @@ def test_a_failed_job_leaves_its_async_save_uncommitted(tmp_path, monkeypatch, c
     ckpt.wait()  # nothing pending any more: no commit happens later either
     # What the next start resumes from (its removal of .partial dirs: test_distributed's resume test).
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [1] and not (tmp_path / "step-2").exists()
+
+
+def test_cuda_rng_is_this_process_device_only(tmp_path, monkeypatch):
+    """The RNG file holds this process's CUDA device's state only, and restores it onto the
+    current device whatever its index (torchrun with 8 visible GPUs, then srun
+    --gpus-per-task=1: device 5 became device 0). An older file with one state per visible
+    GPU loads on a process that sees fewer (it raised IndexError) with a warning."""
+    from pretrain.checkpoint import files
+
+    mine = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": mine.clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [mine.clone()] * 8)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    (tmp_path / "rng").mkdir()
+    files.save_rng(tmp_path / "rng" / "rank-5.pt")
+    saved = torch.load(tmp_path / "rng" / "rank-5.pt", weights_only=True)
+    assert torch.equal(saved["cuda"], mine)  # one device's state, not every visible GPU's
+    files.load_rng(tmp_path / "rng" / "rank-5.pt")
+    assert len(restored) == 1 and torch.equal(restored[0][0], mine) and restored[0][1] == "cuda"  # current device
+
+    old = {**saved, "cuda": [mine.clone(), mine.clone()]}  # an older version's per-GPU list
+    torch.save(old, tmp_path / "rng" / "rank-6.pt")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    files.load_rng(tmp_path / "rng" / "rank-6.pt")
+    assert len(restored) == 2
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    files.load_rng(tmp_path / "rng" / "rank-6.pt")  # device 3 of a 2-GPU list: kept, said, no IndexError
+    assert len(restored) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -31,6 +32,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorProperties, TensorStorageMetadata)
+
+log = logging.getLogger("pretrain")
 
 
 class CheckpointError(RuntimeError):
@@ -466,13 +469,28 @@ def load_rng(path: Path) -> None:
             np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
-            cuda = state["cuda"]
-            torch.cuda.set_rng_state(cuda if isinstance(cuda, torch.Tensor) else cuda[torch.cuda.current_device()])
+            _restore_cuda_rng(state["cuda"], path)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 (unpickling refusals, wrong shapes and types)
         raise CheckpointError(f"{path}: refused, not an RNG state of this trainer ({load_error(e)}); a checkpoint "
                               "is read as data, never run as code") from None
+
+
+def _restore_cuda_rng(cuda, path: Path) -> None:
+    """Onto this process's current device: the state of the device the saving rank used
+    (any index: a resume under another GPU-to-process mapping still gets its rank's
+    stream). A list (an older version's one state per visible GPU) gives this device's
+    entry when it has one; otherwise the CUDA generator keeps its seed, and we say so."""
+    if isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda)
+        return
+    index = torch.cuda.current_device()
+    if index < len(cuda):
+        torch.cuda.set_rng_state(cuda[index])
+    else:
+        log.warning("%s: CUDA RNG saved for %d devices, this process uses device %d: CUDA RNG not restored "
+                    "(dropout masks on GPU differ from the uninterrupted run)", path, len(cuda), index)
 
 
 def load_error(e: BaseException) -> str:
