@@ -19,6 +19,11 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local_values(tensors: list) -> list:
+    """Each tensor's local part: a DTensor's shard on this rank, a plain tensor itself."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 def describe_layout(t: torch.Tensor) -> str:
     """How ``t`` is laid out: "full (shape)" for a plain tensor, or its placements over its
     mesh and the local shard's shape ("Shard(dim=2) over tp=2, local (4, 32, 128)")."""

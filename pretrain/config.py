@@ -133,7 +133,9 @@ class DataConfig(SourceConfig):
 
 @dataclass
 class LoggingConfig:
-    every: int = 1
+    # Log every N steps (and the first and last); null = 1 on CPU, 10 on CUDA (a logged
+    # step reads values back from the device: observe/metrics.py, LOG_EVERY_CUDA).
+    every: Optional[int] = None
     console: bool = True
     tensorboard: bool = True
     # Peak FLOP/s per device for MFU; null = table for known GPUs, a matmul probe on CPU.

@@ -20,7 +20,7 @@ from parallel import distributed as pdist
 from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims
 from parallel.init import clip_grad_norm_, settle_grads
-from parallel.tensors import describe_layout, full_value, loss_context
+from parallel.tensors import describe_layout, full_value, local_values, loss_context
 
 from .model.family import ModelFamily
 
@@ -133,10 +133,10 @@ class TrainStep:
         if self.chat:
             # Gradients are of the local sums; FSDP averaged them over dp ranks, hence the dp factor.
             mean, n_trained = self.token_mean(loss_sum, trained)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(self.dims.dp / n_trained)
-            loss_sum = mean * self.accum
+            grads = local_values([p.grad for p in self.params if p.grad is not None])
+            if grads:  # a device tensor as the factor: no host sync in the step
+                torch._foreach_mul_(grads, (self.dims.dp / n_trained).to(grads[0].dtype))
+            loss_sum = mean.to(loss_sum.dtype) * self.accum
         if self.dims.uses_tp:
             settle_grads(self.params)
         if self.tied_sync is not None:
@@ -146,12 +146,13 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_sum, grad_norm)
 
-    def token_mean(self, loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    def token_mean(self, loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Global summed loss / global trained-token count. Every TP rank of a DP group holds
         the same sum (under PP only the last stage's), every TP and PP rank the same count.
-        Returns (mean, global count, at least 1)."""
-        sums = pdist.all_reduce_sum(torch.stack([loss_sum, count.to(loss_sum.dtype)]))
-        n = max(sums[1].item() / self.dims.replicas_per_dp_rank, 1.0)
+        Returns (mean, global count, at least 1), both fp64 device tensors (counts past 2^24
+        stay exact; no host sync)."""
+        sums = pdist.all_reduce_sum(torch.stack([loss_sum.double(), count.double()]))
+        n = torch.clamp(sums[1] / self.dims.replicas_per_dp_rank, min=1.0)
         return sums[0] / self.dims.tp / n, n
 
     def mean_over_loss_ranks(self, value: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .config import JobConfig
 from .evaluate import Evaluator
 from .observe.audit import DataAudit
 from .observe.flops import peak_flops
-from .observe.metrics import DataCounts, LogWindow, MetricsSink, training_row
+from .observe.metrics import DataCounts, LogWindow, MetricsSink, log_every, training_row
 from .observe.profiling import StepProfiler
 from .optim import build_lr_fn
 from .runtime.rundir import RunDirError
@@ -160,7 +160,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     evaluator = (Evaluator(cfg, job.tokenizer, dp_rank=job.dp_rank, dp_world=job.dp_world)
                  if cfg.eval.interval > 0 else None)
     profiler = StepProfiler(cfg.profiling, run_dir, env.rank, device, steps_done=job.start_step, last_step=t.steps)
-    counts, window = DataCounts(len(job.sources)), LogWindow(device, every=cfg.logging.every,
+    counts, window = DataCounts(len(job.sources)), LogWindow(device, every=log_every(cfg.logging.every, device),
                                                              start_step=job.start_step, total_steps=t.steps)
     lr_at, tokens_seen, history = build_lr_fn(cfg.optim, t.steps), job.tokens_seen, []
     for part in job.model.parts:

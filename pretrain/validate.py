@@ -173,7 +173,8 @@ def _check_eval(cfg: JobConfig) -> None:
 def _check_run(cfg: JobConfig) -> None:
     """logging, checkpoint and profiling."""
     m = cfg.model
-    _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, "must be >= 1")
+    _require(cfg.logging.every is None or cfg.logging.every >= 1, "logging.every", cfg.logging.every,
+             "must be >= 1, or null (1 on CPU, 10 on CUDA)")
     if cfg.logging.wandb_mode is not None:
         _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")

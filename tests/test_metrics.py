@@ -54,3 +54,17 @@ def test_metrics_jsonl_tensorboard_and_console_agree(tmp_path, tok_cache):
     assert rows[2]["loss"] not in (per_step[3], per_step[4])  # a real average, not one step's
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "pretrain.log").is_file()
+
+
+def test_logging_every_null_is_every_step_on_cpu_and_every_10th_on_cuda():
+    """The default: CPU runs (the demo, the tests) log every step; CUDA runs every 10th, so
+    the host reads nothing back from the device on 9 steps of 10 (tests/test_train_step.py)."""
+    import torch
+
+    from pretrain.observe.metrics import LogWindow, log_every
+
+    assert compose_job().logging.every is None
+    assert log_every(None, torch.device("cpu")) == 1 and log_every(None, torch.device("cuda", 0)) == 10
+    assert log_every(3, torch.device("cuda", 0)) == 3
+    w = LogWindow(torch.device("cpu"), every=log_every(None, torch.device("cuda", 0)), start_step=0, total_steps=25)
+    assert [s for s in range(1, 26) if w.due(s, evaluated=False)] == [1, 10, 20, 25]
