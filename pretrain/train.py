@@ -200,7 +200,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         # Each one runs even when another raises (a full disk fails the metrics sink's
         # close): loader workers left alive would keep the process from exiting.
         with ExitStack() as stack:
-            for close in (job.loader.close, audit.close if audit is not None else None, sink.close, profiler.stop):
+            for close in (job.loader.close, audit.close if audit is not None else None, sink.close, profiler.stop,
+                          ckpt.close):
                 if close is not None:
                     stack.callback(close)
     if is_rank0:

@@ -200,6 +200,14 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     _require(p.ac_every_n >= 1, "parallel.ac_every_n", p.ac_every_n, "must be >= 1")
     _require(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds")
+    if p.compile:
+        import torch
+
+        from parallel.compile import missing_prerequisites
+
+        cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        missing = missing_prerequisites("cuda" if cuda else "cpu")
+        _require(not missing, "parallel.compile", True, "needs on every node " + "; and ".join(missing))
     if dims.tp > 1:
         for key, v in get_family(m.family).tp_divisible(m):
             _require(v % dims.tp == 0, key, v, f"must divide by parallel.tp={dims.tp} (each rank holds 1/tp of it)")

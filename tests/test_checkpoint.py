@@ -295,3 +295,31 @@ def test_cuda_rng_is_this_process_device_only(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     files.load_rng(tmp_path / "rng" / "rank-6.pt")  # device 3 of a 2-GPU list: kept, said, no IndexError
     assert len(restored) == 2
+
+
+def test_async_saves_reuse_one_stager_and_save_the_current_values(tmp_path):
+    """Async saves stage through one stager made once (its host copies are reused by every
+    later save): each checkpoint still holds the values at its own step."""
+    import torch.distributed.checkpoint as dcp
+
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.config import CheckpointConfig
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(interval=1, async_save=True, keep_last=0), rank=0, world_size=1)
+    stagers, weights = [], {}
+    for step in (1, 2, 3):
+        model(torch.ones(1, 4)).sum().backward()
+        opt.step()
+        weights[step] = model.weight.detach().clone()
+        ckpt.save(step, step, model, opt)
+        stagers.append(ckpt._stager)
+        ckpt.wait()
+    assert stagers[0] is not None and stagers[0] is stagers[1] is stagers[2]
+    for step, want in weights.items():
+        state = {"model": {"weight": torch.empty(4, 4), "bias": torch.empty(4)}}
+        dcp.load(state, checkpoint_id=str(tmp_path / f"step-{step}"), no_dist=True)
+        assert torch.equal(state["model"]["weight"], want), step
+    assert not torch.equal(weights[1], weights[3])
+    ckpt.close()

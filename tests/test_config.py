@@ -132,3 +132,28 @@ def test_help_lists_groups():
     for group in ("model:", "parallel:", "optim:", "experiment:"):
         assert group in proc.stdout
     assert "llama3_2_1b" in proc.stdout
+
+
+def test_compile_without_a_compiler_or_python_headers_names_the_fix(tmp_path, monkeypatch):
+    """parallel.compile=true on a node without a C/C++ compiler or Python.h: Inductor (CPU)
+    or Triton (CUDA) would fail at the first step deep in a build log; the job stops at
+    validation (exit 2) naming what is missing and how to get it."""
+    import sysconfig
+
+    from parallel.compile import missing_prerequisites
+
+    cfg = compose_job("parallel.compile=true", "train.device=cpu")
+    validate_job(cfg, 1)  # this machine has g++ and the headers (.ci/run installs them)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(ConfigError) as e:
+        validate_job(cfg, 1)
+    assert e.value.key == "parallel.compile" and "a C++ compiler (g++, clang++, c++ or $CXX)" in str(e.value)
+    assert "build-essential" in str(e.value)
+    assert "a C compiler (clang, gcc, cc or $CC)" in missing_prerequisites("cuda")[0]
+    monkeypatch.setenv("CC", "/opt/nowhere/gcc")
+    assert "$CC='/opt/nowhere/gcc' is not an executable" in missing_prerequisites("cuda")[0]
+    real = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "include": str(tmp_path)})
+    assert any(f"no {tmp_path}/Python.h (apt-get install python3-dev" in m for m in missing_prerequisites("cpu"))
