@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The first run on a lent GPU, as one command: the CUDA paths the CPU suite cannot reach,
+# each checked, then a summary table. Sized for < 10 minutes on one H200.
+#
+#   bash bench/gpu_smoke.sh [OUT_DIR]          # default OUT_DIR: $OUT, else /tmp/gpu_smoke
+#
+# Parts (each with its own time limit; a part that fails does not stop the others):
+#   clip        our clip_grad_norm_ on CUDA gradients vs torch.nn.utils.clip_grad_norm_
+#   debug20     20 steps of the debug model, bf16, async checkpoints every 10, the profiler
+#               with a memory snapshot on steps 5-6: metrics hold mfu and mem_gb
+#   resume      the same run dir to step 25: resumes from step 20
+#   compile     compile + selective AC + document masking, 10 steps
+#   1b-4k       Llama 3.2 1B at seq 4096, 5 steps: memory and MFU
+#   sigusr1     SIGUSR1 mid-run: exit 3 and a complete checkpoint
+#   bench-*     bench/train_throughput.py --gpu (short), finetune_memory.py --gpu,
+#               activation_memory.py --device cuda
+#   fsdp2/tp2   2-rank NCCL runs, only when 2+ GPUs are visible
+#
+# Packages the machine lacks travel as wheels in .whl/ (see /work/.library/device/README.md,
+# or any pip download for the machine's Python): installed into /tmp/site when present.
+# SMOKE_DRY_RUN=1 runs the same script on CPU with small shapes (checks the script itself).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-/tmp/gpu_smoke}}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing .whl/ failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+if [ "${SMOKE_DRY_RUN:-0}" = 1 ]; then
+  DEV=cpu; NGPU=0; SEQ=64; BATCH=2
+  BIG=(model=debug model.n_layers=2 model.vocab_size=128256 train.seq_len=128 train.local_batch_size=1)
+else
+  DEV=cuda; NGPU=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  [ "$NGPU" -ge 1 ] || { echo "no CUDA device visible to $PY"; exit 1; }
+  SEQ=1024; BATCH=8; BIG=(model=llama3_2_1b train.seq_len=4096 train.local_batch_size=2)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
+$PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__)' | tee "$OUT/versions.txt"
+# The debug model with Llama 3's bundled tokenizer (no BPE training on the GPU's time).
+DEBUG=(model=debug model.vocab_size=128256 data.tokenizer.kind=llama3 "train.device=$DEV" "train.seq_len=$SEQ"
+       "train.local_batch_size=$BATCH" optim.warmup_steps=2)
+
+ROWS=()
+row() { ROWS+=("$(printf '%-10s %-5s %6ss  %s' "$1" "$2" "$3" "$4")"); }
+
+# part NAME LIMIT_S CMD...: runs CMD (stdout+stderr to OUT/NAME.log); sets RC and SECS.
+part() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  RC=$?; SECS=$((SECONDS - t0))
+  echo "== $name: rc=$RC in ${SECS}s"
+}
+
+# metrics RUN_DIR: "steps=.. loss a->b mfu=.. mem_gb=.." from metrics.jsonl, or a reason.
+metrics() {
+  $PY - "$1" <<'PY'
+import json, math, sys
+rows = {}
+try:
+    for line in open(sys.argv[1] + "/metrics.jsonl"):
+        r = json.loads(line); rows[r["step"]] = r
+except OSError as e:
+    print(f"no metrics ({e.strerror})"); sys.exit(1)
+last = rows[max(rows)]
+ok = all(k in last and math.isfinite(last[k]) for k in ("loss", "mfu", "mem_gb"))
+print(f"steps={max(rows)} loss {rows[min(rows)]['loss']:.3f}->{last['loss']:.3f} mfu={last.get('mfu', float('nan')):.3f} "
+      f"mem_gb={last.get('mem_gb', float('nan')):.1f} tok/s={last.get('tokens_per_s', 0):.0f}")
+sys.exit(0 if ok else 1)
+PY
+}
+
+# 1. clipping on CUDA tensors against torch's own
+part clip 120 $PY - "$DEV" <<'PY'
+import copy, sys, torch, torch.nn.functional as F
+from parallel.init import clip_grad_norm_
+from pretrain.model.llama import build_llama
+from pretrain.model.llama.args import LlamaArgs
+dev = torch.device(sys.argv[1])
+args = LlamaArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=512, vocab_size=1024)
+torch.manual_seed(0)
+m = build_llama(args, rope_cache_len=64, device=dev); m.init_weights(seed=0)
+t = torch.randint(0, 1024, (4, 65), device=dev)
+F.cross_entropy(m(t[:, :-1]).flatten(0, 1).float(), t[:, 1:].flatten()).backward()
+ref = copy.deepcopy(m)
+for p, q in zip(m.parameters(), ref.parameters()):
+    q.grad = p.grad.clone()
+norm = torch.nn.utils.get_total_norm([p.grad for p in m.parameters()]).item()
+got = clip_grad_norm_(list(m.parameters()), norm / 33)
+want = torch.nn.utils.clip_grad_norm_(ref.parameters(), norm / 33)
+diff = max((p.grad - q.grad).abs().max().item() for p, q in zip(m.parameters(), ref.parameters()))
+print(f"norm {got.item():.6g} vs torch {want.item():.6g}; max |clipped grad diff| {diff:.2e}")
+sys.exit(0 if torch.equal(got, want) and diff == 0 else 1)
+PY
+row clip "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/clip.log")"
+
+# 2. debug model, bf16 (auto on CUDA), async checkpoints, profiler + memory snapshot
+RUN=$OUT/run_debug; rm -rf "$RUN"
+part debug20 300 $PY -m pretrain "${DEBUG[@]}" train.steps=20 checkpoint.interval=10 checkpoint.async_save=true \
+  profiling.enable=true profiling.start_step=5 profiling.steps=2 profiling.memory=true logging.every=5 \
+  "hydra.run.dir=$RUN"
+M=$(metrics "$RUN"); MRC=$?
+PROF=$(ls "$RUN/profile" 2>/dev/null | tr '\n' ' ')
+ok=$([ $RC = 0 ] && [ $MRC = 0 ] && [ -d "$RUN/checkpoints/step-20" ] && echo ok || echo FAIL)
+row debug20 "$ok" "$SECS" "$M | ckpts: $(ls "$RUN/checkpoints" 2>/dev/null | tr '\n' ' ')| profile: $PROF"
+
+# 3. resume from step 20
+part resume 300 $PY -m pretrain "${DEBUG[@]}" train.steps=25 checkpoint.interval=10 checkpoint.async_save=true \
+  logging.every=5 "hydra.run.dir=$RUN"
+ok=$([ $RC = 0 ] && grep -q "resumed from step 20" "$OUT/resume.log" && echo ok || echo FAIL)
+row resume "$ok" "$SECS" "$(grep -o 'resumed from step [0-9]*' "$OUT/resume.log" | head -1) | $(metrics "$RUN")"
+
+# 4. compile + selective AC + document masking
+RUN=$OUT/run_compile; rm -rf "$RUN"
+part compile 420 $PY -m pretrain "${DEBUG[@]}" train.steps=10 parallel.compile=true \
+  parallel.activation_checkpoint=selective_op data.document_masking=true logging.every=5 "hydra.run.dir=$RUN"
+M=$(metrics "$RUN"); MRC=$?
+ok=$([ $RC = 0 ] && [ $MRC = 0 ] && echo ok || echo FAIL)
+row compile "$ok" "$SECS" "$M | $(grep -o 'compiled [0-9]*' "$OUT/compile.log" | head -1), $(grep -o 'graphs built: [0-9]*' "$OUT/compile.log")"
+
+# 5. Llama 3.2 1B at seq 4096
+RUN=$OUT/run_1b; rm -rf "$RUN"
+part 1b-4k 420 $PY -m pretrain "${BIG[@]}" "train.device=$DEV" data.tokenizer.kind=llama3 train.steps=5 \
+  logging.every=1 "hydra.run.dir=$RUN"
+M=$(metrics "$RUN"); MRC=$?
+row 1b-4k "$([ $RC = 0 ] && [ $MRC = 0 ] && echo ok || echo FAIL)" "$SECS" "$M"
+
+# 6. SIGUSR1: checkpoint at the next step boundary, exit 3
+RUN=$OUT/run_usr1; rm -rf "$RUN"
+t0=$SECONDS
+$PY -m pretrain "${DEBUG[@]}" train.steps=100000 logging.every=1 "hydra.run.dir=$RUN" >"$OUT/sigusr1.log" 2>&1 &
+PID=$!
+for _ in $(seq 600); do
+  [ -f "$RUN/metrics.jsonl" ] && [ "$(wc -l <"$RUN/metrics.jsonl")" -ge 3 ] && break
+  kill -0 $PID 2>/dev/null || break
+  sleep 0.5
+done
+kill -USR1 $PID 2>/dev/null
+wait $PID; RC=$?
+CK=$(ls "$RUN/checkpoints" 2>/dev/null | grep -v partial | tr '\n' ' ')
+row sigusr1 "$([ $RC = 3 ] && [ -n "$CK" ] && echo ok || echo FAIL)" "$((SECONDS - t0))" "exit $RC, checkpoints: $CK"
+
+# 7. the benchmarks, short
+if [ "$DEV" = cuda ]; then
+  part bench-tput 240 $PY bench/train_throughput.py --gpu --gpu-steps 3 --gpu-warmup 1 --gpu-max-batch 4
+  row bench-tput "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/bench-tput.log")"
+  part bench-ft 180 $PY bench/finetune_memory.py --gpu
+  row bench-ft "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/bench-ft.log")"
+  part bench-act 180 $PY bench/activation_memory.py --device cuda
+  row bench-act "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/bench-act.log")"
+fi
+
+# 8. multi-rank NCCL, when there are GPUs for it
+if [ "$NGPU" -ge 2 ]; then
+  for layout in "fsdp2:parallel=fsdp" "tp2:parallel.tp=2 parallel.dp_shard=1 parallel.loss_parallel=true"; do
+    name=${layout%%:*}; RUN=$OUT/run_$name; rm -rf "$RUN"
+    # shellcheck disable=SC2086
+    part "$name" 300 $PY -m torch.distributed.run --standalone --nproc_per_node 2 -m pretrain "${DEBUG[@]}" \
+      train.steps=10 logging.every=5 ${layout#*:} "hydra.run.dir=$RUN"
+    M=$(metrics "$RUN"); MRC=$?
+    row "$name" "$([ $RC = 0 ] && [ $MRC = 0 ] && echo ok || echo FAIL)" "$SECS" "$M"
+  done
+else
+  row nccl skip 0 "1 GPU visible: the 2-rank NCCL parts need 2+"
+fi
+
+echo
+printf '%-10s %-5s %7s  %s\n' part state time figures | tee "$OUT/summary.txt"
+printf '%s\n' "${ROWS[@]}" | tee -a "$OUT/summary.txt"
+! grep -q ' FAIL ' "$OUT/summary.txt"
