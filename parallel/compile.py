@@ -21,8 +21,8 @@ def missing_prerequisites(device_type: str) -> list:
     missing = []
     env, names, what = (("CC", ("clang", "gcc", "cc"), "a C compiler") if device_type == "cuda"
                         else ("CXX", ("g++", "clang++", "c++"), "a C++ compiler"))
-    chosen = os.environ.get(env)
-    if chosen and not shutil.which(chosen):
+    chosen = os.environ.get(env, "").strip()
+    if chosen and not shutil.which(chosen.split()[0]):  # "ccache gcc": its first word runs
         missing.append(f"{what}: ${env}={chosen!r} is not an executable on PATH (fix ${env} or unset it)")
     elif not chosen and not any(shutil.which(n) for n in names):
         missing.append(f"{what} ({', '.join(names)} or ${env}): none on PATH (apt-get install build-essential, "
