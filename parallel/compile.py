@@ -10,23 +10,31 @@ def apply_compile(blocks) -> None:
 
 
 def missing_prerequisites(device_type: str) -> list:
-    """What ``torch.compile`` needs on this node and lacks, each with its fix: on CUDA,
-    Triton builds a small C module per kernel launcher (a C compiler: ``$CC``, clang, gcc
-    or cc; and the Python headers); on CPU, Inductor builds C++ (``$CXX``, g++, clang++ or
-    c++; the same headers)."""
+    """What ``torch.compile`` needs on this node and lacks, each with its fix, found the way
+    its builders look: on CUDA, Triton compiles a small C module per kernel launcher with
+    ``$CC`` (run as given, no arguments), else gcc, else clang; on CPU, Inductor compiles
+    C++ with ``$CXX``, else g++ (its own search, called here). Both need the Python headers."""
     import os
     import shutil
     import sysconfig
 
     missing = []
-    env, names, what = (("CC", ("clang", "gcc", "cc"), "a C compiler") if device_type == "cuda"
-                        else ("CXX", ("g++", "clang++", "c++"), "a C++ compiler"))
-    chosen = os.environ.get(env, "").strip()
-    if chosen and not shutil.which(chosen.split()[0]):  # "ccache gcc": its first word runs
-        missing.append(f"{what}: ${env}={chosen!r} is not an executable on PATH (fix ${env} or unset it)")
-    elif not chosen and not any(shutil.which(n) for n in names):
-        missing.append(f"{what} ({', '.join(names)} or ${env}): none on PATH (apt-get install build-essential, "
-                       f"or load your cluster's gcc module)")
+    if device_type == "cuda":
+        cc = os.environ.get("CC")
+        if cc is not None and not shutil.which(cc):
+            missing.append(f"a C compiler for Triton: $CC={cc!r} is not an executable file (Triton runs $CC as "
+                           f"given, without arguments: fix $CC or unset it)")
+        elif cc is None and not (shutil.which("gcc") or shutil.which("clang")):
+            missing.append("a C compiler for Triton (gcc or clang on PATH, or $CC): apt-get install gcc, or load "
+                           "your cluster's gcc module")
+    else:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 (Inductor's InvalidCxxCompiler, or its search failing)
+            missing.append(f"a C++ compiler for Inductor ($CXX, else g++: {str(e).splitlines()[0]}): apt-get "
+                           f"install g++, or set $CXX to one")
     include = sysconfig.get_paths()["include"]
     if not os.path.isfile(os.path.join(include, "Python.h")):
         missing.append(f"the Python headers: no {include}/Python.h (apt-get install python3-dev, or a Python "

@@ -34,4 +34,5 @@ class ParallelConfig:
     # Seconds a collective may wait before the process group gives up (NCCL's watchdog,
     # gloo's timeout), for every group the trainer makes: raise it when a synchronous save
     # of a large checkpoint on a slow filesystem keeps the fastest rank waiting longer.
+    # 60 to 31536000; the start-up rendezvous waits as long for every rank to arrive.
     timeout_s: float = 600.0

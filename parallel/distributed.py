@@ -88,10 +88,27 @@ def build_device_mesh(dims: ParallelDims, device: torch.device) -> Optional[Devi
     if dims.world_size == 1:
         return None
     # pp outermost, tp innermost: the ranks of a tensor-parallel group are neighbours (one node).
-    # Its groups are split from the world group and keep its timeout (parallel.timeout_s:
-    # tests/timeout_worker.py reads it back from each).
+    names = ("pp", "dp_replicate", "dp_shard", "tp")
+    options = _group_options(device)  # every dimension's groups wait parallel.timeout_s
     return init_device_mesh(device.type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
-                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+                            mesh_dim_names=names, backend_override={n: options for n in names})
+
+
+def _group_options(device: torch.device):
+    """(backend: the world group's, options carrying ``parallel.timeout_s``) for the mesh's
+    groups. Without them torch makes a group smaller than the world with its backend's
+    default (gloo 30 min, nccl 10 min); tests/timeout_worker.py reads every group back."""
+    if device.type == "cuda":
+        from torch.distributed import ProcessGroupNCCL
+
+        opts = ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = False
+    else:
+        from torch._C._distributed_c10d import Backend
+
+        opts = Backend.Options("gloo", _TIMEOUT)
+    opts._timeout = _TIMEOUT
+    return None, opts
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from .checkpoint import Checkpointer
 from .config import JobConfig
 from .evaluate import Evaluator
 from .observe.audit import DataAudit
-from .observe.flops import peak_flops
+from .observe.flops import gpu_peak_tflops, peak_flops
 from .observe.metrics import DataCounts, LogWindow, MetricsSink, log_every, training_row
 from .observe.profiling import StepProfiler
 from .optim import build_lr_fn
@@ -115,8 +115,8 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
                  100 * m.n_trainable / m.n_params, f"{m.n_params:,}")
     log.info("%s | deterministic algorithms %s", describe_blocks(m.parts, m.family.layout),
              "on" if torch.are_deterministic_algorithms_enabled() else "off")
-    source = ("logging.peak_tflops" if cfg.logging.peak_tflops else
-              "the GPU table" if device.type == "cuda" else "a CPU fp32 matmul probe")
+    source = ("logging.peak_tflops" if cfg.logging.peak_tflops else "a CPU fp32 matmul probe" if device.type != "cuda"
+              else "the GPU table" if gpu_peak_tflops(torch.cuda.get_device_name(device)) else "an assumed A100's")
     log.info("MFU = %r FLOPs/token x tokens/s / (%r FLOP/s peak per device, from %s x %d devices)",
              fpt, peak, source, env.world_size)
     if job.start_step:

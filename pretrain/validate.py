@@ -199,7 +199,8 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
         raise ConfigError(e.key, e.value, e.expected) from None
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     _require(p.ac_every_n >= 1, "parallel.ac_every_n", p.ac_every_n, "must be >= 1")
-    _require(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds")
+    _require(60 <= p.timeout_s <= 31_536_000, "parallel.timeout_s", p.timeout_s,
+             "must be from 60 to 31536000 seconds (a minute to a year): the start-up rendezvous waits as long")
     if p.compile:
         import torch
 

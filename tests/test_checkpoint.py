@@ -295,6 +295,11 @@ def test_cuda_rng_is_this_process_device_only(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     files.load_rng(tmp_path / "rng" / "rank-6.pt")  # device 3 of a 2-GPU list: kept, said, no IndexError
     assert len(restored) == 2
+    for bad in ("x", [], [1, 2], [mine.float()], mine.reshape(4, 4), {0: mine}):  # crafted entries
+        torch.save({**saved, "cuda": bad}, tmp_path / "rng" / "rank-7.pt")
+        with pytest.raises(files.CheckpointError, match=r"rank-7.pt: its 'cuda' entry is not a CUDA RNG state"):
+            files.load_rng(tmp_path / "rng" / "rank-7.pt")
+    assert len(restored) == 2
 
 
 def test_async_saves_reuse_one_stager_and_save_the_current_values(tmp_path):

@@ -144,16 +144,28 @@ def test_compile_without_a_compiler_or_python_headers_names_the_fix(tmp_path, mo
 
     cfg = compose_job("parallel.compile=true", "train.device=cpu")
     validate_job(cfg, 1)  # this machine has g++ and the headers (.ci/run installs them)
+    from torch._inductor import cpp_builder
+
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH
+    cpp_builder.cpp_compiler_search.cache_clear()  # Inductor remembers the compiler it found
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.delenv("CC", raising=False)
     with pytest.raises(ConfigError) as e:
         validate_job(cfg, 1)
-    assert e.value.key == "parallel.compile" and "a C++ compiler (g++, clang++, c++ or $CXX)" in str(e.value)
-    assert "build-essential" in str(e.value)
-    assert "a C compiler (clang, gcc, cc or $CC)" in missing_prerequisites("cuda")[0]
+    assert e.value.key == "parallel.compile" and "a C++ compiler for Inductor ($CXX, else g++" in str(e.value)
+    assert "apt-get install g++" in str(e.value)
+    assert "a C compiler for Triton (gcc or clang on PATH, or $CC)" in missing_prerequisites("cuda")[0]
     monkeypatch.setenv("CC", "/opt/nowhere/gcc")
-    assert "$CC='/opt/nowhere/gcc' is not an executable" in missing_prerequisites("cuda")[0]
+    assert "$CC='/opt/nowhere/gcc' is not an executable file" in missing_prerequisites("cuda")[0]
+    gcc = tmp_path / "bin" / "gcc"  # an executable gcc on PATH satisfies Triton's search
+    gcc.parent.mkdir()
+    gcc.write_text("#!/bin/sh\n")
+    gcc.chmod(0o755)
+    monkeypatch.setenv("PATH", str(gcc.parent))
+    monkeypatch.delenv("CC")
+    assert not any("compiler" in m for m in missing_prerequisites("cuda"))
+    monkeypatch.setenv("CC", "gcc -m64")  # Triton would run "gcc -m64" as one file name
+    assert "$CC='gcc -m64' is not an executable file" in missing_prerequisites("cuda")[0]
     real = sysconfig.get_paths
     monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "include": str(tmp_path)})
     assert any(f"no {tmp_path}/Python.h (apt-get install python3-dev" in m for m in missing_prerequisites("cpu"))

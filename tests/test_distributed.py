@@ -114,15 +114,15 @@ def test_keep_last_prunes_older_checkpoints_and_resume_false_starts_over(tmp_pat
 
 
 def test_parallel_timeout_reaches_every_group():
-    """parallel.timeout_s: the world group, each mesh dimension's group and the async
-    checkpoint writer's group all wait that long (read back from the groups; torch would
-    give a new gloo group 1800 s, a new nccl group 600 s)."""
+    """parallel.timeout_s: the world group, each mesh dimension's group (2-rank groups of a
+    4-rank world) and the async checkpoint writer's group all wait that long (read back
+    from the groups; torch would give a new gloo group 1800 s, a new nccl group 600 s)."""
     import json
     import subprocess
 
     from conftest import BIN, REPO, _env, free_port
 
-    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(REPO / "tests" / "timeout_worker.py"), "123"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True,
                           timeout=300)

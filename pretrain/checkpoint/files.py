@@ -468,7 +468,7 @@ def load_rng(path: Path) -> None:
             random.setstate(state["python"])
             np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
+        if "cuda" in state:
             _restore_cuda_rng(state["cuda"], path)
     except CheckpointError:
         raise
@@ -482,6 +482,14 @@ def _restore_cuda_rng(cuda, path: Path) -> None:
     (any index: a resume under another GPU-to-process mapping still gets its rank's
     stream). A list (an older version's one state per visible GPU) gives this device's
     entry when it has one; otherwise the CUDA generator keeps its seed, and we say so."""
+    def is_state(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() > 0
+
+    if not (is_state(cuda) or (isinstance(cuda, (list, tuple)) and cuda and all(map(is_state, cuda)))):
+        raise CheckpointError(f"{path}: its 'cuda' entry is not a CUDA RNG state (a non-empty 1-D uint8 tensor, or "
+                              f"a list of them); a checkpoint is read as data, never run as code")
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return  # this process computes on the CPU: its CUDA generator is not used
     if isinstance(cuda, torch.Tensor):
         torch.cuda.set_rng_state(cuda)
         return

@@ -246,7 +246,8 @@ class Checkpointer:
         return self._stager
 
     def close(self) -> None:
-        """Frees the staging buffers (after the last save has been waited for)."""
+        """Drops the stager's cache of host buffers (a write still in flight keeps the
+        buffers it holds until it ends)."""
         if self._stager is not None:
             self._stager.close()
             self._stager = None
@@ -305,6 +306,7 @@ class Checkpointer:
             return None
         _, step, partial, *_ = self._pending
         self._pending = None
+        # Said by every rank that fails: the one that failed first need not be rank 0.
         log.warning("training failed with the async save of step %d in flight: not committed (%s is removed at "
                     "the next start, which resumes from the newest complete checkpoint)", step, partial)
         return partial
