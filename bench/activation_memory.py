@@ -1,12 +1,14 @@
 """Peak memory of one training step (forward + backward) under each activation
 checkpointing mode, on a model with a long sequence, and the step time it costs.
 
-Each mode runs in its own fresh process (the allocator keeps freed memory, so one process
-cannot measure several peaks). On CPU the peak is the process's high-water RSS (VmHWM,
-reset through /proc/self/clear_refs right before the step) minus the RSS before it; on
-CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the step.
-Either way it is the step's own memory: activations, gradients and temporaries, not the
-weights. The last line is machine-readable key=value pairs."""
+Each mode runs in its own fresh process. On CPU the peak is the most bytes held at once by
+the tensors the step allocates, from torch.profiler's memory events (exact: the process's
+RSS moved with the malloc arenas and with other processes, by up to 0.17 of the baseline
+between a quiet and a busy machine); on CUDA it is torch.cuda.max_memory_allocated minus
+the memory allocated before the step. Either way it is the step's own memory:
+activations, gradients and temporaries, not the weights. The peak is measured on a step
+of its own; the time is the fastest of ``--steps`` further steps. The last line is
+machine-readable key=value pairs."""
 from __future__ import annotations
 
 import argparse
@@ -22,11 +24,22 @@ sys.path.insert(0, str(REPO))
 MODES = ("none", "every_n", "selective_op", "full")
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+def _cpu_peak_bytes(step) -> int:
+    """The most bytes held at once by tensors allocated during ``step``: torch.profiler's
+    memory events ("Total Allocated" counts the allocations it saw, from 0 at its start).
+    Exact, and unlike the process's RSS it does not depend on the malloc arenas or on
+    other processes competing for memory."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
 def measure(mode: str, a) -> dict:
@@ -51,24 +64,24 @@ def measure(mode: str, a) -> dict:
         logits = model(tokens[:, :-1])
         F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
 
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":  # the peak of a first step, from a clean start
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = _cpu_peak_bytes(step)
     times = []
-    for i in range(a.steps):
+    for _ in range(a.steps):  # timed apart from the measured step (the profiler slows it)
         model.zero_grad(set_to_none=True)
-        if i == 0:  # the peak of the first step, from a clean start
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-            else:
-                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                before = _rss_kb("VmRSS") * 1024
         t0 = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        if i == 0:
-            peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kb("VmHWM") * 1024) - before
     return {"mode": mode, "peak_mb": peak / 2**20, "step_s": min(times)}
 
 
@@ -94,7 +107,7 @@ def main() -> None:
         rows[mode] = json.loads(out)
     base = rows["none"]
     print(f"Llama dim {a.dim}, {a.layers} layers, seq {a.seq}, batch {a.batch}, vocab {a.vocab}, {a.device}; "
-          f"peak = step memory above the weights ({'max allocated' if a.device == 'cuda' else 'high-water RSS'})")
+          f"peak = step memory above the weights ({'max allocated' if a.device == 'cuda' else 'profiler allocation count'})")
     print(f"{'mode':<13} {'peak MB':>9} {'vs none':>8} {'step s':>8} {'vs none':>8}")
     for mode, r in rows.items():
         print(f"{mode:<13} {r['peak_mb']:>9.0f} {r['peak_mb'] / base['peak_mb']:>8.2f} {r['step_s']:>8.2f} "

@@ -136,9 +136,10 @@ def test_activation_checkpointing_is_bit_identical(reference, tmp_path, tok_cach
 
 
 def test_activation_checkpointing_lowers_peak_memory():
-    """bench/activation_memory.py: one fresh process per mode, the step's high-water RSS
-    above the weights, 8 blocks at seq 2048. Measured: none 216 MB; every_n 0.71, selective_op
-    0.79, full 0.54 of it (two runs agree within 0.02). Without the wrapper all are ~1.0."""
+    """bench/activation_memory.py: one fresh process per mode, 8 blocks at seq 2048, the
+    most bytes the step's tensors hold at once (torch.profiler's allocation counts: exact,
+    the same on a busy machine). Measured: none 179 MB; every_n 0.553, selective_op 0.644,
+    full 0.208 of it. Without the wrapper every mode is 1.0."""
     import subprocess
     import sys
 
@@ -149,7 +150,7 @@ def test_activation_checkpointing_lowers_peak_memory():
     got = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())
     ratio = {m: float(got[f"mem_ratio_{m}"]) for m in ("every_n", "selective_op", "full")}
     assert float(got["peak_mb_none"]) > 150, got
-    assert ratio["full"] <= 0.7 and ratio["every_n"] <= 0.85 and ratio["selective_op"] <= 0.9, ratio
+    assert ratio["full"] <= 0.3 and ratio["every_n"] <= 0.65 and ratio["selective_op"] <= 0.75, ratio
     assert ratio["full"] < min(ratio["every_n"], ratio["selective_op"]), ratio
 
 
