@@ -103,6 +103,19 @@ def run_job(run_dir: Path, overrides: Sequence[str], *, tok_cache: str, nproc: i
     return proc
 
 
+def run_worker(script: str, *args: str, nproc: int = 2) -> List[dict]:
+    """``tests/<script>`` under torchrun (``nproc`` gloo processes); the JSON lines it
+    printed (rank 0's rows). Fails with the workers' stderr when it does not exit 0."""
+    import json
+
+    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(REPO / "tests" / script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def _simulated_srun(args, nproc: int, timeout: int) -> subprocess.CompletedProcess:
     """What `srun --ntasks N` sets for each task, on one node; no torchrun involved."""
     port = free_port()

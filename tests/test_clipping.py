@@ -10,13 +10,11 @@ differs (measured: 7e-10 absolute on gradients of magnitude up to 2.7e-3), asser
 within 1e-5 of the largest gradient. A layout that clipped with its local norm, or not
 at all, is off by a factor of 2 to 33."""
 import copy
-import json
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
-from conftest import BIN, REPO, _env, free_port
+from conftest import run_worker
 from parallel.init import clip_grad_norm_
 from pretrain.model.llama.args import LlamaArgs
 from pretrain.model.llama import build_llama
@@ -74,12 +72,7 @@ def test_skipped_copy_is_clipped_but_not_counted():
 
 
 def test_layouts_clip_like_one_process():
-    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "clip_worker.py")]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = run_worker("clip_worker.py")
     assert [r["layout"] for r in rows] == ["fsdp2", "tp2+sp", "pp2-1f1b"]
     for r in rows:
         assert r["names"], r

@@ -117,16 +117,8 @@ def test_parallel_timeout_reaches_every_group():
     """parallel.timeout_s: the world group, each mesh dimension's group (2-rank groups of a
     4-rank world) and the async checkpoint writer's group all wait that long (read back
     from the groups; torch would give a new gloo group 1800 s, a new nccl group 600 s)."""
-    import json
-    import subprocess
+    from conftest import run_worker
 
-    from conftest import BIN, REPO, _env, free_port
-
-    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "timeout_worker.py"), "123"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (row,) = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    (row,) = run_worker("timeout_worker.py", "123", nproc=4)
     assert row == {k: 123.0 for k in ("world", "mesh:dp_shard", "mesh:dp_replicate", "mesh:tp", "mesh:pp",
                                       "checkpoint writer")}

@@ -1,9 +1,7 @@
 """Mixed precision and FSDP2 options on real 2-process runs."""
-import json
 import math
-import subprocess
 
-from conftest import BIN, FSDP2, REPO, _env, free_port, losses, read_metrics, run_job
+from conftest import FSDP2, losses, read_metrics, run_job, run_worker
 
 
 def test_bf16_params_under_fsdp_track_fp32(tmp_path, tok_cache, shared_run):
@@ -39,12 +37,7 @@ def test_reshard_after_forward_frees_the_gathered_weights():
     parameters are their sharded halves when ``reshard_after_forward`` is on (all but the
     last block, whose backward comes first and keeps them), and the full gathered tensors
     when it is off."""
-    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "reshard_worker.py")]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = {r["reshard_after_forward"]: r["blocks"] for r in map(json.loads, (ln for ln in proc.stdout.splitlines() if ln.startswith("{")))}
+    rows = {r["reshard_after_forward"]: r["blocks"] for r in run_worker("reshard_worker.py")}
     full = [[32, 64], [64], [64, 64], [64, 128], [128, 64]]  # wk/wv, norms, wq/wo, w1/w3, w2 of dim 64
     assert rows[False] == {b: {"kinds": ["full"], "local_shapes": full} for b in ("block0", "block1")}
     assert rows[True]["block0"] == {"kinds": ["sharded"], "local_shapes": [[16, 64], [32], [32, 64], [32, 128],
