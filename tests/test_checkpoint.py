@@ -25,9 +25,14 @@ BIG = ["model.dim=512", "model.ffn_hidden_dim=2048", "model.n_layers=4", "model.
 
 
 def start_job(run_dir: Path, overrides, tok_cache: str, nproc: int = 2, max_restarts: int = 0) -> subprocess.Popen:
+    """The job in the background: under torchrun, or ``nproc=1`` as one plain process."""
     args = [*TINY, f"data.tokenizer.cache_dir={tok_cache}", *overrides, f"hydra.run.dir={run_dir}"]
-    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc), "--max-restarts",
-           str(max_restarts), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain", *args]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "pretrain", *args]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc), "--max-restarts",
+               str(max_restarts), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain",
+               *args]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -145,9 +150,7 @@ def test_signals_during_the_save_change_nothing(tmp_path, tok_cache):
     written (its .partial dir exists, a ~130 MB save) neither abort it nor change the exit."""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    cmd = [sys.executable, "-m", "pretrain", *TINY, f"data.tokenizer.cache_dir={tok_cache}", *BIG,
-           "train.steps=400", f"hydra.run.dir={run}"]
-    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = start_job(run, [*BIG, "train.steps=400"], tok_cache, nproc=1)
     wait_for(lambda: max(logged_steps(run), default=0) >= 2, p)
     p.send_signal(signal.SIGUSR1)
     wait_for(lambda: any(ckpts.glob("*.partial")), p, timeout=60)
@@ -165,9 +168,7 @@ def test_signals_during_the_save_change_nothing(tmp_path, tok_cache):
 
 def test_single_process_sigterm_exits_3_after_its_checkpoint(tmp_path, tok_cache):
     run = tmp_path / "single"
-    cmd = [sys.executable, "-m", "pretrain", *TINY, f"data.tokenizer.cache_dir={tok_cache}", *DET,
-           "train.steps=400", f"hydra.run.dir={run}"]
-    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = start_job(run, [*DET, "train.steps=400"], tok_cache, nproc=1)
     wait_for(lambda: max(logged_steps(run), default=0) >= 3, p)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
