@@ -26,7 +26,7 @@ from .checkpoint import Checkpointer
 from .config import JobConfig
 from .evaluate import Evaluator
 from .observe.audit import DataAudit
-from .observe.flops import gpu_peak_tflops, peak_flops
+from .observe.flops import peak_flops_and_source
 from .observe.metrics import DataCounts, LogWindow, MetricsSink, log_every, training_row
 from .observe.profiling import StepProfiler
 from .optim import build_lr_fn
@@ -102,7 +102,7 @@ def _write_status_to(run_dir: Path) -> Callable:
 
 
 def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, job: Job, device,
-              fpt: float, peak: float) -> None:
+              fpt: float, peak: float, peak_source: str) -> None:
     m, pc, lora = job.model, cfg.parallel, cfg.finetune.lora
     log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s)%s | %s %s",
              run_dir, f"{m.n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
@@ -115,10 +115,8 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
                  100 * m.n_trainable / m.n_params, f"{m.n_params:,}")
     log.info("%s | deterministic algorithms %s", describe_blocks(m.parts, m.family.layout),
              "on" if torch.are_deterministic_algorithms_enabled() else "off")
-    source = ("logging.peak_tflops" if cfg.logging.peak_tflops else "a CPU fp32 matmul probe" if device.type != "cuda"
-              else "the GPU table" if gpu_peak_tflops(torch.cuda.get_device_name(device)) else "an assumed A100's")
     log.info("MFU = %r FLOPs/token x tokens/s / (%r FLOP/s peak per device, from %s x %d devices)",
-             fpt, peak, source, env.world_size)
+             fpt, peak, peak_source, env.world_size)
     if job.start_step:
         log.info("resumed from step %d", job.start_step)
 
@@ -151,12 +149,12 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     tokens_per_step = job.dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
     lora_params = job.model.n_trainable if cfg.finetune.lora.rank > 0 else 0
     fpt = job.model.family.flops_per_token(cfg.model, t.seq_len, lora_params=lora_params)
-    peak = peak_flops(device, cfg.logging.peak_tflops)
+    peak, peak_source = peak_flops_and_source(device, cfg.logging.peak_tflops)
     sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps, tensorboard=cfg.logging.tensorboard,
                        console=cfg.logging.console, wandb_cfg=cfg.logging if cfg.logging.wandb else None,
                        job_config=cfg)
     if is_rank0:
-        _announce(cfg, env, dims, run_dir, job, device, fpt, peak)
+        _announce(cfg, env, dims, run_dir, job, device, fpt, peak, peak_source)
     evaluator = (Evaluator(cfg, job.tokenizer, dp_rank=job.dp_rank, dp_world=job.dp_world)
                  if cfg.eval.interval > 0 else None)
     profiler = StepProfiler(cfg.profiling, run_dir, env.rank, device, steps_done=job.start_step, last_step=t.steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Tuple
 
 import torch
 
@@ -27,18 +28,24 @@ GPU_PEAK_TFLOPS = {
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float:
-    """Peak FLOP/s of one device: the config's value, the table for known GPUs, or on CPU
-    a short fp32 matmul probe with this process's threads."""
+    """Peak FLOP/s of one device (``peak_flops_and_source``'s value)."""
+    return peak_flops_and_source(device, override_tflops)[0]
+
+
+def peak_flops_and_source(device: torch.device, override_tflops: float | None) -> Tuple[float, str]:
+    """Peak FLOP/s of one device and where it came from: the config's value, the table for
+    known GPUs (an A100's for an unknown one, with a warning), or on CPU a short fp32
+    matmul probe with this process's threads."""
     if override_tflops:
-        return override_tflops * 1e12
+        return override_tflops * 1e12, "logging.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         tf = gpu_peak_tflops(name)
         if tf is None:  # unknown GPU: A100-class, stated rather than guessed silently
             log.warning("MFU: %r is not in the peak table; assuming 312 TFLOP/s (set logging.peak_tflops)", name)
-            tf = 312.0
-        return tf * 1e12
-    return cpu_matmul_probe()
+            return 312.0e12, "an assumed A100's"
+        return tf * 1e12, "the GPU table"
+    return cpu_matmul_probe(), "a CPU fp32 matmul probe"
 
 
 def gpu_peak_tflops(device_name: str) -> float | None:
