@@ -1,0 +1,50 @@
+"""Hyperparameters of Llama 3.2 Vision (Mllama): a Llama 3.1-style text decoder (the
+``LlamaArgs`` fields) with gated cross-attention layers, and a ViT-H/14 vision encoder
+over up to ``max_num_tiles`` tiles of each image."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from ..llama.args import LlamaArgs
+
+
+@dataclass
+class MllamaArgs(LlamaArgs):
+    family: str = "mllama"
+    tie_embeddings: bool = False
+    # Text decoder layers (of n_layers) that are gated cross-attention layers instead of
+    # self-attention ones (11B: 3, 8, ..., 38 of 40).
+    cross_attention_layers: List[int] = field(default_factory=lambda: [3, 8, 13, 18, 23, 28, 33, 38])
+    # Vision encoder: patches of a square tile, a class token, local layers then gated
+    # global ones; the outputs of the intermediate layers join the final one.
+    vision_dim: int = 1280
+    vision_layers: int = 32
+    vision_global_layers: int = 8
+    vision_heads: int = 16
+    vision_ffn_hidden_dim: int = 5120
+    vision_norm_eps: float = 1e-5
+    image_size: int = 560
+    patch_size: int = 14
+    num_channels: int = 3
+    max_num_tiles: int = 4
+    # Aspect ratios (tiles high x wide) an image may be cut into; id 0 is "no image".
+    supported_aspect_ratios: List[List[int]] = field(
+        default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+    intermediate_layers: List[int] = field(default_factory=lambda: [3, 7, 15, 23, 30])
+    # Images per sample (padded): shapes never depend on the data.
+    max_images: int = 1
+
+    @property
+    def patches_per_tile(self) -> int:
+        """Patches of one tile plus its class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def vision_output_dim(self) -> int:
+        return self.vision_dim * (1 + len(self.intermediate_layers))
+
+    @property
+    def image_token_id(self) -> int:
+        """``<|image|>``: the first of the 8 rows the embedding has past the vocabulary."""
+        return self.vocab_size

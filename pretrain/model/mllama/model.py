@@ -1,0 +1,281 @@
+"""Llama 3.2 Vision (Mllama): vision encoder -> projector -> a Llama decoder whose
+cross-attention layers read the projected image states.
+
+Inputs of one batch (shapes fixed by the config, never by the data):
+- ``tokens`` (B, S); ``<|image|>`` is ``args.image_token_id``.
+- ``pixels`` (B, I, T, C, H, W): I = ``max_images`` images of T = ``max_num_tiles`` tiles,
+  zeros where a sample has fewer.
+- ``aspect_ratio_ids`` (B, I): 1 + the index of the image's tiling in
+  ``supported_aspect_ratios``, 0 for no image; ``aspect_ratio_mask`` (B, I, T): 1 for a real tile.
+- ``cross_attention_mask`` (B, S, I, T): 1 where token s may read tile t of image i.
+A text-only sample has all-zero masks: its cross-attention layers then add nothing
+(equal to transformers' skipping them)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..family import InitFn, seeded_trunc_normal_
+from ..llama.model import FeedForward, RMSNorm, TransformerBlock, llama3_inv_freq
+from .args import MllamaArgs
+
+
+# -- vision encoder ----------------------------------------------------------------------
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (w(x).view(b, n, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm ViT block (LayerNorm, attention, GELU MLP); a global block scales both
+    branches by tanh of a learned gate."""
+
+    def __init__(self, args: MllamaArgs, gated: bool):
+        super().__init__()
+        d = args.vision_dim
+        self.attention_norm = nn.LayerNorm(d, eps=args.vision_norm_eps)
+        self.attention = VisionAttention(d, args.vision_heads)
+        self.ffn_norm = nn.LayerNorm(d, eps=args.vision_norm_eps)
+        self.mlp = VisionMLP(d, args.vision_ffn_hidden_dim)
+        self.gated = gated
+        if gated:
+            self.attn_gate = nn.Parameter(torch.empty(1))
+            self.ffn_gate = nn.Parameter(torch.empty(1))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = self.attention(self.attention_norm(x), bias)
+        x = x + (self.attn_gate.tanh() * h if self.gated else h)
+        h = self.mlp(self.ffn_norm(x))
+        return x + (self.ffn_gate.tanh() * h if self.gated else h)
+
+
+class TileEmbedding(nn.Module):
+    """A learned vector per (aspect ratio, tile), added to every patch of the tile, gated."""
+
+    def __init__(self, args: MllamaArgs):
+        super().__init__()
+        self.tiles, self.dim = args.max_num_tiles, args.vision_dim
+        self.embedding = nn.Embedding(len(args.supported_aspect_ratios) + 1, args.max_num_tiles * args.vision_dim)
+        self.gate = nn.Parameter(torch.empty(1))
+
+    def forward(self, x: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(aspect_ratio_ids).reshape(-1, self.tiles, 1, self.dim)
+        return x + e * self.gate.tanh()
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, args: MllamaArgs):
+        super().__init__()
+        self.args = args
+        d, n = args.vision_dim, args.patches_per_tile
+        # The patch convolution (stride = kernel) as a linear map of each flattened patch.
+        self.patch_embed = nn.Linear(args.num_channels * args.patch_size ** 2, d, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(d))
+        self.pre_tile = TileEmbedding(args)
+        self.pos_embedding = nn.Parameter(torch.empty(n, d))
+        self.tile_pos_embedding = nn.Embedding(len(args.supported_aspect_ratios) + 1, args.max_num_tiles * n * d)
+        self.pos_gate = nn.Parameter(torch.empty(1))
+        self.ln_pre = nn.LayerNorm(d)
+        self.layers = nn.ModuleDict({str(i): VisionBlock(args, gated=False) for i in range(args.vision_layers)})
+        self.ln_post = nn.LayerNorm(d)
+        self.post_tile = TileEmbedding(args)
+        self.global_layers = nn.ModuleDict({str(i): VisionBlock(args, gated=True)
+                                            for i in range(args.vision_global_layers)})
+
+    def _patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, patches, C x p x p), patches row by row, each flattened as
+        (channel, row, column): the layout of the published convolution's weight."""
+        p = self.args.patch_size
+        x = pixels.unfold(2, p, p).unfold(3, p, p)  # N, C, H/p, W/p, p, p
+        return x.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+
+    @staticmethod
+    def _attention_bias(tile_mask: torch.Tensor, real: int, padded: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B*I, 1, T*padded, T*padded): the published rule, kept exactly: a query and a key
+        that are both padding (a padded tile, or a patch past the tile's ``real``) do not
+        meet; every other pair does."""
+        pad = (tile_mask[:, :, None] == 0) | (torch.arange(padded, device=tile_mask.device) >= real)
+        pad = pad.flatten(1)
+        bias = torch.zeros(pad.shape + pad.shape[-1:], dtype=dtype, device=tile_mask.device)
+        return bias.masked_fill(pad[:, :, None] & pad[:, None, :], torch.finfo(dtype).min)[:, None]
+
+    def forward(self, pixels: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+        """(B, I, T, C, H, W) -> (B, I, T, patches + 1, vision_output_dim)."""
+        a = self.args
+        b, i, t = pixels.shape[:3]
+        ids = aspect_ratio_ids.reshape(b * i)
+        x = self.patch_embed(self._patches(pixels.flatten(0, 2).to(self.patch_embed.weight.dtype)))
+        d = x.shape[-1]
+        x = self.pre_tile(x.reshape(b * i, t, -1, d), ids)
+        cls = self.class_embedding.to(x.dtype).expand(b * i, t, 1, d)
+        x = torch.cat([cls, x], dim=2)  # (B*I, T, n, d)
+        n = x.shape[2]
+        gate = self.pos_gate.tanh()
+        x = x + (1 - gate) * self.pos_embedding + gate * self.tile_pos_embedding(ids).reshape(b * i, t, n, d)
+        x = self.ln_pre(x)
+        padded = n + (-n) % 8  # the published encoder pads each tile's patches to a multiple of 8
+        x = F.pad(x, (0, 0, 0, padded - n)).reshape(b * i, t * padded, d)
+        bias = self._attention_bias(aspect_ratio_mask.reshape(b * i, t), n, padded, x.dtype)
+        kept = []
+        for idx, block in enumerate(self.layers.values()):
+            x = block(x, bias)
+            if idx in a.intermediate_layers:
+                kept.append(x)
+        x = self.post_tile(self.ln_post(x).reshape(b * i, t, padded, d), ids).reshape(b * i, t * padded, d)
+        for block in self.global_layers.values():
+            x = block(x, bias)
+        x = x.reshape(b * i, t, padded, d)[:, :, :n]
+        inter = torch.stack(kept, dim=-1).reshape(b * i, t, padded, -1)[:, :, :n]
+        return torch.cat([x, inter], dim=-1).reshape(b, i, t, n, -1)
+
+
+# -- text decoder ------------------------------------------------------------------------
+
+class CrossAttention(nn.Module):
+    """Text queries over image keys/values (GQA), with RMSNorm on each head's q and k; no
+    position encoding."""
+
+    def __init__(self, args: MllamaArgs):
+        super().__init__()
+        self.head_dim = args.resolved_head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, images: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_norm(self.wq(x).view(b, s, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.wk(images).view(b, images.shape[1], -1, self.head_dim)).transpose(1, 2)
+        v = self.wv(images).view(b, images.shape[1], -1, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class CrossAttentionBlock(nn.Module):
+    """x + tanh(g_attn) * cross-attention; then + tanh(g_mlp) * MLP, the MLP zeroed on
+    tokens that see no image tile."""
+
+    def __init__(self, args: MllamaArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.cross_attention = CrossAttention(args)
+        self.attn_gate = nn.Parameter(torch.empty(1))
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.ffn_gate = nn.Parameter(torch.empty(1))
+
+    def forward(self, x, images, bias, sees_image):
+        x = x + self.attn_gate.tanh() * self.cross_attention(self.attention_norm(x), images, bias)
+        return x + self.ffn_gate.tanh() * (sees_image * self.feed_forward(self.ffn_norm(x)))
+
+
+def cross_attention_bias(mask: torch.Tensor, patches: int, dtype: torch.dtype):
+    """(B, S, I, T) mask -> the additive bias (B, 1, S, I*T*patches) and (B, S, 1): 1 for
+    tokens that see any tile. A token that sees none gets a zero bias row (attention spread
+    over every tile) and its MLP zeroed, as published."""
+    b, s = mask.shape[:2]
+    m = mask.repeat_interleave(patches, dim=3).reshape(b, s, -1)
+    bias = torch.zeros(m.shape, dtype=dtype, device=mask.device).masked_fill(m == 0, torch.finfo(dtype).min)
+    sees = (m != 0).any(-1, keepdim=True).to(dtype)
+    return (bias * sees)[:, None], sees
+
+
+class Mllama(nn.Module):
+    def __init__(self, args: MllamaArgs, rope_cache_len: Optional[int] = None):
+        super().__init__()
+        self.args = args
+        self.rope_cache_len = rope_cache_len or args.max_position_embeddings
+        self.vision = VisionEncoder(args)
+        self.projector = nn.Linear(args.vision_output_dim, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_size + 8, args.dim)  # + <|image|> and 7 spare rows
+        cross = set(args.cross_attention_layers)
+        self.layers = nn.ModuleDict({str(i): CrossAttentionBlock(args) if i in cross else TransformerBlock(args)
+                                     for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def init_buffers(self) -> None:
+        a = self.args
+        inv = llama3_inv_freq(a.resolved_head_dim, a.rope_theta, a.rope_scaling)
+        freqs = torch.outer(torch.arange(self.rope_cache_len, dtype=torch.float32), inv.to(torch.float32))
+        self.rope_cos = freqs.cos().to(self.output.weight.device)
+        self.rope_sin = freqs.sin().to(self.output.weight.device)
+
+    def init_weights(self, seed: int = 0, init_fn: Optional[InitFn] = None) -> None:
+        """Truncated normal for matrices and embeddings (output projections depth-scaled as
+        Llama's), ones/zeros for norms and biases, every tanh gate at 0 (the published init:
+        the pretrained text model is unchanged until the gates open)."""
+        if init_fn is None:
+            init_fn = lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, seed)  # noqa: E731
+        self.init_buffers()
+        a = self.args
+        std, out_std = a.init_std, a.init_std / (2 * a.n_layers) ** 0.5
+        with torch.no_grad():
+            for fqn, p in self.named_parameters():
+                leaf = fqn.rsplit(".", 1)[-1]
+                if fqn.endswith("gate"):
+                    p.zero_()
+                elif "norm" in fqn.rsplit(".", 2)[-2] or fqn.startswith("vision.ln_"):
+                    p.fill_(1.0) if leaf == "weight" else p.zero_()
+                elif leaf == "bias":
+                    p.zero_()
+                elif fqn.endswith(("wo.weight", "w2.weight")) and not fqn.startswith("vision."):
+                    init_fn(p, out_std, fqn)
+                else:
+                    init_fn(p, std, fqn)
+
+    def image_states(self, pixels, aspect_ratio_ids, aspect_ratio_mask) -> torch.Tensor:
+        """(B, I*T*(patches+1), dim): what every cross-attention layer reads. A padded
+        image slot (aspect ratio id 0) gives zeros, so a text-only sample's cross-attention
+        adds nothing whatever its batch holds (transformers skips the layers for a batch
+        without images, but lets such a row attend to its padding's states in a mixed one)."""
+        x = self.projector(self.vision(pixels, aspect_ratio_ids, aspect_ratio_mask))
+        x = x * (aspect_ratio_ids != 0)[:, :, None, None, None].to(x.dtype)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def forward(self, tokens: torch.Tensor, pixels: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                aspect_ratio_mask: torch.Tensor, cross_attention_mask: torch.Tensor) -> torch.Tensor:
+        images = self.image_states(pixels, aspect_ratio_ids, aspect_ratio_mask)
+        h = self.tok_embeddings(tokens)
+        bias, sees = cross_attention_bias(cross_attention_mask, self.args.patches_per_tile, h.dtype)
+        s = tokens.shape[1]
+        cos, sin = self.rope_cos[None, :s], self.rope_sin[None, :s]
+        for layer in self.layers.values():
+            h = layer(h, images, bias, sees) if isinstance(layer, CrossAttentionBlock) else layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+
+def build_mllama(args: MllamaArgs, rope_cache_len: Optional[int] = None, device="meta") -> Mllama:
+    with torch.device(device):
+        return Mllama(args, rope_cache_len)

@@ -1,0 +1,93 @@
+"""Llama 3.2 Vision (Mllama), work in progress (issue 19): published parameter counts on
+meta, and our forward against transformers' MllamaForConditionalGeneration at odd tiny
+shapes (1 kv head, head_dim 16, 2 tiles, 3 aspect ratios, cross-attention at 2 of 5
+layers, every gate and norm set away from its init so every path carries signal)."""
+import pytest
+import torch
+
+from pretrain.model.family import count_parameters
+from pretrain.model.llama.args import RopeScaling
+from pretrain.model.mllama.args import MllamaArgs
+from pretrain.model.mllama.hf import hf_to_ours
+from pretrain.model.mllama.model import build_mllama
+
+ROPE = RopeScaling(factor=8.0, original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (MllamaArgs(dim=4096, n_layers=40, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, vocab_size=128256,
+                rope_scaling=ROPE, cross_attention_layers=list(range(3, 40, 5))), 10_670_220_835),
+    (MllamaArgs(dim=8192, n_layers=100, n_heads=64, n_kv_heads=8, ffn_hidden_dim=28672, vocab_size=128256,
+                rope_scaling=ROPE, cross_attention_layers=list(range(3, 100, 5))), 88_593_355_323),
+], ids=["11b", "90b"])
+def test_published_parameter_counts_on_meta(args, expected):
+    model = build_mllama(args, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert count_parameters(model) == expected
+
+
+def tiny_hf():
+    from transformers import MllamaConfig
+
+    vc = dict(hidden_size=32, num_hidden_layers=5, num_global_layers=2, attention_heads=2, intermediate_size=64,
+              vision_output_dim=32 * 4, image_size=28, patch_size=14, max_num_tiles=2,
+              intermediate_layers_indices=[1, 2, 4], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+    tc = dict(vocab_size=300, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=1,
+              intermediate_size=96, cross_attention_layers=[1, 3], bos_token_id=1, eos_token_id=2, pad_token_id=3,
+              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+              max_position_embeddings=64)
+    return MllamaConfig(vision_config=vc, text_config=tc, image_token_index=300)
+
+
+TINY = MllamaArgs(dim=64, n_layers=5, n_heads=4, n_kv_heads=1, ffn_hidden_dim=96, vocab_size=300,
+                  rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=16), max_position_embeddings=64,
+                  cross_attention_layers=[1, 3], vision_dim=32, vision_layers=5, vision_global_layers=2,
+                  vision_heads=2, vision_ffn_hidden_dim=64, image_size=28, patch_size=14, max_num_tiles=2,
+                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], intermediate_layers=[1, 2, 4])
+
+
+def test_logits_and_image_states_match_transformers():
+    """A batch of an image of 1 tile (seen by every token), one of 2 tiles (seen from token
+    3 on) and a text-only row: image rows' logits and the projected image states within
+    1e-4 of transformers (measured 3.6e-7, 8.3e-7 for the vision output); the text-only row
+    equals transformers' forward without images, which skips the cross-attention layers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.MllamaForConditionalGeneration(tiny_hf()).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # transformers starts every gate at 0: open them
+            if "gate" in name:
+                p.uniform_(-1.2, 1.2)
+            elif p.dim() == 1 and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = build_mllama(TINY, rope_cache_len=64, device="cpu")
+    ours.load_state_dict(hf_to_ours(hf.state_dict(), TINY), strict=True)
+    ours.init_buffers()
+    b, s = 3, 12
+    tokens = torch.randint(0, 300, (b, s))
+    tokens[:2, 0] = TINY.image_token_id
+    pixels = torch.randn(b, 1, 2, 3, 28, 28)
+    pixels[0, 0, 1] = 0
+    pixels[2] = 0
+    ar_ids = torch.tensor([[1], [2], [0]])
+    ar_mask = torch.tensor([[[1, 0]], [[1, 1]], [[0, 0]]])
+    cam = torch.zeros(b, s, 1, 2, dtype=torch.long)
+    cam[0, :, 0, 0] = 1
+    cam[1, 3:, 0, :] = 1
+    with torch.no_grad():
+        want = hf(input_ids=tokens, pixel_values=pixels, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
+                  cross_attention_mask=cam).logits
+        got = ours(tokens, pixels, ar_ids, ar_mask, cam)
+        assert (got[:2] - want[:2]).abs().max().item() <= 1e-4
+        hf_states = hf.model.multi_modal_projector(hf.model.vision_model(
+            pixel_values=pixels[:2], aspect_ratio_ids=ar_ids[:2], aspect_ratio_mask=ar_mask[:2]).last_hidden_state)
+        states = ours.image_states(pixels[:2], ar_ids[:2], ar_mask[:2])
+        assert (states - hf_states.reshape(states.shape)).abs().max().item() <= 1e-4
+        text_only = hf(input_ids=tokens[2:]).logits
+        assert (got[2:] - text_only).abs().max().item() <= 1e-4
+        # The gates matter: closing them moves the image rows' logits.
+        for name, p in ours.named_parameters():
+            if name.endswith(("attn_gate", "ffn_gate")) and not name.startswith("vision."):
+                p.zero_()
+        assert (ours(tokens, pixels, ar_ids, ar_mask, cam)[:2] - got[:2]).abs().max().item() > 1e-3
