@@ -87,7 +87,8 @@ def build_ours(args: LlamaArgs, seq: int, device: torch.device, *, compile_: boo
     model = built.parts[0]
     optimizer = OptimizerParts([build_optimizer(model, cfg.optim)])
     train_step = TrainStep(built.family, built.parts, optimizer, dims=dims, pc=pc, grad_accum_steps=1,
-                           max_norm=1.0, chat=False, device=device, param_dtype=built.param_dtype)
+                           max_norm=1.0, chat=False, device=device, param_dtype=built.param_dtype,
+                           model_args=args)
     lr_at = build_lr_fn(cfg.optim, 10_000)
     model.train()
     state = {"step": 0}

@@ -23,12 +23,22 @@ class BlockPlan:
     ``stream_inputs``: (submodule, number of positional args) whose first argument is the
     residual stream: gathered to a replicated tensor before it runs (sequence parallel),
     its other arguments untouched. ``seq_norms``: norms run on the sequence-sharded
-    stream under sequence parallel."""
+    stream under sequence parallel. ``seq_gates``: modules that scale the sequence-sharded
+    stream by parameters of their own (a gate) and return it; under sequence parallel
+    their parameters are replicated and their gradients summed over the TP ranks.
+    ``head_norms``: norms over one head's features, run on the heads a rank holds (their
+    input is (batch, seq, heads, head_dim)); under TP their weight is replicated and its
+    gradient summed over the ranks' heads. ``sequence_sharded``: False for a block whose
+    stream stays whole on every TP rank even under sequence parallel (an encoder whose
+    stream never joins the decoder's): its row-wise outputs are all-reduced."""
 
     colwise: Tuple[str, ...] = ()
     rowwise: Tuple[str, ...] = ()
     stream_inputs: Tuple[Tuple[str, int], ...] = ()
     seq_norms: Tuple[str, ...] = ()
+    seq_gates: Tuple[str, ...] = ()
+    head_norms: Tuple[str, ...] = ()
+    sequence_sharded: bool = True
 
 
 @dataclass(frozen=True)

@@ -55,17 +55,25 @@ def apply_tp(model: nn.Module, layout: ModelLayout, tp_mesh: DeviceMesh, *, sequ
     for block in layout.block_list(model):
         bp = layout.block_plan(block)
         adapters = _detach_lora(block, bp)  # the TP styles would shard every child parameter like the weight
-        plan = {
-            **{path: PrepareModuleInput(input_layouts=(stream,) + (None,) * (n - 1),
-                                        desired_input_layouts=(Replicate(),) + (None,) * (n - 1))
-               for path, n in bp.stream_inputs},
-            **{path: ColwiseParallel() for path in bp.colwise},
-            **{path: RowwiseParallel(output_layouts=stream) for path in bp.rowwise},
-        }
-        if sequence_parallel:
-            plan.update({path: SequenceParallel() for path in bp.seq_norms})
-        parallelize_module(block, tp_mesh, plan)
+        parallelize_module(block, tp_mesh, _block_plan(bp, stream if bp.sequence_sharded else Replicate(),
+                                                       sequence_parallel and bp.sequence_sharded))
         _attach_lora(block, adapters, tp_mesh, bp)
+
+
+def _block_plan(bp: BlockPlan, stream, sequence_parallel: bool) -> dict:
+    plan = {
+        **{path: PrepareModuleInput(input_layouts=(stream,) + (None,) * (n - 1),
+                                    desired_input_layouts=(Replicate(),) + (None,) * (n - 1))
+           for path, n in bp.stream_inputs},
+        **{path: ColwiseParallel() for path in bp.colwise},
+        **{path: RowwiseParallel(output_layouts=stream) for path in bp.rowwise},
+        # A rank's heads are a shard of the heads dimension (2) of (batch, seq, heads, head_dim).
+        **{path: SequenceParallel(sequence_dim=2, use_local_output=True) for path in bp.head_norms},
+    }
+    if sequence_parallel:
+        plan.update({path: SequenceParallel() for path in bp.seq_norms})
+        plan.update({path: SequenceParallel(use_local_output=True) for path in bp.seq_gates})
+    return plan
 
 
 def _detach_lora(block: nn.Module, bp: BlockPlan) -> dict:

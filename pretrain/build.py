@@ -130,7 +130,7 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
     step = TrainStep(model.family, model.parts, optimizer, dims=dims, pc=cfg.parallel,
                      grad_accum_steps=t.grad_accum_steps, max_norm=t.max_norm, chat=cfg.data.format == "chat",
                      device=device, param_dtype=model.param_dtype, mesh=model.mesh, stage_ids=model.stage_ids,
-                     num_stages=model.num_stages, tied=model.tied)
+                     num_stages=model.num_stages, tied=model.tied, model_args=cfg.model)
     dp_rank, dp_world, is_dp_leader = dims.dp_coordinates(env.rank)
     loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
         seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,

@@ -54,12 +54,19 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    # An empty group (LoRA trains no 1-D weights) would break the flattened optimizer
-    # state of checkpoints: leave it out.
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    foreach = not all(p.device.type == "cpu" and not is_distributed(p) for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=foreach)
+    groups = []
+    for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+        # One foreach call cannot mix DTensor and plain parameters (a TP model keeps some
+        # parameters whole: an encoder's embeddings, norms without sequence parallel), so
+        # such a group is split by kind; each group picks foreach by its own members.
+        # An empty group (LoRA trains no 1-D weights) would break the flattened optimizer
+        # state of checkpoints: leave it out.
+        for kind in (True, False):
+            members = [p for p in params if is_distributed(p) == kind]
+            if members:
+                groups.append({"params": members, "weight_decay": wd,
+                               "foreach": not all(p.device.type == "cpu" and not kind for p in members)})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 class OptimizerParts:

@@ -56,8 +56,9 @@ class TrainStep:
 
     def __init__(self, family: ModelFamily, parts: List[nn.Module], optimizer, *, dims: ParallelDims,
                  pc: ParallelConfig, grad_accum_steps: int, max_norm: float, chat: bool, device: torch.device,
-                 param_dtype: torch.dtype, mesh=None, stage_ids=(0,), num_stages: int = 1, tied: bool = False):
+                 param_dtype: torch.dtype, mesh=None, stage_ids=(0,), num_stages: int = 1, tied: bool = False, model_args=None):
         self.family, self.parts, self.optimizer = family, parts, optimizer
+        self.model_args = model_args  # the model config: the family's inputs are shaped by it
         self.dims, self.accum, self.max_norm, self.chat, self.device = dims, grad_accum_steps, max_norm, chat, device
         self.loss_parallel = pc.loss_parallel
         # Without FSDP, bf16 compute comes from autocast (weights stay fp32 masters).
@@ -123,7 +124,7 @@ class TrainStep:
         loss_sum = torch.zeros((), device=self.device)
         trained = torch.zeros((), dtype=torch.long, device=self.device)
         for batch in batches:
-            inputs = self.family.inputs(batch, self.device)
+            inputs = self.family.inputs(batch, self.device, self.model_args)
             labels = batch["labels"].to(self.device, non_blocking=True)
             if self.chat:
                 trained += (labels != -100).sum()
@@ -172,7 +173,7 @@ class TrainStep:
         self._summed = chat
         try:
             for batch in batches:
-                inputs = self.family.inputs(batch, self.device)
+                inputs = self.family.inputs(batch, self.device, self.model_args)
                 labels = batch["labels"].to(self.device, non_blocking=True)
                 if chat:
                     count += (labels != -100).sum()

@@ -88,6 +88,6 @@ def test_logits_and_image_states_match_transformers():
         assert (got[2:] - text_only).abs().max().item() <= 1e-4
         # The gates matter: closing them moves the image rows' logits.
         for name, p in ours.named_parameters():
-            if name.endswith(("attn_gate", "ffn_gate")) and not name.startswith("vision."):
+            if name.endswith(("attn_gate.weight", "ffn_gate.weight")) and not name.startswith("vision."):
                 p.zero_()
         assert (ours(tokens, pixels, ar_ids, ar_mask, cam)[:2] - got[:2]).abs().max().item() > 1e-3

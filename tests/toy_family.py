@@ -96,7 +96,7 @@ def matmul_params(a: LlamaArgs) -> int:
 
 FAMILY = ModelFamily(
     name="toy", args=LlamaArgs, build=lambda a, seq_len: Toy(a),
-    inputs=lambda batch, device: (batch["input_ids"].to(device),),
+    inputs=lambda batch, device, args=None: (batch["input_ids"].to(device),),
     layout=LAYOUT, lora=LoRASpec(groups={"mlp": ("fc_in", "fc_out")}),
     flops_per_token=lambda a, seq_len, lora_params=0: 6.0 * matmul_params(a),
     check=lambda a: [("model.tie_embeddings", True, "false: the toy family has an untied head")]

@@ -45,7 +45,8 @@ class ModelFamily:
     ``family`` field holds the name). ``build(args, seq_len)``: the model, on the current
     default device (the trainer builds on meta); the module has ``init_weights(init_fn)``
     (``init_fn(tensor, std, name)`` fills a tensor, layout-invariantly). ``inputs(batch,
-    device)``: a loader batch -> the model's (first stage's) positional inputs.
+    device, args)``: a loader batch -> the model's (first stage's) positional inputs, whose
+    shapes depend on the config only (``args``), never on what the batch holds.
     ``layout``: how parallel/ splits it. ``lora``: adapter targets. ``flops_per_token(args,
     seq_len, lora_params)``: model FLOPs per trained token (MFU). ``check(args)``: problems
     with a model config. ``tp_divisible(args)``: (key, value) that parallel.tp must divide.
@@ -58,7 +59,7 @@ class ModelFamily:
     name: str
     args: type
     build: Callable[[Any, int], nn.Module]
-    inputs: Callable[[dict, torch.device], Tuple[torch.Tensor, ...]]
+    inputs: Callable[[dict, torch.device, Any], Tuple[torch.Tensor, ...]]
     layout: ModelLayout
     lora: LoRASpec
     flops_per_token: Callable[..., float]

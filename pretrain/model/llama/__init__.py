@@ -45,7 +45,7 @@ def build(args: LlamaArgs, seq_len: int) -> Llama:
     return Llama(args, rope_cache_len=seq_len)
 
 
-def inputs(batch: dict, device: torch.device) -> Tuple[torch.Tensor, ...]:
+def inputs(batch: dict, device: torch.device, args=None) -> Tuple[torch.Tensor, ...]:
     """(tokens,) or, with document masking, (tokens, positions, block-causal mask)."""
     tokens = batch["input_ids"].to(device, non_blocking=True)
     if batch.get("positions") is None:

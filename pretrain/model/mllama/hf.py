@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from ..llama.hf import _hf_to_meta_rows, _meta_to_hf_rows
+from ..llama.hf import lora_names as _llama_lora_names
 from .args import MllamaArgs
 
 _VISION_BLOCK = {
@@ -25,7 +26,7 @@ _TEXT_BLOCK = {
     "cross_attn.o_proj": "cross_attention.wo", "cross_attn.q_norm": "cross_attention.q_norm",
     "cross_attn.k_norm": "cross_attention.k_norm", "mlp.gate_proj": "feed_forward.w1",
     "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm", "cross_attn_attn_gate": "attn_gate", "cross_attn_mlp_gate": "ffn_gate",
+    "post_attention_layernorm": "ffn_norm", "cross_attn_attn_gate": "attn_gate.weight", "cross_attn_mlp_gate": "ffn_gate.weight",
 }
 _VISION = {
     "patch_embedding.weight": "patch_embed.weight", "class_embedding": "class_embedding",
@@ -95,3 +96,6 @@ def hf_to_ours(hf_sd: Dict[str, torch.Tensor], args: MllamaArgs) -> Dict[str, to
             raise KeyError(f"{key}: not a weight of an Mllama model")
         out[name] = to_ours(name, w, args)
     return out
+
+# LoRA target names as Hugging Face spells them (peft's target_modules) -> ours.
+lora_names = {**_llama_lora_names, "fc1": "fc1", "fc2": "fc2"}

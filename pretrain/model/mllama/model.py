@@ -171,13 +171,35 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, images: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_norm(self.wq(x).view(b, s, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.wk(images).view(b, images.shape[1], -1, self.head_dim)).transpose(1, 2)
         v = self.wv(images).view(b, images.shape[1], -1, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class Gate(nn.Module):
+    """tanh(weight) x h: a learned scalar gate (0 at init). A module of its own so that
+    sequence parallel can lay its weight out against the sequence-sharded stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.weight.tanh() * h
+
+
+class MaskedFeedForward(FeedForward):
+    """SwiGLU on the tokens that see an image tile, 0 elsewhere: the published MLP's output
+    times the row mask, applied to the hidden units (the down projection has no bias, so a
+    masked row gives an exact 0 and no gradient, and a kept row is unchanged). There, under
+    tensor parallelism, both are plain tensors: a rank's hidden units and the whole mask."""
+
+    def forward(self, x: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x) * sees)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -188,32 +210,33 @@ class CrossAttentionBlock(nn.Module):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.cross_attention = CrossAttention(args)
-        self.attn_gate = nn.Parameter(torch.empty(1))
+        self.attn_gate = Gate()
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
-        self.ffn_gate = nn.Parameter(torch.empty(1))
+        self.feed_forward = MaskedFeedForward(args.dim, args.ffn_hidden_dim)
+        self.ffn_gate = Gate()
 
-    def forward(self, x, images, bias, sees_image):
-        x = x + self.attn_gate.tanh() * self.cross_attention(self.attention_norm(x), images, bias)
-        return x + self.ffn_gate.tanh() * (sees_image * self.feed_forward(self.ffn_norm(x)))
+    def forward(self, x, images, mask, sees):
+        x = x + self.attn_gate(self.cross_attention(self.attention_norm(x), images, mask))
+        return x + self.ffn_gate(self.feed_forward(self.ffn_norm(x), sees))
 
 
-def cross_attention_bias(mask: torch.Tensor, patches: int, dtype: torch.dtype):
-    """(B, S, I, T) mask -> the additive bias (B, 1, S, I*T*patches) and (B, S, 1): 1 for
-    tokens that see any tile. A token that sees none gets a zero bias row (attention spread
-    over every tile) and its MLP zeroed, as published."""
+def cross_attention_mask(mask: torch.Tensor, patches: int):
+    """(B, S, I, T) mask -> the boolean attention mask (B, 1, S, I*T*patches) and (B, S, 1):
+    1 for tokens that see any tile. A token that sees none may attend to every tile (its
+    output is the gate times a mean over the image states, as published) and its MLP is
+    zeroed. Boolean, not an additive float bias: a quarter of the bytes at 11B sizes
+    (S x 4 tiles x 1601 patches per sample)."""
     b, s = mask.shape[:2]
-    m = mask.repeat_interleave(patches, dim=3).reshape(b, s, -1)
-    bias = torch.zeros(m.shape, dtype=dtype, device=mask.device).masked_fill(m == 0, torch.finfo(dtype).min)
-    sees = (m != 0).any(-1, keepdim=True).to(dtype)
-    return (bias * sees)[:, None], sees
+    m = (mask != 0).repeat_interleave(patches, dim=3).reshape(b, s, -1)
+    sees = m.any(-1, keepdim=True)
+    return (m | ~sees)[:, None], sees
 
 
 class Mllama(nn.Module):
     def __init__(self, args: MllamaArgs, rope_cache_len: Optional[int] = None):
         super().__init__()
         self.args = args
-        self.rope_cache_len = rope_cache_len or args.max_position_embeddings
+        self.rope_cache_len = rope_cache_len or min(args.max_position_embeddings, 8192)
         self.vision = VisionEncoder(args)
         self.projector = nn.Linear(args.vision_output_dim, args.dim)
         self.tok_embeddings = nn.Embedding(args.vocab_size + 8, args.dim)  # + <|image|> and 7 spare rows
@@ -222,15 +245,17 @@ class Mllama(nn.Module):
                                      for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        half = args.resolved_head_dim // 2
+        self.register_buffer("rope_cos", torch.empty(self.rope_cache_len, half), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(self.rope_cache_len, half), persistent=False)
 
     def init_buffers(self) -> None:
         a = self.args
         inv = llama3_inv_freq(a.resolved_head_dim, a.rope_theta, a.rope_scaling)
         freqs = torch.outer(torch.arange(self.rope_cache_len, dtype=torch.float32), inv.to(torch.float32))
-        self.rope_cos = freqs.cos().to(self.output.weight.device)
-        self.rope_sin = freqs.sin().to(self.output.weight.device)
+        with torch.no_grad():
+            self.rope_cos.copy_(freqs.cos())
+            self.rope_sin.copy_(freqs.sin())
 
     def init_weights(self, seed: int = 0, init_fn: Optional[InitFn] = None) -> None:
         """Truncated normal for matrices and embeddings (output projections depth-scaled as
@@ -244,7 +269,7 @@ class Mllama(nn.Module):
         with torch.no_grad():
             for fqn, p in self.named_parameters():
                 leaf = fqn.rsplit(".", 1)[-1]
-                if fqn.endswith("gate"):
+                if "gate" in fqn.rsplit(".", 2)[-2] or leaf.endswith("gate"):
                     p.zero_()
                 elif "norm" in fqn.rsplit(".", 2)[-2] or fqn.startswith("vision.ln_"):
                     p.fill_(1.0) if leaf == "weight" else p.zero_()
@@ -264,15 +289,28 @@ class Mllama(nn.Module):
         x = x * (aspect_ratio_ids != 0)[:, :, None, None, None].to(x.dtype)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
-    def forward(self, tokens: torch.Tensor, pixels: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                aspect_ratio_mask: torch.Tensor, cross_attention_mask: torch.Tensor) -> torch.Tensor:
-        images = self.image_states(pixels, aspect_ratio_ids, aspect_ratio_mask)
-        h = self.tok_embeddings(tokens)
-        bias, sees = cross_attention_bias(cross_attention_mask, self.args.patches_per_tile, h.dtype)
-        s = tokens.shape[1]
+    def forward(self, *inputs: torch.Tensor):
+        """The whole model: (tokens, pixels, aspect_ratio_ids, aspect_ratio_mask,
+        cross_attention_mask) -> logits. A pipeline stage is this module with parts
+        removed: the first (with ``vision``) takes those five inputs, a later one the
+        previous stage's (hidden states, image states, cross_attention_mask); a stage
+        without ``norm`` returns that triple for the next. The mask crosses as float (a
+        stage boundary carries floating tensors); the image states carry the gradient of
+        every later cross-attention layer back to the vision tower."""
+        if self.vision is not None:
+            tokens, pixels, aspect_ratio_ids, aspect_ratio_mask, mask = inputs
+            images = self.image_states(pixels, aspect_ratio_ids, aspect_ratio_mask)
+            h = self.tok_embeddings(tokens)
+        else:
+            h, images, mask = inputs
+        attend, sees = cross_attention_mask(mask, self.args.patches_per_tile)
+        sees = sees.to(h.dtype)
+        s = mask.shape[1]  # the full length, also when sequence parallel splits h
         cos, sin = self.rope_cos[None, :s], self.rope_sin[None, :s]
         for layer in self.layers.values():
-            h = layer(h, images, bias, sees) if isinstance(layer, CrossAttentionBlock) else layer(h, cos, sin)
+            h = layer(h, images, attend, sees) if isinstance(layer, CrossAttentionBlock) else layer(h, cos, sin)
+        if self.norm is None:
+            return h, images, mask.to(h.dtype) if not mask.is_floating_point() else mask
         return self.output(self.norm(h))
 
 
