@@ -1,7 +1,16 @@
 """Model FLOPs per trained token of Llama 3.2 Vision, the numerator of MFU: the text
 decoder per token, plus the image side of every sample (the vision encoder, projector and
 the cross-attention layers' keys and values, which run per image tile) spread over the
-sample's tokens."""
+sample's tokens.
+
+The conventions of ``llama/flops.py``: a matmul of W parameters applied to one position
+is 2 W FLOPs forward and 4 W backward (input and weight gradients), 6 W in all; attention
+scores (QK^T and scores x V) are 4 x heads x head_dim per query per key forward, 12 with
+the backward, the full score matrix (no causal halving); no recomputation; norms, gates,
+embedding lookups, biases and element-wise ops are not counted. One exception to 6 W: the
+patch embedding's input is the pixels, which take no gradient, so it runs forward and
+weight gradient only (4 W). Checked against torch's FlopCounterMode on a forward and
+backward of a small Mllama (math attention): equal to the FLOP."""
 from __future__ import annotations
 
 from typing import Dict
@@ -16,58 +25,75 @@ def padded_patches(args: MllamaArgs) -> int:
     return n + (-n) % 8
 
 
+def _forward_terms(args: MllamaArgs, seq_len: int) -> Dict[str, int]:
+    """Forward FLOPs, by kind: per text token (``text_*``) and per image tile (``tile_*``);
+    ``*_weights`` are matmuls with parameters (x3 for forward + backward), ``*_scores``
+    attention scores (x3), ``tile_patch_embed`` the patch embedding (x2: no input gradient)."""
+    hd, d = args.resolved_head_dim, args.dim
+    n_cross = len(args.cross_attention_layers)
+    n_self = args.n_layers - n_cross
+    tiles, n, padded = args.max_num_tiles, args.patches_per_tile, padded_patches(args)
+    keys = args.max_images * tiles * n  # image states every cross-attention layer reads
+    ffn = 3 * d * args.ffn_hidden_dim
+    # Self-attention layers: q, k, v, o and the SwiGLU; cross-attention layers: q and o on
+    # the token (k and v run on the image states, below), the SwiGLU (on every token: the
+    # mask multiplies its hidden units); the head.
+    text_weights = (n_self * (d * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn)
+                    + n_cross * (2 * d * hd * args.n_heads + ffn) + d * args.vocab_size)
+    # Causal self-attention over seq_len keys (in full), cross-attention over every image state.
+    text_scores = args.n_heads * hd * (n_self * seq_len + n_cross * keys)
+    vd, layers = args.vision_dim, args.vision_layers + args.vision_global_layers
+    # Every encoder layer (local and global: q, k, v, o and fc1, fc2) on the tile's padded
+    # patches; the projector and each cross-attention layer's k and v on its real ones.
+    tile_weights = (padded * layers * (4 * vd * vd + 2 * vd * args.vision_ffn_hidden_dim)
+                    + n * (args.vision_output_dim * d + n_cross * 2 * d * args.n_kv_heads * hd))
+    # Each of the tile's padded queries attends to every padded patch of the image's tiles.
+    tile_scores = layers * vd * padded * tiles * padded
+    tile_patch_embed = (n - 1) * args.num_channels * args.patch_size ** 2 * vd
+    return {"text_weights": 2 * text_weights, "text_scores": 4 * text_scores,
+            "tile_weights": 2 * tile_weights, "tile_scores": 4 * tile_scores,
+            "tile_patch_embed": 2 * tile_patch_embed}
+
+
 def breakdown(args: MllamaArgs, seq_len: int) -> Dict[str, float]:
-    """Forward + backward FLOPs (6 per matmul parameter per token, 12 x heads x head_dim
-    per attended key per token; the conventions of ``llama/flops.py``):
+    """Forward + backward FLOPs (see the module's docstring for the conventions):
 
     - ``text_per_token``: self-attention layers (q/k/v/o, SwiGLU, causal attention over
       ``seq_len`` counted in full), cross-attention layers (q and o on the token, SwiGLU,
       attention over every image state: ``max_images x max_num_tiles x patches_per_tile``
       keys), the head.
     - ``image_per_tile``: per tile of an image of ``max_num_tiles`` tiles: the patch
-      embedding (real patches), every encoder layer (local and global) on its padded
-      patches, the encoder's attention over all tiles of the image, the projector, and
-      each cross-attention layer's k and v projections of its image states.
+      embedding (real patches; forward + weight gradient), every encoder layer (local and
+      global) on its padded patches, the encoder's attention over all tiles of the image,
+      the projector, and each cross-attention layer's k and v projections of its image
+      states.
     - ``tiles_per_sample``: ``max_images x max_num_tiles`` (fixed shapes: a sample always
       runs that many tiles, padding included)."""
-    hd, d = args.resolved_head_dim, args.dim
-    n_cross = len(args.cross_attention_layers)
-    n_self = args.n_layers - n_cross
-    tiles = args.max_num_tiles
-    keys = args.max_images * tiles * args.patches_per_tile
-    ffn = 3 * d * args.ffn_hidden_dim
-    self_params = n_self * (d * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn)
-    cross_params = n_cross * (2 * d * hd * args.n_heads + ffn)
-    text = (6 * (self_params + cross_params + d * args.vocab_size)
-            + 12 * args.n_heads * hd * (n_self * seq_len + n_cross * keys))
-    vd, padded = args.vision_dim, padded_patches(args)
-    layers = args.vision_layers + args.vision_global_layers
-    per_tile = (6 * (args.patches_per_tile - 1) * args.num_channels * args.patch_size ** 2 * vd
-                + 6 * padded * layers * (4 * vd * vd + 2 * vd * args.vision_ffn_hidden_dim)
-                + 12 * layers * vd * padded * (tiles * padded)  # each query attends to the image's tiles
-                + 6 * args.patches_per_tile * (args.vision_output_dim * d
-                                               + n_cross * 2 * d * args.n_kv_heads * hd))
-    return {"text_per_token": float(text), "image_per_tile": float(per_tile),
-            "tiles_per_sample": float(args.max_images * tiles)}
+    f = _forward_terms(args, seq_len)
+    return {"text_per_token": float(3 * (f["text_weights"] + f["text_scores"])),
+            "image_per_tile": float(3 * (f["tile_weights"] + f["tile_scores"]) + 2 * f["tile_patch_embed"]),
+            "tiles_per_sample": float(args.max_images * args.max_num_tiles)}
 
 
 def flops_per_token(args: MllamaArgs, seq_len: int, lora_params: int = 0) -> float:
-    """``text_per_token + image_per_tile x tiles_per_sample / seq_len``. With LoRA the
-    frozen base computes no weight gradients: its matmuls count 4 instead of 6, plus 6 per
-    adapter parameter (``llama/flops.py``)."""
-    b = breakdown(args, seq_len)
-    total = b["text_per_token"] + b["image_per_tile"] * b["tiles_per_sample"] / seq_len
+    """``text_per_token + image_per_tile x tiles_per_sample / seq_len``.
+
+    With LoRA (``lora_params`` adapter parameters) the frozen base computes no weight
+    gradients: its matmuls count 4 instead of 6 (the patch embedding 2: forward only),
+    attention scores stay at 12, plus 6 per adapter parameter, as in ``llama/flops.py``.
+    Approximations, since only the count of adapter parameters is known here: every
+    adapter is counted once per text token, though one in a vision block runs on
+    ``max_images x max_num_tiles x`` padded patches per sample and one on a cross-attention
+    k or v on the image states (0.78 runs per token at 11B, seq_len 8192); the first
+    layers' input gradients are counted, as in ``llama/flops.py``; and the image side is
+    counted with its input gradients, right when the vision blocks or the cross-attention
+    k/v hold adapters (the default ``attention`` targets), not when only text linears do
+    (then the image side runs forward only). Against torch's FlopCounterMode at 11B,
+    seq_len 8192, rank 16: ``attention`` +0.12%, ``all`` +0.14%, ``w1,w2,w3`` +9.2%."""
+    f = _forward_terms(args, seq_len)
+    per_sample = args.max_images * args.max_num_tiles / seq_len
     if lora_params:
-        attention = breakdown_attention(args, seq_len)
-        return (total - attention) * 4 / 6 + attention + 6.0 * lora_params
-    return total
-
-
-def breakdown_attention(args: MllamaArgs, seq_len: int) -> float:
-    """The attention-score part of ``flops_per_token`` (no weights: unchanged by LoRA)."""
-    hd, tiles, padded = args.resolved_head_dim, args.max_num_tiles, padded_patches(args)
-    n_cross = len(args.cross_attention_layers)
-    keys = args.max_images * tiles * args.patches_per_tile
-    text = 12 * args.n_heads * hd * ((args.n_layers - n_cross) * seq_len + n_cross * keys)
-    vision = 12 * (args.vision_layers + args.vision_global_layers) * args.vision_dim * padded * tiles * padded
-    return float(text + vision * args.max_images * tiles / seq_len)
+        return (2 * f["text_weights"] + 3 * f["text_scores"] + 6.0 * lora_params
+                + (2 * f["tile_weights"] + 3 * f["tile_scores"] + f["tile_patch_embed"]) * per_sample)
+    b = breakdown(args, seq_len)
+    return b["text_per_token"] + b["image_per_tile"] * per_sample
