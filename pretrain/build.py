@@ -71,7 +71,12 @@ def build_model(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Bui
         with torch.device("meta"):
             parts = [ppar.build_stage(family.build(cfg.model, t.seq_len), family.layout, s, num_stages)
                      for s in stage_ids]
-    n_trainable = n_params
+    if cfg.finetune.freeze:
+        from .freeze import apply_freeze
+
+        for part in {id(p): p for p in [whole, *parts]}.values():
+            apply_freeze(part, family, cfg.model, list(cfg.finetune.freeze))
+    n_trainable = sum(p.numel() for p in whole.parameters() if p.requires_grad)
     if lora.rank > 0:  # base frozen, adapters added before the layout is applied (FSDP2 shards both)
         from .lora import apply_lora
 

@@ -223,6 +223,8 @@ class LoRAConfig:
 @dataclass
 class FinetuneConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Towers of the model family kept frozen (Mllama: text, vision); [] trains everything.
+    freeze: List[str] = field(default_factory=list)
 
 
 @dataclass

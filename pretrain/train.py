@@ -113,6 +113,11 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
         log.info("LoRA rank %d alpha %g on %s: %s trainable parameters (%.2f%% of %s), base frozen",
                  lora.rank, lora.alpha, ",".join(lora.target_modules), f"{m.n_trainable:,}",
                  100 * m.n_trainable / m.n_params, f"{m.n_params:,}")
+    if cfg.finetune.freeze:
+        log.info("frozen: %s | %s trainable parameters (%.2f%% of %s)%s", ",".join(cfg.finetune.freeze),
+                 f"{m.n_trainable:,}", 100 * m.n_trainable / m.n_params, f"{m.n_params:,}",
+                 "" if cfg.model.init_from or cfg.checkpoint.load_path else
+                 " | WARNING: no model.init_from: the frozen towers keep their random init")
     log.info("%s | deterministic algorithms %s", describe_blocks(m.parts, m.family.layout),
              "on" if torch.are_deterministic_algorithms_enabled() else "off")
     log.info("MFU = %r FLOPs/token x tokens/s / (%r FLOP/s peak per device, from %s x %d devices)",

@@ -149,6 +149,20 @@ def _check_lora(cfg: JobConfig) -> None:
                               str(e).split(": ", 1)[1]) from None
 
 
+def _check_freeze(cfg: JobConfig) -> None:
+    freeze = list(cfg.finetune.freeze)
+    if not freeze:
+        return
+    towers = get_family(cfg.model.family).towers
+    for name in freeze:
+        _require(name in towers, "finetune.freeze", freeze,
+                 f"{name!r} is not a tower of family {cfg.model.family!r}: expected a subset of "
+                 f"{list(towers)}" if towers else f"family {cfg.model.family!r} has no towers to freeze")
+    _require(len(set(freeze)) < len(towers), "finetune.freeze", freeze, "must leave at least one tower to train")
+    _require(cfg.finetune.lora.rank == 0, "finetune.freeze", freeze,
+             "cannot combine with LoRA (finetune.lora.rank > 0 already freezes every base weight)")
+
+
 def _check_eval(cfg: JobConfig) -> None:
     from data_pipeline.sources import SOURCE_KINDS
 
@@ -227,6 +241,14 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
         key, depth = get_family(m.family).depth(m)
         _require(depth % stages == 0, key, depth,
                  f"must divide into parallel.pp={dims.pp} x {per} stage(s) per rank = {stages} equal stages")
+        if cfg.finetune.freeze:
+            from .freeze import stages_with_nothing_to_train
+
+            empty = stages_with_nothing_to_train(get_family(m.family), m, t.seq_len, list(cfg.finetune.freeze),
+                                                 stages)
+            _require(not empty, "finetune.freeze", list(cfg.finetune.freeze),
+                     f"leaves pipeline stage(s) {empty} of {stages} with nothing to train: pick another "
+                     f"parallel.pp / parallel.pp_schedule, or freeze less")
         mbs = stages if p.pp_microbatches == -1 else p.pp_microbatches
         _require(mbs >= 1 and t.local_batch_size % mbs == 0, "parallel.pp_microbatches", mbs,
                  f"must divide train.local_batch_size={t.local_batch_size} (each micro-batch is a slice of it)")
@@ -249,7 +271,8 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
 
 
 # Rules per config group, in the order errors are reported.
-RULES = (_check_model, _check_train, _check_optim, _check_data, _check_lora, _check_eval, _check_run)
+RULES = (_check_model, _check_train, _check_optim, _check_data, _check_lora, _check_freeze, _check_eval,
+         _check_run)
 
 
 def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:

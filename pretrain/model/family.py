@@ -71,6 +71,10 @@ class ModelFamily:
     document_masking: bool = True
     # Extra documentation shown by errors: the model files of this family.
     model_files: Tuple[str, ...] = ()
+    # finetune.freeze: the towers a run may freeze, and tower_of(args, parameter name) ->
+    # the tower that parameter belongs to (its name in the whole model).
+    towers: Tuple[str, ...] = ()
+    tower_of: Optional[Callable[[Any, str], str]] = None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -147,6 +147,7 @@ FAMILY = ModelFamily(
     flops_per_token=flops_per_token, check=check, tp_divisible=tp_divisible,
     depth=lambda m: ("model.n_layers", m.n_layers), hf=hf, document_masking=False,
     model_files=("mllama_debug", "llama3_2_11b_vision", "llama3_2_90b_vision"),
+    towers=("text", "vision"), tower_of=tower_of,
 )
 
 __all__ = ["FAMILY", "LAYOUT", "LORA", "Mllama", "MllamaArgs", "build_mllama", "inputs", "tower_of"]

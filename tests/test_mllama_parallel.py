@@ -1,0 +1,188 @@
+"""Llama 3.2 Vision (Mllama) on every parallel layout: a tiny Mllama whose every tanh
+gate starts at a random non-zero value (``tests/mllama_images.py``; the published init is 0,
+which leaves the vision tower and the cross-attention layers without gradient), fed
+batches that mix text-only samples with samples of 1 or 2 images of 1 or 2 tiles, trains 5
+fp32 AdamW steps to the single-process losses, grad norms (1e-5 relative) and final
+weights, vision weights included (1e-5 absolute), under FSDP2 2, TP 2 + SP, FSDP2 2 x TP 2,
+PP 2 with each of the five schedules and FSDP2 2 x TP 2 x PP 2. Tolerances and their
+reasoning: ``tests/test_parallel_parity.py``.
+
+Also: freezing a tower (``finetune.freeze``) trains exactly the other one; LoRA adapts
+both towers' linears; an FSDP2 checkpoint resumes under TP 2."""
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_job, losses, read_metrics, run_job
+from test_parallel_parity import RTOL, assert_parity, final_weights
+
+MLLAMA = ["model=mllama_debug", "model.family=tests.mllama_images:FAMILY", "model.n_layers=4",
+          "model.max_images=2", "logging.every=1"]
+CKPT = ["checkpoint.interval=5"]
+PP = ["parallel.pp=2", "train.local_batch_size=4"]
+
+
+def job(run: Path, overrides, tok_cache, nproc: int = 1, **kw):
+    return run_job(run, [*MLLAMA, *overrides], tok_cache=tok_cache, nproc=nproc,
+                   launcher="torchrun" if nproc > 1 else "single", timeout=600, **kw)
+
+
+def initial_weights(run: Path) -> dict:
+    """The weights the run started from: its config, built and seeded as the trainer does."""
+    from pretrain.config import load_job_config
+    from pretrain.model.family import seeded_trunc_normal_
+    from tests.mllama_images import OpenGates
+
+    cfg = load_job_config(run / ".hydra" / "config.yaml")
+    with torch.device("meta"):
+        model = OpenGates(cfg.model, rope_cache_len=cfg.train.seq_len)
+    model.to_empty(device="cpu")
+    model.init_weights(init_fn=lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, cfg.train.seed))
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tok_cache):
+    d = tmp_path_factory.mktemp("mllama_single")
+    job(d, ["train.local_batch_size=4", *CKPT], tok_cache)
+    return d
+
+
+def test_reference_trains_every_part(reference):
+    """The single-process reference is a real test of the vision path: every weight moved
+    in 5 steps (vision encoder, projector, cross-attention layers and their gates, text),
+    the gates started non-zero, and the loss fell."""
+    start, end = initial_weights(reference), final_weights(reference)
+    assert start.keys() == end.keys()
+    still = [k for k in start if (end[k] - start[k]).abs().max().item() < 1e-7]
+    assert not still, still
+    gates = [k for k in start if "gate" in k]
+    assert len(gates) == 3 + 2 * 2 + 2 * 1  # pre/post tile + position, 2 per cross layer, 2 per global layer
+    assert all(start[k].abs().min().item() > 1e-3 for k in gates)
+    got = losses(reference)
+    assert got[-1] < got[0]
+
+
+def test_batches_mix_text_only_and_image_samples():
+    """The test images: over a batch's worth of samples, some are text-only, some hold one
+    image and some two, of 1 and 2 tiles; each image is seen from its own position on."""
+    from tests.mllama_images import synthetic_images
+
+    args = compose_job(*MLLAMA).model
+    tokens = torch.randint(0, 512, (64, 32), generator=torch.Generator().manual_seed(0))
+    im = synthetic_images(tokens, args)
+    n_images = (im["aspect_ratio_ids"] > 0).sum(1)
+    assert {0, 1, 2} <= set(n_images.tolist())
+    assert {1, 2} <= set(im["aspect_ratio_mask"].sum(-1)[im["aspect_ratio_ids"] > 0].tolist())
+    text_only = n_images == 0
+    assert im["cross_attention_mask"][text_only].sum() == 0 and im["pixel_values"][text_only].abs().sum() == 0
+    assert torch.equal(synthetic_images(tokens, args)["pixel_values"], im["pixel_values"])  # a function of the tokens
+
+
+LAYOUTS = [
+    ("tp2+sp", ["parallel.tp=2", "train.local_batch_size=4"], 2),
+    ("fsdp2xtp2+sp", ["parallel=fsdp_tp", "train.local_batch_size=2"], 4),
+    *[(f"pp2-{s}", [*PP, f"parallel.pp_schedule={s}"], 2)
+      for s in ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")],
+    ("fsdp2xtp2xpp2", ["parallel.pp=2", "parallel.tp=2", "train.local_batch_size=2"], 8),
+]
+
+
+@pytest.mark.parametrize("overrides,nproc", [(o, n) for _, o, n in LAYOUTS], ids=[i for i, _, _ in LAYOUTS])
+def test_layout_matches_single_process(reference, tmp_path, tok_cache, overrides, nproc):
+    proc = job(tmp_path, [*overrides, *CKPT], tok_cache, nproc)
+    out = proc.stderr + proc.stdout
+    # 4 + 1 vision blocks and 4 decoder blocks in all; a pipeline stage holds the vision
+    # encoder on the first stage only.
+    blocks = [int(n) for n in re.findall(r"(\d+) blocks here", out)]
+    assert blocks and (max(blocks) == 9 if "parallel.pp=2" not in overrides else max(blocks) < 9), blocks
+    assert_parity(tmp_path, reference)
+
+
+def test_fsdp_checkpoint_resumes_under_tp(reference, tmp_path, tok_cache):
+    """FSDP2 on 2 ranks matches one process (the layout's parity entry), and its step-3
+    checkpoint, as if the job had died after saving it, resumes under TP 2 + SP and ends
+    on the single-process losses and final weights."""
+    run = tmp_path / "run"
+    job(run, ["train.local_batch_size=2", "checkpoint.interval=3", "checkpoint.keep_last=0"], tok_cache, 2)
+    assert_parity(run, reference)
+    shutil.rmtree(run / "checkpoints" / "step-5")
+    proc = job(run, ["parallel.tp=2", "train.local_batch_size=4", *CKPT], tok_cache, 2)
+    assert "resumed from step 3" in proc.stderr + proc.stdout
+    resumed = {m["step"]: m["loss"] for m in read_metrics(run)}
+    want = losses(reference)
+    for step in (4, 5):
+        assert math.isclose(resumed[step], want[step - 1], rel_tol=RTOL), (step, resumed[step], want[step - 1])
+    a, b = final_weights(run), final_weights(reference)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def _tower_names(names, tower: str) -> set:
+    """By hand for mllama_debug: the vision tower is the encoder, the projector and the
+    cross-attention layers (1 and 3); the text tower everything else."""
+    vision = {k for k in names if k.startswith(("vision.", "projector.", "layers.1.", "layers.3."))}
+    return vision if tower == "vision" else set(names) - vision
+
+
+@pytest.mark.parametrize("frozen,overrides,nproc", [
+    ("text", ["train.local_batch_size=2"], 2),  # FSDP2: the root unit mixes frozen and trained weights
+    ("vision", [*PP, "parallel.pp_schedule=1f1b"], 2),
+], ids=["text-fsdp2", "vision-pp2"])
+def test_freeze_trains_the_other_tower_only(tmp_path, tok_cache, frozen, overrides, nproc):
+    """``finetune.freeze=[text]`` trains the vision encoder, projector and cross-attention
+    layers (Meta's adapter) on a fixed language model; ``[vision]`` the opposite. The
+    checkpoint holds the trained weights only: exactly the other tower's, every one of
+    them moved; the log counts them."""
+    proc = job(tmp_path, [*overrides, f"finetune.freeze=[{frozen}]", *CKPT], tok_cache, nproc)
+    trained = "vision" if frozen == "text" else "text"
+    start, end = initial_weights(tmp_path), final_weights(tmp_path)
+    want = _tower_names(start, trained)
+    assert set(end) == want and want and want != set(start)
+    assert all((end[k] - start[k]).abs().max().item() > 1e-7 for k in want)
+    n = sum(start[k].numel() for k in want)
+    assert f"frozen: {frozen} | {n:,} trainable parameters" in proc.stderr + proc.stdout
+    got = losses(tmp_path)
+    assert got[-1] < got[0]
+
+
+def test_freeze_config_errors():
+    """Before any process: an unknown tower, both towers, freeze with LoRA, a family without
+    towers, and a pipeline stage left with nothing to train (interleaved: 4 stages of one
+    layer; with the text frozen, stage 2 holds only self-attention layer 2)."""
+    from pretrain.validate import ConfigError, validate_job
+
+    cases = [
+        (["finetune.freeze=[audio]"], 1, "'audio' is not a tower of family"),
+        (["finetune.freeze=[text,vision]"], 1, "must leave at least one tower to train"),
+        (["finetune.freeze=[text]", "finetune.lora.rank=4"], 1, "cannot combine with LoRA"),
+        ([*PP, "parallel.pp_schedule=interleaved_1f1b", "finetune.freeze=[text]"], 2,
+         "leaves pipeline stage(s) [2] of 4 with nothing to train"),
+    ]
+    for overrides, world, message in cases:
+        with pytest.raises(ConfigError) as e:
+            validate_job(compose_job(*MLLAMA, *overrides), world)
+        assert e.value.key == "finetune.freeze" and message in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="family 'llama' has no towers to freeze"):
+        validate_job(compose_job("finetune.freeze=[text]"), 1)
+    validate_job(compose_job(*MLLAMA, *PP, "parallel.pp_schedule=1f1b", "finetune.freeze=[text]"), 2)
+
+
+def test_lora_adapts_both_towers_and_matches_under_tp(tmp_path, tok_cache):
+    """LoRA on ``all`` targets adapts the vision encoder's linears (local and global
+    layers), the self- and the cross-attention layers; TP 2 + SP trains the adapters to the
+    single-process losses and final adapter weights."""
+    lora = ["finetune.lora.rank=4", "finetune.lora.target_modules=[all]", *CKPT]
+    one, tp = tmp_path / "one", tmp_path / "tp"
+    job(one, ["train.local_batch_size=4", *lora], tok_cache)
+    job(tp, ["parallel.tp=2", "train.local_batch_size=4", *lora], tok_cache, 2)
+    names = set(final_weights(one))
+    for adapted in ("vision.layers.0.attention.wq", "vision.layers.0.mlp.fc1", "vision.global_layers.0.mlp.fc2",
+                    "layers.0.attention.wo", "layers.0.feed_forward.w2", "layers.1.cross_attention.wk",
+                    "layers.1.feed_forward.w1"):
+        assert {f"{adapted}.lora_a.weight", f"{adapted}.lora_b.weight"} <= names, adapted
+    assert all(".lora_" in k for k in names)
+    assert_parity(tp, one)
