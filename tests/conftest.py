@@ -26,8 +26,8 @@ TINY = [
 
 # Under pytest-xdist (make test: --dist loadfile) whole files go to the workers in
 # collection order: the longest files first, so that no worker ends alone on one of them.
-LONGEST_FIRST = ("test_parallel_parity.py", "test_checkpoint.py", "test_lora.py", "test_hostile.py",
-                 "test_slurm.py", "test_distributed.py", "test_eval.py", "test_demo.py")
+LONGEST_FIRST = ("test_parallel_parity.py", "test_checkpoint.py", "test_mllama_parallel.py", "test_lora.py",
+                 "test_hostile.py", "test_slurm.py", "test_distributed.py", "test_eval.py", "test_demo.py")
 
 
 def pytest_collection_modifyitems(config, items):

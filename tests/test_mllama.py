@@ -2,6 +2,8 @@
 meta, and our forward against transformers' MllamaForConditionalGeneration at odd tiny
 shapes (1 kv head, head_dim 16, 2 tiles, 3 aspect ratios, cross-attention at 2 of 5
 layers, every gate and norm set away from its init so every path carries signal)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,3 +93,24 @@ def test_logits_and_image_states_match_transformers():
             if name.endswith(("attn_gate.weight", "ffn_gate.weight")) and not name.startswith("vision."):
                 p.zero_()
         assert (ours(tokens, pixels, ar_ids, ar_mask, cam)[:2] - got[:2]).abs().max().item() > 1e-3
+
+
+def test_inputs_are_shaped_by_the_config_alone():
+    """A batch without images gets zero pixels, ids and masks of the configured shapes (so
+    every rank and stage sees the same); a batch with images of another shape is refused,
+    naming the key and both shapes."""
+    from pretrain.model.mllama import inputs
+
+    args = dataclasses.replace(TINY, max_images=2)
+    tokens = torch.randint(0, 300, (3, 12))
+    got = inputs({"input_ids": tokens}, torch.device("cpu"), args)
+    assert [tuple(x.shape) for x in got] == [(3, 12), (3, 2, 2, 3, 28, 28), (3, 2), (3, 2, 2), (3, 12, 2, 2)]
+    assert all(x.abs().sum() == 0 for x in got[1:]) and torch.equal(got[0], tokens)
+    model = build_mllama(args, rope_cache_len=64, device="cpu")
+    model.init_weights()
+    assert tuple(model(*got).shape) == (3, 12, 300)
+    bad = {"input_ids": tokens, "pixel_values": torch.zeros(3, 1, 2, 3, 28, 28), "aspect_ratio_ids": torch.zeros(3, 1),
+           "aspect_ratio_mask": torch.zeros(3, 1, 2), "cross_attention_mask": torch.zeros(3, 12, 1, 2)}
+    with pytest.raises(ValueError, match=r"batch\['pixel_values'\] has shape \(3, 1, 2, 3, 28, 28\), expected "
+                                         r"\(3, 2, 2, 3, 28, 28\)"):
+        inputs(bad, torch.device("cpu"), args)
