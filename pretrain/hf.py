@@ -5,23 +5,26 @@
                                  [--base <hf dir>]        (LoRA: merged into the base)
     python -m pretrain.hf export-adapter <LoRA checkpoint or run dir> <adapter dir>   (PEFT)
 
-``import`` reads a HF Llama folder (``config.json`` and ``model.safetensors``, or shards
-listed in ``model.safetensors.index.json``) into a DCP checkpoint of this trainer (model
-weights only); start a run from it with ``checkpoint.load_path=<dir>
+``import`` reads a HF folder (``config.json`` and ``model.safetensors``, or shards listed in
+``model.safetensors.index.json``) of a model family with a converter (``model_type`` llama:
+``LlamaForCausalLM``; mllama: ``MllamaForConditionalGeneration``) into a DCP checkpoint of
+this trainer (model weights only); start a run from it with ``checkpoint.load_path=<dir>
 checkpoint.load_weights_only=true`` under any layout. ``model.init_from=<hf dir>`` skips the
 intermediate checkpoint: every rank reads the safetensors files lazily and the weights are
 scattered into the run's layout in chunks, so no rank holds more than a chunk plus its
 shard.
 
-``export`` writes ``config.json`` (rope_scaling, tie_word_embeddings, head_dim),
-``generation_config.json`` and safetensors shards of at most ``--max-shard-size`` with an
-index, loadable by ``transformers.LlamaForCausalLM.from_pretrained``; one shard's tensors
-are in memory at a time. Both commands write into ``<out>.partial`` and rename it when
-done, and show progress in bytes.
+``export`` writes ``config.json`` (the family converter's: rope, tied embeddings, head_dim;
+Mllama's nested text and vision configs), ``generation_config.json`` and safetensors shards
+of at most ``--max-shard-size`` with an index, loadable by transformers' ``from_pretrained``
+of the family's class; one shard's tensors are in memory at a time. Both commands write
+into ``<out>.partial`` and rename it when done (removing it on failure), and show progress
+in bytes.
 
 Errors (exit code 4) name the file: a folder without config.json or weights, a shard the
 index lists but that is missing, a corrupt file, a weight of the wrong shape (with both
-shapes), or a config that disagrees with the model (``model.<key>`` and both values)."""
+shapes), a config.json this model cannot be (its key), or a config that disagrees with the
+configured model (``model.<key>`` and both values)."""
 from __future__ import annotations
 
 import argparse
@@ -49,8 +52,6 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# Llama 3 special tokens (<|begin_of_text|>, <|end_of_text|>) for generation_config.json.
-LLAMA3_BOS, LLAMA3_EOS = 128000, 128001
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -61,7 +62,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 class HFWeights:
-    """A HF Llama folder opened lazily: the tensor index at start, tensors on demand."""
+    """A HF model folder opened lazily: the tensor index at start, tensors on demand. Weights
+    are known by their current transformers name (the converter's ``canonical_hf_key``,
+    when it has one, renames what an older transformers saved)."""
 
     def __init__(self, path) -> None:
         self.path = Path(path)
@@ -83,6 +86,7 @@ class HFWeights:
         except ValueError as e:
             raise CheckpointError(f"{cfg_file}: {e}") from None
         self.files: Dict[str, Path] = {}  # weight name -> file
+        self._stored: Dict[str, str] = {}  # weight name -> the name in its file
         index = self.path / INDEX
         if index.is_file():
             try:
@@ -102,14 +106,22 @@ class HFWeights:
                 f = self.path / norm
                 if not f.is_file():
                     raise CheckpointError(f"{f}: missing (listed for {name} in {index.name})")
-                self.files[name] = f
+                self._add(name, f)
         elif (self.path / SINGLE).is_file():
             for name in self._handle(self.path / SINGLE).keys():
-                self.files[name] = self.path / SINGLE
+                self._add(name, self.path / SINGLE)
         else:
             raise CheckpointError(
                 f"{self.path}: no {SINGLE} or {INDEX} (PyTorch .bin weights are not read: re-save them with "
                 "transformers' save_pretrained(..., safe_serialization=True))")
+
+    def _add(self, stored: str, f: Path) -> None:
+        canonical = getattr(self.family.hf, "canonical_hf_key", None)
+        name = canonical(stored) if canonical is not None and isinstance(stored, str) else stored
+        if name in self._stored:
+            raise CheckpointError(f"{f}: weight {stored!r} and {self._stored[name]!r} (in {self.files[name].name}) "
+                                  f"are both {name!r}")
+        self.files[name], self._stored[name] = f, stored
 
     def _handle(self, f: Path):
         from safetensors import safe_open
@@ -122,14 +134,26 @@ class HFWeights:
         return self._handles[f]
 
     def args(self) -> LlamaArgs:
+        """The folder's model, as its family's args (LlamaArgs or a subclass)."""
         try:
             args = self.family.hf.args_from_hf_config(self.config, name=self.path.name)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{self.path / 'config.json'}: not a supported Llama config ({e!r})") from e
-        return check_model_args(args, self.path / "config.json")
+            raise CheckpointError(f"{self.path / 'config.json'}: not a supported {self.family.name} config "
+                                  f"({type(e).__name__}: {e})") from e
+        return check_model_args(args, self.path / "config.json", keys=dict(getattr(self.family.hf, "config_keys", ())))
 
     def shape(self, key: str) -> Tuple[int, ...]:
-        return tuple(self._handle(self._file(key)).get_slice(key).get_shape())
+        f = self._file(key)
+        try:
+            return tuple(self._handle(f).get_slice(self._stored[key]).get_shape())
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 (SafetensorError: a header that lies)
+            raise CheckpointError(f"{f}: cannot read {key} ({e})") from e
+
+    def stored_name(self, key: str) -> str:
+        """The name a weight has in its file (an older transformers' spelling, or ``key``)."""
+        return self._stored.get(key, key)
 
     def _file(self, key: str) -> Path:
         if key not in self.files:
@@ -139,29 +163,32 @@ class HFWeights:
     def get(self, key: str) -> torch.Tensor:
         f = self._file(key)
         try:
-            return self._handle(f).get_tensor(key)
+            return self._handle(f).get_tensor(self._stored[key])
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{f}: cannot read {key} ({e})") from e
 
 
-def _compare(field: str, ours, theirs, diffs: List[str], hf_key: str) -> None:
-    if ours != theirs:
-        diffs.append(f"model.{field}={ours!r} but config.json has {hf_key}={theirs!r}")
+def _plain(v):
+    """A config value as plain data (a dataclass as its dict, lists of lists as lists)."""
+    if dataclasses.is_dataclass(v):
+        return dataclasses.asdict(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
 
 
 def check_args_match(ours: LlamaArgs, theirs: LlamaArgs, where: Path) -> None:
-    """The configured model must be the one in the folder: name each disagreement."""
+    """The configured model must be the one in the folder: name each disagreement, on the
+    fields of the family converter's ``config_keys`` (our field, config.json key; without
+    them, every field but the name and the init)."""
     diffs: List[str] = []
-    for field, hf_key in (("dim", "hidden_size"), ("n_layers", "num_hidden_layers"),
-                          ("n_heads", "num_attention_heads"), ("n_kv_heads", "num_key_value_heads"),
-                          ("ffn_hidden_dim", "intermediate_size"), ("vocab_size", "vocab_size"),
-                          ("norm_eps", "rms_norm_eps"), ("rope_theta", "rope_theta"),
-                          ("tie_embeddings", "tie_word_embeddings")):
-        _compare(field, getattr(ours, field), getattr(theirs, field), diffs, hf_key)
-    _compare("head_dim", ours.resolved_head_dim, theirs.resolved_head_dim, diffs, "head_dim")
-    a = dataclasses.asdict(ours.rope_scaling) if ours.rope_scaling else None
-    b = dataclasses.asdict(theirs.rope_scaling) if theirs.rope_scaling else None
-    _compare("rope_scaling", a, b, diffs, "rope_scaling")
+    pairs = getattr(family_of(ours).hf, "config_keys", None) or [
+        (f.name, f.name) for f in dataclasses.fields(ours) if f.name not in ("name", "init_from", "init_std")]
+    for field, hf_key in pairs:
+        a, b = _plain(getattr(ours, field)), _plain(getattr(theirs, field))
+        if a != b:
+            field = "head_dim" if field == "resolved_head_dim" else field
+            diffs.append(f"model.{field}={a!r} but config.json has {hf_key}={b!r}")
     if diffs:
         raise CheckpointError(f"{where / 'config.json'} describes another model: " + "; ".join(diffs))
 
@@ -176,7 +203,8 @@ def _check_keys(hf: HFWeights, wanted: Iterable[str], args: LlamaArgs) -> None:
         try:
             name = family_of(args).hf.ours_name(key)
         except KeyError:
-            raise CheckpointError(f"{hf.files[key]}: unexpected weight {key!r} (not a Llama parameter)") from None
+            raise CheckpointError(f"{hf.files[key]}: unexpected weight {key!r} (not a parameter of a "
+                                  f"{family_of(args).name} model)") from None
         if name is not None and key not in wanted and not _tied_extra(key, args):
             raise CheckpointError(f"{hf.files[key]}: weight {key!r} has no place in this model")
 
@@ -186,9 +214,10 @@ def _read_converted(hf: HFWeights, name: str, shape: Tuple[int, ...], dtype: tor
     conv = family_of(args).hf
     key = conv.hf_name(name)
     have = hf.shape(key)
-    if have != tuple(shape):
-        raise CheckpointError(f"{hf._file(key)}: {key} (our {name}) has shape {list(have)} but this model "
-                              f"expects {list(shape)}")
+    want = tuple(conv.to_hf(name, torch.empty(shape, device="meta"), args).shape)  # the HF layout's shape
+    if have != want:
+        raise CheckpointError(f"{hf._file(key)}: {hf.stored_name(key)} (our {name}) has shape {list(have)} but this "
+                              f"model expects {list(want)}")
     return conv.to_ours(name, hf.get(key), args).to(dtype).contiguous()
 
 
@@ -267,16 +296,20 @@ def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = 
             sd[name] = _read_converted(hf, name, shape, dtype, args)
             bar.update(sd[name].numel() * dtype.itemsize)
     partial = _fresh_out(out, force, hf.path)
-    writer = CrcWriter(partial)
-    dcp.save({"model": sd}, storage_writer=writer, no_dist=True)
-    files = {**{k: list(v) for k, v in writer.files.items()}, ".metadata": list(file_crc(partial / ".metadata"))}
-    meta = {"step": 0, "tokens_seen": 0, "world_size": 1, "model": dataclasses.asdict(args),
-            "weights_only": True, "source": str(hf.path.resolve()), "files": files}
-    model_cfg = {"defaults": [f"{args.family}_schema", "_self_"],
-                 **{k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}}
-    (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
-                                        + yaml.safe_dump(model_cfg, sort_keys=False))
-    (partial / "meta.json").write_text(json.dumps(meta))
+    try:
+        writer = CrcWriter(partial)
+        dcp.save({"model": sd}, storage_writer=writer, no_dist=True)
+        files = {**{k: list(v) for k, v in writer.files.items()}, ".metadata": list(file_crc(partial / ".metadata"))}
+        meta = {"step": 0, "tokens_seen": 0, "world_size": 1, "model": dataclasses.asdict(args),
+                "weights_only": True, "source": str(hf.path.resolve()), "files": files}
+        model_cfg = {"defaults": [f"{args.family}_schema", "_self_"],
+                     **{k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}}
+        (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
+                                            + yaml.safe_dump(model_cfg, sort_keys=False))
+        (partial / "meta.json").write_text(json.dumps(meta))
+    except BaseException:  # nothing half-written stays behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     _finish(partial, out)
     return args
 
@@ -338,18 +371,34 @@ _ARG_LIMITS = {"dim": 1 << 20, "n_layers": 4096, "n_heads": 1 << 14, "n_kv_heads
                "ffn_hidden_dim": 1 << 22, "vocab_size": 1 << 24}
 
 
-def check_model_args(args: LlamaArgs, where) -> LlamaArgs:
+def check_model_args(args: LlamaArgs, where, keys: Optional[Dict[str, str]] = None) -> LlamaArgs:
     """A model config read from a file (config.json, meta.json): integers where the model
-    needs them, within published sizes, so nothing is built from a crafted one."""
-    for key, limit in _ARG_LIMITS.items():
+    needs them, within published sizes (the family converter's ``arg_limits`` add its own
+    fields), so nothing is built from a crafted one; then the family's own checks.
+    ``keys``: our field -> the file's key, to name the key a reader of the file knows."""
+    family = family_of(args)
+
+    def name(field: str) -> str:
+        return f"{keys[field]} (model.{field})" if keys and field in keys else field
+
+    for key, limit in {**_ARG_LIMITS, **getattr(family.hf, "arg_limits", {})}.items():
         v = getattr(args, key)
         if key == "head_dim" and v is None:
             continue
-        if type(v) is not int or not 1 <= v <= limit:
-            raise CheckpointError(f"{where}: {key}={v!r}, expected an integer in [1, {limit}]")
+        low, high = limit if isinstance(limit, tuple) else (1, limit)
+        if type(v) is not int or not low <= v <= high:
+            raise CheckpointError(f"{where}: {name(key)}={v!r}, expected an integer in [{low}, {high}]")
     for key in ("norm_eps", "rope_theta", "init_std"):
         if not isinstance(getattr(args, key), (int, float)) or isinstance(getattr(args, key), bool):
-            raise CheckpointError(f"{where}: {key}={getattr(args, key)!r}, expected a number")
+            raise CheckpointError(f"{where}: {name(key)}={getattr(args, key)!r}, expected a number")
+    try:
+        problems = list(family.check(args))
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong kind
+        raise CheckpointError(f"{where}: not a valid {family.name} model ({type(e).__name__}: {e})") from None
+    if problems:
+        key, value, expected = problems[0]  # key: "model.<field>"
+        field = key.split(".", 1)[1] if key.startswith("model.") else key
+        raise CheckpointError(f"{where}: {name(field) if keys and field in keys else key}={value!r} {expected}")
     return args
 
 
@@ -413,8 +462,9 @@ def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base)
 
 def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard_size: int = 5 * 10**9,
               force: bool = False, progress: bool = True, base=None) -> Path:
-    """A checkpoint of this trainer -> a HF folder that ``LlamaForCausalLM`` loads. A LoRA
-    checkpoint is merged into its base (``base``, else the run's model.init_from)."""
+    """A checkpoint of this trainer -> a HF folder that transformers loads (the family's
+    class: ``LlamaForCausalLM``, ``MllamaForConditionalGeneration``). A LoRA checkpoint is
+    merged into its base (``base``, else the run's model.init_from)."""
     from safetensors.torch import save_file
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -441,39 +491,44 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
     if missing:
         raise CheckpointError(f"{ckpt}: no tensor model.{missing[0]}")
     entries.sort(key=lambda e: order[e[0]])
+    conv = family_of(args).hf
+    try:  # before anything is written: a model transformers cannot express is refused here
+        cfg = conv.hf_config_from_args(args)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: cannot be a Hugging Face {family_of(args).name} model ({e})")
+    cfg["torch_dtype"] = cfg["dtype"] = _HF_DTYPE_NAMES[dtype]
+    gen = getattr(conv, "generation_config", lambda a: {})(args)
+    # The names transformers' save_pretrained writes (an older spelling, for some families).
+    stored_key = getattr(conv, "stored_hf_key", lambda key: key)
     shards = _plan_shards(entries, dtype.itemsize, max_shard_size)
     shapes = dict(entries)
     out = Path(out)
     partial = _fresh_out(out, force, ckpt)
-    weight_map: Dict[str, str] = {}
-    total = sum(_numel(s) * dtype.itemsize for _, s in entries)
-    with _progress(total, f"exporting {ckpt.name}", progress) as bar:
-        for i, names in enumerate(shards):
-            fname = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            if merged is not None:
-                state = {"model": {n: merged[n] for n in names}}
-            else:
-                saved_dtype = {n: saved[f"model.{n}"].properties.dtype for n in names}
-                state = {"model": {n: torch.empty(shapes[n], dtype=saved_dtype[n]) for n in names}}
-                load_dcp(state, ckpt, no_dist=True)
-            conv = family_of(args).hf
-            tensors = {conv.hf_name(n): conv.to_hf(n, w, args).to(dtype).contiguous()
-                       for n, w in state["model"].items()}
-            save_file(tensors, str(partial / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in tensors})
-            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
-    if len(shards) > 1:
-        (partial / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    cfg = family_of(args).hf.hf_config_from_args(args)
-    cfg["torch_dtype"] = cfg["dtype"] = _HF_DTYPE_NAMES[dtype]
-    gen = {}
-    if args.vocab_size >= 128256:  # the Llama 3 vocabulary: its special token ids
-        cfg.update(bos_token_id=LLAMA3_BOS, eos_token_id=LLAMA3_EOS)
-        gen = {"bos_token_id": LLAMA3_BOS, "eos_token_id": LLAMA3_EOS, "do_sample": True,
-               "temperature": 0.6, "top_p": 0.9}
-    (partial / "config.json").write_text(json.dumps(cfg, indent=2))
-    (partial / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    try:
+        weight_map: Dict[str, str] = {}
+        total = sum(_numel(s) * dtype.itemsize for _, s in entries)
+        with _progress(total, f"exporting {ckpt.name}", progress) as bar:
+            for i, names in enumerate(shards):
+                fname = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                if merged is not None:
+                    state = {"model": {n: merged[n] for n in names}}
+                else:
+                    saved_dtype = {n: saved[f"model.{n}"].properties.dtype for n in names}
+                    state = {"model": {n: torch.empty(shapes[n], dtype=saved_dtype[n]) for n in names}}
+                    load_dcp(state, ckpt, no_dist=True)
+                tensors = {stored_key(conv.hf_name(n)): conv.to_hf(n, w, args).to(dtype).contiguous()
+                           for n, w in state["model"].items()}
+                save_file(tensors, str(partial / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in tensors})
+                bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
+        if len(shards) > 1:
+            (partial / INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        (partial / "config.json").write_text(json.dumps(cfg, indent=2))
+        (partial / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    except BaseException:  # nothing half-written stays behind (a full disk, a corrupt checkpoint file, ^C)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     _finish(partial, out)
     return out
 
@@ -518,12 +573,12 @@ def export_adapter(checkpoint, out, *, force: bool = False) -> Path:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.hf", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="HF Llama folder -> weights-only checkpoint")
+    imp = sub.add_parser("import", help="HF model folder -> weights-only checkpoint")
     imp.add_argument("hf_dir")
     imp.add_argument("out", help="checkpoint directory to write")
     imp.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
                      help="dtype of the stored weights (training keeps fp32 masters; default fp32)")
-    exp = sub.add_parser("export", help="checkpoint (or run dir: its newest) -> HF Llama folder")
+    exp = sub.add_parser("export", help="checkpoint (or run dir: its newest) -> HF model folder")
     exp.add_argument("checkpoint")
     exp.add_argument("out", help="HF folder to write")
     exp.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="dtype of the exported weights")

@@ -5,7 +5,7 @@ q/k projection rows are permuted on the way through; everything else is renamed.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -114,24 +114,71 @@ def ours_to_hf(sd: Dict[str, torch.Tensor], args: LlamaArgs) -> Dict[str, torch.
     return out
 
 
-def args_from_hf_config(cfg: Dict[str, Any], name: str = "hf") -> LlamaArgs:
-    """``config.json`` of a HF Llama -> LlamaArgs. Reads both the transformers 4 form
-    (``rope_theta`` + ``rope_scaling``) and the transformers 5 form (``rope_parameters``
-    holding theta and the scaling); ``rope_scaling`` wins where both exist, as in
-    transformers."""
+def rope_from_hf_config(cfg: Dict[str, Any], default_theta: float = 10000.0,
+                        where: str = "") -> Tuple[float, Optional[RopeScaling]]:
+    """(rope_theta, llama3 scaling or None) of a HF text config, in either form: transformers
+    4 (``rope_theta`` + ``rope_scaling``) or 5 (``rope_parameters`` holding theta and the
+    scaling); ``rope_scaling`` wins where both exist, as in transformers. ``where``: the
+    prefix of the keys in messages (``text_config.``)."""
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    theta = rs.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if not isinstance(rs, dict):
+        raise ValueError(f"{where}rope_scaling / rope_parameters={rs!r}: expected an object")
+    theta = rs.get("rope_theta", cfg.get("rope_theta", default_theta))
     kind = rs.get("rope_type", rs.get("type", "default"))
-    scaling = None
-    if kind == "llama3":
-        scaling = RopeScaling(
-            factor=float(rs["factor"]),
-            low_freq_factor=float(rs["low_freq_factor"]),
-            high_freq_factor=float(rs["high_freq_factor"]),
-            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-        )
-    elif kind != "default":
-        raise ValueError(f"rope type {kind!r} is not supported (expected 'llama3' or 'default')")
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        src = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        raise ValueError(f"{where}{src}.rope_type={kind!r} is not supported (expected 'llama3' or 'default')")
+    return float(theta), RopeScaling(
+        factor=float(rs["factor"]),
+        low_freq_factor=float(rs["low_freq_factor"]),
+        high_freq_factor=float(rs["high_freq_factor"]),
+        original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+    )
+
+
+def rope_to_hf_config(args: LlamaArgs) -> Dict[str, Any]:
+    """``rope_theta``, ``rope_scaling`` and ``rope_parameters`` of a HF text config: both
+    forms (transformers 4 reads the first two, 5 reads rope_parameters and still accepts
+    the old keys; they agree here)."""
+    out: Dict[str, Any] = {"rope_theta": args.rope_theta, "rope_scaling": None}
+    params: Dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling is not None:
+        rs = args.rope_scaling
+        out["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        }
+        params.update(out["rope_scaling"])
+    out["rope_parameters"] = params
+    return out
+
+
+# Llama 3 special tokens (<|begin_of_text|>, <|end_of_text|>), for a model with the Llama 3
+# vocabulary (128256 tokens and up).
+LLAMA3_BOS, LLAMA3_EOS = 128000, 128001
+
+
+def special_token_ids(args: LlamaArgs) -> Dict[str, Any]:
+    """bos/eos ids of the config (empty for another vocabulary: we do not know its ids)."""
+    if args.vocab_size >= 128256:
+        return {"bos_token_id": LLAMA3_BOS, "eos_token_id": LLAMA3_EOS}
+    return {}
+
+
+def generation_config(args: LlamaArgs) -> Dict[str, Any]:
+    """``generation_config.json`` of an export: Llama 3's sampling defaults with its token ids."""
+    ids = special_token_ids(args)
+    return {**ids, "do_sample": True, "temperature": 0.6, "top_p": 0.9} if ids else {}
+
+
+def args_from_hf_config(cfg: Dict[str, Any], name: str = "hf") -> LlamaArgs:
+    """``config.json`` of a HF Llama -> LlamaArgs, in either rope form (``rope_from_hf_config``)."""
+    theta, scaling = rope_from_hf_config(cfg)
     n_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim")
     if head_dim == cfg["hidden_size"] // n_heads:
@@ -146,7 +193,7 @@ def args_from_hf_config(cfg: Dict[str, Any], name: str = "hf") -> LlamaArgs:
         ffn_hidden_dim=cfg["intermediate_size"],
         vocab_size=cfg["vocab_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=float(theta),
+        rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 8192),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -154,7 +201,7 @@ def args_from_hf_config(cfg: Dict[str, Any], name: str = "hf") -> LlamaArgs:
 
 
 def hf_config_from_args(args: LlamaArgs) -> Dict[str, Any]:
-    cfg: Dict[str, Any] = {
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
@@ -165,26 +212,20 @@ def hf_config_from_args(args: LlamaArgs) -> Dict[str, Any]:
         "intermediate_size": args.ffn_hidden_dim,
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
         "max_position_embeddings": args.max_position_embeddings,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "rope_scaling": None,
+        **rope_to_hf_config(args),
+        **special_token_ids(args),
     }
-    # Both forms: transformers 4 reads rope_theta + rope_scaling, 5 reads rope_parameters
-    # (and still accepts the old keys; they agree here).
-    params: Dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.rope_scaling is not None:
-        rs = args.rope_scaling
-        cfg["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": rs.factor,
-            "low_freq_factor": rs.low_freq_factor,
-            "high_freq_factor": rs.high_freq_factor,
-            "original_max_position_embeddings": rs.original_max_position_embeddings,
-        }
-        params.update(cfg["rope_scaling"])
-    cfg["rope_parameters"] = params
-    return cfg
+
+
+# Our config fields -> the config.json keys that hold them: a folder's config is compared
+# with the configured model (``model.init_from``) on these, naming both.
+config_keys = (("dim", "hidden_size"), ("n_layers", "num_hidden_layers"), ("n_heads", "num_attention_heads"),
+               ("n_kv_heads", "num_key_value_heads"), ("resolved_head_dim", "head_dim"),
+               ("ffn_hidden_dim", "intermediate_size"), ("vocab_size", "vocab_size"), ("norm_eps", "rms_norm_eps"),
+               ("rope_theta", "rope_theta"), ("rope_scaling", "rope_scaling"),
+               ("tie_embeddings", "tie_word_embeddings"))
