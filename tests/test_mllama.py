@@ -16,14 +16,18 @@ from pretrain.model.mllama.model import build_mllama
 ROPE = RopeScaling(factor=8.0, original_max_position_embeddings=8192)
 
 
-@pytest.mark.parametrize("args,expected", [
-    (MllamaArgs(dim=4096, n_layers=40, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, vocab_size=128256,
-                rope_scaling=ROPE, cross_attention_layers=list(range(3, 40, 5))), 10_670_220_835),
-    (MllamaArgs(dim=8192, n_layers=100, n_heads=64, n_kv_heads=8, ffn_hidden_dim=28672, vocab_size=128256,
-                rope_scaling=ROPE, cross_attention_layers=list(range(3, 100, 5))), 88_593_355_323),
-], ids=["11b", "90b"])
-def test_published_parameter_counts_on_meta(args, expected):
-    model = build_mllama(args, device="meta")
+@pytest.mark.parametrize("model_file,expected", [("llama3_2_11b_vision", 10_670_220_835),
+                                                 ("llama3_2_90b_vision", 88_593_355_323)], ids=["11b", "90b"])
+def test_published_parameter_counts_on_meta(model_file, expected):
+    """The model files' architectures on the meta device: transformers' counts for the same
+    configs (MllamaForConditionalGeneration, meta-llama/Llama-3.2-{11,90}B-Vision)."""
+    from conftest import compose_job
+    from pretrain.model import family_of
+
+    args = compose_job(f"model={model_file}").model
+    assert isinstance(args, MllamaArgs) and family_of(args).name == "mllama"
+    with torch.device("meta"):
+        model = family_of(args).build(args, 8192)
     assert all(p.is_meta for p in model.parameters())
     assert count_parameters(model) == expected
 
