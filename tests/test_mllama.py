@@ -13,7 +13,6 @@ from pretrain.model.mllama.args import MllamaArgs
 from pretrain.model.mllama.hf import hf_to_ours
 from pretrain.model.mllama.model import build_mllama
 
-ROPE = RopeScaling(factor=8.0, original_max_position_embeddings=8192)
 
 
 @pytest.mark.parametrize("model_file,expected", [("llama3_2_11b_vision", 10_670_220_835),
