@@ -142,6 +142,44 @@ def test_export_reloads_bit_identical_with_the_same_config(hf_folder, imported, 
     assert back.config.image_token_index == hf.config.image_token_index == 300
 
 
+def test_init_from_loads_every_weight_as_the_import(hf_folder, imported):
+    """model.init_from's loader (load_hf_weights, here on one process) fills every parameter,
+    vision tower included, with the imported checkpoint's values."""
+    import torch.distributed.checkpoint as dcp
+
+    model = build_mllama(TINY, rope_cache_len=64, device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    load_hf_weights(model, hf_folder[0], TINY, chunk_bytes=100_000)  # several chunks
+    want = {"model": {k: torch.empty_like(v) for k, v in model.named_parameters()}}
+    dcp.load(want, checkpoint_id=str(imported[0]), no_dist=True)
+    for k, v in model.named_parameters():
+        assert torch.equal(v, want["model"][k]), k
+
+
+def test_the_published_11b_config_is_the_11b_model_file():
+    """transformers' MllamaConfig defaults are Llama-3.2-11B-Vision's but for the image size
+    (448; published 560) and the rope (published: Llama 3.1's scaling, in the transformers 4
+    keys): read, they describe configs/model/llama3_2_11b_vision.yaml exactly, so
+    ``model=llama3_2_11b_vision model.init_from=<that folder>`` passes the config check;
+    written back, transformers reads them with Llama 3's special tokens."""
+    from pretrain.hf import check_args_match
+    from tests.conftest import compose_job
+
+    ours = compose_job("model=llama3_2_11b_vision").model
+    published = transformers.MllamaConfig(vision_config={"image_size": 560}).to_dict()
+    published["text_config"].pop("rope_parameters")
+    published["text_config"].update(rope_theta=500000.0, rope_scaling={
+        "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
+        "rope_type": "llama3"})
+    check_args_match(ours, args_from_hf_config(published), Path("published"))
+    back = transformers.MllamaConfig(**hf_config_from_args(ours))
+    assert args_from_hf_config(back.to_dict(), name=ours.name) == dataclasses.replace(ours, head_dim=None)
+    assert (back.text_config.bos_token_id, back.text_config.eos_token_id, back.text_config.pad_token_id) == (
+        128000, 128001, 128004)
+
+
 def test_transformers4_config_and_weight_names(hf_folder, imported, tmp_path):
     """The published checkpoints' form: rope_theta + rope_scaling in text_config, and weights
     under transformers 4 names (what save_pretrained writes) or 5 names: the same import."""
@@ -223,6 +261,26 @@ def test_init_from_starts_at_transformers_loss_and_the_run_exports(hf_folder, im
     assert hf_main(["export", str(run), str(tmp_path / "out"), "--no-progress"]) == 0
     back = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert back.dtype == torch.bfloat16 and back.config.text_config.num_hidden_layers == 5
+
+
+def test_an_export_that_fails_midway_leaves_nothing(imported, tmp_path, monkeypatch):
+    """A disk that fills on the second shard: the error propagates, no folder and no .partial."""
+    import safetensors.torch
+
+    from pretrain.hf import export_hf
+
+    real, calls = safetensors.torch.save_file, []
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(imported[0], tmp_path / "out", max_shard_size=300_000, progress=False)
+    assert len(calls) == 2 and not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 # -- hostile folders: each refused naming the file, the key and both values, exit 4, nothing written
