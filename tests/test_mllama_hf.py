@@ -168,12 +168,16 @@ def test_the_published_11b_config_is_the_11b_model_file():
     from tests.conftest import compose_job
 
     ours = compose_job("model=llama3_2_11b_vision").model
+    rope = {"rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
     published = transformers.MllamaConfig(vision_config={"image_size": 560}).to_dict()
     published["text_config"].pop("rope_parameters")
-    published["text_config"].update(rope_theta=500000.0, rope_scaling={
-        "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
-        "rope_type": "llama3"})
-    check_args_match(ours, args_from_hf_config(published), Path("published"))
+    published["text_config"].update(rope)
+    # Keys left out of config.json mean transformers' defaults to us too.
+    sparse = {"model_type": "mllama", "text_config": {"rope_scaling": rope["rope_scaling"]},
+              "vision_config": {"image_size": 560}}
+    for cfg in (published, sparse):
+        check_args_match(ours, args_from_hf_config(cfg), Path("published"))
     back = transformers.MllamaConfig(**hf_config_from_args(ours))
     assert args_from_hf_config(back.to_dict(), name=ours.name) == dataclasses.replace(ours, head_dim=None)
     assert (back.text_config.bos_token_id, back.text_config.eos_token_id, back.text_config.pad_token_id) == (
@@ -261,6 +265,27 @@ def test_init_from_starts_at_transformers_loss_and_the_run_exports(hf_folder, im
     assert hf_main(["export", str(run), str(tmp_path / "out"), "--no-progress"]) == 0
     back = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert back.dtype == torch.bfloat16 and back.config.text_config.num_hidden_layers == 5
+
+
+@pytest.mark.parametrize("family", ["llama", "mllama"])
+def test_special_tokens_only_for_the_llama3_vocabulary(family):
+    """Export's token ids (moved from the driver into each converter): Llama 3's for a
+    128256-token vocabulary, in the config (Mllama: its text_config) and generation_config;
+    none claimed for another vocabulary (Mllama: no pad row, which transformers would build)."""
+    from pretrain.model import get_family
+
+    conv = get_family(family).hf
+    for vocab, want in ((128256, (128000, 128001)), (300, None)):
+        args = dataclasses.replace(TINY, vocab_size=vocab) if family == "mllama" else \
+            get_family("llama").args(vocab_size=vocab)
+        cfg = conv.hf_config_from_args(args)
+        text = cfg["text_config"] if family == "mllama" else cfg
+        gen = conv.generation_config(args)
+        if want:
+            assert (text["bos_token_id"], text["eos_token_id"]) == want and gen["bos_token_id"] == want[0]
+            assert gen["temperature"] == 0.6 and gen["top_p"] == 0.9
+        else:
+            assert text.get("eos_token_id") is None and text.get("pad_token_id") is None and gen == {}
 
 
 def test_an_export_that_fails_midway_leaves_nothing(imported, tmp_path, monkeypatch):
@@ -372,8 +397,8 @@ def test_a_missing_or_truncated_shard_or_tensor_is_named(hf_folder, tmp_path, ca
     (lambda c: c["vision_config"].update(hidden_act="quick_gelu"), "vision_config.hidden_act='quick_gelu'"),
     (lambda c: c["text_config"].update(tie_word_embeddings=True), "text_config.tie_word_embeddings=True"),
     (lambda c: c["vision_config"].update(image_size=[28, 56]), "vision_config.image_size=[28, 56]"),
-    (lambda c: c["vision_config"].update(num_hidden_layers=10 ** 6),  # built from nothing: refused first
-     "vision_config.num_hidden_layers (model.vision_layers)=1000000, expected an integer in [1, 1024]"),
+    (lambda c: c["vision_config"].update(num_hidden_layers=2048),  # past any published size: never built
+     "vision_config.num_hidden_layers (model.vision_layers)=2048, expected an integer in [1, 1024]"),
     (lambda c: c["vision_config"].update(intermediate_layers_indices=[1, 2, 9]),
      "vision_config.intermediate_layers_indices (model.intermediate_layers)=[1, 2, 9] must be increasing"),
 ], ids=["vision_output_dim", "image_token_index", "rope_type", "hidden_act", "tied", "image_size", "huge",
