@@ -1,5 +1,6 @@
-"""MFU's numerator and denominator: Llama 3.2 1B's FLOPs per token worked out by hand
-from its published shape, and the GPU peak table's lookup by device name."""
+"""MFU's numerator and denominator: Llama 3.2 1B's and Llama 3.2 11B Vision's FLOPs per
+token worked out by hand from their published shapes (the latter also counted by torch's
+FlopCounterMode), and the GPU peak table's lookup by device name."""
 from conftest import REPO
 from pretrain.config import load_model_file
 from pretrain.observe.flops import gpu_peak_tflops, peak_flops
