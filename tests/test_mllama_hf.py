@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.config import load_job_config, load_model_file  # noqa: E402
-from pretrain.hf import HFWeights, import_hf, load_hf_weights  # noqa: E402
+from pretrain.hf import import_hf, load_hf_weights  # noqa: E402
 from pretrain.hf import main as hf_main  # noqa: E402
 from pretrain.model.mllama.hf import args_from_hf_config, hf_config_from_args  # noqa: E402
 from pretrain.model.mllama.model import build_mllama  # noqa: E402
