@@ -117,3 +117,16 @@ def test_inputs_are_shaped_by_the_config_alone():
     with pytest.raises(ValueError, match=r"batch\['pixel_values'\] has shape \(3, 1, 2, 3, 28, 28\), expected "
                                          r"\(3, 2, 2, 3, 28, 28\)"):
         inputs(bad, torch.device("cpu"), args)
+
+
+def test_no_intermediate_layers():
+    """``model.intermediate_layers=[]`` passes the checks: the encoder's final output alone
+    (vision_output_dim = vision_dim) feeds the projector."""
+    from pretrain.model.mllama import check, inputs
+
+    args = dataclasses.replace(TINY, intermediate_layers=[])
+    assert list(check(args)) == [] and args.vision_output_dim == args.vision_dim
+    model = build_mllama(args, rope_cache_len=64, device="cpu")
+    model.init_weights()
+    x = inputs({"input_ids": torch.zeros(2, 8, dtype=torch.long)}, torch.device("cpu"), args)
+    assert tuple(model.image_states(*x[1:4]).shape) == (2, 2 * 5, 64)

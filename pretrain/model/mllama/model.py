@@ -151,6 +151,8 @@ class VisionEncoder(nn.Module):
         for block in self.global_layers.values():
             x = block(x, bias)
         x = x.reshape(b * i, t, padded, d)[:, :, :n]
+        if not kept:  # no intermediate layers: the final output alone
+            return x.reshape(b, i, t, n, -1)
         inter = torch.stack(kept, dim=-1).reshape(b * i, t, padded, -1)[:, :, :n]
         return torch.cat([x, inter], dim=-1).reshape(b, i, t, n, -1)
 
