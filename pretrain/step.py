@@ -56,7 +56,8 @@ class TrainStep:
 
     def __init__(self, family: ModelFamily, parts: List[nn.Module], optimizer, *, dims: ParallelDims,
                  pc: ParallelConfig, grad_accum_steps: int, max_norm: float, chat: bool, device: torch.device,
-                 param_dtype: torch.dtype, mesh=None, stage_ids=(0,), num_stages: int = 1, tied: bool = False, model_args=None):
+                 param_dtype: torch.dtype, mesh=None, stage_ids=(0,), num_stages: int = 1, tied: bool = False,
+                 model_args=None):
         self.family, self.parts, self.optimizer = family, parts, optimizer
         self.model_args = model_args  # the model config: the family's inputs are shaped by it
         self.dims, self.accum, self.max_norm, self.chat, self.device = dims, grad_accum_steps, max_norm, chat, device

@@ -36,7 +36,8 @@ _TEXT_BLOCK = {
     "cross_attn.o_proj": "cross_attention.wo", "cross_attn.q_norm": "cross_attention.q_norm",
     "cross_attn.k_norm": "cross_attention.k_norm", "mlp.gate_proj": "feed_forward.w1",
     "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm", "cross_attn_attn_gate": "attn_gate.weight", "cross_attn_mlp_gate": "ffn_gate.weight",
+    "post_attention_layernorm": "ffn_norm", "cross_attn_attn_gate": "attn_gate.weight",
+    "cross_attn_mlp_gate": "ffn_gate.weight",
 }
 _VISION = {
     "patch_embedding.weight": "patch_embed.weight", "class_embedding": "class_embedding",
