@@ -118,6 +118,11 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
                  f"{m.n_trainable:,}", 100 * m.n_trainable / m.n_params, f"{m.n_params:,}",
                  "" if cfg.model.init_from or cfg.checkpoint.load_path else
                  " | WARNING: no model.init_from: the frozen towers keep their random init")
+    idle = [t for t in m.family.image_towers if t not in cfg.finetune.freeze]
+    if idle:  # no data source yields images yet
+        log.warning("the data has no images: the %s tower(s) get zero gradients, and AdamW's weight decay (optim."
+                    "weight_decay=%g) shrinks them by (1 - lr x weight_decay) every step; finetune.freeze=[%s] keeps "
+                    "them as they are", ",".join(idle), cfg.optim.weight_decay, ",".join(idle))
     log.info("%s | deterministic algorithms %s", describe_blocks(m.parts, m.family.layout),
              "on" if torch.are_deterministic_algorithms_enabled() else "off")
     log.info("MFU = %r FLOPs/token x tokens/s / (%r FLOP/s peak per device, from %s x %d devices)",

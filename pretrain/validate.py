@@ -39,7 +39,7 @@ def _check_model(cfg: JobConfig) -> None:
         family = get_family(m.family)
     except UnknownFamily as e:
         raise ConfigError("model.family", m.family, e.expected) from None
-    if not isinstance(m, family.args):
+    if type(m) is not family.args:  # exact: MllamaArgs extends LlamaArgs, yet a Llama cannot take it
         files = f" (model={' | model='.join(family.model_files)})" if family.model_files else ""
         raise ConfigError("model.family", m.family,
                           f"the model file gives a {type(m).__name__} config ({m.name}), family {m.family!r} takes "
@@ -158,6 +158,7 @@ def _check_freeze(cfg: JobConfig) -> None:
         _require(name in towers, "finetune.freeze", freeze,
                  f"{name!r} is not a tower of family {cfg.model.family!r}: expected a subset of "
                  f"{list(towers)}" if towers else f"family {cfg.model.family!r} has no towers to freeze")
+    _require(len(set(freeze)) == len(freeze), "finetune.freeze", freeze, "names a tower twice")
     _require(len(set(freeze)) < len(towers), "finetune.freeze", freeze, "must leave at least one tower to train")
     _require(cfg.finetune.lora.rank == 0, "finetune.freeze", freeze,
              "cannot combine with LoRA (finetune.lora.rank > 0 already freezes every base weight)")

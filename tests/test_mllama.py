@@ -114,6 +114,10 @@ def test_inputs_are_shaped_by_the_config_alone():
     assert tuple(model(*got).shape) == (3, 12, 300)
     bad = {"input_ids": tokens, "pixel_values": torch.zeros(3, 1, 2, 3, 28, 28), "aspect_ratio_ids": torch.zeros(3, 1),
            "aspect_ratio_mask": torch.zeros(3, 1, 2), "cross_attention_mask": torch.zeros(3, 12, 1, 2)}
+    ids = {**bad, "pixel_values": torch.zeros(3, 2, 2, 3, 28, 28), "aspect_ratio_ids": torch.tensor([[0, 1], [2, 3], [4, 0]]),
+           "aspect_ratio_mask": torch.zeros(3, 2, 2), "cross_attention_mask": torch.zeros(3, 12, 2, 2)}
+    with pytest.raises(ValueError, match=r"aspect_ratio_ids'\] holds 0..4, expected 0 \(no image\) to 3"):
+        inputs(ids, torch.device("cpu"), args)
     with pytest.raises(ValueError, match=r"batch\['pixel_values'\] has shape \(3, 1, 2, 3, 28, 28\), expected "
                                          r"\(3, 2, 2, 3, 28, 28\)"):
         inputs(bad, torch.device("cpu"), args)
@@ -130,3 +134,15 @@ def test_no_intermediate_layers():
     model.init_weights()
     x = inputs({"input_ids": torch.zeros(2, 8, dtype=torch.long)}, torch.device("cpu"), args)
     assert tuple(model.image_states(*x[1:4]).shape) == (2, 2 * 5, 64)
+
+
+def test_an_mllama_file_cannot_train_as_llama():
+    """``model=mllama_debug model.family=llama`` would train a text-only Llama and ignore
+    every vision field (MllamaArgs extends LlamaArgs): refused, naming model.family."""
+    from conftest import compose_job
+    from pretrain.validate import ConfigError, validate_job
+
+    with pytest.raises(ConfigError, match="pick a model file of that family") as e:
+        validate_job(compose_job("model=mllama_debug", "model.family=llama"), 1)
+    assert e.value.key == "model.family"
+    validate_job(compose_job("model=mllama_debug"), 1)

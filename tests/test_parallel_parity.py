@@ -25,10 +25,10 @@ RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 CKPT = ["checkpoint.interval=5", "logging.every=1"]
 
 
-def final_weights(run: Path) -> dict:
+def final_weights(run: Path, step: int = 5) -> dict:
     import torch.distributed.checkpoint as dcp
 
-    ck = run / "checkpoints" / "step-5"
+    ck = run / "checkpoints" / f"step-{step}"
     md = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata
     state = {"model": {k[len("model."):]: torch.empty(v.size, dtype=v.properties.dtype)
                        for k, v in md.items() if k.startswith("model.")}}

@@ -121,13 +121,16 @@ def agreed(fn: Callable, *args, **kwargs):
 # parameter name, so the states of several model parts (pipeline stages) merge, and any
 # layout loads any other's.
 _OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
-# With frozen parameters (LoRA), checkpoints hold the trainable ones only: the adapters
-# are small, and the frozen base comes from where the run started (model.init_from).
+# LoRA checkpoints hold the trainable parameters only: the adapters are small, and the
+# frozen base comes from where the run started (model.init_from). A run that freezes whole
+# towers (finetune.freeze) saves every weight: its checkpoints resume and export on their
+# own, and a full-training checkpoint resumed with a tower frozen keeps that tower.
 _OPTS_TRAINABLE = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
 
 
 def _opts(part) -> StateDictOptions:
-    return _OPTS_TRAINABLE if any(not p.requires_grad for p in part.parameters()) else _OPTS
+    lora = any(".lora_a." in name for name, _ in part.named_parameters())
+    return _OPTS_TRAINABLE if lora else _OPTS
 
 
 def _pairs(model, optimizer):

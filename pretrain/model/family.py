@@ -79,6 +79,9 @@ class ModelFamily:
     # the tower that parameter belongs to (its name in the whole model).
     towers: Tuple[str, ...] = ()
     tower_of: Optional[Callable[[Any, str], str]] = None
+    # Towers that learn from images only: a batch without images gives them zero gradients
+    # (not none), so AdamW's weight decay still shrinks them (the trainer warns).
+    image_towers: Tuple[str, ...] = ()
 
 
 def count_parameters(model: nn.Module) -> int:

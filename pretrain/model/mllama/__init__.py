@@ -99,6 +99,10 @@ def inputs(batch: dict, device: torch.device, args: MllamaArgs) -> Tuple[torch.T
         if tuple(x.shape) != shape:
             raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}, expected {shape} (model.max_images="
                              f"{i}, model.max_num_tiles={t}, model.image_size={px})")
+        if key == "aspect_ratio_ids" and x.device.type == "cpu" and len(x) and (
+                x.min() < 0 or x.max() > len(args.supported_aspect_ratios)):  # a loader batch: no device sync
+            raise ValueError(f"batch['aspect_ratio_ids'] holds {x.min().item()}..{x.max().item()}, expected 0 (no "
+                             f"image) to {len(args.supported_aspect_ratios)} (model.supported_aspect_ratios)")
         x = x.to(device, non_blocking=True)
         out.append(x.float() if key in ("pixel_values", "cross_attention_mask") else x.long())
     return tuple(out)
@@ -147,7 +151,7 @@ FAMILY = ModelFamily(
     flops_per_token=flops_per_token, check=check, tp_divisible=tp_divisible,
     depth=lambda m: ("model.n_layers", m.n_layers), hf=hf, document_masking=False,
     model_files=("mllama_debug", "llama3_2_11b_vision", "llama3_2_90b_vision"),
-    towers=("text", "vision"), tower_of=tower_of,
+    towers=("text", "vision"), tower_of=tower_of, image_towers=("vision",),
 )
 
 __all__ = ["FAMILY", "LAYOUT", "LORA", "Mllama", "MllamaArgs", "build_mllama", "inputs", "tower_of"]
