@@ -158,7 +158,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     audit = DataAudit(run_dir, job.dp_rank) if cfg.data.audit and job.is_dp_leader else None
     tokens_per_step = job.dp_world * t.local_batch_size * t.grad_accum_steps * t.seq_len
     lora_params = job.model.n_trainable if cfg.finetune.lora.rank > 0 else 0
-    fpt = job.model.family.flops_per_token(cfg.model, t.seq_len, lora_params=lora_params)
+    frozen = {"frozen": tuple(cfg.finetune.freeze)} if cfg.finetune.freeze else {}  # no weight gradients there
+    fpt = job.model.family.flops_per_token(cfg.model, t.seq_len, lora_params=lora_params, **frozen)
     peak, peak_source = peak_flops_and_source(device, cfg.logging.peak_tflops)
     sink = MetricsSink(run_dir, enabled=is_rank0, total_steps=t.steps, tensorboard=cfg.logging.tensorboard,
                        console=cfg.logging.console, wandb_cfg=cfg.logging if cfg.logging.wandb else None,

@@ -1,6 +1,8 @@
 """MFU's numerator and denominator: Llama 3.2 1B's and Llama 3.2 11B Vision's FLOPs per
 token worked out by hand from their published shapes (the latter also counted by torch's
 FlopCounterMode), and the GPU peak table's lookup by device name."""
+import pytest
+
 from conftest import REPO
 from pretrain.config import load_model_file
 from pretrain.observe.flops import gpu_peak_tflops, peak_flops
@@ -178,3 +180,29 @@ def test_mllama_flops_equal_torch_flop_counter_at_11b():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(*inputs).float().sum().backward()
     assert counter.get_total_flops() == FAMILY.flops_per_token(args, 8192) * 8192 == 77_769_635_712 * 8192
+
+
+@pytest.mark.parametrize("frozen", ["vision", "text"])
+def test_mllama_flops_with_a_frozen_tower_equal_torch_flop_counter(frozen):
+    """``finetune.freeze``: the 11B on meta with a tower frozen (the trainer's apply_freeze),
+    one forward + backward under FlopCounterMode equals flops_per_token(frozen=...) x 8192
+    exactly: frozen weights compute no weight gradient, and parts with nothing trainable
+    upstream no backward at all. Counting as if everything trained overstates it by 13%
+    ([vision]) and 28% ([text])."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.freeze import apply_freeze
+    from pretrain.model.mllama import FAMILY
+
+    args = _load_11b_vision()
+    with torch.device("meta"):
+        model = FAMILY.build(args, 8192)
+    apply_freeze(model, FAMILY, args, [frozen])
+    batch = {"input_ids": torch.zeros(1, 8192, dtype=torch.long, device="meta")}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*FAMILY.inputs(batch, torch.device("meta"), args)).float().sum().backward()
+    got = FAMILY.flops_per_token(args, 8192, frozen=(frozen,))
+    assert counter.get_total_flops() == got * 8192
+    assert FAMILY.flops_per_token(args, 8192) / got > 1.1

@@ -154,6 +154,14 @@ def test_freeze_trains_the_other_tower_only(tmp_path, tok_cache, frozen, overrid
     assert all(torch.equal(end[k], start[k]) for k in set(start) - want)
     n = sum(start[k].numel() for k in want)
     assert f"frozen: {frozen} | {n:,} trainable parameters" in proc.stderr + proc.stdout
+    # MFU counts no weight gradients for the frozen tower (and no backward below it).
+    from pretrain.config import load_job_config
+    from pretrain.model.mllama import FAMILY
+
+    cfg = load_job_config(tmp_path / ".hydra" / "config.yaml")
+    logged = float(re.search(r"MFU = (\S+) FLOPs/token", proc.stderr + proc.stdout)[1])
+    want_fpt = FAMILY.flops_per_token(cfg.model, cfg.train.seq_len, frozen=(frozen,))
+    assert logged == want_fpt < FAMILY.flops_per_token(cfg.model, cfg.train.seq_len)
     got = losses(tmp_path)
     assert got[-1] < got[0]
 

@@ -48,7 +48,8 @@ class ModelFamily:
     device, args)``: a loader batch -> the model's (first stage's) positional inputs, whose
     shapes depend on the config only (``args``), never on what the batch holds.
     ``layout``: how parallel/ splits it. ``lora``: adapter targets. ``flops_per_token(args,
-    seq_len, lora_params)``: model FLOPs per trained token (MFU). ``check(args)``: problems
+    seq_len, lora_params[, frozen])``: model FLOPs per trained token (MFU); ``frozen`` (the
+    towers of finetune.freeze) is passed only to a family that has towers. ``check(args)``: problems
     with a model config. ``tp_divisible(args)``: (key, value) that parallel.tp must divide.
     ``depth(args)``: (key, blocks) the pipeline splits into equal stages. ``hf``: the
     Hugging Face converter (a module with ``model_types``, ``args_from_hf_config``,

@@ -75,7 +75,40 @@ def breakdown(args: MllamaArgs, seq_len: int) -> Dict[str, float]:
             "tiles_per_sample": float(args.max_images * args.max_num_tiles)}
 
 
-def flops_per_token(args: MllamaArgs, seq_len: int, lora_params: int = 0) -> float:
+def _frozen_flops(args: MllamaArgs, seq_len: int, frozen) -> float:
+    """Per token with whole towers frozen (``finetune.freeze``): a frozen weight computes no
+    weight gradient, and a part with nothing trainable upstream no backward at all.
+
+    ``[vision]``: the encoder, projector and the cross-attention layers' k/v run forward
+    only (2 per weight, scores 4); the cross-attention layers' q, o and MLP pass input
+    gradients to the trained text below them (4), and their scores 8 (the gradients of the
+    queries, not of the frozen image keys and values). ``[text]``: the self-attention layers
+    below the first cross-attention layer run forward only (nothing under them trains); the
+    ones above it and the head pass input gradients (4 per weight, scores 12); the vision
+    side trains (6, the patch embedding 4)."""
+    hd, d = args.resolved_head_dim, args.dim
+    cross = sorted(args.cross_attention_layers)
+    n_cross, n_self = len(cross), args.n_layers - len(cross)
+    self_layer = d * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * d * args.ffn_hidden_dim
+    cross_layer = 2 * d * hd * args.n_heads + 3 * d * args.ffn_hidden_dim
+    keys = args.max_images * args.max_num_tiles * args.patches_per_tile
+    self_scores, cross_scores = 4 * args.n_heads * hd * seq_len, 4 * args.n_heads * hd * keys
+    f = _forward_terms(args, seq_len)
+    cross_kv = 2 * args.patches_per_tile * n_cross * 2 * d * args.n_kv_heads * hd  # per tile, forward
+    encoder = f["tile_weights"] - cross_kv  # encoder layers + projector, per tile, forward
+    per_sample = args.max_images * args.max_num_tiles / seq_len
+    if "vision" in frozen:
+        text = (6 * (n_self * self_layer + d * args.vocab_size) + 4 * n_cross * cross_layer
+                + 3 * n_self * self_scores + 2 * n_cross * cross_scores)
+        return text + (encoder + cross_kv + f["tile_scores"] + f["tile_patch_embed"]) * per_sample
+    below = sum(1 for i in range(cross[0]) if i not in cross)  # self layers under the first cross layer
+    text = (2 * below * self_layer + 4 * (n_self - below) * self_layer + 4 * d * args.vocab_size
+            + 6 * n_cross * cross_layer + below * self_scores + 3 * (n_self - below) * self_scores
+            + 3 * n_cross * cross_scores)
+    return text + (3 * (encoder + cross_kv + f["tile_scores"]) + 2 * f["tile_patch_embed"]) * per_sample
+
+
+def flops_per_token(args: MllamaArgs, seq_len: int, lora_params: int = 0, frozen=()) -> float:
     """``text_per_token + image_per_tile x tiles_per_sample / seq_len``.
 
     With LoRA (``lora_params`` adapter parameters) the frozen base computes no weight
@@ -89,7 +122,10 @@ def flops_per_token(args: MllamaArgs, seq_len: int, lora_params: int = 0) -> flo
     counted with its input gradients, right when the vision blocks or the cross-attention
     k/v hold adapters (the default ``attention`` targets), not when only text linears do
     (then the image side runs forward only). Against torch's FlopCounterMode at 11B,
-    seq_len 8192, rank 16: ``attention`` +0.12%, ``all`` +0.14%, ``w1,w2,w3`` +9.2%."""
+    seq_len 8192, rank 16: ``attention`` +0.12%, ``all`` +0.14%, ``w1,w2,w3`` +9.2%.
+    ``frozen``: the towers ``finetune.freeze`` keeps (``_frozen_flops``)."""
+    if frozen:
+        return float(_frozen_flops(args, seq_len, frozen))
     f = _forward_terms(args, seq_len)
     per_sample = args.max_images * args.max_num_tiles / seq_len
     if lora_params:
