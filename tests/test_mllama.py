@@ -52,6 +52,24 @@ TINY = MllamaArgs(dim=64, n_layers=5, n_heads=4, n_kv_heads=1, ffn_hidden_dim=96
                   supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], intermediate_layers=[1, 2, 4])
 
 
+def image_batch():
+    """Row 0: an image of 1 tile seen by every token; row 1: an image of 2 tiles seen from
+    token 3 on; row 2: text only."""
+    g = torch.Generator().manual_seed(1)
+    b, s = 3, 12
+    tokens = torch.randint(0, TINY.vocab_size, (b, s), generator=g)
+    tokens[:2, 0] = TINY.image_token_id
+    pixels = torch.randn(b, 1, 2, 3, 28, 28, generator=g)
+    pixels[0, 0, 1] = 0
+    pixels[2] = 0
+    ar_ids = torch.tensor([[1], [2], [0]])
+    ar_mask = torch.tensor([[[1, 0]], [[1, 1]], [[0, 0]]])
+    cam = torch.zeros(b, s, 1, 2, dtype=torch.long)
+    cam[0, :, 0, 0] = 1
+    cam[1, 3:, 0, :] = 1
+    return tokens, pixels, ar_ids, ar_mask, cam
+
+
 def test_logits_and_image_states_match_transformers():
     """A batch of an image of 1 tile (seen by every token), one of 2 tiles (seen from token
     3 on) and a text-only row: image rows' logits and the projected image states within
@@ -69,17 +87,7 @@ def test_logits_and_image_states_match_transformers():
     ours = build_mllama(TINY, rope_cache_len=64, device="cpu")
     ours.load_state_dict(hf_to_ours(hf.state_dict(), TINY), strict=True)
     ours.init_buffers()
-    b, s = 3, 12
-    tokens = torch.randint(0, 300, (b, s))
-    tokens[:2, 0] = TINY.image_token_id
-    pixels = torch.randn(b, 1, 2, 3, 28, 28)
-    pixels[0, 0, 1] = 0
-    pixels[2] = 0
-    ar_ids = torch.tensor([[1], [2], [0]])
-    ar_mask = torch.tensor([[[1, 0]], [[1, 1]], [[0, 0]]])
-    cam = torch.zeros(b, s, 1, 2, dtype=torch.long)
-    cam[0, :, 0, 0] = 1
-    cam[1, 3:, 0, :] = 1
+    tokens, pixels, ar_ids, ar_mask, cam = image_batch()
     with torch.no_grad():
         want = hf(input_ids=tokens, pixel_values=pixels, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
                   cross_attention_mask=cam).logits

@@ -8,14 +8,12 @@ import dataclasses
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, _env, read_metrics, run_job
+from tests.conftest import read_metrics, run_job
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,18 +23,11 @@ from pretrain.hf import import_hf, load_hf_weights  # noqa: E402
 from pretrain.hf import main as hf_main  # noqa: E402
 from pretrain.model.mllama.hf import args_from_hf_config, hf_config_from_args  # noqa: E402
 from pretrain.model.mllama.model import build_mllama  # noqa: E402
-from tests.test_mllama import TINY, tiny_hf  # noqa: E402
+from tests.test_hf_io import cli  # noqa: E402
+from tests.test_mllama import TINY, image_batch, tiny_hf  # noqa: E402
 
 SHARD = "300KB"  # the tiny model is 1.1 MB in fp32: 4 shards
 INDEX = "model.safetensors.index.json"
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "pretrain.hf", *map(str, args)], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -62,24 +53,6 @@ def imported(hf_folder, tmp_path_factory):
     """The folder imported by the CLI: (checkpoint dir, CLI process)."""
     ck = tmp_path_factory.mktemp("mllama_ck") / "ck"
     return ck, cli("import", hf_folder[0], ck)
-
-
-def image_batch():
-    """Row 0: an image of 1 tile seen by every token; row 1: an image of 2 tiles seen from
-    token 3 on; row 2: text only."""
-    g = torch.Generator().manual_seed(1)
-    b, s = 3, 12
-    tokens = torch.randint(0, TINY.vocab_size, (b, s), generator=g)
-    tokens[:2, 0] = TINY.image_token_id
-    pixels = torch.randn(b, 1, 2, 3, 28, 28, generator=g)
-    pixels[0, 0, 1] = 0
-    pixels[2] = 0
-    ar_ids = torch.tensor([[1], [2], [0]])
-    ar_mask = torch.tensor([[[1, 0]], [[1, 1]], [[0, 0]]])
-    cam = torch.zeros(b, s, 1, 2, dtype=torch.long)
-    cam[0, :, 0, 0] = 1
-    cam[1, 3:, 0, :] = 1
-    return tokens, pixels, ar_ids, ar_mask, cam
 
 
 def test_import_gives_transformers_logits(hf_folder, imported):

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..llama.hf import _hf_to_meta_rows, _meta_to_hf_rows, rope_from_hf_config, rope_to_hf_config
+from ..llama.hf import _rope_heads as _llama_rope_heads
 from ..llama.hf import special_token_ids as _llama3_token_ids
 from ..llama.hf import lora_names as _llama_lora_names
 from .args import MllamaArgs
@@ -130,14 +131,11 @@ def hf_name(name: str) -> str:
 
 
 def _rope_heads(name: str, args: MllamaArgs) -> Optional[int]:
-    """Heads of a text self-attention q or k weight (RoPE layout differs), else None."""
+    """Heads of a text self-attention q or k weight (RoPE layout differs), else None: the
+    vision encoder and the cross-attention layers use no RoPE."""
     if name.startswith("vision.") or ".cross_" in name:
         return None
-    if name.endswith("attention.wq.weight"):
-        return args.n_heads
-    if name.endswith("attention.wk.weight"):
-        return args.n_kv_heads
-    return None
+    return _llama_rope_heads(name, args)
 
 
 def to_ours(name: str, w: torch.Tensor, args: MllamaArgs) -> torch.Tensor:
