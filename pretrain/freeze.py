@@ -12,17 +12,12 @@ from torch import nn
 from .model.family import ModelFamily
 
 
-def apply_freeze(model: nn.Module, family: ModelFamily, args, towers: Sequence[str]) -> int:
-    """Turns off the gradient of every parameter in ``towers``; returns how many values
-    that froze. Names are the whole model's (a pipeline stage keeps them)."""
-    frozen = 0
-    if not towers:
-        return frozen
+def apply_freeze(model: nn.Module, family: ModelFamily, args, towers: Sequence[str]) -> None:
+    """Turns off the gradient of every parameter in ``towers``. Names are the whole
+    model's (a pipeline stage keeps them)."""
     for name, p in model.named_parameters():
         if family.tower_of(args, name) in towers:
             p.requires_grad_(False)
-            frozen += p.numel()
-    return frozen
 
 
 def stages_with_nothing_to_train(family: ModelFamily, args, seq_len: int, towers: Sequence[str],
