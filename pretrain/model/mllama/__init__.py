@@ -33,7 +33,7 @@ CROSS_ATTENTION = BlockPlan(
     colwise=("cross_attention.wq", "cross_attention.wk", "cross_attention.wv", "feed_forward.w1",
              "feed_forward.w3"),
     rowwise=("cross_attention.wo", "feed_forward.w2"),
-    stream_inputs=(("cross_attention", 3), ("feed_forward", 2)),
+    stream_inputs=(("cross_attention", 4), ("feed_forward", 2)),
     seq_norms=("attention_norm", "ffn_norm"),
     seq_gates=("attn_gate", "ffn_gate"),
     head_norms=("cross_attention.q_norm", "cross_attention.k_norm"),

@@ -8,8 +8,12 @@ Inputs of one batch (shapes fixed by the config, never by the data):
 - ``aspect_ratio_ids`` (B, I): 1 + the index of the image's tiling in
   ``supported_aspect_ratios``, 0 for no image; ``aspect_ratio_mask`` (B, I, T): 1 for a real tile.
 - ``cross_attention_mask`` (B, S, I, T): 1 where token s may read tile t of image i.
-A text-only sample has all-zero masks: its cross-attention layers then add nothing
-(equal to transformers' skipping them)."""
+A token that sees no tile (text before its image, a text-only sample) passes every
+cross-attention layer unchanged, as in Meta's reference (llama-models,
+``models/llama3/multimodal/model.py``): its logits do not depend on the pixels. A
+text-only sample therefore equals transformers' forward without images (which skips the
+layers); transformers 5 lets text before an image attend to it (it zeroes the MLP only,
+its issue 39379), so it is the reference only where every token sees an image."""
 from __future__ import annotations
 
 from typing import Optional
@@ -161,7 +165,9 @@ class VisionEncoder(nn.Module):
 
 class CrossAttention(nn.Module):
     """Text queries over image keys/values (GQA), with RMSNorm on each head's q and k; no
-    position encoding."""
+    position encoding. The output of a token that sees no image tile is 0 (Meta's
+    reference multiplies it by ``full_text_row_masked_out_mask`` before ``wo``), so text
+    before its image gets no image signal at all."""
 
     def __init__(self, args: MllamaArgs):
         super().__init__()
@@ -173,12 +179,15 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+        """``sees`` (B, S, 1): 1 for tokens that see an image tile. Applied to a rank's
+        heads before ``wo`` (under tensor parallelism both are plain tensors there); ``wo``
+        has no bias, so a masked row's output is an exact 0 and sends no gradient back."""
         b, s, _ = x.shape
         q = self.q_norm(self.wq(x).view(b, s, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.wk(images).view(b, images.shape[1], -1, self.head_dim)).transpose(1, 2)
         v = self.wv(images).view(b, images.shape[1], -1, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) * sees[:, None]
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -205,8 +214,9 @@ class MaskedFeedForward(FeedForward):
 
 
 class CrossAttentionBlock(nn.Module):
-    """x + tanh(g_attn) * cross-attention; then + tanh(g_mlp) * MLP, the MLP zeroed on
-    tokens that see no image tile."""
+    """x + tanh(g_attn) * cross-attention; then + tanh(g_mlp) * MLP, both zeroed on tokens
+    that see no image tile (Meta's reference; transformers zeroes the MLP only, its issue
+    39379): such a token leaves the block as it entered."""
 
     def __init__(self, args: MllamaArgs):
         super().__init__()
@@ -218,15 +228,14 @@ class CrossAttentionBlock(nn.Module):
         self.ffn_gate = Gate()
 
     def forward(self, x, images, mask, sees):
-        x = x + self.attn_gate(self.cross_attention(self.attention_norm(x), images, mask))
+        x = x + self.attn_gate(self.cross_attention(self.attention_norm(x), images, mask, sees))
         return x + self.ffn_gate(self.feed_forward(self.ffn_norm(x), sees))
 
 
 def cross_attention_mask(mask: torch.Tensor, patches: int):
     """(B, S, I, T) mask -> the boolean attention mask (B, 1, S, I*T*patches) and (B, S, 1):
-    1 for tokens that see any tile. A token that sees none may attend to every tile (its
-    output is the gate times a mean over the image states, as published) and its MLP is
-    zeroed. Boolean, not an additive float bias: a quarter of the bytes at 11B sizes
+    1 for tokens that see any tile. A token that sees none may attend to every tile (a row
+    with no key would give NaN), and its attention output and MLP are zeroed. Boolean, not an additive float bias: a quarter of the bytes at 11B sizes
     (S x 4 tiles x 1601 patches per sample)."""
     b, s = mask.shape[:2]
     m = (mask != 0).repeat_interleave(patches, dim=3).reshape(b, s, -1)
@@ -284,9 +293,8 @@ class Mllama(nn.Module):
 
     def image_states(self, pixels, aspect_ratio_ids, aspect_ratio_mask) -> torch.Tensor:
         """(B, I*T*(patches+1), dim): what every cross-attention layer reads. A padded
-        image slot (aspect ratio id 0) gives zeros, so a text-only sample's cross-attention
-        adds nothing whatever its batch holds (transformers skips the layers for a batch
-        without images, but lets such a row attend to its padding's states in a mixed one)."""
+        image slot (aspect ratio id 0) gives zeros, whatever its pixels: a mask that marks
+        such a slot as seen reads nothing from it."""
         x = self.projector(self.vision(pixels, aspect_ratio_ids, aspect_ratio_mask))
         x = x * (aspect_ratio_ids != 0)[:, :, None, None, None].to(x.dtype)
         return x.reshape(x.shape[0], -1, x.shape[-1])
