@@ -207,8 +207,13 @@ class RankLoader:
                                      self.states, max(1, self.n_workers), ship_states=self.n_workers > 0)
         if self.n_workers == 0:
             return iter(ds)
+        # A generator of its own: the DataLoader draws its workers' base seed when iterated,
+        # after a checkpoint's RNG states were restored, and a draw from the global one
+        # would shift a resumed run's dropout masks. (The workers draw nothing: the data
+        # order is a function of the seed.)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.n_workers, prefetch_factor=4,
-                               multiprocessing_context="fork", worker_init_fn=_quiet_worker))
+                               multiprocessing_context="fork", worker_init_fn=_quiet_worker,
+                               generator=torch.Generator().manual_seed(self.spec.seed)))
 
     def __iter__(self):
         return self

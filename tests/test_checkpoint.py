@@ -329,3 +329,28 @@ def test_async_saves_reuse_one_stager_and_save_the_current_values(tmp_path):
         assert torch.equal(state["model"]["weight"], want), step
     assert not torch.equal(weights[1], weights[3])
     ckpt.close()
+
+
+def test_rng_streams_round_trip_through_the_checkpoint_file(tmp_path):
+    """Python's, numpy's and torch's CPU generators saved by a checkpoint (``rng/rank-<r>.pt``)
+    and restored after other draws continue exactly where they were saved (the CUDA stream:
+    ``test_cuda_rng_is_this_process_device_only``)."""
+    import random
+
+    import numpy as np
+
+    from pretrain.checkpoint import files
+
+    def draw():
+        return random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), \
+            torch.rand(3).tolist(), torch.randn(()).item()
+
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    draw()  # one numpy gaussian drawn: the second of its pair is cached, saved and restored too
+    (tmp_path / "rng").mkdir()
+    files.save_rng(tmp_path / "rng" / "rank-0.pt")
+    want = draw()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert draw() != want
+    files.load_rng(tmp_path / "rng" / "rank-0.pt")
+    assert draw() == want

@@ -57,7 +57,10 @@ def gpu_peak_tflops(device_name: str) -> float | None:
 
 
 def cpu_matmul_probe(n: int = 512, seconds: float = 0.25) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    # Its own generator: the probe runs after a checkpoint's RNG states were restored, and a
+    # draw from the global one would shift every later dropout mask of a resumed run.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     torch.mm(a, b)  # warm up
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
