@@ -80,7 +80,9 @@ LAYOUTS = [
     # compile composed with FSDP2 and TP+SP (the first block's input is TP's embedding output).
     ("fsdp2xtp2+sp+compile", ["parallel=fsdp_tp", "parallel.compile=true", "train.local_batch_size=2"], 4),
     ("pp2-gpipe", ["parallel.pp=2", "parallel.pp_schedule=gpipe", "train.local_batch_size=4"], 2),
-    ("pp2-1f1b", ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.local_batch_size=4"], 2),
+    # with gradient accumulation: 2 loader batches of 2 rows, each 2 pipeline micro-batches
+    ("pp2-1f1b+accum2", ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.local_batch_size=2",
+                         "train.grad_accum_steps=2"], 2),
     ("pp2x2-interleaved_1f1b", [*PP4, "parallel.pp_schedule=interleaved_1f1b"], 2),
     ("pp2x2-interleaved_zb", [*PP4, "parallel.pp_schedule=interleaved_zb"], 2),
     ("pp2x2-zbv", [*PP4, "parallel.pp_schedule=zbv"], 2),

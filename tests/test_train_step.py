@@ -60,3 +60,36 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch, chat):
     assert reads == [], reads
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it did update
     assert out.loss_sum.item() > 0 and out.grad_norm.item() > 0.5  # and clipped
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["text", "chat"])
+def test_accumulated_loss_and_grad_norm_equal_torch_cross_entropy(chat):
+    """One step of 2 accumulated micro-batches against an independent reference: torch's
+    ``cross_entropy`` of the whole batch (chat: ``ignore_index=-100``, the mean over the
+    trained tokens, which differ in number between the micro-batches) and the norm of its
+    gradient. What the trainer logs (``loss_sum / grad_accum_steps``) and the grad norm must
+    equal them: a loss not divided by the micro-batches doubles the gradient (clipping and
+    Adam hide it from the losses), a token count that includes -100 positions shrinks the
+    chat loss; every layout would share either bug."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_llama(ARGS, rope_cache_len=16, device="cpu")
+    model.init_weights(seed=0)
+    ref = copy.deepcopy(model)
+    step = TrainStep(FAMILY, [model], build_optimizer(model, OptimConfig()), dims=ParallelDims(1, 1, 1, 1, 1),
+                     pc=ParallelConfig(), grad_accum_steps=2, max_norm=0.0, chat=chat,
+                     device=torch.device("cpu"), param_dtype=torch.float32)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 4, 17), generator=torch.Generator().manual_seed(1))
+    labels = tokens[:, :, 1:].clone()
+    if chat:
+        labels[0, :, :13] = -100  # 3 trained tokens per row in the first micro-batch, 12 in the second
+        labels[1, :, :4] = -100
+    out = step(iter([{"input_ids": tokens[i, :, :-1], "labels": labels[i]} for i in range(2)]), lr=1e-3)
+    want = F.cross_entropy(ref(tokens[:, :, :-1].flatten(0, 1)).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    want.backward()
+    want_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+    assert torch.isclose(out.loss_sum / 2, want, rtol=1e-6), (out.loss_sum / 2, want)
+    assert torch.isclose(out.grad_norm, want_norm, rtol=1e-5), (out.grad_norm, want_norm)
