@@ -12,44 +12,46 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.config import ParallelConfig
-
+from parallel.knobs import knob
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 0
+    steps: int = knob(100, ge=1)
+    seed: int = knob(0, ge=0, le=2**63 - 1)
     # Deterministic kernels and no data-order nondeterminism: two runs of one config on
     # the same machine give bitwise-identical losses.
     deterministic: bool = False
-    seq_len: int = 256
+    seq_len: int = knob(256, ge=1)
     # Sequences per data-parallel rank per micro-batch.
-    local_batch_size: int = 8
-    grad_accum_steps: int = 1
+    local_batch_size: int = knob(8, ge=1)
+    grad_accum_steps: int = knob(1, ge=1)
     # Global-norm gradient clipping; 0 disables.
-    max_norm: float = 1.0
+    max_norm: float = knob(1.0, ge=0)
     # auto | cpu | cuda
     device: str = "auto"
     # auto (bf16 params + fp32 reduce on CUDA, fp32 on CPU) | bf16 | fp32
     mixed_precision: str = "auto"
     # Intra-op threads per process; null = cores / processes on the node.
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = knob(None, ge=1)
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    # Peak learning rate; above 1 is legal but almost surely a typo (warned).
+    lr: float = knob(3e-4, gt=0, warn_above=1.0)
+    weight_decay: float = knob(0.1, ge=0, warn_above=1.0)
+    betas: List[float] = knob(default_factory=lambda: [0.9, 0.95], ge=0, lt=1, each=True)
+    # > 0: a parameter whose gradients are all 0 (a tower without data) would divide 0 by 0.
+    eps: float = knob(1e-8, gt=0, warn_above=1e-3)
     # cosine | linear | wsd | constant (each after a linear warmup)
     schedule: str = "cosine"
-    warmup_steps: int = 100
+    warmup_steps: int = knob(100, ge=0)
     # Floor of the decay, as a fraction of lr.
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = knob(0.1, ge=0, le=1)
     # wsd only: fraction of the steps spent in the final linear decay.
-    decay_fraction: float = 0.2
+    decay_fraction: float = knob(0.2, gt=0, le=1)
 
 
 @dataclass
@@ -59,9 +61,9 @@ class TokenizerConfig:
     # bpe: a byte-level BPE trained on the corpus and cached (or the one at `path`).
     kind: str = "llama3"
     # bpe only: vocabulary size to train.
-    vocab_size: int = 4096
+    vocab_size: int = knob(4096, ge=258, le=1 << 24)
     # bpe only: bytes of the corpus (first documents in listing order) used to train it.
-    train_bytes: int = 8_000_000
+    train_bytes: int = knob(8_000_000, ge=1)
     # bpe only: where trained tokenizers are cached, keyed by corpus and settings.
     cache_dir: str = "${oc.env:HOME}/.cache/llama-pretrain/tokenizers"
     # tiktoken/hf: the tokenizer file; bpe: use this tokenizer.json instead of training.
@@ -82,15 +84,15 @@ class SourceConfig:
     # hf_dataset: the split of a saved DatasetDict.
     split: Optional[str] = None
     # text_folder: larger files are skipped (and counted).
-    max_file_bytes: int = 100_000_000
+    max_file_bytes: int = knob(100_000_000, ge=1)
     # jsonl (uncompressed): a file is read in units of this many bytes, each shuffled as one.
-    chunk_bytes: int = 1_048_576
+    chunk_bytes: int = knob(1_048_576, ge=1, le=1 << 23)
     # hf_dataset / pretokenized: rows (documents) per unit.
-    rows_per_unit: int = 1024
+    rows_per_unit: int = knob(1024, ge=1)
     # Bytes of one record: longer JSONL lines are skipped unread (data/skipped); longer
     # Parquet / datasets cells and text files are cut to it (data/truncated_docs). The
     # default, 64 MiB, keeps a loader worker's memory for one record to a few hundred MB.
-    max_doc_bytes: int = 67_108_864
+    max_doc_bytes: int = knob(67_108_864, ge=1)
 
 
 @dataclass
@@ -98,7 +100,7 @@ class MixtureEntry(SourceConfig):
     # Name shown in the metrics (data/tokens/<name>); default source<i>.
     name: Optional[str] = None
     # Relative share of tokens drawn from this source.
-    weight: float = 1.0
+    weight: float = knob(1.0, gt=0)
 
 
 @dataclass
@@ -110,10 +112,10 @@ class DataConfig(SourceConfig):
     shuffle: bool = True
     # Streams feeding each batch row in turn (more = consecutive steps of a row come from
     # more places in the corpus); part of the data order, like the seed.
-    streams_per_row: int = 8
+    streams_per_row: int = knob(8, ge=1, le=4096)
     # Loader worker processes per rank (tokenize and pack off the training thread);
     # 0 = in the training process.
-    num_workers: int = 1
+    num_workers: int = knob(1, ge=0, le=256)
     # Block-causal attention per document inside a window, with positions restarting at
     # each document. false = plain causal attention across the packed window.
     document_masking: bool = False
@@ -124,7 +126,7 @@ class DataConfig(SourceConfig):
     format: str = "text"
     # chat: conversations longer than this many tokens are cut (and counted as
     # data/truncated); -1 = train.seq_len + 1 (a whole window).
-    max_length: int = -1
+    max_length: int = knob(-1, ge=1, special={-1: "train.seq_len + 1"})
     # chat: pack = whole conversations packed into each window, the rest padded;
     # pad = one conversation per row, padded.
     sft_packing: str = "pack"
@@ -135,11 +137,11 @@ class DataConfig(SourceConfig):
 class LoggingConfig:
     # Log every N steps (and the first and last); null = 1 on CPU, 10 on CUDA (a logged
     # step reads values back from the device: observe/metrics.py, LOG_EVERY_CUDA).
-    every: Optional[int] = None
+    every: Optional[int] = knob(None, ge=1)
     console: bool = True
     tensorboard: bool = True
     # Peak FLOP/s per device for MFU; null = table for known GPUs, a matmul probe on CPU.
-    peak_tflops: Optional[float] = None
+    peak_tflops: Optional[float] = knob(None, gt=0)
     # Weights & Biases (rank 0 only): log every logged step's metrics to a W&B run.
     wandb: bool = False
     wandb_project: str = "llama-pretrain"
@@ -156,11 +158,11 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     # Evaluate every N optimizer steps and after the last step; 0 = never.
-    interval: int = 0
+    interval: int = knob(0, ge=0)
     # Batches per evaluation; each is eval.local_batch_size rows per data-parallel rank.
-    steps: int = 10
+    steps: int = knob(10, ge=1)
     # Rows per data-parallel rank in an eval batch; -1 = train.local_batch_size.
-    local_batch_size: int = -1
+    local_batch_size: int = knob(-1, ge=1, special={-1: "train.local_batch_size"})
     # The held-out data: any single source, read in listing order (never shuffled) and
     # packed like training (same tokenizer, train.seq_len, document masking).
     data: SourceConfig = field(default_factory=SourceConfig)
@@ -177,9 +179,9 @@ def eval_format(cfg) -> str:
 @dataclass
 class CheckpointConfig:
     # Save a DCP checkpoint every N steps (and at the end); 0 disables.
-    interval: int = 0
+    interval: int = knob(0, ge=0)
     # Keep only the newest N complete checkpoints; 0 keeps all.
-    keep_last: int = 2
+    keep_last: int = knob(2, ge=0)
     # Resume from the newest complete checkpoint in the run dir when there is one.
     resume: bool = True
     # Write checkpoints in a background thread while training continues (one in flight).
@@ -196,9 +198,9 @@ class ProfilingConfig:
     # to <run dir>/profile/trace-rank<r>.pt.trace.json.
     enable: bool = False
     # First profiled step (a global step number, 1-based); a run resumed past it profiles nothing.
-    start_step: int = 3
+    start_step: int = knob(3, ge=1)
     # Steps in the window.
-    steps: int = 3
+    steps: int = knob(3, ge=1)
     # Allocator events in the trace and a per-op memory table; on CUDA also a memory snapshot.
     memory: bool = False
     # Input shapes of each op (more overhead, bigger trace).
@@ -210,11 +212,11 @@ class ProfilingConfig:
 @dataclass
 class LoRAConfig:
     # Adapter rank r; 0 = no LoRA (every weight trains).
-    rank: int = 0
+    rank: int = knob(0, ge=0, le=1 << 16)
     # The update is (alpha / rank) B A x.
-    alpha: float = 16.0
+    alpha: float = knob(16.0, gt=0)
     # Dropout on the adapters' input while training (draws random numbers per rank).
-    dropout: float = 0.0
+    dropout: float = knob(0.0, ge=0, lt=1)
     # Linears that get adapters: ours (wq wk wv wo w1 w2 w3), Hugging Face's names
     # (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj), attention, mlp or all.
     target_modules: List[str] = field(default_factory=lambda: ["attention"])

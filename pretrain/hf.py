@@ -41,6 +41,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
+from parallel import knobs
+
 from .checkpoint import CheckpointError, complete_checkpoints, read_meta
 from .checkpoint.files import CrcWriter, file_crc, load_dcp, read_dcp_metadata, verify_files
 from .model import family_for_hf, family_names, family_of, get_family
@@ -137,7 +139,7 @@ class HFWeights:
         """The folder's model, as its family's args (LlamaArgs or a subclass)."""
         try:
             args = self.family.hf.args_from_hf_config(self.config, name=self.path.name)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as e:  # 1e400 is inf in JSON
             raise CheckpointError(f"{self.path / 'config.json'}: not a supported {self.family.name} config "
                                   f"({type(e).__name__}: {e})") from e
         return check_model_args(args, self.path / "config.json", keys=dict(getattr(self.family.hf, "config_keys", ())))
@@ -365,40 +367,29 @@ def _plan_shards(entries: List[Tuple[str, Tuple[int, ...]]], itemsize: int, limi
     return shards
 
 
-# Larger than any published Llama (405B: 126 layers, dim 16384, ffn 53248, vocab 128256)
-# by far; a config past them is a crafted one that would build millions of modules.
-_ARG_LIMITS = {"dim": 1 << 20, "n_layers": 4096, "n_heads": 1 << 14, "n_kv_heads": 1 << 14, "head_dim": 1 << 16,
-               "ffn_hidden_dim": 1 << 22, "vocab_size": 1 << 24}
-
-
 def check_model_args(args: LlamaArgs, where, keys: Optional[Dict[str, str]] = None) -> LlamaArgs:
-    """A model config read from a file (config.json, meta.json): integers where the model
-    needs them, within published sizes (the family converter's ``arg_limits`` add its own
-    fields), so nothing is built from a crafted one; then the family's own checks.
-    ``keys``: our field -> the file's key, to name the key a reader of the file knows."""
+    """A model config read from a file (config.json, meta.json): every field of the
+    family's args of its type and within the range declared beside it (``parallel.knobs``:
+    far past published sizes, so nothing is built from a crafted one; finite numbers), then
+    the family's own checks. ``keys``: our field -> the file's key, to name the key a reader
+    of the file knows."""
     family = family_of(args)
 
     def name(field: str) -> str:
-        return f"{keys[field]} (model.{field})" if keys and field in keys else field
+        top = field.split(".", 1)[0]
+        return f"{keys[top]}{field[len(top):]} (model.{field})" if keys and top in keys else field
 
-    for key, limit in {**_ARG_LIMITS, **getattr(family.hf, "arg_limits", {})}.items():
-        v = getattr(args, key)
-        if key == "head_dim" and v is None:
-            continue
-        low, high = limit if isinstance(limit, tuple) else (1, limit)
-        if type(v) is not int or not low <= v <= high:
-            raise CheckpointError(f"{where}: {name(key)}={v!r}, expected an integer in [{low}, {high}]")
-    for key in ("norm_eps", "rope_theta", "init_std"):
-        if not isinstance(getattr(args, key), (int, float)) or isinstance(getattr(args, key), bool):
-            raise CheckpointError(f"{where}: {name(key)}={getattr(args, key)!r}, expected a number")
+    for field, value, expected in knobs.problems(args):
+        raise CheckpointError(f"{where}: {name(field)}={value!r}, {expected}")
     try:
         problems = list(family.check(args))
-    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong kind
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a value of the wrong kind
         raise CheckpointError(f"{where}: not a valid {family.name} model ({type(e).__name__}: {e})") from None
     if problems:
         key, value, expected = problems[0]  # key: "model.<field>"
         field = key.split(".", 1)[1] if key.startswith("model.") else key
-        raise CheckpointError(f"{where}: {name(field) if keys and field in keys else key}={value!r} {expected}")
+        raise CheckpointError(f"{where}: {name(field) if keys and field.split('.')[0] in keys else key}={value!r} "
+                              f"{expected}")
     return args
 
 

@@ -34,6 +34,7 @@ from .runtime.rundir import RunDirError
 from .runtime.signals import EXIT_PREEMPTED, Preempted, SignalHandler
 from .runtime.status import write_status
 from .step import TrainStep
+from .validate import config_warnings
 
 log = logging.getLogger("pretrain")
 
@@ -104,6 +105,8 @@ def _write_status_to(run_dir: Path) -> Callable:
 def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, job: Job, device,
               fpt: float, peak: float, peak_source: str) -> None:
     m, pc, lora = job.model, cfg.parallel, cfg.finetune.lora
+    for line in config_warnings(cfg):
+        log.warning("config warning: %s", line)
     log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s)%s | %s %s",
              run_dir, f"{m.n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
              f" ({pc.pp_schedule}, stages {m.stage_ids} here)" if dims.pp > 1 else "", env.world_size,

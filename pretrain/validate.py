@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from parallel import knobs
 from parallel.ac import AC_MODES
 from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
 
@@ -28,9 +29,8 @@ def _one_of(key: str, value, choices) -> None:
     _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
 
 
-def _check_model(cfg: JobConfig) -> None:
-    """The model file gave a schema, the family ``model.family`` names takes it, and the
-    family's own checks pass."""
+def _check_schema(cfg: JobConfig) -> None:
+    """The model file gave a schema and the family ``model.family`` names takes it."""
     m = cfg.model
     if not dataclasses.is_dataclass(m):
         raise ConfigError("model", "(no schema)", "the model file must pick its family's schema first in its "
@@ -45,6 +45,19 @@ def _check_model(cfg: JobConfig) -> None:
                           f"the model file gives a {type(m).__name__} config ({m.name}), family {m.family!r} takes "
                           f"{family.args.__name__}: pick a model file of that family{files} instead of overriding "
                           "model.family alone")
+
+
+def _check_ranges(cfg: JobConfig) -> None:
+    """Every field of every group within the range declared beside it (``parallel.knobs``;
+    the model's by its family's args)."""
+    for key, value, expected in knobs.problems(cfg):
+        raise ConfigError(key, value, expected)
+
+
+def _check_model(cfg: JobConfig) -> None:
+    """The family's own checks (relations between its fields)."""
+    m = cfg.model
+    family = get_family(m.family)
     for key, value, expected in family.check(m):
         raise ConfigError(key, value, expected)
     if getattr(m, "init_from", None) and family.hf is None:
@@ -56,29 +69,17 @@ def _check_model(cfg: JobConfig) -> None:
 
 def _check_train(cfg: JobConfig) -> None:
     m, t = cfg.model, cfg.train
-    _require(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
-    _require(t.seq_len >= 1, "train.seq_len", t.seq_len, "must be >= 1")
     _require(t.seq_len <= m.max_position_embeddings, "train.seq_len", t.seq_len,
              f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
-    _require(t.local_batch_size >= 1, "train.local_batch_size", t.local_batch_size, "must be >= 1")
-    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
-    _require(t.max_norm >= 0, "train.max_norm", t.max_norm, "must be >= 0 (0 disables clipping)")
     _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
     _one_of("train.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
-    if t.num_threads is not None:
-        _require(t.num_threads >= 1, "train.num_threads", t.num_threads, "must be >= 1 or null")
 
 
 def _check_optim(cfg: JobConfig) -> None:
     o = cfg.optim
     _one_of("optim.name", o.name, ("adamw",))
     _one_of("optim.schedule", o.schedule, SCHEDULES)
-    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
-             "two values in [0, 1)")
-    _require(0 <= o.warmup_steps, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
+    _require(len(o.betas) == 2, "optim.betas", list(o.betas), "two values in [0, 1)")
 
 
 def _check_data(cfg: JobConfig) -> None:
@@ -93,16 +94,8 @@ def _check_data(cfg: JobConfig) -> None:
         for i, e in enumerate(d.mixture):
             _one_of(f"data.mixture.{i}.source", e.source, SOURCE_KINDS)
             _require(e.path is not None, f"data.mixture.{i}.path", e.path, "a path")
-            _require(e.weight > 0, f"data.mixture.{i}.weight", e.weight, "must be > 0")
     else:
         _require(d.path is not None, "data.path", d.path, f"a path for data.source={d.source}")
-    _require(d.streams_per_row >= 1, "data.streams_per_row", d.streams_per_row, "must be >= 1")
-    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    _require(0 < d.chunk_bytes <= 1 << 23, "data.chunk_bytes", d.chunk_bytes, "must be in (0, 8388608]")
-    _require(d.rows_per_unit > 0, "data.rows_per_unit", d.rows_per_unit, "must be > 0")
-    for key, e in [("data.", d), *((f"data.mixture.{i}.", e) for i, e in enumerate(d.mixture)),
-                   ("eval.data.", cfg.eval.data)]:
-        _require(e.max_doc_bytes > 0, f"{key}max_doc_bytes", e.max_doc_bytes, "must be > 0")
     _one_of("data.format", d.format, ("text", "chat"))
     _one_of("data.sft_packing", d.sft_packing, ("pack", "pad"))
     _require(d.max_length == -1 or 1 <= d.max_length <= t.seq_len + 1, "data.max_length", d.max_length,
@@ -133,10 +126,7 @@ def _check_data(cfg: JobConfig) -> None:
 
 def _check_lora(cfg: JobConfig) -> None:
     lora = cfg.finetune.lora
-    _require(lora.rank >= 0, "finetune.lora.rank", lora.rank, "must be >= 0 (0 = no LoRA)")
     if lora.rank > 0:
-        _require(lora.alpha > 0, "finetune.lora.alpha", lora.alpha, "must be > 0")
-        _require(0 <= lora.dropout < 1, "finetune.lora.dropout", lora.dropout, "must be in [0, 1)")
         _require(cfg.checkpoint.load_path is None, "checkpoint.load_path", cfg.checkpoint.load_path,
                  "cannot start a LoRA run (finetune.lora.rank > 0): its base comes from model.init_from "
                  "(or the seeded init), its checkpoints hold adapters only")
@@ -170,11 +160,7 @@ def _check_eval(cfg: JobConfig) -> None:
     d = cfg.data
     eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
     ev = cfg.eval
-    _require(ev.interval >= 0, "eval.interval", ev.interval, "must be >= 0 (0 = no evaluation)")
     if ev.interval > 0:
-        _require(ev.steps >= 1, "eval.steps", ev.steps, "must be >= 1")
-        _require(ev.local_batch_size == -1 or ev.local_batch_size >= 1, "eval.local_batch_size",
-                 ev.local_batch_size, "must be >= 1 or -1 (= train.local_batch_size)")
         _one_of("eval.data.source", ev.data.source, SOURCE_KINDS)
         if ev.format is not None:
             _one_of("eval.format", ev.format, ("text", "chat"))
@@ -188,19 +174,12 @@ def _check_eval(cfg: JobConfig) -> None:
 def _check_run(cfg: JobConfig) -> None:
     """logging, checkpoint and profiling."""
     m = cfg.model
-    _require(cfg.logging.every is None or cfg.logging.every >= 1, "logging.every", cfg.logging.every,
-             "must be >= 1, or null (1 on CPU, 10 on CUDA)")
     if cfg.logging.wandb_mode is not None:
         _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
-    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
     _require(not cfg.checkpoint.load_weights_only or cfg.checkpoint.load_path is not None,
              "checkpoint.load_weights_only", True, "needs checkpoint.load_path")
     _require(not (m.init_from and cfg.checkpoint.load_path), "model.init_from", m.init_from,
              f"conflicts with checkpoint.load_path={cfg.checkpoint.load_path!r}: start from one of them")
-    _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 0")
-    if cfg.profiling.enable:
-        _require(cfg.profiling.start_step >= 1, "profiling.start_step", cfg.profiling.start_step, "must be >= 1")
-        _require(cfg.profiling.steps >= 1, "profiling.steps", cfg.profiling.steps, "must be >= 1")
 
 
 def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
@@ -213,9 +192,6 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
     except LayoutError as e:
         raise ConfigError(e.key, e.value, e.expected) from None
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
-    _require(p.ac_every_n >= 1, "parallel.ac_every_n", p.ac_every_n, "must be >= 1")
-    _require(60 <= p.timeout_s <= 31_536_000, "parallel.timeout_s", p.timeout_s,
-             "must be from 60 to 31536000 seconds (a minute to a year): the start-up rendezvous waits as long")
     if p.compile:
         import torch
 
@@ -232,8 +208,6 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
                      f"must divide by parallel.tp={dims.tp} with parallel.sequence_parallel=true")
     else:
         _require(not p.loss_parallel, "parallel.loss_parallel", True, "needs parallel.tp > 1")
-    _require(p.pp_stages_per_rank == -1 or p.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank",
-             p.pp_stages_per_rank, "must be >= 1 or -1")
     if dims.pp > 1:
         from parallel.pp import stages_per_rank
 
@@ -272,8 +246,14 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
 
 
 # Rules per config group, in the order errors are reported.
-RULES = (_check_model, _check_train, _check_optim, _check_data, _check_lora, _check_freeze, _check_eval,
+RULES = (_check_schema, _check_ranges, _check_model, _check_train, _check_optim, _check_data, _check_lora, _check_freeze, _check_eval,
          _check_run)
+
+
+def config_warnings(cfg: JobConfig) -> list:
+    """Legal values that are probably mistakes (``warn_above`` / ``warn_below`` beside
+    their fields), one line each naming the key; rank 0 logs them once at start."""
+    return [f"{key}={value!r} is {why}: legal, but probably a mistake" for key, value, why in knobs.doubts(cfg)]
 
 
 def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:

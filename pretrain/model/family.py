@@ -55,8 +55,7 @@ class ModelFamily:
     Hugging Face converter (a module with ``model_types``, ``args_from_hf_config``,
     ``hf_config_from_args``, ``ours_name``, ``hf_name``, ``to_ours``, ``to_hf``,
     ``hf_to_ours``, ``ours_to_hf``, ``lora_names``; optionally ``config_keys`` (the args fields
-    compared with a folder's config.json, by their config.json names), ``arg_limits`` (size
-    limits of the family's own fields), ``canonical_hf_key`` / ``stored_hf_key`` (weight
+    compared with a folder's config.json, by their config.json names), ``canonical_hf_key`` / ``stored_hf_key`` (weight
     names as files store them vs module paths) and ``generation_config``), or None. ``document_masking``: whether
     ``inputs`` honours positions and document ids (data.document_masking is refused if not).
     ``towers`` / ``tower_of(args, name)``: the parts ``finetune.freeze`` may freeze."""

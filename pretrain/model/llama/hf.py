@@ -134,7 +134,7 @@ def rope_from_hf_config(cfg: Dict[str, Any], default_theta: float = 10000.0,
         factor=float(rs["factor"]),
         low_freq_factor=float(rs["low_freq_factor"]),
         high_freq_factor=float(rs["high_freq_factor"]),
-        original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        original_max_position_embeddings=rs["original_max_position_embeddings"],  # an int: checked with the args
     )
 
 

@@ -110,15 +110,6 @@ def inputs(batch: dict, device: torch.device, args: MllamaArgs) -> Tuple[torch.T
 
 def check(m: MllamaArgs) -> Iterable[Problem]:
     yield from check_text(m)
-    for key, v in (("model.vision_dim", m.vision_dim), ("model.vision_layers", m.vision_layers),
-                   ("model.vision_heads", m.vision_heads), ("model.vision_ffn_hidden_dim", m.vision_ffn_hidden_dim),
-                   ("model.patch_size", m.patch_size), ("model.num_channels", m.num_channels),
-                   ("model.max_num_tiles", m.max_num_tiles), ("model.max_images", m.max_images)):
-        if v < 1:
-            yield key, v, "must be >= 1"
-            return
-    if m.vision_global_layers < 0:
-        yield "model.vision_global_layers", m.vision_global_layers, "must be >= 0"
     if m.vision_dim % m.vision_heads:
         yield "model.vision_heads", m.vision_heads, f"must divide model.vision_dim={m.vision_dim}"
     if m.image_size < m.patch_size or m.image_size % m.patch_size:

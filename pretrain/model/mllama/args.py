@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from parallel.knobs import knob
+
 from ..llama.args import LlamaArgs
 
 
@@ -15,25 +17,26 @@ class MllamaArgs(LlamaArgs):
     tie_embeddings: bool = False
     # Text decoder layers (of n_layers) that are gated cross-attention layers instead of
     # self-attention ones (11B: 3, 8, ..., 38 of 40).
-    cross_attention_layers: List[int] = field(default_factory=lambda: [3, 8, 13, 18, 23, 28, 33, 38])
+    cross_attention_layers: List[int] = knob(default_factory=lambda: [3, 8, 13, 18, 23, 28, 33, 38], ge=0,
+                                             le=4095, each=True)
     # Vision encoder: patches of a square tile, a class token, local layers then gated
     # global ones; the outputs of the intermediate layers join the final one.
-    vision_dim: int = 1280
-    vision_layers: int = 32
-    vision_global_layers: int = 8
-    vision_heads: int = 16
-    vision_ffn_hidden_dim: int = 5120
-    vision_norm_eps: float = 1e-5
-    image_size: int = 560
-    patch_size: int = 14
-    num_channels: int = 3
-    max_num_tiles: int = 4
+    vision_dim: int = knob(1280, ge=1, le=1 << 16)
+    vision_layers: int = knob(32, ge=1, le=1024)
+    vision_global_layers: int = knob(8, ge=0, le=1024)
+    vision_heads: int = knob(16, ge=1, le=1 << 10)
+    vision_ffn_hidden_dim: int = knob(5120, ge=1, le=1 << 18)
+    vision_norm_eps: float = knob(1e-5, gt=0, warn_above=0.1)
+    image_size: int = knob(560, ge=1, le=1 << 14)
+    patch_size: int = knob(14, ge=1, le=1 << 10)
+    num_channels: int = knob(3, ge=1, le=64)
+    max_num_tiles: int = knob(4, ge=1, le=64)
     # Aspect ratios (tiles high x wide) an image may be cut into; id 0 is "no image".
     supported_aspect_ratios: List[List[int]] = field(
         default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
-    intermediate_layers: List[int] = field(default_factory=lambda: [3, 7, 15, 23, 30])
+    intermediate_layers: List[int] = knob(default_factory=lambda: [3, 7, 15, 23, 30], ge=0, le=1023, each=True)
     # Images per sample (padded): shapes never depend on the data.
-    max_images: int = 1
+    max_images: int = knob(1, ge=1, le=64, resume=False)
 
     @property
     def patches_per_tile(self) -> int:

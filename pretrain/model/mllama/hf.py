@@ -388,9 +388,3 @@ config_keys = (
     ("intermediate_layers", "vision_config.intermediate_layers_indices"),
 )
 
-# Integer fields a config file may not push past published sizes, as [1, limit] or (low,
-# high) (on top of the text decoder's): a crafted config.json would otherwise build
-# millions of modules.
-arg_limits = {"vision_dim": 1 << 16, "vision_layers": 1024, "vision_global_layers": (0, 1024), "vision_heads": 1 << 10,
-              "vision_ffn_hidden_dim": 1 << 18, "image_size": 1 << 14, "patch_size": 1 << 10, "num_channels": 64,
-              "max_num_tiles": 64, "max_images": 64}
