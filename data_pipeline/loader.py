@@ -162,6 +162,12 @@ class RankLoader:
         self._micro = 0
 
     # -- state ---------------------------------------------------------------------------
+    def data_identity(self) -> dict:
+        """What the saved positions index: each source's kind and number of units (its
+        listing), the tokenizer (packer states hold its token ids) and the records' format."""
+        return {"sources": [{"kind": s.spec.kind, "units": len(s.units)} for s in self.sources],
+                "tokenizer": self.tokenizer.fingerprint, "format": self.sources[0].spec.format}
+
     def state_dict(self) -> dict:
         """Valid at optimizer-step boundaries (after the step's last micro-batch)."""
         if self._micro:
@@ -169,18 +175,18 @@ class RankLoader:
         self._sync_in_process_states()
         return _json_safe({"num_slots": self.num_slots, "streams_per_row": self.spec.streams_per_row,
                            "rows": self.states, "dp_rank": self.spec.dp_rank, "dp_world": self.spec.dp_world,
-                           "n_sources": len(self.sources)})
+                           "n_sources": len(self.sources), "data": self.data_identity()})
 
     def load_rank_states(self, saved: List[dict]) -> None:
-        """``saved``: the state_dict of every DP rank of the checkpointed job."""
+        """``saved``: the state_dict of every DP rank of the checkpointed job. A state that
+        is not well formed raises ``ValueError``; one of data this job does not read (other
+        sources, listing, tokenizer or format) ``LoaderStateMismatch``, naming the key."""
         if self._it is not None:
             raise RuntimeError("load the loader state before iterating")
         saved = copy.deepcopy(saved)  # the rows are updated in place while iterating
-        _check_saved(saved, len(self.sources), self.tokenizer.vocab_size)
-        n_src = {s["n_sources"] for s in saved}
-        if n_src != {len(self.sources)}:
-            raise ValueError(f"the checkpoint's loader read {sorted(n_src)} sources, this job has "
-                             f"{len(self.sources)}: data.source or data.mixture changed")
+        _check_saved(saved)
+        self._check_fits(saved)
+        _check_tokens(saved, self.tokenizer.vocab_size)
         old_slots, old_lanes = saved[0]["num_slots"], saved[0]["streams_per_row"]
         by_slot = {}
         for s in saved:
@@ -200,6 +206,36 @@ class RankLoader:
                        for q in range(b)]
         if self.spec.dp_rank == 0:
             log.info("data loader resharded from %d to %d streams", old_slots, self.num_slots)
+
+    def _check_fits(self, saved: List[dict]) -> None:
+        n_src = {s["n_sources"] for s in saved}
+        if n_src != {len(self.sources)}:
+            raise LoaderStateMismatch(
+                f"the checkpoint's data loader read {sorted(n_src)[0] if len(n_src) == 1 else sorted(n_src)} "
+                f"source(s), this job reads {len(self.sources)}: data.source or data.mixture changed")
+        then = saved[0].get("data")
+        if then is None:  # a state of an earlier version: nothing more to compare
+            return
+        now = self.data_identity()
+        if not (isinstance(then, dict) and isinstance(then.get("sources"), list)
+                and len(then["sources"]) == len(self.sources)
+                and all(isinstance(x, dict) for x in then["sources"])):
+            raise ValueError("its 'data' record is malformed")
+        for src, a, b in zip(self.sources, then["sources"], now["sources"]):
+            if a.get("kind") != b["kind"]:
+                raise LoaderStateMismatch(f"{src.spec.key}source={b['kind']!r} (the checkpoint's loader read "
+                                          f"{a.get('kind')!r})")
+            if a.get("units") != b["units"]:
+                raise LoaderStateMismatch(
+                    f"{src.spec.key}path={src.spec.path!r} lists {b['units']} units now, {a.get('units')} when the "
+                    f"checkpoint was written: the saved positions index that listing ({src.spec.key}path, glob, "
+                    "chunk_bytes, rows_per_unit or the files changed); restore it, or start another run dir")
+        if then.get("tokenizer") != now["tokenizer"]:
+            raise LoaderStateMismatch(f"data.tokenizer: fingerprint {now['tokenizer']} now, {then.get('tokenizer')} "
+                                      "when the checkpoint was written (its packers hold that tokenizer's token ids)")
+        if then.get("format") != now["format"]:
+            raise LoaderStateMismatch(f"data.format={now['format']!r} (the checkpoint's loader read "
+                                      f"{then.get('format')!r} records)")
 
     # -- iteration -----------------------------------------------------------------------
     def _start(self):
@@ -303,21 +339,46 @@ def _nat(x) -> bool:
     return type(x) is int and x >= 0
 
 
-def _check_saved(saved, n_sources: int, vocab: int) -> None:
-    """Loader states come from checkpoint files (data from anywhere): every field the
-    streams act on has its type and range, token ids fit the vocabulary (an id past the
-    embedding would fail in the first step, or assert on a GPU). ``ValueError`` names the
-    first bad field."""
-    def need(ok, what):
-        if not ok:
-            raise ValueError(what)
+class LoaderStateMismatch(ValueError):
+    """A well-formed loader state of data this job does not read (another mixture, listing,
+    tokenizer or format): the config changed, the checkpoint is sound."""
 
+
+def _need(ok, what):
+    if not ok:
+        raise ValueError(what)
+
+
+def _fragments(saved):
+    for s in saved:
+        for row in s["rows"]:
+            for st in row["slots"]:
+                for fr in st["packer"]:
+                    yield st["slot"], fr
+
+
+def _check_tokens(saved, vocab: int) -> None:
+    """Token ids of the packers' fragments fit the vocabulary (an id past the embedding
+    would fail in the first step, or assert on a GPU)."""
+    for slot, fr in _fragments(saved):
+        if "tokens" in fr:
+            _need(all(0 <= t < vocab for t in fr["tokens"]),
+                  f"stream {slot}: a fragment's token ids are not in [0, {vocab}) (the tokenizer's vocabulary)")
+
+
+def _check_saved(saved) -> None:
+    """Loader states come from checkpoint files (data from anywhere): every field the
+    streams act on has its type and range, consistent within the state. ``ValueError``
+    names the first bad field. (Whether the state fits this job's data is
+    ``RankLoader._check_fits``; token ids against the vocabulary ``_check_tokens``.)"""
+    need = _need
     need(isinstance(saved, list) and saved, "no loader states")
     for s in saved:
         need(isinstance(s, dict) and all(_nat(s.get(k)) for k in ("num_slots", "streams_per_row", "dp_rank",
                                                                   "n_sources"))
              and isinstance(s.get("rows"), list), "a state lacks num_slots, streams_per_row, dp_rank, "
              "n_sources or rows")
+        n_sources = s["n_sources"]
         for row in s["rows"]:
             need(isinstance(row, dict) and _nat(row.get("next")) and isinstance(row.get("slots"), list),
                  "a row lacks next or slots")
@@ -338,9 +399,8 @@ def _check_saved(saved, n_sources: int, vocab: int) -> None:
                          f"stream {st['slot']}: malformed fragment")
                     if "tokens" in fr:
                         toks = fr["tokens"]
-                        need(isinstance(toks, list) and all(type(t) is int and 0 <= t < vocab for t in toks),
-                             f"stream {st['slot']}: a fragment's token ids are not in [0, {vocab}) (the tokenizer's "
-                             "vocabulary)")
+                        need(isinstance(toks, list) and all(type(t) is int for t in toks),
+                             f"stream {st['slot']}: a fragment's token ids are not integers")
                     else:
                         ref = fr.get("ref")
                         need(isinstance(ref, dict) and _nat(ref.get("g")) and _nat(ref.get("c"))

@@ -144,7 +144,7 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
         sft_packing=cfg.data.sft_packing, max_length=cfg.data.max_length))
     listing_skipped = listing_skips(sources) if env.rank == 0 else 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
-                        model_args=cfg.model, lora=_lora_meta(cfg, model.family))
+                        model_args=cfg.model, lora=_lora_meta(cfg, model.family), freeze=cfg.finetune.freeze)
     start_step, tokens_seen, loader_states = ckpt.maybe_resume(model.state_model, optimizer,
                                                                loader.load_rank_states)
     _start_weights(cfg, model, loader_states, progress=env.rank == 0)
@@ -159,7 +159,8 @@ def _lora_meta(cfg: JobConfig, family: ModelFamily) -> Optional[dict]:
     from .lora import resolve_targets
 
     return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
-            "targets": resolve_targets(list(lora.target_modules), family.lora), "base": cfg.model.init_from}
+            "targets": resolve_targets(list(lora.target_modules), family.lora), "base": cfg.model.init_from,
+            "seed": cfg.train.seed}
 
 
 def _start_weights(cfg: JobConfig, model: BuiltModel, loader_states, *, progress: bool) -> None:

@@ -10,7 +10,7 @@ from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
 
 from .config import JobConfig, eval_format
 from .observe.metrics import WANDB_MODES
-from .model import UnknownFamily, get_family
+from .model import UnknownFamily, canonical_family_name, get_family
 from .optim import SCHEDULES
 
 
@@ -39,6 +39,9 @@ def _check_schema(cfg: JobConfig) -> None:
         family = get_family(m.family)
     except UnknownFamily as e:
         raise ConfigError("model.family", m.family, e.expected) from None
+    # An import path naming a tree family is that family: the run records its name (its
+    # checkpoints then export and resume as the family's own).
+    m.family = canonical_family_name(m.family)
     if type(m) is not family.args:  # exact: MllamaArgs extends LlamaArgs, yet a Llama cannot take it
         files = f" (model={' | model='.join(family.model_files)})" if family.model_files else ""
         raise ConfigError("model.family", m.family,

@@ -354,3 +354,76 @@ def test_rng_streams_round_trip_through_the_checkpoint_file(tmp_path):
     assert draw() != want
     files.load_rng(tmp_path / "rng" / "rank-0.pt")
     assert draw() == want
+
+
+@pytest.mark.parametrize("model_file", ["debug", "mllama_debug"])
+def test_resume_compares_every_field_that_changes_the_trained_function(model_file):
+    """``fit.check_fits``, field by field over the family's args: a changed field that
+    changes the trained function (shapes, RoPE, norm eps, tie, the vision tower's) is a
+    mismatch naming it; the fields declared ``resume=False`` (name, init_std, init_from,
+    max_position_embeddings, max_images) are not."""
+    import copy
+    import dataclasses
+
+    from pretrain.checkpoint import CheckpointMismatch
+    from pretrain.checkpoint.fit import check_fits
+    from tests.conftest import compose_job
+
+    args = compose_job(f"model={model_file}").model
+    meta = {"model": dataclasses.asdict(args), "freeze": []}
+    check_fits("ck", meta, args, None, [])
+    free = {f.name for f in dataclasses.fields(args) if not f.metadata.get("resume", True)}
+    assert {"name", "init_std", "init_from", "max_position_embeddings"} <= free
+    for f in dataclasses.fields(args):
+        now = copy.deepcopy(args)
+        v = getattr(now, f.name)
+        if f.name == "family":
+            continue  # its own case below
+        if f.name == "rope_scaling":
+            setattr(now, f.name, None)
+        elif isinstance(v, bool):
+            setattr(now, f.name, not v)
+        elif isinstance(v, (int, float)) or v is None:
+            setattr(now, f.name, (v or 2) * 2 if f.name != "init_from" else "/models/x")
+        elif isinstance(v, str):
+            setattr(now, f.name, v + "x")
+        elif isinstance(v, list):
+            setattr(now, f.name, v[:-1])
+        else:
+            raise AssertionError(f"no change made for {f.name}")
+        if f.name in free:
+            check_fits("ck", meta, now, None, [])
+        else:
+            with pytest.raises(CheckpointMismatch, match=rf"model\.{f.name}="):
+                check_fits("ck", meta, now, None, [])
+    # The family by the name the tree knows: an import path naming it is the same family.
+    now = copy.deepcopy(args)
+    now.family = f"pretrain.model.{args.family}:FAMILY"
+    check_fits("ck", meta, now, None, [])
+    with pytest.raises(CheckpointMismatch, match="model.family"):
+        check_fits("ck", {**meta, "model": {**meta["model"], "family": "tests.toy_family:FAMILY"}}, args, None, [])
+
+
+def test_resume_compares_lora_and_the_frozen_towers():
+    from pretrain.checkpoint import CheckpointMismatch
+    from pretrain.checkpoint.fit import check_fits
+    from tests.conftest import compose_job
+
+    args = compose_job("model=mllama_debug").model
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["wq", "wk", "w1"], "base": "/hf/a", "seed": 0}
+    meta = {"model": None, "lora": lora, "freeze": ["vision"]}
+    check_fits("ck", meta, args, {**lora, "dropout": 0.3}, ["vision"])  # dropout does not change the function
+    check_fits("ck", meta, args, lora, ["vision", "text"])  # freezing more: fine
+    for change, key in [({"rank": 8}, "finetune.lora.rank"), ({"alpha": 16.0}, "finetune.lora.alpha"),
+                        ({"targets": ["wq", "wk"]}, "finetune.lora.target_modules"),
+                        ({"base": None}, r"model.init_from=None \(the checkpoint's adapters were trained on "
+                                         r"'/hf/a'")]:
+        with pytest.raises(CheckpointMismatch, match=key):
+            check_fits("ck", meta, args, {**lora, **change}, ["vision"])
+    with pytest.raises(CheckpointMismatch, match="train.seed=1"):
+        check_fits("ck", {**meta, "lora": {**lora, "base": None}}, args, {**lora, "base": None, "seed": 1},
+                   ["vision"])
+    with pytest.raises(CheckpointMismatch, match=r"finetune.lora.rank=0 \(the checkpoint: 4"):
+        check_fits("ck", meta, args, None, ["vision"])
+    with pytest.raises(CheckpointMismatch, match=r"finetune.freeze=\[\] \(the checkpoint: \['vision'\]; vision"):
+        check_fits("ck", meta, args, lora, [])

@@ -7,6 +7,7 @@ oversized records, files deleted mid-run) are in tests/test_hostile_data.py.
 Checkpoints here come from real runs; crafted files are made from them and given a
 manifest that matches (sizes and CRC32s), so it is the reader that must refuse them."""
 import json
+import re
 import os
 import pickle
 import shutil
@@ -473,12 +474,68 @@ def test_manifest_and_meta_values_are_checked(ckpt_run, tmp_path):
 
 
 def test_a_checkpoint_of_another_model_is_not_moved_aside(ckpt_run, tmp_path, tok_cache):
-    """A changed model config is the config's fault, not the files': exit 4 naming the
-    tensor, and step-4 stays where it is (the corrupt-fallback would lose it)."""
+    """A changed model config is the config's fault, not the files': exit 4 naming every
+    changed field that changes the trained function, and step-4 stays where it is (the
+    corrupt-fallback would lose it). One layer fewer used to resume silently (the
+    checkpoint's extra tensors dropped), so did another RoPE base or norm eps; a changed
+    name or init std (which resume ignores) does not count."""
     run = tmp_path / "run"
     shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock", "status.json"))
-    out = run_job(run, [*DET, "train.steps=6", "model.ffn_hidden_dim=256"], tok_cache=tok_cache, check=False)
-    assert out.returncode == 4 and "has shape [128, 64] in the checkpoint but [256, 64]" in out.stderr, out.stderr[-2000:]
+    out = run_job(run, [*DET, "train.steps=6", "model.n_layers=1", "model.rope_theta=10000", "model.norm_eps=1e-6",
+                        "model.name=renamed", "model.init_std=0.01"], tok_cache=tok_cache, check=False)
+    assert out.returncode == 4, out.stderr[-2000:]
+    for change in ("model.n_layers=1 (the checkpoint: 2)", "model.rope_theta=10000.0 (the checkpoint: 500000.0)",
+                   "model.norm_eps=1e-06 (the checkpoint: 1e-05)"):
+        assert change in out.stderr, out.stderr[-2000:]
+    assert "model.name" not in out.stderr and "model.init_std" not in out.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert status(run)["exit_code"] == 4
+
+
+def test_a_run_that_diverges_stops_before_it_costs_checkpoints(ckpt_run, tmp_path, tok_cache):
+    """optim.lr=3e4 (legal, warned) resumed in a run dir holding good step-2 and step-4: the
+    gradient norm and then the weights go non-finite a few steps later. The run used to
+    exit 0 "completed", writing non-finite checkpoints that pruned the good ones. Now the
+    check before a save (steps between the first and the last are not logged here:
+    logging.every=100) stops it: exit 5, status diverged with the step, nothing non-finite
+    written, and every checkpoint kept holds finite weights."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock", "status.json"))
+    out = run_job(run, [*DET, "train.steps=13", "optim.lr=3e4", "checkpoint.interval=2", "checkpoint.keep_last=2",
+                        "logging.every=100"], tok_cache=tok_cache, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode == 5, text[-2000:]
+    assert "config warning: optim.lr=30000.0 is above 1" in text
+    st = status(run)
+    assert (st["status"], st["exit_code"]) == ("diverged", 5) and st["step"] in (6, 8, 10, 12), st
+    assert re.search(rf"diverged: training diverged at step {st['step']}: .*weights not finite; stopped before "
+                     r"saving it \(the newest checkpoint, .*step-\d+, is the last good one\)", out.stderr), text[-2000:]
+    kept = sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir())
+    assert kept and max(kept) < st["step"], kept
+    for step in kept:
+        ck = run / "checkpoints" / f"step-{step}"
+        md = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata
+        state = {"model": {k[6:]: torch.empty(v.size) for k, v in md.items() if k.startswith("model.")}}
+        dcp.load(state, checkpoint_id=str(ck), no_dist=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values()), step
+
+
+def test_a_changed_data_mixture_is_a_mismatch_not_a_corruption(ckpt_run, tmp_path, tok_cache):
+    """The loader state of one source resumed by a job reading a mixture of two: it was
+    "stream 0: malformed" and step-4 was moved aside; now exit 4 naming the setting, and
+    nothing is moved."""
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock", "status.json"))
+    mixture = ("data.mixture=[{source: text_folder, path: '${stdlib_dir:}', glob: 'json/*.py'}, "
+               "{source: text_folder, path: '${stdlib_dir:}', glob: 'email/*.py'}]")
+    out = run_job(run, [*DET, "train.steps=6", "data.source=mixture", mixture, "data.tokenizer.path="
+                        + str(next(Path(tok_cache).glob("bpe512-*.json")))], tok_cache=tok_cache, check=False)
+    assert out.returncode == 4, out.stderr[-2000:]
+    assert "read 1 source(s), this job reads 2: data.source or data.mixture changed" in out.stderr
+    assert "is unusable" not in out.stderr + out.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
@@ -487,13 +544,14 @@ def test_a_malformed_loader_state_falls_back_like_a_corrupt_file(ckpt_run, tmp_p
     vocabulary (it would fail the first step, or assert on a GPU), with a matching
     manifest: named, moved aside with its checkpoint, and the run resumes from step 2.
     JSON that is not a loader state at all is refused the same way."""
-    from data_pipeline.loader import _check_saved
+    from data_pipeline.loader import _check_saved, _check_tokens
 
     run = tmp_path / "run"
     shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock", "status.json"))
     ck = run / "checkpoints" / "step-4"
     state = json.loads((ck / "loader" / "dp-0.json").read_text())
-    _check_saved([state], 1, 512)
+    _check_saved([state])
+    _check_tokens([state], 512)
     state["rows"][0]["slots"][0]["packer"].insert(0, {"key": 0, "tokens": [1, 2, 512]})
     (ck / "loader" / "dp-0.json").write_text(json.dumps(state))
     refresh_manifest(ck)
@@ -502,7 +560,7 @@ def test_a_malformed_loader_state_falls_back_like_a_corrupt_file(ckpt_run, tmp_p
     assert "is unusable" in text and "token ids are not in [0, 512)" in text and "resumed from step 2" in text, \
         text[-2000:]
     with pytest.raises(ValueError, match="lacks num_slots"):
-        _check_saved([{"n_sources": 1}], 1, 512)
+        _check_saved([{"n_sources": 1}])
 
 
 def test_disk_full_while_logging_ends_the_job_with_a_true_status(tmp_path, tok_cache, tmpfs):
@@ -594,7 +652,7 @@ def test_a_mismatch_on_one_pipeline_stage_moves_nothing_on_any_rank(tmp_path, to
     out = run_job(run, [*pp, "model.tie_embeddings=false"], tok_cache=tok_cache, nproc=2, launcher="torchrun",
                   check=False)
     text = out.stdout + out.stderr
-    assert out.returncode != 0 and "has no tensor model.output.weight" in text, text[-3000:]
+    assert out.returncode != 0 and "model.tie_embeddings=False (the checkpoint: True)" in text, text[-3000:]
     assert "is unusable" not in text
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert status(run)["exit_code"] == 4

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -42,8 +43,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from data_pipeline.loader import LoaderStateMismatch
 from parallel import distributed as pdist
 
+from .fit import check_fits
 from .files import (CheckpointError, CheckpointMismatch, CrcWriter, describe_error, file_crc, load_dcp, load_rng,
                       read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files, write_file)
 
@@ -68,6 +71,16 @@ def read_meta(path: Path) -> dict:
     for key in ("step", "tokens_seen", "world_size"):
         if key in data and not (type(data[key]) is int and data[key] >= 0):
             raise CheckpointError(f"{meta}: {key}={data[key]!r}, expected an integer >= 0")
+    lora = data.get("lora")
+    if lora is not None and not (isinstance(lora, dict) and type(lora.get("rank")) is int and lora["rank"] >= 1
+                                 and type(lora.get("alpha")) in (int, float) and math.isfinite(lora["alpha"])
+                                 and isinstance(lora.get("targets"), list)
+                                 and all(isinstance(t, str) for t in lora["targets"])
+                                 and (lora.get("base") is None or isinstance(lora["base"], str))):
+        raise CheckpointError(f"{meta}: 'lora' is not LoRA settings (rank >= 1, alpha, targets, base)")
+    freeze = data.get("freeze")
+    if freeze is not None and not (isinstance(freeze, list) and all(isinstance(t, str) for t in freeze)):
+        raise CheckpointError(f"{meta}: 'freeze' is not a list of tower names")
     files = data.get("files")
     if files is not None and not (isinstance(files, dict) and all(
             isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) for v in files.values())):
@@ -76,14 +89,19 @@ def read_meta(path: Path) -> dict:
 
 
 def check_shapes(path: Path, state: dict) -> None:
-    """Compare the checkpoint's tensor shapes with ``state`` (nested dicts of tensors)
-    before loading: the first mismatch is named with both shapes."""
+    """Compare the checkpoint's tensor shapes with ``state`` (nested dicts of tensors:
+    ``model``, and ``optim`` when resuming) before loading: the first mismatch is named
+    with both shapes."""
     saved = read_dcp_metadata(path).state_dict_metadata
     for prefix, sub in state.items():
         for name, t in sub.items():
             if not isinstance(t, torch.Tensor):
                 continue
             key = f"{prefix}.{name}"
+            if key not in saved and prefix == "optim":
+                raise CheckpointMismatch(
+                    f"checkpoint {path} has no optimizer state {key}: that parameter did not train in the "
+                    "checkpoint's run (finetune.freeze or finetune.lora changed?)")
             if key not in saved:
                 raise CheckpointMismatch(f"checkpoint {path} has no tensor {key} (another model? "
                                          f"it has e.g. {sorted(saved)[:3]})")
@@ -91,6 +109,19 @@ def check_shapes(path: Path, state: dict) -> None:
             if have != tuple(t.shape):
                 raise CheckpointMismatch(f"checkpoint {path}: {key} has shape {list(have)} in the checkpoint but "
                                       f"{list(t.shape)} in this model: the model config differs")
+
+
+def check_no_extra_tensors(path: Path, names) -> None:
+    """The checkpoint holds no model tensor outside ``names`` (every rank's model tensors:
+    the union over pipeline stages). One it has and the model lacks would be dropped
+    without a word: a 4-layer checkpoint resumed with 2 layers, LoRA adapters of targets
+    no longer adapted."""
+    names = set(names)
+    extra = sorted(k[len("model."):] for k in read_dcp_metadata(path).state_dict_metadata
+                   if k.startswith("model.") and k[len("model."):] not in names)
+    if extra:
+        raise CheckpointMismatch(f"checkpoint {path} holds {len(extra)} model tensor(s) this model lacks (e.g. "
+                                 f"{', '.join(extra[:3])}): the model config differs, and loading would drop them")
 
 
 def agreed(fn: Callable, *args, **kwargs):
@@ -182,12 +213,16 @@ def _own(part, model_sd: dict) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None, lora=None):
+    def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None, lora=None, freeze=()):
+        """``model_args``, ``lora`` and ``freeze`` (the towers of finetune.freeze): what the
+        checkpoints record of the run, and what a resume compares with (``fit.py``)."""
         self.root, self.cfg, self.rank, self.world_size = root, cfg, rank, world_size
         self.is_rank0 = rank == 0
+        self.args = model_args
         self.model_args = dataclasses.asdict(model_args) if model_args is not None else None
         # LoRA: the adapters' settings and the base they adapt (export needs both).
         self.lora = lora
+        self.freeze = list(freeze)
         self._pending = None  # (future, step, partial, meta, writer, side files)
         self._pg = None
         if cfg.async_save and dist.is_initialized():
@@ -218,7 +253,7 @@ class Checkpointer:
             state = {"model": model_sd, "optim": optim_sd}
             side = agreed(self._write_side_files, partial, loader_state)
             meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size,
-                    "model": self.model_args}
+                    "model": self.model_args, "freeze": self.freeze}
             if self.lora:
                 meta["lora"] = self.lora
             writer = CrcWriter(partial)
@@ -353,6 +388,8 @@ class Checkpointer:
             for stale in self.root.glob("step-*.partial"):
                 log.warning("removing incomplete checkpoint %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
+            if not self.cfg.resume:
+                self._set_aside_earlier()
         pdist.barrier()
         done = complete_checkpoints(self.root) if self.cfg.resume else []
         while done:
@@ -381,6 +418,25 @@ class Checkpointer:
             return self._load_full(path, model, optimizer, restore_loader)
         return 0, 0, None
 
+    def _set_aside_earlier(self) -> None:
+        """``checkpoint.resume=false`` in a run dir that holds checkpoints of an earlier run:
+        they move into ``checkpoints/earlier-<time>/``, where neither pruning (which would
+        delete them as soon as this run saved ``keep_last`` of its own) nor a later resume
+        (which would continue the earlier run) reaches them. Nothing is deleted."""
+        done = complete_checkpoints(self.root)
+        if not done:
+            return
+        dest = self.root / time.strftime("earlier-%Y%m%d-%H%M%S", time.gmtime())
+        n = 1
+        while dest.exists():
+            dest, n = dest.with_name(f"{dest.name.split('.')[0]}.{n}"), n + 1
+        dest.mkdir()
+        for _, path in done:
+            path.rename(dest / path.name)
+        log.warning("checkpoint.resume=false: the checkpoints of an earlier run in this run dir (%s) are set aside "
+                    "in %s, not deleted; this run starts at step 1, and a later start resumes its own checkpoints",
+                    ", ".join(p.name for _, p in done), dest)
+
     def _move_aside(self, path: Path) -> Path:
         aside = path.with_name(path.name + ".corrupt")
         n = 1
@@ -407,6 +463,7 @@ class Checkpointer:
         meta = agreed(read_meta, path)
         model_sd = get_model_states(model)
         agreed(lambda: (self._verify(path, meta), check_shapes(path, {"model": model_sd})))
+        self._no_extra_tensors(path, model_sd)
         state = {"model": model_sd}
         self._dcp_load(state, path)
         set_model_states(model, state["model"])
@@ -423,14 +480,17 @@ class Checkpointer:
                 if key not in meta:
                     raise CheckpointError(f"{path / 'meta.json'}: no {key!r}")
             self._verify(path, meta)
+            if self.args is not None:
+                check_fits(path, meta, self.args, self.lora, self.freeze)
             return meta
 
         meta = agreed(prepare)
         model_sd, optim_sd = get_states(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        agreed(check_shapes, path, {"model": model_sd})
+        agreed(check_shapes, path, state)
+        self._no_extra_tensors(path, model_sd)
         self._dcp_load(state, path)
-        agreed(set_states, model, optimizer, state["model"], state["optim"])
+        agreed(self._apply, path, model, optimizer, state)
 
         def side_files():
             loader_files = sorted((path / "loader").glob("dp-*.json"))
@@ -441,6 +501,9 @@ class Checkpointer:
             if restore_loader is not None:
                 try:
                     restore_loader(states)
+                except LoaderStateMismatch as e:
+                    raise CheckpointMismatch(f"checkpoint {path}: its data position does not fit this job's data: "
+                                             f"{e}. The checkpoint is sound and stays where it is") from None
                 except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                     raise CheckpointError(f"{path / 'loader'}/dp-*.json: not a loader state this job can use "
                                           f"({type(e).__name__}: {e})") from None
@@ -455,6 +518,20 @@ class Checkpointer:
         loader_states = agreed(side_files)
         log.info("loaded checkpoint %s", path)
         return int(meta["step"]), int(meta["tokens_seen"]), loader_states
+
+    def _no_extra_tensors(self, path: Path, model_sd: dict) -> None:
+        names = set().union(*pdist.all_gather_object(sorted(model_sd)))  # every rank's stages
+        agreed(check_no_extra_tensors, path, names)
+
+    @staticmethod
+    def _apply(path: Path, model, optimizer, state: dict) -> None:
+        """Loaded values into the model and optimizer. The files were checked (sizes and
+        CRC32s) and read: a failure here is one of fit, not of the files."""
+        try:
+            set_states(model, optimizer, state["model"], state["optim"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointMismatch(f"checkpoint {path} does not fit this job's model or optimizer "
+                                     f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from None
 
     @staticmethod
     def _dcp_load(state: dict, path: Path) -> None:

@@ -58,6 +58,22 @@ def get_family(name: str) -> ModelFamily:
     return family
 
 
+def canonical_family_name(name: str) -> str:
+    """``name`` as the tree calls it: an import path whose target is a tree family's
+    ``FAMILY`` (``pretrain.model.llama:FAMILY``) is that family's folder name, so its
+    checkpoints export and resume as the family's own; any other name is returned as is."""
+    if not isinstance(name, str) or name in family_names() or not _TARGET.fullmatch(name):
+        return name
+    try:
+        family = get_family(name)
+    except UnknownFamily:
+        return name
+    for tree in family_names():
+        if get_family(tree) is family:
+            return tree
+    return name
+
+
 def family_of(args) -> ModelFamily:
     """The family of a model config (its ``family`` field)."""
     return get_family(getattr(args, "family", "llama"))
@@ -73,5 +89,5 @@ def family_for_hf(model_type: str) -> ModelFamily:
     raise ValueError(f"model_type={model_type!r}: expected one of {', '.join(known)}")
 
 
-__all__ = ["LoRASpec", "ModelFamily", "UnknownFamily", "family_for_hf", "family_names", "family_of",
-           "get_family"]
+__all__ = ["LoRASpec", "ModelFamily", "UnknownFamily", "canonical_family_name", "family_for_hf", "family_names",
+           "family_of", "get_family"]
