@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Sequence
@@ -121,6 +120,42 @@ def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1
     return manifest
 
 
+# What a run of this tool writes in its output folder: all that --overwrite removes.
+_OUTPUT_FILES = ("tokens-[0-9]*.bin", "index-[0-9]*.npy", MANIFEST, MANIFEST + ".tmp")
+
+
+def inputs_inside(spec: SourceSpec, out: Path) -> List[str]:
+    """The input files (or the dataset folder) inside the output folder ``out``: writing
+    there, and above all ``--overwrite``, would destroy them. Remote inputs are never
+    inside a local folder."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(spec.path)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return []
+    if spec.kind == "hf_dataset":
+        files = [root]
+    else:
+        from .sources import list_files
+
+        files = list_files(spec)[1]
+    top = Path(os.path.realpath(out))
+    return [f for f in files if Path(os.path.realpath(f)).is_relative_to(top)]
+
+
+def remove_earlier_output(out: Path) -> None:
+    """Removes the files an earlier run of this tool wrote in ``out`` (shards, indexes,
+    the manifest) and nothing else: whatever else the folder holds stays."""
+    mine = sorted({f for pattern in _OUTPUT_FILES for f in out.glob(pattern) if f.is_file()})
+    others = [f.name for f in out.iterdir() if f not in mine]
+    for f in mine:
+        f.unlink()
+    log.info("--overwrite: removed %d file(s) of an earlier run from %s", len(mine), out)
+    if others:
+        log.warning("--overwrite: %s also holds %s, not written by this tool: left in place", out,
+                    ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.pretokenize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,17 +170,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="llama3", choices=["llama3", "tiktoken", "hf"])
     p.add_argument("--tokenizer-path", default=None, help="tokenizer.model (tiktoken) or tokenizer.json (hf)")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards of an earlier run in the output folder (only the files this tool writes)")
     p.add_argument("out", type=Path)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if a.out.exists() and any(a.out.iterdir()):
-        if not a.overwrite:
-            print(f"error: {a.out} exists and is not empty (pass --overwrite to replace it)", file=sys.stderr)
-            return 2
-        shutil.rmtree(a.out)
     spec = SourceSpec(kind=a.source, path=a.path, glob=a.glob, field=a.field, split=a.split,
                       max_file_bytes=a.max_file_bytes, max_doc_bytes=a.max_doc_bytes, key="--")
+    try:
+        inside = inputs_inside(spec, a.out)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if inside:
+        print(f"error: the output folder {a.out} contains the input ({inside[0]}{' and more' if len(inside) > 1 else ''}"
+              "): write the shards elsewhere", file=sys.stderr)
+        return 2
+    if a.out.exists() and any(a.out.iterdir()):
+        if not a.overwrite:
+            print(f"error: {a.out} exists and is not empty (pass --overwrite to replace the shards of an earlier "
+                  "run there)", file=sys.stderr)
+            return 2
+        remove_earlier_output(a.out)
     try:
         tok = build_tokenizer(a.tokenizer, a.tokenizer_path)
         m = pretokenize(spec, tok, a.out, shard_tokens=a.shard_tokens)

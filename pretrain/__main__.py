@@ -23,7 +23,7 @@ from .checkpoint.files import CheckpointError
 from .config import JobConfig, register_configs
 from .runtime.rundir import EXIT_RUN_DIR, RunDirError, RunDirLock, unwritable, write_hydra_files
 from .runtime.signals import EXIT_PREEMPTED, Interrupted, Preempted, SignalHandler, die_with_parent
-from .runtime.status import write_status
+from .runtime.status import EXIT_DIVERGED, Diverged, write_status
 from .validate import ConfigError, validate_job
 
 log = logging.getLogger("pretrain")
@@ -87,6 +87,11 @@ def hydra_main(dcfg: DictConfig) -> None:
         signals.exiting = True
         status("preempted", EXIT_PREEMPTED, step=e.step, signal=e.signal)
         sys.exit(EXIT_PREEMPTED)
+    except Diverged as e:
+        signals.exiting = True
+        print(f"diverged: {e}", file=sys.stderr)
+        status("diverged", EXIT_DIVERGED, step=e.step, error=f"Diverged: {e}")
+        sys.exit(EXIT_DIVERGED)
     except RunDirError as e:
         print(f"run dir error: {e}", file=sys.stderr)
         sys.exit(EXIT_RUN_DIR)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -147,6 +148,19 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_sum, grad_norm)
+
+    def nonfinite(self, out: StepResult) -> List[str]:
+        """What is not finite after the step ``out``, agreed over all ranks: the loss (on
+        the ranks that hold it), the gradient norm, or any weight (this rank's shards). Reads
+        back from the device (a sync): called before a checkpoint is written, where the save
+        waits for the device anyway. Empty when all is finite."""
+        weights = local_values([p for part in self.parts for p in part.parameters()])
+        norms = torch._foreach_norm(weights) if weights else [torch.zeros((), device=self.device)]
+        loss = out.loss_sum if self.holds_loss else torch.zeros((), device=self.device)
+        bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(out.grad_norm),
+                           ~torch.isfinite(torch.stack([n.float() for n in norms])).all()]).float().cpu()
+        bad = pdist.host_all_reduce(bad, dist.ReduceOp.MAX)
+        return [what for what, flag in zip(("loss", "grad_norm", "weights"), bad.tolist()) if flag]
 
     def token_mean(self, loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Global summed loss / global trained-token count. Every TP rank of a DP group holds

@@ -22,7 +22,7 @@ from parallel.env import LaunchEnv
 from parallel.parallelize import describe_blocks
 
 from .build import Job, build_job
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, complete_checkpoints
 from .config import JobConfig
 from .evaluate import Evaluator
 from .observe.audit import DataAudit
@@ -32,7 +32,7 @@ from .observe.profiling import StepProfiler
 from .optim import build_lr_fn
 from .runtime.rundir import RunDirError
 from .runtime.signals import EXIT_PREEMPTED, Preempted, SignalHandler
-from .runtime.status import write_status
+from .runtime.status import Diverged, write_status
 from .step import TrainStep
 from .validate import config_warnings
 
@@ -192,10 +192,13 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 metrics = _log_row(cfg, env, job, window, counts, step, lr, out, tokens_seen, val_loss, fpt, peak)
                 sink.log(step, metrics, eta_s=window.eta_s)
                 history.append({"step": step, **metrics})
+                _stop_if_diverged(ckpt, step, [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])])
             ckpt.poll()
             # Every rank acts on a signal any rank received, at the same step boundary.
             stop = pdist.host_all_reduce(torch.tensor([float(preempt.received)]), dist.ReduceOp.MAX).item() > 0
             if stop or ckpt.due(step, t.steps):
+                # Never a checkpoint of non-finite values (pruning would then delete good ones).
+                _stop_if_diverged(ckpt, step, step_fn.nonfinite(out))
                 ckpt.save(step, tokens_seen, job.model.state_model, job.optimizer,
                           loader_state=job.loader.state_dict() if job.is_dp_leader else None,
                           blocking=stop or step == t.steps)
@@ -242,6 +245,16 @@ def _log_row(cfg: JobConfig, env: LaunchEnv, job: Job, window: LogWindow, counts
                                  job.listing_skipped, chat=cfg.data.format == "chat")
     return training_row(timing, data, lr=lr, grad_norm=out.grad_norm.item(), tokens_seen=tokens_seen,
                         val_loss=val_loss)
+
+
+def _stop_if_diverged(ckpt: Checkpointer, step: int, nonfinite: List[str]) -> None:
+    """Every rank sees the same values (reduced over ranks): all stop together. An async
+    save in flight holds values checked when it was staged: it is committed first."""
+    if not nonfinite:
+        return
+    ckpt.wait()
+    done = complete_checkpoints(ckpt.root)
+    raise Diverged(step, nonfinite, str(done[-1][1]) if done else None)
 
 
 def _stop(ckpt: Checkpointer, preempt: SignalHandler, step: int, is_rank0: bool, report: Callable) -> None:

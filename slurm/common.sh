@@ -68,9 +68,11 @@ run_and_requeue() {
     # names the attempt: a previous attempt's, or another job's on the same run dir, does
     # not count), or when this script forwarded the warning and a complete checkpoint
     # exists (the ranks may have been killed before rank 0 wrote its status). Never after
-    # exit 2: a config error, or a run dir that another job holds.
+    # exit 2 (a config error, or a run dir that another job holds) nor after the run
+    # diverged (exit 5, status "diverged": the same config would diverge again).
     local attempt="${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}"
-    if (( rc != 2 )) && { { grep -q '"status": *"preempted"' "$RUN_DIR/status.json" 2>/dev/null \
+    if (( rc != 2 && rc != 5 )) && ! grep -q '"status": *"diverged"' "$RUN_DIR/status.json" 2>/dev/null \
+        && { { grep -q '"status": *"preempted"' "$RUN_DIR/status.json" 2>/dev/null \
             && grep -q "\"slurm_attempt\": *\"$attempt\"" "$RUN_DIR/status.json"; } \
         || { (( PREEMPT_REQUESTED )) && compgen -G "$RUN_DIR/checkpoints/step-*/meta.json" >/dev/null; }; }; then
         if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-20} )); then

@@ -108,13 +108,21 @@ def test_keep_last_prunes_older_checkpoints_and_resume_false_starts_over(tmp_pat
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4", "step-6"]
     assert (tmp_path / "checkpoints" / "step-6" / "meta.json").is_file()
     first = losses(tmp_path)
-    # checkpoint.resume=false: the same run dir, its checkpoints ignored; the run starts at
-    # step 1 from the seeded init and repeats the first run's curve.
-    proc = run_job(tmp_path, ["train.steps=3", "checkpoint.resume=false", "train.local_batch_size=2"],
-                   tok_cache=tok_cache)
-    assert "resumed" not in proc.stderr + proc.stdout
+    # checkpoint.resume=false: the same run dir; the run starts at step 1 from the seeded
+    # init and repeats the first run's curve. The earlier run's checkpoints are set aside,
+    # whole (its keep_last pruning deleted the new run's step-1 and step-2 as soon as they
+    # were written, and the next start resumed the earlier run at step 6).
+    new = ["train.steps=4", "checkpoint.interval=1", "checkpoint.keep_last=2", "train.local_batch_size=2"]
+    proc = run_job(tmp_path, [*new, "train.steps=3", "checkpoint.resume=false"], tok_cache=tok_cache)
+    text = proc.stderr + proc.stdout
+    assert "resumed from" not in text and "are set aside in" in text, text[-3000:]
     again = [m["loss"] for m in read_metrics(tmp_path)[6:]]
     assert again == first[:3], (again, first)
+    (earlier,) = (tmp_path / "checkpoints").glob("earlier-*")
+    assert sorted(p.name for p in earlier.iterdir()) == ["step-4", "step-6"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-2", "step-3"]
+    proc = run_job(tmp_path, new, tok_cache=tok_cache)  # the default start: this run's own newest
+    assert "resumed from step 3" in proc.stderr + proc.stdout
 
 
 def test_parallel_timeout_reaches_every_group():

@@ -316,6 +316,30 @@ def test_pretokenize_and_chat_records_obey_max_doc_bytes(tmp_path, tok):
     assert [r for _, r in skips] == [f"longer than data.max_doc_bytes=1000 ({n} bytes)"]
 
 
+def test_pretokenize_never_deletes_what_it_did_not_write(tmp_path, tok, capsys):
+    """An output folder that holds the input is refused, --overwrite or not (it deleted the
+    input, then reported "no such file"); --overwrite removes only the files an earlier run
+    of the tool wrote (shards, indexes, the manifest), not a user's notes beside them."""
+    from data_pipeline.pretokenize import main as pretokenize_main
+
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "web" / "a.jsonl", make_docs(10, seed=9))
+    args = ["--source", "jsonl", "--tokenizer", "hf", "--tokenizer-path", tok.path]
+    for out in (corpus, corpus / "web", corpus / "web" / "a.jsonl"):
+        assert pretokenize_main([*args, "--path", str(corpus / "web"), "--overwrite", str(out)]) == 2
+        assert "contains the input" in capsys.readouterr().err
+    assert (corpus / "web" / "a.jsonl").stat().st_size > 0
+    out = tmp_path / "out"
+    assert pretokenize_main([*args, "--path", str(corpus / "web"), str(out)]) == 0
+    (out / "NOTES.md").write_text("mine")
+    first = sorted(p.name for p in out.iterdir())
+    assert pretokenize_main([*args, "--path", str(corpus / "web"), str(out)]) == 2  # not empty
+    write_jsonl(corpus / "web" / "a.jsonl", make_docs(3, seed=10))
+    assert pretokenize_main([*args, "--path", str(corpus / "web"), "--overwrite", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == first and (out / "NOTES.md").read_text() == "mine"
+    assert json.loads((out / "manifest.json").read_text())["n_docs"] == 3
+
+
 @pytest.mark.parametrize("key", ["data.max_doc_bytes", "data.mixture.0.max_doc_bytes", "eval.data.max_doc_bytes"])
 def test_max_doc_bytes_is_a_knob_of_every_source_and_must_be_positive(key, tmp_path):
     from pretrain.tokenizers import build_sources

@@ -1,5 +1,5 @@
-"""A run dir's status.json: rank 0 writes running / completed / preempted / failed, each
-write atomic (a temporary file renamed over it), so readers never see half a file."""
+"""A run dir's status.json: rank 0 writes running / completed / preempted / diverged /
+failed, each write atomic (a temporary file renamed over it), so readers never see half a file."""
 from __future__ import annotations
 
 import errno
@@ -9,6 +9,21 @@ from pathlib import Path
 from typing import Optional
 
 STATUS_FILE = "status.json"
+EXIT_DIVERGED = 5  # a non-finite loss, gradient norm or weight: stopped before any checkpoint of it
+
+
+class Diverged(Exception):
+    """Training produced a non-finite value: the run stops (exit 5, status ``diverged``)
+    before writing a checkpoint of it; the newest checkpoint is the last good one. Rerunning
+    the same command would diverge again: change the config (learning rate, warm-up,
+    clipping) first."""
+
+    def __init__(self, step: int, what, last_good: Optional[str]):
+        self.step, self.what, self.last_good = step, list(what), last_good
+        where = f"the newest checkpoint, {last_good}, is the last good one" if last_good else "no checkpoint yet"
+        super().__init__(f"training diverged at step {step}: {' and '.join(self.what)} not finite; stopped before "
+                         f"saving it ({where}). Lower optim.lr, raise optim.warmup_steps or set train.max_norm, "
+                         "then run the same command to resume from the last good checkpoint")
 
 
 def write_status(run_dir, **fields) -> None:
