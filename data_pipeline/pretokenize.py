@@ -81,7 +81,7 @@ def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1
             log.warning("cut a document to %s=%d bytes: %s", "max_doc_bytes", spec.max_doc_bytes, where)
 
     n_docs = n_tokens = 0
-    bar = tqdm(source.units, desc="pretokenize", unit="unit", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(source.units), desc="pretokenize", unit="unit", disable=not progress, file=sys.stderr)
     pending: List[str] = []
 
     def encode(texts):
@@ -92,13 +92,17 @@ def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1
         n_docs += len(texts)
         n_tokens += int(off[-1])
 
-    for unit in bar:
-        for _, _, text in source.iter_docs(unit, 0, on_skip, on_truncate):
-            pending.append(text)
-            if len(pending) >= batch_docs:
-                encode(pending)
-                pending = []
-        bar.set_postfix(docs=n_docs, tokens=n_tokens, skipped=skipped[0], refresh=False)
+    # Stops, like the loader, after a long run of units or records without a document.
+    for u, _, text in source.iter_all_docs(on_skip, on_truncate):
+        if u > bar.n:
+            bar.set_postfix(docs=n_docs, tokens=n_tokens, skipped=skipped[0], refresh=False)
+            bar.update(u - bar.n)
+        pending.append(text)
+        if len(pending) >= batch_docs:
+            encode(pending)
+            pending = []
+    bar.update(len(source.units) - bar.n)
+    bar.close()
     if pending:
         encode(pending)
     writer.flush()

@@ -29,8 +29,10 @@ import gzip
 import io
 import json
 import os
+import stat
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -274,6 +276,8 @@ class Source:
 
     def iter_docs(self, unit, cursor: int, on_skip: SkipFn, on_truncate: Optional[TruncateFn] = None):
         """The documents of ``unit`` from ``cursor`` on, as (cursor, cursor after, payload).
+        ``on_skip(where, reason)`` hears each skipped record, and each blank JSONL line with
+        the reason ``BLANK`` (no record, but read: counted toward the no-document limits).
         A unit whose file vanished or became unreadable (an ``OSError`` while reading it)
         ends with ``on_skip(label, "vanished or unreadable (<error>)")``. The generator
         returns False for a byte range in which no record starts (inside one long line),
@@ -315,31 +319,26 @@ class Source:
 
     def iter_texts(self) -> Iterator[str]:
         """Every document in listing order (tokenizer training, pretokenizing). Like a
-        loader stream, stops with ``DataError`` after ``stream.EMPTY_UNITS_LIMIT`` units
-        in a row without a document, rather than read a whole corpus of bad records."""
-        from .stream import EMPTY_UNITS_LIMIT
+        loader stream, stops with ``DataError`` after ``stream.EMPTY_UNITS_LIMIT`` units,
+        or ``stream.EMPTY_RECORDS_LIMIT`` records, in a row without a document, rather
+        than read a whole corpus of bad records."""
+        yield from (payload for _, _, payload in self.iter_all_docs())
 
-        empty, skipped, first = 0, [0], []
+    def iter_all_docs(self, on_skip: Optional[SkipFn] = None, on_truncate: Optional[TruncateFn] = None):
+        """(unit index, cursor, payload) of every document in listing order, with the loader's
+        no-document limits (``stream.NoDocumentRun``); ``on_skip`` also hears every skipped
+        record (not blank lines)."""
+        from .stream import NoDocumentRun
 
-        def on_skip(where: str, why: str) -> None:
-            skipped[0] += 1
-            if not first:
-                first.append(f"; the first: {where}: {why}")
-
-        for u in self.units:
+        run = NoDocumentRun(self, on_skip)
+        for u, unit in enumerate(self.units):
             found = False
-            for _, _, payload in self.iter_docs(u, 0, on_skip):
-                found = True
-                yield payload
-            if found:
-                empty, skipped[0] = 0, 0
-                first.clear()
-            else:
-                empty += 1
-            if empty >= EMPTY_UNITS_LIMIT:
-                raise DataError(f"{self.spec.key}path={self.spec.path!r}: {empty} units in a row held no document "
-                                f"({skipped[0]} records skipped{''.join(first)}); check {self.spec.key}field / "
-                                f"{self.spec.key}path")
+            for cursor, _, payload in self.iter_docs(unit, 0, run.on_skip, on_truncate):
+                if not found:
+                    found, run = True, NoDocumentRun(self, on_skip)
+                yield u, cursor, payload
+            if not found:
+                run.unit_without_document(u)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -391,9 +390,16 @@ class TextFolderSource(Source):
             yield 0, 1, text
 
 
+# A blank JSONL line holds no record: it is reported to ``on_skip`` with this reason, so
+# that readers count it toward their no-document limit (300 MiB of blank lines compress to
+# 10 KB), but it is not a skipped record (``data/skipped`` does not count it).
+BLANK = "blank line"
+
+
 def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn, chat: bool = False) -> Optional[Any]:
     if not line.strip():
-        return None  # blank lines are separators, not records
+        on_skip(where, BLANK)  # a separator, not a record
+        return None
     try:
         obj = json.loads(line)
     except UnicodeDecodeError as e:
@@ -652,14 +658,11 @@ class PretokenizedSource(Source):
         if not fs.exists(mpath):
             raise FileNotFoundError(f"{spec.key}path={spec.path!r}: no {MANIFEST} (make shards with "
                                     "python -m data_pipeline.pretokenize)")
-        with fs.open(mpath, "rb") as f:
-            self.manifest = json.loads(f.read())
-        if self.manifest.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{mpath}: format {self.manifest.get('format')!r}, expected {SHARD_FORMAT!r}")
         if not _is_local(fs):
             raise ValueError(f"{spec.key}path={spec.path!r}: pretokenized shards are memory-mapped and must be "
                              "on a local or mounted filesystem")
         self.root = root
+        self.manifest = _read_manifest(Path(mpath))
         for i, shard in enumerate(self.manifest["shards"]):
             for a in range(0, shard["n_docs"], spec.rows_per_unit):
                 self.units.append((i, a, min(a + spec.rows_per_unit, shard["n_docs"])))
@@ -685,13 +688,88 @@ class PretokenizedSource(Source):
         return f"{self.manifest['shards'][unit[0]]['tokens']}[docs {unit[1]}:{unit[2]}]"
 
     def _iter_docs(self, unit, cursor, on_skip, on_truncate):
-        # Documents were bounded when written: pretokenize applies max_doc_bytes too.
+        # Documents were bounded when written: pretokenize applies max_doc_bytes too. The
+        # manifest was checked against the files (``_read_manifest``); a document's own
+        # offsets and token ids are checked as it is read (a crafted or damaged shard: a
+        # counted skip, like any bad record; an id past the vocabulary would fail the step).
         i, a, b = unit
         tokens, index = self._shard(i)
+        vocab = self.manifest["tokenizer"]["vocab_size"]
         order = np.random.default_rng([self.seed, i, a]).permutation(b - a) if self.shuffle else None
         for row in range(cursor, b - a):
             d = a + (int(order[row]) if order is not None else row)
-            yield row, row + 1, tokens[index[d]:index[d + 1]]
+            lo, hi = int(index[d]), int(index[d + 1])
+            doc = tokens[lo:hi] if 0 <= lo <= hi <= len(tokens) else None
+            where = f"{os.path.join(self.root, self.manifest['shards'][i]['tokens'])}#doc{d}"
+            if doc is None:
+                on_skip(where, f"offsets {lo}:{hi} outside the shard's {len(tokens)} tokens (a damaged index)")
+            elif len(doc) and int(doc.max()) >= vocab:
+                on_skip(where, f"token id {int(doc.max())} >= the tokenizer's vocabulary {vocab} (a damaged shard)")
+            else:
+                yield row, row + 1, doc
+
+
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _read_manifest(path: Path) -> dict:
+    """A shard folder's manifest.json, checked against the files before any is read: a
+    JSON object of this format, a known dtype, the tokenizer's fingerprint and vocabulary,
+    and per shard its files (plain names of regular files inside the folder), counts that
+    are integers, a tokens file of n_tokens x the dtype's bytes and an index of n_docs + 1
+    int64 offsets from 0 to n_tokens. ``ValueError`` names the file and the field."""
+    def bad(field: str, why: str):
+        raise ValueError(f"{path}: {field} {why}")
+
+    if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+        bad("", f"is not a regular file of at most {MAX_MANIFEST_BYTES} bytes")
+    try:
+        m = json.loads(path.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(m, dict):
+        bad("", "is not a JSON object")
+    if m.get("format") != SHARD_FORMAT:
+        bad("format", f"is {m.get('format')!r}, expected {SHARD_FORMAT!r}")
+    if m.get("dtype") not in ("uint16", "uint32"):
+        bad("dtype", f"is {m.get('dtype')!r}, expected uint16 or uint32")
+    tok = m.get("tokenizer")
+    if not (isinstance(tok, dict) and isinstance(tok.get("fingerprint"), str) and type(tok.get("vocab_size")) is int
+            and 1 <= tok["vocab_size"] <= np.iinfo(m["dtype"]).max + 1):
+        bad("tokenizer", f"must hold a fingerprint and a vocab_size in [1, {np.iinfo(m['dtype']).max + 1}] (the "
+            f"dtype's range), not {tok!r}")
+    if not isinstance(m.get("shards"), list):
+        bad("shards", "is not a list")
+    folder, itemsize = path.parent, np.dtype(m["dtype"]).itemsize
+    for k, shard in enumerate(m["shards"]):
+        field = f"shards[{k}]"
+        if not isinstance(shard, dict) or any(type(shard.get(x)) is not int or shard[x] < 0
+                                              for x in ("n_docs", "n_tokens")):
+            bad(field, "must hold n_docs and n_tokens, integers >= 0")
+        files = {}
+        for key in ("tokens", "index"):
+            name = shard.get(key)
+            f = folder / name if isinstance(name, str) else None
+            if f is None or not name or name != os.path.basename(name) or name in (".", "..") \
+                    or not stat.S_ISREG(os.stat(f).st_mode if f.exists() else 0) \
+                    or not Path(os.path.realpath(f)).is_relative_to(os.path.realpath(folder)):
+                bad(f"{field}.{key}", f"is {name!r}: expected the name of a file in {folder}")
+            files[key] = f
+        size = files["tokens"].stat().st_size
+        if size != shard["n_tokens"] * itemsize:
+            bad(f"{field}.n_tokens", f"is {shard['n_tokens']}, but {files['tokens'].name} holds {size} bytes "
+                f"({size / itemsize:g} {m['dtype']} tokens)")
+        try:
+            index = np.load(files["index"], mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{files['index']}: not a .npy index ({e})") from None
+        if index.dtype != np.int64 or index.shape != (shard["n_docs"] + 1,):
+            bad(f"{field}.n_docs", f"is {shard['n_docs']}, but {files['index'].name} holds {index.dtype} of shape "
+                f"{index.shape} (expected int64 of ({shard['n_docs'] + 1},))")
+        if index[0] != 0 or index[-1] != shard["n_tokens"]:
+            bad(f"{field}.index", f"{files['index'].name} runs from {index[0]} to {index[-1]}, expected 0 to "
+                f"n_tokens={shard['n_tokens']}")
+    return m
 
 
 def build_source(spec: SourceSpec) -> Source:

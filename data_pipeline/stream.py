@@ -22,8 +22,9 @@ Chat sources (``data.format=chat``) are rendered (chat.py) instead of wrapped, a
 whole by a ``ChatPacker``; their windows carry a loss mask as a fourth element.
 
 A slot's reader of a source raises ``DataError`` after ``EMPTY_UNITS_LIMIT`` consecutive
-units without a document (every record bad, every file gone): without it a slot would
-read on forever, epoch after epoch, and training would hang."""
+units, or ``EMPTY_RECORDS_LIMIT`` consecutive records, without a document (every record
+bad or blank, every file gone): without it a slot would read on forever, epoch after
+epoch, and training would hang."""
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ import numpy as np
 
 from .chat import ChatPacker, ChatRenderer, pad_id
 from .packing import Packer
-from .sources import DataError, Source
+from .sources import BLANK, DataError, Source
 
 log = logging.getLogger("data_pipeline")
 
@@ -49,6 +50,11 @@ _MAX_SKIP_LOGS = 5
 # probability 0.5**64 = 5e-20 per unit read; on one where none does, it takes 64 units
 # (seconds on a small file) to say so.
 EMPTY_UNITS_LIMIT = 64
+# Consecutive records without a document (skipped ones and blank lines), however few units
+# hold them: a compressed file is one unit, and 300 MiB of blank lines (10 KB as .zst)
+# took minutes to read while the first step waited. A million blank lines read in about a
+# second; a real corpus does not hold a million bad records in a row.
+EMPTY_RECORDS_LIMIT = 1_000_000
 
 
 def doc_key(src: int, g: int, cursor: int) -> int:
@@ -109,21 +115,40 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r" \(.*\)$| at byte \d+", "", reason)
 
 
-class _EmptyRun:
-    """Units read in a row without a document, and the skips seen in them."""
+class NoDocumentRun:
+    """Units and records read in a row without a document (a new run starts at each
+    document), the skips seen in them, and the limits: ``unit_without_document`` raises
+    ``DataError`` at ``EMPTY_UNITS_LIMIT`` units, ``on_skip`` at ``EMPTY_RECORDS_LIMIT``
+    records (skipped ones and blank lines) inside however few units. ``report(where,
+    reason)`` hears every skipped record (not blank lines)."""
 
-    def __init__(self):
-        self.units, self.distinct, self.skipped = 0, set(), 0
+    def __init__(self, source: Source, report=None):
+        self.source, self.report = source, report
+        self.units, self.distinct, self.skipped, self.blank = 0, set(), 0, 0
         self.kinds: Counter = Counter()
         self.first: Optional[tuple] = None
 
-    def skip(self, where: str, reason: str) -> None:
-        self.skipped += 1
-        self.kinds[_reason_kind(reason)] += 1
-        if self.first is None:
-            self.first = (where, reason)
+    def on_skip(self, where: str, reason: str) -> None:
+        if reason is BLANK:
+            self.blank += 1
+        else:
+            self.skipped += 1
+            self.kinds[_reason_kind(reason)] += 1
+            if self.first is None:
+                self.first = (where, reason)
+            if self.report is not None:
+                self.report(where, reason)
+        if self.skipped + self.blank >= EMPTY_RECORDS_LIMIT:
+            raise self.error()
 
-    def error(self, source: Source) -> DataError:
+    def unit_without_document(self, u: int) -> None:
+        self.units += 1
+        self.distinct.add(u)
+        if self.units >= EMPTY_UNITS_LIMIT:
+            raise self.error()
+
+    def error(self) -> DataError:
+        source = self.source
         spec = source.spec
         k = spec.key
         top = self.kinds.most_common(1)[0][0] if self.kinds else ""
@@ -139,12 +164,17 @@ class _EmptyRun:
         kinds = ", ".join(f"{kind} x{n}" for kind, n in self.kinds.most_common(3))
         if len(self.kinds) > 3:
             kinds += f", {len(self.kinds) - 3} other reasons"
-        held = f"{self.skipped} records read, {self.skipped} skipped" + (f": {kinds}" if kinds else "")
+        records = self.skipped + self.blank
+        held = f"{records} records read, {self.skipped} skipped" + (f": {kinds}" if kinds else "")
+        if self.blank:
+            held += f"; {self.blank} blank lines"
         if self.first is not None:
             held += f"; the first: {self.first[0]}: {self.first[1]}"
-        what = (f"{head}: {self.units} consecutive units ({len(self.distinct)} distinct) of {where} held no "
-                f"document" if head else
-                f"{where}: {self.units} consecutive units ({len(self.distinct)} distinct) held no document")
+        if records >= EMPTY_RECORDS_LIMIT:
+            run = f"{records} consecutive records"
+        else:
+            run = f"{self.units} consecutive units ({len(self.distinct)} distinct)"
+        what = f"{head}: {run} of {where} held no document" if head else f"{where}: {run} held no document"
         return DataError(f"{what} ({held}); check {' / '.join(keys + [f'{k}path'])}")
 
 
@@ -161,7 +191,7 @@ class _Reader:
         self.queue = [tuple(x) for x in state["queue"]]
         self.qi, self.next, self.stride = state["qi"], state["next"], state["stride"]
         self.cur = tuple(state["cur"]) if state["cur"] is not None else None
-        self._empty = _EmptyRun()
+        self._empty = NoDocumentRun(source, self._count_skip)
 
     def __iter__(self):
         while True:
@@ -179,19 +209,18 @@ class _Reader:
             for cursor, after, payload in _returning(
                     self.source.iter_docs(self.source.units[u], c, self.on_skip, self.on_truncate), box):
                 if not found:
-                    found, self._empty = True, _EmptyRun()
+                    found, self._empty = True, NoDocumentRun(self.source, self._count_skip)
                 self.cur = (g, after)
                 yield g, cursor, payload, self.snapshot(), self.n_skipped, self.n_truncated
             self.cur = None
             if not found and c == 0 and box != [False]:
-                self._empty.units += 1
-                self._empty.distinct.add(u)
-                if self._empty.units >= EMPTY_UNITS_LIMIT:
-                    raise self._empty.error(self.source)
+                self._empty.unit_without_document(u)
 
     def on_skip(self, where: str, reason: str) -> None:
+        self._empty.on_skip(where, reason)
+
+    def _count_skip(self, where: str, reason: str) -> None:
         self.n_skipped += 1
-        self._empty.skip(where, reason)
         self._log_skip(where, reason)
 
     def on_truncate(self, where: str) -> None:

@@ -19,6 +19,9 @@ def missing_prerequisites(device_type: str) -> list:
     import sysconfig
 
     missing = []
+    include = sysconfig.get_paths()["include"]
+    headers = os.path.isfile(os.path.join(include, "Python.h"))
+    compiler = None
     if device_type == "cuda":
         cc = os.environ.get("CC")
         if cc is not None and not shutil.which(cc):
@@ -27,19 +30,59 @@ def missing_prerequisites(device_type: str) -> list:
         elif cc is None and not (shutil.which("gcc") or shutil.which("clang")):
             missing.append("a C compiler for Triton (gcc or clang on PATH, or $CC): apt-get install gcc, or load "
                            "your cluster's gcc module")
+        else:
+            compiler = ("$CC", cc or shutil.which("gcc") or shutil.which("clang"), "c")
     else:
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
 
-            get_cpp_compiler()
+            compiler = ("$CXX", get_cpp_compiler(), "c++")
         except Exception as e:  # noqa: BLE001 (Inductor's InvalidCxxCompiler, or its search failing)
             missing.append(f"a C++ compiler for Inductor ($CXX, else g++: {str(e).splitlines()[0]}): apt-get "
                            f"install g++, or set $CXX to one")
-    include = sysconfig.get_paths()["include"]
-    if not os.path.isfile(os.path.join(include, "Python.h")):
+    if not headers:
         missing.append(f"the Python headers: no {include}/Python.h (apt-get install python3-dev, or a Python "
                        f"built with its headers, e.g. conda or uv's)")
+    elif compiler is not None:
+        why = _cannot_build(compiler[1], compiler[2], include)
+        if why:
+            missing.append(f"a {compiler[2].upper()} compiler that builds what torch.compile builds: {compiler[1]} "
+                           f"({compiler[0]} or the default) {why}: set {compiler[0]} to a working "
+                           f"{'g++' if compiler[2] == 'c++' else 'gcc'}, or unset it")
     return missing
+
+
+_PROBE = {"c": '#include <Python.h>\nint probe(void) { return (int)sizeof(PyObject) > 0 ? 3 : 0; }\n',
+          "c++": '#include <Python.h>\n#include <vector>\nextern "C" int probe() { std::vector<int> v(3); '
+                 'return (int)v.size(); }\n'}
+
+
+def _cannot_build(compiler: str, lang: str, include: str) -> str:
+    """Why ``compiler`` cannot build and link a one-function shared library of ``lang``
+    (C++ with the standard library, C) against the Python headers, loaded and called here;
+    "" when it can. What the compile builders do at the first step, in a second: ``gcc``
+    as $CXX compiles C++ but does not link its standard library, ``/bin/true`` builds nothing."""
+    import ctypes
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="pretrain-cc-") as d:
+        src, lib = Path(d) / f"probe.{'cpp' if lang == 'c++' else 'c'}", Path(d) / "probe.so"
+        src.write_text(_PROBE[lang])
+        try:
+            out = subprocess.run([compiler, "-shared", "-fPIC", "-O0", f"-I{include}", str(src), "-o", str(lib)],
+                                 capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"cannot run ({e})"
+        if out.returncode != 0 or not lib.is_file():
+            first = (out.stderr.strip().splitlines() or [f"exit {out.returncode}, no output"])[0]
+            return f"failed a one-line build ({first[:200]})"
+        try:
+            value = ctypes.CDLL(str(lib)).probe()
+        except OSError as e:
+            return f"built a library that does not load ({str(e)[:200]})"
+        return "" if value == 3 else f"built a library that returns {value}, not 3"
 
 
 def compiled_graphs() -> int:

@@ -63,6 +63,10 @@ def _progress(total: int, desc: str, enabled: bool):
                 file=sys.stderr, mininterval=0.5)
 
 
+# What a Hugging Face Llama or Llama 3.2 Vision folder stores its weights as.
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 class HFWeights:
     """A HF model folder opened lazily: the tensor index at start, tensors on demand. Weights
     are known by their current transformers name (the converter's ``canonical_hf_key``,
@@ -163,11 +167,19 @@ class HFWeights:
         return self.files[key]
 
     def get(self, key: str) -> torch.Tensor:
+        """The weight ``key``, refused unless stored as floating point (F32, F16, BF16, F64):
+        a header that relabels F32 bytes as I32 would otherwise import as integers cast to
+        float, without a word."""
         f = self._file(key)
         try:
-            return self._handle(f).get_tensor(self._stored[key])
+            t = self._handle(f).get_tensor(self._stored[key])
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{f}: cannot read {key} ({e})") from e
+        if t.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{f}: {key} is stored as {str(t.dtype).removeprefix('torch.')}; a model weight is "
+                                  f"one of {', '.join(str(d).removeprefix('torch.') for d in WEIGHT_DTYPES)} "
+                                  "(a crafted or damaged header?)")
+        return t
 
 
 def _plain(v):
@@ -183,6 +195,9 @@ def check_args_match(ours: LlamaArgs, theirs: LlamaArgs, where: Path) -> None:
     """The configured model must be the one in the folder: name each disagreement, on the
     fields of the family converter's ``config_keys`` (our field, config.json key; without
     them, every field but the name and the init)."""
+    if family_of(theirs) is not family_of(ours):  # another family's fields: nothing to compare
+        raise CheckpointError(f"{where / 'config.json'}: a model of family {family_of(theirs).name!r}, the model here "
+                              f"is family {ours.family!r}: give a folder of that family")
     diffs: List[str] = []
     pairs = getattr(family_of(ours).hf, "config_keys", None) or [
         (f.name, f.name) for f in dataclasses.fields(ours) if f.name not in ("name", "init_from", "init_std")]
@@ -232,9 +247,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_by
                                                          set_model_state_dict)
 
     hf = HFWeights(hf_dir)
-    if hf.family is not family_of(args):
-        raise CheckpointError(f"{hf.path / 'config.json'}: model_type={hf.config.get('model_type', 'llama')!r} is "
-                              f"family {hf.family.name!r}; the configured model is family {args.family!r}")
     check_args_match(args, hf.args(), hf.path)
     from .lora import is_lora_param
 

@@ -71,4 +71,8 @@ def load_tokenizer(data_cfg, sources: Sequence[Source], env: LaunchEnv) -> Token
                 f"{made.get('path', '')} (fingerprint {s.fingerprint}), but data.tokenizer is {tc.kind} "
                 f"{getattr(tok, 'path', '')} (fingerprint {tok.fingerprint}); pretokenize again or set "
                 "data.tokenizer to the shards' tokenizer")
+        if s.tokenized and s.manifest["tokenizer"]["vocab_size"] != tok.vocab_size:
+            raise ValueError(f"{s.spec.key}path={s.spec.path!r}: manifest.json tokenizer.vocab_size="
+                             f"{s.manifest['tokenizer']['vocab_size']}, but the tokenizer of that fingerprint has "
+                             f"{tok.vocab_size} tokens (a damaged or edited manifest)")
     return tok

@@ -177,6 +177,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     lr_at, tokens_seen, history = build_lr_fn(cfg.optim, t.steps), job.tokens_seen, []
     for part in job.model.parts:
         part.train()
+    preempt.stop_timeout_s = cfg.checkpoint.stop_timeout_s
     try:
         profiler.start()
         preempt.phase = "loop"  # a signal now asks for a checkpoint at the next step boundary
@@ -197,6 +198,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             # Every rank acts on a signal any rank received, at the same step boundary.
             stop = pdist.host_all_reduce(torch.tensor([float(preempt.received)]), dist.ReduceOp.MAX).item() > 0
             if stop or ckpt.due(step, t.steps):
+                preempt.phase = "stopping" if stop else "saving"  # a signal's deadline waits for the save
                 # Never a checkpoint of non-finite values (pruning would then delete good ones).
                 _stop_if_diverged(ckpt, step, step_fn.nonfinite(out))
                 ckpt.save(step, tokens_seen, job.model.state_model, job.optimizer,
@@ -204,6 +206,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                           blocking=stop or step == t.steps)
             if stop:
                 _stop(ckpt, preempt, step, is_rank0, report)
+            preempt.phase = "loop"
             profiler.step()
         preempt.phase = "done"
         ckpt.wait()

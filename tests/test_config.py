@@ -157,15 +157,28 @@ def test_compile_without_a_compiler_or_python_headers_names_the_fix(tmp_path, mo
     assert "a C compiler for Triton (gcc or clang on PATH, or $CC)" in missing_prerequisites("cuda")[0]
     monkeypatch.setenv("CC", "/opt/nowhere/gcc")
     assert "$CC='/opt/nowhere/gcc' is not an executable file" in missing_prerequisites("cuda")[0]
-    gcc = tmp_path / "bin" / "gcc"  # an executable gcc on PATH satisfies Triton's search
+    gcc = tmp_path / "bin" / "gcc"  # an executable gcc on PATH that builds nothing: found, then tried
     gcc.parent.mkdir()
     gcc.write_text("#!/bin/sh\n")
     gcc.chmod(0o755)
     monkeypatch.setenv("PATH", str(gcc.parent))
     monkeypatch.delenv("CC")
-    assert not any("compiler" in m for m in missing_prerequisites("cuda"))
+    assert f"{gcc} ($CC or the default) failed a one-line build (exit 0, no output)" in missing_prerequisites("cuda")[0]
     monkeypatch.setenv("CC", "gcc -m64")  # Triton would run "gcc -m64" as one file name
     assert "$CC='gcc -m64' is not an executable file" in missing_prerequisites("cuda")[0]
+    # Compilers that exist but cannot build what Inductor builds passed validation and failed
+    # at the first step: gcc as $CXX (no C++ standard library at link time), /bin/true.
+    monkeypatch.undo()
+    from torch._inductor import config as inductor_config
+
+    for cxx, why in (("gcc", "built a library that does not load"), ("/bin/true", "failed a one-line build")):
+        with inductor_config.patch({"cpp.cxx": (None, cxx)}):  # what $CXX=<cxx> gives at import
+            cpp_builder.cpp_compiler_search.cache_clear()
+            with pytest.raises(ConfigError, match=rf"needs on every node a C\+\+ compiler that builds what "
+                                                  rf"torch.compile builds: {cxx} \(\$CXX or the default\) {why}"):
+                validate_job(cfg, 1)
+    cpp_builder.cpp_compiler_search.cache_clear()
+    validate_job(cfg, 1)
     real = sysconfig.get_paths
     monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "include": str(tmp_path)})
     assert any(f"no {tmp_path}/Python.h (apt-get install python3-dev" in m for m in missing_prerequisites("cpu"))

@@ -163,3 +163,17 @@ def test_no_function_over_80_lines():
                     if n > 80:
                         long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+def test_an_import_path_naming_a_tree_family_is_that_family():
+    """model.family=pretrain.model.llama:FAMILY trained, but its checkpoints named a family
+    the export (and a resume by name) did not know: validation records the tree's name."""
+    from conftest import compose_job
+    from pretrain.validate import validate_job
+
+    cfg = compose_job("model.family=pretrain.model.llama:FAMILY")
+    validate_job(cfg, 1)
+    assert cfg.model.family == "llama"
+    cfg = compose_job("model.family=tests.toy_family:FAMILY", "model.tie_embeddings=false")
+    validate_job(cfg, 1)
+    assert cfg.model.family == "tests.toy_family:FAMILY"  # a family outside the tree keeps its path

@@ -338,6 +338,39 @@ def test_second_sigint_after_a_pause_aborts(monkeypatch):
         h.restore()  # before the watchdog's grace ends: it then exits nothing
 
 
+def test_a_stop_signal_the_steps_cannot_reach_ends_the_job_after_its_deadline(tmp_path):
+    """A stop signal in the step loop waits for the next step boundary; a step that never
+    gets there (a data read of hundreds of MiB of blank lines, a peer that left) held the job
+    for ever ("running" after 13 minutes). After checkpoint.stop_timeout_s seconds of
+    "loop" phase the watchdog ends it: exit 128 + signal, status failed naming the key.
+    Time in "saving" (a periodic save before the boundary) does not count, and once the
+    loop acts on the signal ("stopping": its own save) the deadline is off."""
+    code = ("import os, signal, sys, time\n"
+            "from pretrain.runtime.signals import SignalHandler\n"
+            "h = SignalHandler(report=lambda state, code, **f: print('REPORT', state, code, f['error'], flush=True))\n"
+            "h.stop_timeout_s = 1.0\n"
+            "h.phase = sys.argv[1]\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "t0 = time.monotonic()\n"
+            "while time.monotonic() - t0 < float(sys.argv[2]): time.sleep(0.05)\n"
+            "h.phase = 'loop' if sys.argv[1] == 'saving' else h.phase\n"
+            "time.sleep(2.5); print('alive', flush=True); h.restore()\n")
+
+    def run(phase, hold):
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-c", code, phase, str(hold)], cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=60)
+        return p, time.monotonic() - t0
+
+    p, took = run("loop", 30)
+    assert p.returncode == 128 + signal.SIGTERM and took < 10, (p.returncode, took, p.stderr[-2000:])
+    assert "REPORT failed 143 Interrupted: SIGTERM: no step boundary within checkpoint.stop_timeout_s=1 s" in p.stdout
+    p, took = run("saving", 3)  # 3 s of saving, then 1 s of loop: the deadline counts the loop only
+    assert p.returncode == 143 and 4 < took < 12, (p.returncode, took)
+    p, _ = run("stopping", 0)
+    assert p.returncode == 0 and "alive" in p.stdout, p.stderr[-2000:]
+
+
 def test_sigterm_while_waiting_for_a_missing_peer_ends_within_seconds(tmp_path, tok_cache):
     """Rank 0 of 2 srun tasks whose peer never starts blocks in the process-group
     rendezvous (C++; Python's handlers cannot run): SIGTERM still ends it within seconds
@@ -676,3 +709,46 @@ def test_a_checkpoints_model_family_is_data_never_an_import(family, ckpt_run, tm
     assert "meta.json" in proc.stderr and "is not a model family of this tree" in proc.stderr
     assert not (tmp_path / "RAN").exists()
     assert not out.exists() and not list(tmp_path.glob("hf*.partial"))
+
+
+# -- tracebacks where a clear error belongs ----------------------------------------------
+
+def test_a_folder_of_another_family_is_named_not_a_traceback():
+    """`hf export <Llama 3.2 Vision LoRA run> --base <a Llama folder>` (and `model.init_from`
+    of a Llama folder for a vision model) compared the folder's config field by field with
+    the vision model's: AttributeError. Now a CheckpointError naming both families."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.hf import check_args_match
+    from tests.conftest import compose_job
+
+    vision, text = compose_job("model=mllama_debug").model, compose_job("model=debug").model
+    for ours, theirs, fam in ((vision, text, "llama"), (text, vision, "mllama")):
+        with pytest.raises(CheckpointError, match=rf"/hf/config.json: a model of family '{fam}', the model here is "
+                                                  rf"family '{ours.family}'"):
+            check_args_match(ours, theirs, Path("/hf"))
+
+
+def test_a_safetensors_header_that_relabels_a_weight_is_refused(tmp_path):
+    """A header that calls F32 bytes I32 (same size, so the file stays consistent) imported
+    as integers cast to float, without a word; a weight of a dtype the family does not store
+    is refused naming the file, the weight and the dtype."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.hf import HFWeights, import_hf
+    from tests.test_hf_io import save_hf
+
+    save_hf(tmp_path / "hf", tied=True, seed=0)
+    f = next((tmp_path / "hf").glob("*.safetensors"))
+    raw = bytearray(f.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    key = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    header[key]["dtype"] = "I32"
+    new = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(new) == n
+    f.write_bytes(bytes(raw[:8]) + new + bytes(raw[8 + n:]))
+    with pytest.raises(CheckpointError, match=rf"{f}: {re.escape(key)} is stored as int32; a model weight is one of "
+                                              r"float32, bfloat16, float16, float64"):
+        HFWeights(tmp_path / "hf").get(key)
+    with pytest.raises(CheckpointError, match="is stored as int32"):
+        import_hf(tmp_path / "hf", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -121,7 +121,7 @@ def test_the_empty_unit_rule_counts_only_units_that_could_hold_a_document(tmp_pa
     # Only blank lines: no record at all, still no document.
     (bad / "a.jsonl").write_text("\n\n\n")
     with pytest.raises(DataError, match=r"^data.path='.*': 64 consecutive units \(1 distinct\) held no document "
-                                        r"\(0 records read, 0 skipped\); check data.path$"):
+                                        r"\(192 records read, 0 skipped; 192 blank lines\); check data.path$"):
         stream(build_source(SourceSpec("jsonl", str(bad))), tok).next_window()
 
     # A mixture entry whose records all miss the field: named by its own key.
@@ -140,6 +140,113 @@ def test_the_empty_unit_rule_counts_only_units_that_could_hold_a_document(tmp_pa
                                         r"\(64 records read, 64 skipped: vanished or unreadable x64; the first: .*"
                                         r"No such file or directory.*\); check data.path$"):
         stream(src, tok).next_window()
+
+
+def test_blank_lines_count_toward_the_no_document_limit(tmp_path, tok):
+    """A few KB of .jsonl.zst that expand to millions of blank lines: one unit (no random
+    access), which took minutes to read (3.5 s per 4 MiB) while the first step waited, with
+    nothing counted. Now EMPTY_RECORDS_LIMIT records in a row without a document stop the
+    stream, the tokenizer's sample and pretokenize, naming the path and the blank lines."""
+    from data_pipeline.pretokenize import main as pretokenize_main
+    from data_pipeline.stream import EMPTY_RECORDS_LIMIT
+
+    path = tmp_path / "blank.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"\n" * (EMPTY_RECORDS_LIMIT + 10) + b'{"text": "late"}\n'))
+    assert path.stat().st_size < 100_000
+    src = build_source(SourceSpec("jsonl", str(path)))
+    want = (rf"data.path='{path}': {EMPTY_RECORDS_LIMIT} consecutive records held no document "
+            rf"\({EMPTY_RECORDS_LIMIT} records read, 0 skipped; {EMPTY_RECORDS_LIMIT} blank lines\)")
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=want):
+        stream(src, tok).next_window()
+    with pytest.raises(DataError, match=want):
+        next(iter(src.iter_texts()))
+    assert time.monotonic() - t0 < 60
+    assert pretokenize_main(["--source", "jsonl", "--path", str(path), "--tokenizer", "hf", "--tokenizer-path",
+                             tok.path, str(tmp_path / "out")]) == 2
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tok):
+    """A pretokenized folder of 2 shards made by the tool."""
+    from data_pipeline.pretokenize import pretokenize
+
+    d = tmp_path_factory.mktemp("shards")
+    write_jsonl(d / "a.jsonl", make_docs(40, seed=11))
+    m = pretokenize(SourceSpec("jsonl", str(d / "a.jsonl")), tok, d / "out", shard_tokens=500, progress=False)
+    assert len(m["shards"]) >= 2
+    return d / "out"
+
+
+MANIFEST_EDITS = [  # (what, edit of the manifest, the field named)
+    ("n_docs past any memory", lambda m: m["shards"][0].update(n_docs=10**13), r"shards\[0\]\.n_docs is 10000000000000"),
+    ("n_docs past the index", lambda m: m["shards"][1].update(n_docs=m["shards"][1]["n_docs"] + 1),
+     r"shards\[1\]\.n_docs is \d+, but index-00001.npy holds int64 of shape"),
+    ("an absolute tokens path", lambda m: m["shards"][0].update(tokens="/etc/hostname"), r"shards\[0\]\.tokens is "
+     r"'/etc/hostname': expected the name of a file in"),
+    ("an index outside the folder", lambda m: m["shards"][0].update(index="../x.npy"), r"shards\[0\]\.index is "
+     r"'\.\./x\.npy'"),
+    ("a token count the file does not hold", lambda m: m["shards"][0].update(n_tokens=m["shards"][0]["n_tokens"] - 1),
+     r"shards\[0\]\.n_tokens is \d+, but tokens-00000.bin holds"),
+    ("another dtype", lambda m: m.update(dtype="float64"), r"dtype is 'float64', expected uint16 or uint32"),
+    ("a vocabulary past the dtype", lambda m: m["tokenizer"].update(vocab_size=10**6), r"tokenizer must hold"),
+    ("negative counts", lambda m: m["shards"][0].update(n_tokens=-5), r"shards\[0\] must hold n_docs and n_tokens"),
+    ("not shards", lambda m: m.update(shards={"0": 1}), r"shards is not a list"),
+]
+
+
+@pytest.mark.parametrize("what,edit,field", MANIFEST_EDITS, ids=[w for w, _, _ in MANIFEST_EDITS])
+def test_a_pretokenized_manifest_is_checked_against_its_files(shards, tmp_path, what, edit, field):
+    """A crafted or damaged manifest.json is refused when the source is built, before any
+    step, naming the file and the field (n_docs=10**13 built its unit list until memory ran
+    out; n_docs above the index was an IndexError; paths outside the folder were read)."""
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=rf"{folder / 'manifest.json'}: {field}"):
+        build_source(SourceSpec("pretokenized", str(folder)))
+
+
+def test_token_ids_past_the_vocabulary_are_skipped_naming_the_document(shards, tmp_path, tok):
+    """A shard whose token ids reach past the vocabulary (they reached the embedding as an
+    IndexError naming no file), or whose index points past its tokens: that document is a
+    counted skip naming the shard and the document; the others are read. A manifest that
+    claims another vocabulary for the same tokenizer is refused before training."""
+    import shutil
+
+    from parallel.env import LaunchEnv
+    from pretrain.tokenizers import load_tokenizer
+    from tests.conftest import compose_job
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    clean = read_all(build_source(SourceSpec("pretokenized", str(folder))))[0]
+    toks = np.fromfile(folder / "tokens-00000.bin", dtype=np.uint16)
+    toks[3] = 60000
+    toks.tofile(folder / "tokens-00000.bin")
+    index = np.load(folder / "index-00001.npy")
+    index[2] = index[-1] + 7  # document 1 ends, and document 2 starts, past the tokens
+    np.save(folder / "index-00001.npy", index)
+    src = build_source(SourceSpec("pretokenized", str(folder)))
+    docs, skips = read_all(src)
+    assert len(docs) == len(clean) - 3 and len(skips) == 3, skips
+    assert skips[0] == (f"{folder / 'tokens-00000.bin'}#doc0", "token id 60000 >= the tokenizer's vocabulary 400 "
+                                                                "(a damaged shard)")
+    assert all("outside the shard's" in why and "tokens-00001.bin#doc" in where for where, why in skips[1:])
+    m = json.loads((folder / "manifest.json").read_text())
+    m["tokenizer"]["vocab_size"] = 401
+    (folder / "manifest.json").write_text(json.dumps(m))
+    cfg = compose_job("data=pretokenized", f"data.path={folder}", "data.tokenizer.kind=hf",
+                      f"data.tokenizer.path={tok.path}")
+    env = LaunchEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="", master_port=0,
+                    launcher="single")
+    with pytest.raises(ValueError, match=r"manifest.json tokenizer.vocab_size=401, but the tokenizer of that "
+                                         r"fingerprint has 400 tokens"):
+        load_tokenizer(cfg.data, [build_source(SourceSpec("pretokenized", str(folder)))], env)
 
 
 def test_a_worker_process_data_error_reaches_the_caller_intact(tmp_path, tok):
@@ -357,7 +464,7 @@ def test_max_doc_bytes_is_a_knob_of_every_source_and_must_be_positive(key, tmp_p
     section = cfg.eval.data if key.startswith("eval") else cfg.data
     srcs, _, _ = build_sources(section, prefix="eval.data." if key.startswith("eval") else "data.")
     assert srcs[0].spec.max_doc_bytes == 1000  # reaches the source
-    with pytest.raises(ConfigError, match=f"{key}=0: must be > 0"):
+    with pytest.raises(ConfigError, match=f"{key}=0: expected an integer >= 1"):
         validate_job(compose_job(*extra, f"{key}=0"), 1)
     with pytest.raises(ValueError, match="data.max_doc_bytes=0: must be > 0"):
         build_source(SourceSpec("jsonl", "/nowhere", max_doc_bytes=0))

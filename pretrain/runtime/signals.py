@@ -42,7 +42,10 @@ class Interrupted(BaseException):
 
 class SignalHandler:
     """``phase``: "setup" (a signal raises ``Interrupted``), "loop" (it sets ``received``
-    for the next step boundary) or "done" (noted, nothing more: the job is finishing).
+    for the next step boundary; "saving" during a periodic save, "stopping" once the loop
+    acts on it) or "done" (noted, nothing more: the job is finishing). With
+    ``stop_timeout_s`` set, a stop signal that the loop does not act on within that many
+    seconds of "loop" phase ends the job (exit 128 + signal, status failed).
 
     Python runs signal handlers on the main thread between bytecodes, so a main thread
     blocked in C++ (waiting for a peer in the process-group rendezvous or a collective)
@@ -58,6 +61,9 @@ class SignalHandler:
         self.received, self.name, self.phase, self._first_at, self._old = False, "", "setup", 0.0, {}
         self.report = report  # report(state, exit_code, **fields): status.json (rank 0)
         self.exiting = False  # set by the entry point once it handles the stop: no forced exit
+        # checkpoint.stop_timeout_s: seconds of "loop" phase a stop signal may wait for the
+        # next step boundary ("saving": a periodic save, whose end is near, does not count).
+        self.stop_timeout_s: Optional[float] = None
         for name in self.SIGNALS:
             sig = getattr(signal, name)
             try:
@@ -84,7 +90,8 @@ class SignalHandler:
             raise Interrupted(name, signum)
         if not self.received:
             self.received, self.name, self._first_at = True, name, now
-        elif signum == signal.SIGINT and self.phase == "loop" and now - self._first_at > ABORT_AFTER_S:
+        elif signum == signal.SIGINT and self.phase in ("loop", "saving", "stopping") \
+                and now - self._first_at > ABORT_AFTER_S:
             raise KeyboardInterrupt(f"second SIGINT {now - self._first_at:.0f} s after the first: aborting")
 
     def _watch(self, fd: int) -> None:
@@ -102,23 +109,42 @@ class SignalHandler:
                 now = time.monotonic()
                 if self.phase == "setup":
                     self._force_exit(signum, 128 + signum)
-                elif self.phase == "loop":
+                elif self.phase in ("loop", "saving", "stopping"):
                     if first is None:
                         first = now
+                        if self.stop_timeout_s is not None and self.phase != "stopping":
+                            threading.Thread(target=self._deadline, args=(signum,), name="stop-deadline",
+                                             daemon=True).start()
                     elif signum == signal.SIGINT and now - first > ABORT_AFTER_S:
                         self._force_exit(signum, 130)
 
-    def _force_exit(self, signum: int, code: int) -> None:
-        time.sleep(self.GRACE_S)  # the main thread unwinds and exits meanwhile, unless it is blocked
+    def _deadline(self, signum: int, tick: float = 0.25) -> None:
+        """A stop signal in the step loop: the job saves at the next step boundary. When the
+        steps do not reach it within ``stop_timeout_s`` (a data read that never ends, a
+        collective waiting for a peer that left), end the job rather than wait for ever."""
+        waited = 0.0
+        while waited < self.stop_timeout_s:
+            time.sleep(tick)
+            if self.phase not in ("loop", "saving"):  # reached the boundary (stopping), or done
+                return
+            waited += tick if self.phase == "loop" else 0.0
+        name = signal.Signals(signum).name
+        self._force_exit(signum, 128 + signum, f"{name}: no step boundary within checkpoint.stop_timeout_s="
+                         f"{self.stop_timeout_s:g} s of training (the step was stuck: a data read that does not "
+                         "end, a collective waiting for a peer); ended without a checkpoint, by the signal watchdog",
+                         grace=0.0)
+
+    def _force_exit(self, signum: int, code: int, msg: Optional[str] = None, grace: Optional[float] = None) -> None:
+        time.sleep(self.GRACE_S if grace is None else grace)  # the main thread unwinds and exits meanwhile
         deadline = time.monotonic() + 30.0
         while self.exiting and time.monotonic() < deadline:  # it is on its way out: let it finish
             time.sleep(0.1)
         if self._pipe is None:  # restored: the job ended by itself
             return
         name = signal.Signals(signum).name
-        msg = (f"{name}: the main thread did not stop within {self.GRACE_S:.0f} s (it was in native code that does "
-               "not run Python's signal handlers: waiting for a peer or a collective, tokenizer training, ...); "
-               "ended by the signal watchdog")
+        msg = msg or (f"{name}: the main thread did not stop within {self.GRACE_S:.0f} s (it was in native code that "
+                      "does not run Python's signal handlers: waiting for a peer or a collective, tokenizer "
+                      "training, ...); ended by the signal watchdog")
         print(f"stopped: {msg}", file=sys.stderr, flush=True)
         if self.report is not None:
             try:
