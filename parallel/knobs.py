@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Tuple
 
 
+def _num(v) -> str:
+    """A bound as a reader writes it: 31536000, not 3.1536e+07; 1e-08 as is."""
+    if isinstance(v, int):
+        return str(v)
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
+
+
 @dataclass(frozen=True)
 class Range:
     """``ge``/``gt``/``le``/``lt``: bounds (None: open). ``special``: values allowed outside
@@ -36,10 +43,16 @@ class Range:
 
     def expected(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
-        lo = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
-        hi = f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else ""
-        bounds = " and ".join(b for b in (lo, hi) if b)
-        out = f"{kind} {bounds}".strip() if bounds else kind
+        lo, hi = (self.ge if self.ge is not None else self.gt), (self.le if self.le is not None else self.lt)
+        if lo is not None and hi is not None:  # [1, 1024], (0, 1]
+            bounds = f"in {'[' if self.ge is not None else '('}{_num(lo)}, {_num(hi)}{']' if self.le is not None else ')'}"
+        elif lo is not None:
+            bounds = f"{'>=' if self.ge is not None else '>'} {_num(lo)}"
+        elif hi is not None:
+            bounds = f"{'<=' if self.le is not None else '<'} {_num(hi)}"
+        else:
+            bounds = ""
+        out = f"{kind} {bounds}".strip()
         if self.special:
             out += ", or " + ", ".join(f"{v} ({what})" for v, what in self.special)
         return ("each " if self.each else "") + out
