@@ -88,11 +88,14 @@ def read_meta(path: Path) -> dict:
     return data
 
 
-def check_shapes(path: Path, state: dict) -> None:
+def check_shapes(path: Path, state: dict, model_names=None) -> None:
     """Compare the checkpoint's tensor shapes with ``state`` (nested dicts of tensors:
     ``model``, and ``optim`` when resuming) before loading: the first mismatch is named
-    with both shapes."""
+    with both shapes. ``model_names``: every rank's model tensors (the union over pipeline
+    stages); the checkpoint must hold no model tensor outside them."""
     saved = read_dcp_metadata(path).state_dict_metadata
+    if model_names is not None:
+        check_no_extra_tensors(path, saved, model_names)
     for prefix, sub in state.items():
         for name, t in sub.items():
             if not isinstance(t, torch.Tensor):
@@ -111,17 +114,20 @@ def check_shapes(path: Path, state: dict) -> None:
                                       f"{list(t.shape)} in this model: the model config differs")
 
 
-def check_no_extra_tensors(path: Path, names) -> None:
-    """The checkpoint holds no model tensor outside ``names`` (every rank's model tensors:
-    the union over pipeline stages). One it has and the model lacks would be dropped
-    without a word: a 4-layer checkpoint resumed with 2 layers, LoRA adapters of targets
-    no longer adapted."""
+def check_no_extra_tensors(path: Path, saved: dict, names) -> None:
+    """The checkpoint's entries ``saved`` hold no model tensor outside ``names``. One it has
+    and the model lacks would be dropped without a word: a 4-layer checkpoint resumed with
+    2 layers, LoRA adapters of targets no longer adapted."""
     names = set(names)
-    extra = sorted(k[len("model."):] for k in read_dcp_metadata(path).state_dict_metadata
-                   if k.startswith("model.") and k[len("model."):] not in names)
+    extra = sorted(k[len("model."):] for k in saved if k.startswith("model.") and k[len("model."):] not in names)
     if extra:
         raise CheckpointMismatch(f"checkpoint {path} holds {len(extra)} model tensor(s) this model lacks (e.g. "
                                  f"{', '.join(extra[:3])}): the model config differs, and loading would drop them")
+
+
+def all_model_names(model_sd: dict) -> set:
+    """The model tensors of every rank (a collective): the union of the pipeline stages'."""
+    return set().union(*pdist.all_gather_object(sorted(model_sd)))
 
 
 def agreed(fn: Callable, *args, **kwargs):
@@ -462,8 +468,8 @@ class Checkpointer:
     def load_weights(self, path: Path, model) -> None:
         meta = agreed(read_meta, path)
         model_sd = get_model_states(model)
-        agreed(lambda: (self._verify(path, meta), check_shapes(path, {"model": model_sd})))
-        self._no_extra_tensors(path, model_sd)
+        names = all_model_names(model_sd)
+        agreed(lambda: (self._verify(path, meta), check_shapes(path, {"model": model_sd}, names)))
         state = {"model": model_sd}
         self._dcp_load(state, path)
         set_model_states(model, state["model"])
@@ -487,8 +493,7 @@ class Checkpointer:
         meta = agreed(prepare)
         model_sd, optim_sd = get_states(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        agreed(check_shapes, path, state)
-        self._no_extra_tensors(path, model_sd)
+        agreed(check_shapes, path, state, all_model_names(model_sd))
         self._dcp_load(state, path)
         agreed(self._apply, path, model, optimizer, state)
 
@@ -518,10 +523,6 @@ class Checkpointer:
         loader_states = agreed(side_files)
         log.info("loaded checkpoint %s", path)
         return int(meta["step"]), int(meta["tokens_seen"]), loader_states
-
-    def _no_extra_tensors(self, path: Path, model_sd: dict) -> None:
-        names = set().union(*pdist.all_gather_object(sorted(model_sd)))  # every rank's stages
-        agreed(check_no_extra_tensors, path, names)
 
     @staticmethod
     def _apply(path: Path, model, optimizer, state: dict) -> None:
