@@ -23,7 +23,7 @@ from .checkpoint.files import CheckpointError
 from .config import JobConfig, register_configs
 from .runtime.rundir import EXIT_RUN_DIR, RunDirError, RunDirLock, unwritable, write_hydra_files
 from .runtime.signals import EXIT_PREEMPTED, Interrupted, Preempted, SignalHandler, die_with_parent
-from .runtime.status import EXIT_DIVERGED, Diverged, write_status
+from .runtime.status import EXIT_DIVERGED, Diverged, diverged_before, write_status
 from .validate import ConfigError, validate_job
 
 log = logging.getLogger("pretrain")
@@ -58,19 +58,9 @@ def hydra_main(dcfg: DictConfig) -> None:
             log.warning("could not write %s/status.json: %s", run_dir, e)
 
     signals.report = status
+    again = None  # torchrun's restart of an attempt that diverged: its status.json stays as it is
     try:
-        # Rank 0 owns the run dir: it checks it can write there and takes its lock before
-        # writing anything (Hydra's files included); every rank learns the outcome once
-        # the process group is up and stops together (exit 2) when it cannot be used.
-        key = "hydra.sweep.dir" if _multirun() else "hydra.run.dir"
-        problem = lock.acquire(key) if lock else None
-        if lock and problem is None:
-            problem = unwritable(run_dir, key)
-        if lock and problem is None:
-            try:
-                write_hydra_files(run_dir, dcfg)
-            except OSError as e:
-                problem = f"{key}={str(run_dir)!r}: cannot write {e.filename or '.hydra/'} ({e.strerror})"
+        problem, again = _claim_run_dir(lock, run_dir, dcfg) if lock else (None, None)
         try:
             dims = validate_job(cfg, env.world_size)
         except ConfigError as e:
@@ -80,8 +70,10 @@ def hydra_main(dcfg: DictConfig) -> None:
         logging.getLogger("pretrain").setLevel(logging.INFO)
         from .train import train
 
-        status("running")
-        train(cfg, env, dims, run_dir, signals=signals, run_dir_problem=problem, report=status)
+        if again is None:
+            status("running")
+        train(cfg, env, dims, run_dir, signals=signals, run_dir_problem=problem, report=status,
+              diverged=again)
         status("completed", 0, step=cfg.train.steps)
     except Preempted as e:
         signals.exiting = True
@@ -90,7 +82,8 @@ def hydra_main(dcfg: DictConfig) -> None:
     except Diverged as e:
         signals.exiting = True
         print(f"diverged: {e}", file=sys.stderr)
-        status("diverged", EXIT_DIVERGED, step=e.step, error=f"Diverged: {e}")
+        if again is None:
+            status("diverged", EXIT_DIVERGED, step=e.step, error=f"Diverged: {e}")
         sys.exit(EXIT_DIVERGED)
     except RunDirError as e:
         print(f"run dir error: {e}", file=sys.stderr)
@@ -114,6 +107,22 @@ def hydra_main(dcfg: DictConfig) -> None:
         signals.restore()
         if lock is not None:
             lock.release()
+
+
+def _claim_run_dir(lock: RunDirLock, run_dir: Path, dcfg: DictConfig):
+    """Rank 0 owns the run dir: it takes its lock and checks it can write there before
+    writing anything (Hydra's files included); every rank learns the outcome once the
+    process group is up and stops together (exit 2) when it cannot be used. Returns (why
+    the run dir cannot be used, why this torchrun restart must not resume: exit 5 is
+    final, also under --max-restarts, which restarts after any exit), each None if not."""
+    key = "hydra.sweep.dir" if _multirun() else "hydra.run.dir"
+    problem = lock.acquire(key) or unwritable(run_dir, key)
+    if problem is None:
+        try:
+            write_hydra_files(run_dir, dcfg)
+        except OSError as e:
+            problem = f"{key}={str(run_dir)!r}: cannot write {e.filename or '.hydra/'} ({e.strerror})"
+    return problem, diverged_before(run_dir) if problem is None else None
 
 
 def _multirun() -> bool:

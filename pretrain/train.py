@@ -71,10 +71,12 @@ def default_threads(local_world_size: int) -> int:
 
 def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, *,
           signals: Optional[SignalHandler] = None, run_dir_problem: Optional[str] = None,
-          report: Optional[Callable] = None) -> List[Dict[str, float]]:
+          report: Optional[Callable] = None, diverged: Optional[str] = None) -> List[Dict[str, float]]:
     """Runs the job; returns the logged metrics (every rank computes them; losses agree).
     ``run_dir_problem``: rank 0's reason the run dir cannot be used (locked by another
-    job, not writable), raised as ``RunDirError`` on every rank once they can hear it.
+    job, not writable), raised as ``RunDirError`` on every rank once they can hear it;
+    ``diverged``: rank 0's finding that this is torchrun's restart of an attempt that
+    diverged, raised as ``Diverged`` on every rank.
     ``report(state, exit_code, **fields)``: writes status.json (rank 0's, when it holds
     the run dir)."""
     t, device = cfg.train, pdist.pick_device(cfg.train.device, env)
@@ -85,9 +87,11 @@ def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, *,
     own_signals = signals is None
     signals = signals or SignalHandler()
     try:
-        run_dir, problem = pdist.broadcast_object((str(run_dir), run_dir_problem))
+        run_dir, problem, again = pdist.broadcast_object((str(run_dir), run_dir_problem, diverged))
         if problem is not None:
             raise RunDirError(problem)
+        if again is not None:
+            raise Diverged(None, [], None, message=again)
         return _train(cfg, env, dims, Path(run_dir), device, signals, report or _write_status_to(Path(run_dir)))
     finally:
         if own_signals:

@@ -752,3 +752,19 @@ def test_a_safetensors_header_that_relabels_a_weight_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is stored as int32"):
         import_hf(tmp_path / "hf", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_torchruns_restart_of_a_diverged_attempt_ends_at_once(tmp_path, monkeypatch):
+    """torchrun --max-restarts restarts the workers after any exit: a restart of an attempt
+    that diverged (status.json says so; every first attempt writes running) is refused
+    before anything is loaded, so exit 5 stays final; a first attempt, or a status of
+    another kind, starts as usual."""
+    from pretrain.runtime.status import diverged_before, write_status
+
+    write_status(tmp_path, status="diverged", exit_code=5, step=12, error="Diverged: ...")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert diverged_before(tmp_path) is None  # started again by hand: the user may have changed the config
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert "previous attempt of this torchrun run diverged (at step 12)" in diverged_before(tmp_path)
+    write_status(tmp_path, status="preempted", exit_code=3, step=12)
+    assert diverged_before(tmp_path) is None

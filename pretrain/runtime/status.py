@@ -18,12 +18,28 @@ class Diverged(Exception):
     the same command would diverge again: change the config (learning rate, warm-up,
     clipping) first."""
 
-    def __init__(self, step: int, what, last_good: Optional[str]):
+    def __init__(self, step: Optional[int], what, last_good: Optional[str], message: Optional[str] = None):
         self.step, self.what, self.last_good = step, list(what), last_good
         where = f"the newest checkpoint, {last_good}, is the last good one" if last_good else "no checkpoint yet"
-        super().__init__(f"training diverged at step {step}: {' and '.join(self.what)} not finite; stopped before "
-                         f"saving it ({where}). Lower optim.lr, raise optim.warmup_steps or set train.max_norm, "
-                         "then run the same command to resume from the last good checkpoint")
+        super().__init__(message or f"training diverged at step {step}: {' and '.join(self.what)} not finite; "
+                         f"stopped before saving it ({where}). Lower optim.lr, raise optim.warmup_steps or set "
+                         "train.max_norm, then run the same command to resume from the last good checkpoint")
+
+
+def diverged_before(run_dir) -> Optional[str]:
+    """torchrun restarted the workers (``TORCHELASTIC_RESTART_COUNT`` > 0, ``--max-restarts``
+    restarts after any exit) after a previous attempt of this run diverged: its status.json
+    still says so (every attempt 0 writes ``running`` first). Resuming would diverge again at
+    the same step (the run repeats itself): the reason to end the restart at once (exit 5),
+    else None."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) <= 0:
+        return None
+    prior = read_status(run_dir) or {}
+    if prior.get("status") != "diverged":
+        return None
+    return (f"the previous attempt of this torchrun run diverged (at step {prior.get('step')}): not resuming it, "
+            "it would diverge again; change the config (optim.lr, optim.warmup_steps, train.max_norm) and start "
+            "the job again")
 
 
 def write_status(run_dir, **fields) -> None:
