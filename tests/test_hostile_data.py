@@ -142,13 +142,17 @@ def test_the_empty_unit_rule_counts_only_units_that_could_hold_a_document(tmp_pa
         stream(src, tok).next_window()
 
 
-def test_blank_lines_count_toward_the_no_document_limit(tmp_path, tok):
+def test_blank_lines_count_toward_the_no_document_limit(tmp_path, tok, monkeypatch):
     """A few KB of .jsonl.zst that expand to millions of blank lines: one unit (no random
     access), which took minutes to read (3.5 s per 4 MiB) while the first step waited, with
     nothing counted. Now EMPTY_RECORDS_LIMIT records in a row without a document stop the
-    stream, the tokenizer's sample and pretokenize, naming the path and the blank lines."""
+    stream, the tokenizer's sample and pretokenize, naming the path and the blank lines
+    (the limit lowered here from its 1,000,000: a second of blank lines each time)."""
+    import data_pipeline.stream as stream_mod
     from data_pipeline.pretokenize import main as pretokenize_main
-    from data_pipeline.stream import EMPTY_RECORDS_LIMIT
+
+    EMPTY_RECORDS_LIMIT = 100_000
+    monkeypatch.setattr(stream_mod, "EMPTY_RECORDS_LIMIT", EMPTY_RECORDS_LIMIT)
 
     path = tmp_path / "blank.jsonl.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(b"\n" * (EMPTY_RECORDS_LIMIT + 10) + b'{"text": "late"}\n'))
