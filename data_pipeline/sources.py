@@ -328,16 +328,16 @@ class Source:
         """(unit index, cursor, payload) of every document in listing order, with the loader's
         no-document limits (``stream.NoDocumentRun``); ``on_skip`` also hears every skipped
         record (not blank lines)."""
-        from .stream import NoDocumentRun
+        from .stream import NoDocumentRun, _returning
 
         run = NoDocumentRun(self, on_skip)
         for u, unit in enumerate(self.units):
-            found = False
-            for cursor, _, payload in self.iter_docs(unit, 0, run.on_skip, on_truncate):
-                if not found:
-                    found, run = True, NoDocumentRun(self, on_skip)
+            found, box = False, []
+            for cursor, _, payload in _returning(self.iter_docs(unit, 0, run.on_skip, on_truncate), box):
+                found = True
+                run.document()
                 yield u, cursor, payload
-            if not found:
+            if not found and box != [False]:  # a byte range inside one long line holds no record
                 run.unit_without_document(u)
 
     def __getstate__(self):

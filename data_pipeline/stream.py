@@ -124,9 +124,17 @@ class NoDocumentRun:
 
     def __init__(self, source: Source, report=None):
         self.source, self.report = source, report
+        self._start()
+
+    def _start(self) -> None:
         self.units, self.distinct, self.skipped, self.blank = 0, set(), 0, 0
         self.kinds: Counter = Counter()
         self.first: Optional[tuple] = None
+
+    def document(self) -> None:
+        """A document was read: the run starts over (called for every document: cheap)."""
+        if self.units or self.skipped or self.blank:
+            self._start()
 
     def on_skip(self, where: str, reason: str) -> None:
         if reason is BLANK:
@@ -182,7 +190,8 @@ class _Reader:
     """Documents of one source for one slot, with the reader state after each one.
     Raises ``DataError`` after ``EMPTY_UNITS_LIMIT`` consecutive units read from their
     start without a document (a byte range inside one long line does not count: it holds
-    no record; neither does the rest of a unit resumed in its middle)."""
+    no record; neither does the rest of a unit resumed in its middle), or after
+    ``EMPTY_RECORDS_LIMIT`` consecutive records (blank lines included) without one."""
 
     def __init__(self, source: Source, plan: UnitPlan, state: dict, on_skip):
         self.source, self.plan, self._log_skip = source, plan, on_skip
@@ -208,8 +217,8 @@ class _Reader:
             found, box = False, []
             for cursor, after, payload in _returning(
                     self.source.iter_docs(self.source.units[u], c, self.on_skip, self.on_truncate), box):
-                if not found:
-                    found, self._empty = True, NoDocumentRun(self.source, self._count_skip)
+                found = True
+                self._empty.document()
                 self.cur = (g, after)
                 yield g, cursor, payload, self.snapshot(), self.n_skipped, self.n_truncated
             self.cur = None

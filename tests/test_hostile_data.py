@@ -168,6 +168,15 @@ def test_blank_lines_count_toward_the_no_document_limit(tmp_path, tok, monkeypat
     assert time.monotonic() - t0 < 60
     assert pretokenize_main(["--source", "jsonl", "--path", str(path), "--tokenizer", "hf", "--tokenizer-path",
                              tok.path, str(tmp_path / "out")]) == 2
+    # In a row: a document starts the count over, however many blank lines the unit holds in all.
+    spaced = tmp_path / "spaced.jsonl.zst"
+    gap = b"\n" * (EMPTY_RECORDS_LIMIT * 6 // 10)
+    spaced.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a"}\n' + gap + b'{"text": "b"}\n' + gap))
+    assert list(build_source(SourceSpec("jsonl", str(spaced))).iter_texts()) == ["a", "b"]
+    # Byte ranges inside one long line hold no record: they are not units without a document.
+    write_jsonl(tmp_path / "long" / "a.jsonl", ["word " * 600, "short"])
+    src = build_source(SourceSpec("jsonl", str(tmp_path / "long"), chunk_bytes=8))
+    assert len(src.units) > 64 and list(src.iter_texts()) == ["word " * 600, "short"]
 
 
 @pytest.fixture(scope="module")
