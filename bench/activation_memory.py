@@ -106,11 +106,12 @@ def _build_mllama(mode: str, a, device):
     the names of the blocks checkpointed)."""
     import torch
 
+    from parallel import knobs
     from parallel.ac import apply_activation_checkpointing, checkpointed_mode
     from pretrain.model.mllama import FAMILY
 
     args = _mllama_args(a)
-    problems = list(FAMILY.check(args))
+    problems = list(knobs.problems(args)) or list(FAMILY.check(args))  # ranges first: check() assumes them
     if problems:
         raise SystemExit(f"bench shapes refused: {problems}")
     with torch.device("meta"):

@@ -93,15 +93,17 @@ def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1
         n_tokens += int(off[-1])
 
     # Stops, like the loader, after a long run of units or records without a document.
+    done = 0  # units finished (the bar's own count stays 0 when it is disabled)
     for u, _, text in source.iter_all_docs(on_skip, on_truncate):
-        if u > bar.n:
+        if u > done:
             bar.set_postfix(docs=n_docs, tokens=n_tokens, skipped=skipped[0], refresh=False)
-            bar.update(u - bar.n)
+            bar.update(u - done)
+            done = u
         pending.append(text)
         if len(pending) >= batch_docs:
             encode(pending)
             pending = []
-    bar.update(len(source.units) - bar.n)
+    bar.update(len(source.units) - done)
     bar.close()
     if pending:
         encode(pending)
@@ -187,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if inside:
-        print(f"error: the output folder {a.out} contains the input ({inside[0]}{' and more' if len(inside) > 1 else ''}"
-              "): write the shards elsewhere", file=sys.stderr)
+        more = " and more" if len(inside) > 1 else ""
+        print(f"error: the output folder {a.out} contains the input ({inside[0]}{more}): write the shards elsewhere",
+              file=sys.stderr)
         return 2
     if a.out.exists() and any(a.out.iterdir()):
         if not a.overwrite:

@@ -700,13 +700,14 @@ class PretokenizedSource(Source):
             d = a + (int(order[row]) if order is not None else row)
             lo, hi = int(index[d]), int(index[d + 1])
             doc = tokens[lo:hi] if 0 <= lo <= hi <= len(tokens) else None
+            if doc is not None and (not len(doc) or int(doc.max()) < vocab):
+                yield row, row + 1, doc
+                continue
             where = f"{os.path.join(self.root, self.manifest['shards'][i]['tokens'])}#doc{d}"
             if doc is None:
                 on_skip(where, f"offsets {lo}:{hi} outside the shard's {len(tokens)} tokens (a damaged index)")
-            elif len(doc) and int(doc.max()) >= vocab:
-                on_skip(where, f"token id {int(doc.max())} >= the tokenizer's vocabulary {vocab} (a damaged shard)")
             else:
-                yield row, row + 1, doc
+                on_skip(where, f"token id {int(doc.max())} >= the tokenizer's vocabulary {vocab} (a damaged shard)")
 
 
 MAX_MANIFEST_BYTES = 64 << 20

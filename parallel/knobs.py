@@ -45,7 +45,8 @@ class Range:
         kind = "an integer" if self.integer else "a finite number"
         lo, hi = (self.ge if self.ge is not None else self.gt), (self.le if self.le is not None else self.lt)
         if lo is not None and hi is not None:  # [1, 1024], (0, 1]
-            bounds = f"in {'[' if self.ge is not None else '('}{_num(lo)}, {_num(hi)}{']' if self.le is not None else ')'}"
+            left, right = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
+            bounds = f"in {left}{_num(lo)}, {_num(hi)}{right}"
         elif lo is not None:
             bounds = f"{'>=' if self.ge is not None else '>'} {_num(lo)}"
         elif hi is not None:
@@ -80,12 +81,11 @@ class Range:
 
 
 def knob(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, ge=None, gt=None, le=None, lt=None,
-         special: Optional[dict] = None, integer: bool = False, each: bool = False, warn_above=None,
-         warn_below=None, resume: bool = True):
-    """A dataclass field with its valid range. ``resume=False``: a model field whose value
-    does not change the trained function (a label, the init, a length limit), so a resume
-    may change it."""
-    rng = Range(ge=ge, gt=gt, le=le, lt=lt, special=tuple((special or {}).items()), integer=integer, each=each,
+         special: Optional[dict] = None, each: bool = False, warn_above=None, warn_below=None, resume: bool = True):
+    """A dataclass field with its valid range (an ``int`` field, by its annotation, takes
+    integers only). ``resume=False``: a model field whose value does not change the
+    trained function (a label, the init, a length limit), so a resume may change it."""
+    rng = Range(ge=ge, gt=gt, le=le, lt=lt, special=tuple((special or {}).items()), each=each,
                 warn_above=warn_above, warn_below=warn_below)
     meta = {"range": rng, "resume": resume}
     if default_factory is not dataclasses.MISSING:

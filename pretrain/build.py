@@ -156,11 +156,13 @@ def _lora_meta(cfg: JobConfig, family: ModelFamily) -> Optional[dict]:
     lora = cfg.finetune.lora
     if lora.rank <= 0:
         return None
+    from .hf import folder_fingerprint
     from .lora import resolve_targets
 
+    base = cfg.model.init_from
     return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
-            "targets": resolve_targets(list(lora.target_modules), family.lora), "base": cfg.model.init_from,
-            "seed": cfg.train.seed}
+            "targets": resolve_targets(list(lora.target_modules), family.lora), "base": base,
+            "base_fingerprint": folder_fingerprint(base) if base else None, "seed": cfg.train.seed}
 
 
 def _start_weights(cfg: JobConfig, model: BuiltModel, loader_states, *, progress: bool) -> None:

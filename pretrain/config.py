@@ -190,9 +190,11 @@ class CheckpointConfig:
     load_path: Optional[str] = None
     # With load_path: take only the model weights (new optimizer, data from the start, step 0).
     load_weights_only: bool = False
-    # After a stop signal (SIGTERM, SIGUSR1, SIGINT) in the step loop: seconds of training
-    # the job waits for the next step boundary, where it saves; past them it ends without a
-    # checkpoint (exit 128 + signal, status failed): a step stuck on a data read or a peer.
+    # After a stop signal (SIGTERM, SIGUSR1, SIGINT) in the step loop: seconds of steps
+    # running (not evaluation, logging or saves between them) the job waits for the next
+    # step boundary, where it saves; past them it ends without a checkpoint (exit 128 +
+    # signal, status failed): a step stuck on a data read or a peer. Counts torch.compile's
+    # first step too: raise it where that takes minutes.
     stop_timeout_s: float = knob(120.0, ge=1)
 
 

@@ -44,6 +44,7 @@ from omegaconf import OmegaConf
 from parallel import knobs
 
 from .checkpoint import CheckpointError, complete_checkpoints, read_meta
+from .checkpoint.fit import plain
 from .checkpoint.files import CrcWriter, file_crc, load_dcp, read_dcp_metadata, verify_files
 from .model import family_for_hf, family_names, family_of, get_family
 from .model.llama.args import LlamaArgs
@@ -61,6 +62,28 @@ def _progress(total: int, desc: str, enabled: bool):
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
                 file=sys.stderr, mininterval=0.5)
+
+
+def folder_fingerprint(path) -> Optional[str]:
+    """A Hugging Face folder's identity by content, not by path: a hash of its config.json
+    and of each safetensors file's name and header (names, dtypes, shapes, offsets), read
+    in a few KB per file. A LoRA run records its base's, so that a base copied elsewhere
+    (a node's local disk) is still the base. None when the folder cannot be read."""
+    import hashlib
+
+    folder = Path(path)
+    h = hashlib.sha256()
+    try:
+        h.update((folder / "config.json").read_bytes())
+        for f in sorted(folder.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n > 100 << 20:
+                    return None
+                h.update(f.name.encode() + fh.read(n))
+    except OSError:
+        return None
+    return h.hexdigest()[:32]
 
 
 # What a Hugging Face Llama or Llama 3.2 Vision folder stores its weights as.
@@ -182,15 +205,6 @@ class HFWeights:
         return t
 
 
-def _plain(v):
-    """A config value as plain data (a dataclass as its dict, lists of lists as lists)."""
-    if dataclasses.is_dataclass(v):
-        return dataclasses.asdict(v)
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
 def check_args_match(ours: LlamaArgs, theirs: LlamaArgs, where: Path) -> None:
     """The configured model must be the one in the folder: name each disagreement, on the
     fields of the family converter's ``config_keys`` (our field, config.json key; without
@@ -202,7 +216,7 @@ def check_args_match(ours: LlamaArgs, theirs: LlamaArgs, where: Path) -> None:
     pairs = getattr(family_of(ours).hf, "config_keys", None) or [
         (f.name, f.name) for f in dataclasses.fields(ours) if f.name not in ("name", "init_from", "init_std")]
     for field, hf_key in pairs:
-        a, b = _plain(getattr(ours, field)), _plain(getattr(theirs, field))
+        a, b = plain(getattr(ours, field)), plain(getattr(theirs, field))
         if a != b:
             field = "head_dim" if field == "resolved_head_dim" else field
             diffs.append(f"model.{field}={a!r} but config.json has {hf_key}={b!r}")

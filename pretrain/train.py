@@ -32,7 +32,7 @@ from .observe.profiling import StepProfiler
 from .optim import build_lr_fn
 from .runtime.rundir import RunDirError
 from .runtime.signals import EXIT_PREEMPTED, Preempted, SignalHandler
-from .runtime.status import Diverged, write_status
+from .runtime.status import EXIT_DIVERGED, Diverged, write_status
 from .step import TrainStep
 from .validate import config_warnings
 
@@ -188,6 +188,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         for step in range(job.start_step + 1, t.steps + 1):
             lr = lr_at(step)
             out = step_fn(_micro_batches(job, t.grad_accum_steps, counts, window, audit), lr)
+            preempt.phase = "busy"  # between steps: no stop deadline (evaluation, logging, saves)
             tokens_seen += tokens_per_step
             if audit is not None:
                 audit.end_step(step)
@@ -197,14 +198,16 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
                 metrics = _log_row(cfg, env, job, window, counts, step, lr, out, tokens_seen, val_loss, fpt, peak)
                 sink.log(step, metrics, eta_s=window.eta_s)
                 history.append({"step": step, **metrics})
-                _stop_if_diverged(ckpt, step, [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])])
+                _stop_if_diverged(ckpt, step, [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])],
+                                  is_rank0, report)
             ckpt.poll()
             # Every rank acts on a signal any rank received, at the same step boundary.
             stop = pdist.host_all_reduce(torch.tensor([float(preempt.received)]), dist.ReduceOp.MAX).item() > 0
             if stop or ckpt.due(step, t.steps):
-                preempt.phase = "stopping" if stop else "saving"  # a signal's deadline waits for the save
+                if stop:
+                    preempt.phase = "stopping"  # acting on the signal: no deadline any more
                 # Never a checkpoint of non-finite values (pruning would then delete good ones).
-                _stop_if_diverged(ckpt, step, step_fn.nonfinite(out))
+                _stop_if_diverged(ckpt, step, step_fn.nonfinite(out), is_rank0, report)
                 ckpt.save(step, tokens_seen, job.model.state_model, job.optimizer,
                           loader_state=job.loader.state_dict() if job.is_dp_leader else None,
                           blocking=stop or step == t.steps)
@@ -254,14 +257,21 @@ def _log_row(cfg: JobConfig, env: LaunchEnv, job: Job, window: LogWindow, counts
                         val_loss=val_loss)
 
 
-def _stop_if_diverged(ckpt: Checkpointer, step: int, nonfinite: List[str]) -> None:
+def _stop_if_diverged(ckpt: Checkpointer, step: int, nonfinite: List[str], is_rank0: bool,
+                      report: Callable) -> None:
     """Every rank sees the same values (reduced over ranks): all stop together. An async
-    save in flight holds values checked when it was staged: it is committed first."""
+    save in flight holds values checked when it was staged: it is committed first. Rank 0
+    writes the status before any rank exits (as ``_stop`` does: the first exit makes
+    torchrun kill the others, and its restarts and the batch scripts read the status)."""
     if not nonfinite:
         return
     ckpt.wait()
     done = complete_checkpoints(ckpt.root)
-    raise Diverged(step, nonfinite, str(done[-1][1]) if done else None)
+    e = Diverged(step, nonfinite, str(done[-1][1]) if done else None)
+    if is_rank0:
+        report("diverged", EXIT_DIVERGED, step=step, error=f"Diverged: {e}")
+    pdist.barrier()
+    raise e
 
 
 def _stop(ckpt: Checkpointer, preempt: SignalHandler, step: int, is_rank0: bool, report: Callable) -> None:

@@ -249,8 +249,8 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
 
 
 # Rules per config group, in the order errors are reported.
-RULES = (_check_schema, _check_ranges, _check_model, _check_train, _check_optim, _check_data, _check_lora, _check_freeze, _check_eval,
-         _check_run)
+RULES = (_check_schema, _check_ranges, _check_model, _check_train, _check_optim, _check_data, _check_lora,
+         _check_freeze, _check_eval, _check_run)
 
 
 def config_warnings(cfg: JobConfig) -> list:

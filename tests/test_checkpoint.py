@@ -396,12 +396,18 @@ def test_resume_compares_every_field_that_changes_the_trained_function(model_fil
         else:
             with pytest.raises(CheckpointMismatch, match=rf"model\.{f.name}="):
                 check_fits("ck", meta, now, None, [])
-    # The family by the name the tree knows: an import path naming it is the same family.
-    now = copy.deepcopy(args)
-    now.family = f"pretrain.model.{args.family}:FAMILY"
-    check_fits("ck", meta, now, None, [])
+    # The family by the name the tree knows: an import path naming it, recorded by an earlier
+    # version, is the same family (read as text: meta.json never makes a module import).
+    check_fits("ck", {**meta, "model": {**meta["model"], "family": f"pretrain.model.{args.family}:FAMILY"}}, args,
+               None, [])
     with pytest.raises(CheckpointMismatch, match="model.family"):
         check_fits("ck", {**meta, "model": {**meta["model"], "family": "tests.toy_family:FAMILY"}}, args, None, [])
+    import sys
+
+    before = set(sys.modules)
+    with pytest.raises(CheckpointMismatch, match="model.family"):
+        check_fits("ck", {**meta, "model": {**meta["model"], "family": "evil_module_xyz:FAMILY"}}, args, None, [])
+    assert "evil_module_xyz" not in set(sys.modules) - before
 
 
 def test_resume_compares_lora_and_the_frozen_towers():
@@ -420,6 +426,12 @@ def test_resume_compares_lora_and_the_frozen_towers():
                                          r"'/hf/a'")]:
         with pytest.raises(CheckpointMismatch, match=key):
             check_fits("ck", meta, args, {**lora, **change}, ["vision"])
+    # The base copied elsewhere (a node's local disk): the same content, another path.
+    fp = {"base_fingerprint": "abc"}
+    check_fits("ck", {**meta, "lora": {**lora, **fp}}, args, {**lora, **fp, "base": "/local/a"}, ["vision"])
+    with pytest.raises(CheckpointMismatch, match="model.init_from='/local/a'"):
+        check_fits("ck", {**meta, "lora": {**lora, **fp}}, args, {**lora, "base": "/local/a",
+                                                                  "base_fingerprint": "abd"}, ["vision"])
     with pytest.raises(CheckpointMismatch, match="train.seed=1"):
         check_fits("ck", {**meta, "lora": {**lora, "base": None}}, args, {**lora, "base": None, "seed": 1},
                    ["vision"])

@@ -342,9 +342,10 @@ def test_a_stop_signal_the_steps_cannot_reach_ends_the_job_after_its_deadline(tm
     """A stop signal in the step loop waits for the next step boundary; a step that never
     gets there (a data read of hundreds of MiB of blank lines, a peer that left) held the job
     for ever ("running" after 13 minutes). After checkpoint.stop_timeout_s seconds of
-    "loop" phase the watchdog ends it: exit 128 + signal, status failed naming the key.
-    Time in "saving" (a periodic save before the boundary) does not count, and once the
-    loop acts on the signal ("stopping": its own save) the deadline is off."""
+    "loop" phase (steps running) the watchdog ends it: exit 128 + signal, status failed
+    naming the key. Time in "busy" (between steps: evaluation, logging, a periodic save)
+    does not count, and once the loop acts on the signal ("stopping": its own save) the
+    deadline is off."""
     code = ("import os, signal, sys, time\n"
             "from pretrain.runtime.signals import SignalHandler\n"
             "h = SignalHandler(report=lambda state, code, **f: print('REPORT', state, code, f['error'], flush=True))\n"
@@ -353,7 +354,7 @@ def test_a_stop_signal_the_steps_cannot_reach_ends_the_job_after_its_deadline(tm
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "t0 = time.monotonic()\n"
             "while time.monotonic() - t0 < float(sys.argv[2]): time.sleep(0.05)\n"
-            "h.phase = 'loop' if sys.argv[1] == 'saving' else h.phase\n"
+            "h.phase = 'loop' if sys.argv[1] == 'busy' else h.phase\n"
             "time.sleep(1.5); print('alive', flush=True); h.restore()\n")
 
     def run(phase, hold):
@@ -365,7 +366,7 @@ def test_a_stop_signal_the_steps_cannot_reach_ends_the_job_after_its_deadline(tm
     p, took = run("loop", 30)
     assert p.returncode == 128 + signal.SIGTERM and took < 10, (p.returncode, took, p.stderr[-2000:])
     assert "REPORT failed 143 Interrupted: SIGTERM: no step boundary within checkpoint.stop_timeout_s=0.5 s" in p.stdout
-    p, took = run("saving", 1.5)  # 1.5 s of saving, then 0.5 s of loop: the deadline counts the loop only
+    p, took = run("busy", 1.5)  # 1.5 s between steps, then 0.5 s of a step: the deadline counts the step only
     assert p.returncode == 143 and 2 < took < 10, (p.returncode, took)
     p, _ = run("stopping", 0)
     assert p.returncode == 0 and "alive" in p.stdout, p.stderr[-2000:]

@@ -173,6 +173,11 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
         check_fits("ck", meta, cfg.model, _lora_meta(cfg, FAMILY), [])
     assert "finetune.lora.target_modules=['wq', 'wk', 'wv', 'wo'] (the checkpoint: ['wq'," in str(e.value)
     assert f"model.init_from=None (the checkpoint's adapters were trained on {str(tmp_path / 'hf')!r}" in str(e.value)
+    import shutil
+
+    shutil.copytree(tmp_path / "hf", tmp_path / "local" / "hf")  # the base copied to a node's disk: accepted
+    cfg.finetune.lora.target_modules, cfg.model.init_from = ["all"], str(tmp_path / "local" / "hf")
+    check_fits("ck", meta, cfg.model, _lora_meta(cfg, FAMILY), [])
     for name, (nproc, extra) in layouts.items():
         proc = run_job(tmp_path / name, [*common, *extra], tok_cache=tok_cache, nproc=nproc, launcher="torchrun")
         if name.startswith("hsdp"):  # read back from the blocks by the run itself

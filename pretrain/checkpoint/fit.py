@@ -13,24 +13,29 @@ fine). Checkpoints of earlier versions lack some records: those are not compared
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, List, Optional
 
 from .files import CheckpointMismatch
 
 
-def _plain(v):
+def plain(v):
+    """A config value as plain data (a dataclass as its dict, lists of lists as lists)."""
     if dataclasses.is_dataclass(v):
-        return {k: _plain(x) for k, x in dataclasses.asdict(v).items()}
+        return dataclasses.asdict(v)
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     return v
 
 
 def _family(name) -> Any:
-    """A family name as the tree knows it (an import path naming a tree family is it)."""
-    from ..model import canonical_family_name
+    """The family a checkpoint records, by its text alone (meta.json is data, never a
+    reason to import code): ``pretrain.model.<tree family>:FAMILY`` is that family, as the
+    job's own name already is (``validate`` records it so)."""
+    from ..model import family_names
 
-    return canonical_family_name(name) if isinstance(name, str) else name
+    m = re.fullmatch(r"pretrain\.model\.(\w+):FAMILY", name) if isinstance(name, str) else None
+    return m.group(1) if m and m.group(1) in family_names() else name
 
 
 def model_changes(saved: Optional[dict], model_args) -> List[str]:
@@ -41,9 +46,9 @@ def model_changes(saved: Optional[dict], model_args) -> List[str]:
     for f in dataclasses.fields(model_args):
         if not f.metadata.get("resume", True) or f.name not in saved:
             continue
-        now, then = _plain(getattr(model_args, f.name)), saved[f.name]
+        now, then = plain(getattr(model_args, f.name)), saved[f.name]
         if f.name == "family":
-            now, then = _family(now), _family(then)
+            then = _family(then)
         if now != then:
             out.append(f"model.{f.name}={now!r} (the checkpoint: {then!r})")
     return out
@@ -63,9 +68,11 @@ def lora_changes(saved: Optional[dict], now: Optional[dict]) -> List[str]:
             out.append(f"finetune.lora.{key}={now[key]!r} (the checkpoint: {saved[key]!r})")
     if "targets" in saved and sorted(saved["targets"]) != sorted(now["targets"]):
         out.append(f"finetune.lora.target_modules={now['targets']} (the checkpoint: {saved['targets']})")
-    if "base" in saved and saved["base"] != now["base"]:
+    moved = saved.get("base_fingerprint") is not None and saved["base_fingerprint"] == now.get("base_fingerprint")
+    if "base" in saved and saved["base"] != now["base"] and not moved:
         out.append(f"model.init_from={now['base']!r} (the checkpoint's adapters were trained on {saved['base']!r}: "
-                   "its checkpoints hold the adapters only, the base comes from model.init_from)")
+                   "its checkpoints hold the adapters only, the base comes from model.init_from; a copy of the "
+                   "base elsewhere, with the same config.json and weights, is accepted)")
     elif saved.get("base") is None and "seed" in saved and saved["seed"] != now["seed"]:
         out.append(f"train.seed={now['seed']} (the checkpoint's adapters were trained on the seeded init of "
                    f"train.seed={saved['seed']})")

@@ -390,13 +390,7 @@ class Checkpointer:
         ``checkpoint.load_path``; (0, 0, None) for a fresh start (also after
         ``load_weights_only``). ``restore_loader(states)`` applies the loader states (its
         errors name the loader files, like any other bad file)."""
-        if self.is_rank0 and self.root.is_dir():
-            for stale in self.root.glob("step-*.partial"):
-                log.warning("removing incomplete checkpoint %s", stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            if not self.cfg.resume:
-                self._set_aside_earlier()
-        pdist.barrier()
+        agreed(self._tidy_root)
         done = complete_checkpoints(self.root) if self.cfg.resume else []
         while done:
             _, path = done.pop()
@@ -424,6 +418,23 @@ class Checkpointer:
             return self._load_full(path, model, optimizer, restore_loader)
         return 0, 0, None
 
+    def _tidy_root(self) -> None:
+        """Rank 0, before a resume: removes the ``.partial`` saves a crash left, and with
+        ``checkpoint.resume=false`` sets an earlier run's checkpoints aside. Run through
+        ``agreed``: an error here (a read-only folder) ends every rank alike, exit 4."""
+        if not (self.is_rank0 and self.root.is_dir()):
+            return
+        for stale in self.root.glob("step-*.partial"):
+            log.warning("removing incomplete checkpoint %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        if not self.cfg.resume:
+            try:
+                self._set_aside_earlier()
+            except OSError as e:
+                raise CheckpointError(f"checkpoint.resume=false: cannot set the earlier checkpoints in {self.root} "
+                                      f"aside ({describe_error(e)}); move them yourself, or use another "
+                                      "hydra.run.dir") from None
+
     def _set_aside_earlier(self) -> None:
         """``checkpoint.resume=false`` in a run dir that holds checkpoints of an earlier run:
         they move into ``checkpoints/earlier-<time>/``, where neither pruning (which would
@@ -440,7 +451,8 @@ class Checkpointer:
         for _, path in done:
             path.rename(dest / path.name)
         log.warning("checkpoint.resume=false: the checkpoints of an earlier run in this run dir (%s) are set aside "
-                    "in %s, not deleted; this run starts at step 1, and a later start resumes its own checkpoints",
+                    "in %s, not deleted; this run starts at step 1 (a later start with checkpoint.resume=true "
+                    "resumes this run's own; with resume=false again, it sets them aside too)",
                     ", ".join(p.name for _, p in done), dest)
 
     def _move_aside(self, path: Path) -> Path:
@@ -530,6 +542,8 @@ class Checkpointer:
         CRC32s) and read: a failure here is one of fit, not of the files."""
         try:
             set_states(model, optimizer, state["model"], state["optim"])
+        except (torch.OutOfMemoryError, dist.DistBackendError):
+            raise  # the device or a peer, not the fit
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointMismatch(f"checkpoint {path} does not fit this job's model or optimizer "
                                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from None

@@ -50,14 +50,17 @@ class ModelFamily:
     ``layout``: how parallel/ splits it. ``lora``: adapter targets. ``flops_per_token(args,
     seq_len, lora_params[, frozen])``: model FLOPs per trained token (MFU); ``frozen`` (the
     towers of finetune.freeze) is passed only to a family that has towers. ``check(args)``: problems
-    with a model config. ``tp_divisible(args)``: (key, value) that parallel.tp must divide.
+    with a model config's relations between fields (each field's own range is declared beside
+    it in ``args`` with ``parallel.knobs.knob`` and checked first). ``tp_divisible(args)``:
+    (key, value) that parallel.tp must divide.
     ``depth(args)``: (key, blocks) the pipeline splits into equal stages. ``hf``: the
     Hugging Face converter (a module with ``model_types``, ``args_from_hf_config``,
     ``hf_config_from_args``, ``ours_name``, ``hf_name``, ``to_ours``, ``to_hf``,
     ``hf_to_ours``, ``ours_to_hf``, ``lora_names``; optionally ``config_keys`` (the args fields
-    compared with a folder's config.json, by their config.json names), ``canonical_hf_key`` / ``stored_hf_key`` (weight
-    names as files store them vs module paths) and ``generation_config``), or None. ``document_masking``: whether
-    ``inputs`` honours positions and document ids (data.document_masking is refused if not).
+    compared with a folder's config.json, by their config.json names), ``canonical_hf_key`` /
+    ``stored_hf_key`` (weight names as files store them vs module paths) and
+    ``generation_config``), or None. ``document_masking``: whether ``inputs`` honours positions
+    and document ids (data.document_masking is refused if not).
     ``towers`` / ``tower_of(args, name)``: the parts ``finetune.freeze`` may freeze."""
 
     name: str

@@ -42,10 +42,12 @@ class Interrupted(BaseException):
 
 class SignalHandler:
     """``phase``: "setup" (a signal raises ``Interrupted``), "loop" (it sets ``received``
-    for the next step boundary; "saving" during a periodic save, "stopping" once the loop
-    acts on it) or "done" (noted, nothing more: the job is finishing). With
-    ``stop_timeout_s`` set, a stop signal that the loop does not act on within that many
-    seconds of "loop" phase ends the job (exit 128 + signal, status failed).
+    for the next step boundary: "loop" while a step runs, "busy" between steps (evaluation,
+    logging, a periodic save), "stopping" once the loop acts on it) or "done" (noted,
+    nothing more: the job is finishing). With ``stop_timeout_s`` set, a stop signal that
+    the steps do not bring to a boundary within that many seconds of "loop" phase ends the
+    job (exit 128 + signal, status failed): the watchdog ends the process for a start-up
+    signal the main thread cannot hear, an aborting second SIGINT, and this deadline.
 
     Python runs signal handlers on the main thread between bytecodes, so a main thread
     blocked in C++ (waiting for a peer in the process-group rendezvous or a collective)
@@ -61,8 +63,8 @@ class SignalHandler:
         self.received, self.name, self.phase, self._first_at, self._old = False, "", "setup", 0.0, {}
         self.report = report  # report(state, exit_code, **fields): status.json (rank 0)
         self.exiting = False  # set by the entry point once it handles the stop: no forced exit
-        # checkpoint.stop_timeout_s: seconds of "loop" phase a stop signal may wait for the
-        # next step boundary ("saving": a periodic save, whose end is near, does not count).
+        # checkpoint.stop_timeout_s: seconds of "loop" phase (steps running) a stop signal may
+        # wait for the next step boundary ("busy" between steps does not count).
         self.stop_timeout_s: Optional[float] = None
         for name in self.SIGNALS:
             sig = getattr(signal, name)
@@ -90,7 +92,7 @@ class SignalHandler:
             raise Interrupted(name, signum)
         if not self.received:
             self.received, self.name, self._first_at = True, name, now
-        elif signum == signal.SIGINT and self.phase in ("loop", "saving", "stopping") \
+        elif signum == signal.SIGINT and self.phase in ("loop", "busy", "stopping") \
                 and now - self._first_at > ABORT_AFTER_S:
             raise KeyboardInterrupt(f"second SIGINT {now - self._first_at:.0f} s after the first: aborting")
 
@@ -109,7 +111,7 @@ class SignalHandler:
                 now = time.monotonic()
                 if self.phase == "setup":
                     self._force_exit(signum, 128 + signum)
-                elif self.phase in ("loop", "saving", "stopping"):
+                elif self.phase in ("loop", "busy", "stopping"):
                     if first is None:
                         first = now
                         if self.stop_timeout_s is not None and self.phase != "stopping":
@@ -125,9 +127,11 @@ class SignalHandler:
         waited = 0.0
         while waited < self.stop_timeout_s:
             time.sleep(tick)
-            if self.phase not in ("loop", "saving"):  # reached the boundary (stopping), or done
+            if self.phase not in ("loop", "busy"):  # reached the boundary (stopping), or done
                 return
             waited += tick if self.phase == "loop" else 0.0
+        if self.phase != "loop":  # the step ended meanwhile: the boundary is being reached
+            return
         name = signal.Signals(signum).name
         self._force_exit(signum, 128 + signum, f"{name}: no step boundary within checkpoint.stop_timeout_s="
                          f"{self.stop_timeout_s:g} s of training (the step was stuck: a data read that does not "
@@ -157,7 +161,7 @@ class SignalHandler:
         # A copy in another process (cloudpickle carries a launcher job's globals by value)
         # owns none of this process's signal handlers and file descriptors.
         return {"received": False, "name": "", "phase": "setup", "_first_at": 0.0, "_old": {}, "report": None,
-                "exiting": False, "_handled": set(), "_pipe": None}
+                "exiting": False, "_handled": set(), "_pipe": None, "stop_timeout_s": None}
 
     def restore(self) -> None:
         for sig, old in self._old.items():

@@ -187,7 +187,8 @@ class CrossAttention(nn.Module):
         q = self.q_norm(self.wq(x).view(b, s, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.wk(images).view(b, images.shape[1], -1, self.head_dim)).transpose(1, 2)
         v = self.wv(images).view(b, images.shape[1], -1, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) * sees[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = out * sees[:, None].to(out.dtype)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -235,8 +236,9 @@ class CrossAttentionBlock(nn.Module):
 def cross_attention_mask(mask: torch.Tensor, patches: int):
     """(B, S, I, T) mask -> the boolean attention mask (B, 1, S, I*T*patches) and (B, S, 1):
     1 for tokens that see any tile. A token that sees none may attend to every tile (a row
-    with no key would give NaN), and its attention output and MLP are zeroed. Boolean, not an additive float bias: a quarter of the bytes at 11B sizes
-    (S x 4 tiles x 1601 patches per sample)."""
+    with no key would give NaN), and its attention output and MLP are zeroed. Boolean, not an
+    additive float bias: a quarter of the bytes at 11B sizes (S x 4 tiles x 1601 patches per
+    sample)."""
     b, s = mask.shape[:2]
     m = (mask != 0).repeat_interleave(patches, dim=3).reshape(b, s, -1)
     sees = m.any(-1, keepdim=True)
