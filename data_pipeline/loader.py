@@ -165,7 +165,7 @@ class RankLoader:
     def data_identity(self) -> dict:
         """What the saved positions index: each source's kind and number of units (its
         listing), the tokenizer (packer states hold its token ids) and the records' format."""
-        return {"sources": [{"kind": s.spec.kind, "units": len(s.units)} for s in self.sources],
+        return {"sources": [{"kind": s.spec.kind, "units": len(s.units), "listing": s.listing} for s in self.sources],
                 "tokenizer": self.tokenizer.fingerprint, "format": self.sources[0].spec.format}
 
     def state_dict(self) -> dict:
@@ -225,11 +225,14 @@ class RankLoader:
             if a.get("kind") != b["kind"]:
                 raise LoaderStateMismatch(f"{src.spec.key}source={b['kind']!r} (the checkpoint's loader read "
                                           f"{a.get('kind')!r})")
-            if a.get("units") != b["units"]:
+            if a.get("units") != b["units"] or a.get("listing", b["listing"]) != b["listing"]:
+                count = (f"{b['units']} units now, {a.get('units')} when the checkpoint was written"
+                         if a.get("units") != b["units"] else f"{b['units']} other units than when the checkpoint was "
+                         "written (other file names, sizes or row groups, or the same ones in another order)")
                 raise LoaderStateMismatch(
-                    f"{src.spec.key}path={src.spec.path!r} lists {b['units']} units now, {a.get('units')} when the "
-                    f"checkpoint was written: the saved positions index that listing ({src.spec.key}path, glob, "
-                    "chunk_bytes, rows_per_unit or the files changed); restore it, or start another run dir")
+                    f"{src.spec.key}path={src.spec.path!r} lists {count}: the saved positions index that listing "
+                    f"({src.spec.key}path, glob, chunk_bytes, rows_per_unit or the files changed; the same files "
+                    "under another root are fine); restore it, or start another run dir")
         if then.get("tokenizer") != now["tokenizer"]:
             raise LoaderStateMismatch(f"data.tokenizer: fingerprint {now['tokenizer']} now, {then.get('tokenizer')} "
                                       "when the checkpoint was written (its packers hold that tokenizer's token ids)")

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Sequence
@@ -127,7 +128,7 @@ def pretokenize(spec: SourceSpec, tokenizer, out: Path, *, shard_tokens: int = 1
 
 
 # What a run of this tool writes in its output folder: all that --overwrite removes.
-_OUTPUT_FILES = ("tokens-[0-9]*.bin", "index-[0-9]*.npy", MANIFEST, MANIFEST + ".tmp")
+_OUTPUT_FILE = re.compile(rf"^(tokens-\d{{5,}}\.bin|index-\d{{5,}}\.npy|{re.escape(MANIFEST)}(\.tmp)?)$")
 
 
 def inputs_inside(spec: SourceSpec, out: Path) -> List[str]:
@@ -152,7 +153,7 @@ def inputs_inside(spec: SourceSpec, out: Path) -> List[str]:
 def remove_earlier_output(out: Path) -> None:
     """Removes the files an earlier run of this tool wrote in ``out`` (shards, indexes,
     the manifest) and nothing else: whatever else the folder holds stays."""
-    mine = sorted({f for pattern in _OUTPUT_FILES for f in out.glob(pattern) if f.is_file()})
+    mine = sorted(f for f in out.iterdir() if _OUTPUT_FILE.match(f.name) and f.is_file() and not f.is_symlink())
     others = [f.name for f in out.iterdir() if f not in mine]
     for f in mine:
         f.unlink()
@@ -193,6 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the output folder {a.out} contains the input ({inside[0]}{more}): write the shards elsewhere",
               file=sys.stderr)
         return 2
+    if a.out.exists() and not a.out.is_dir():
+        print(f"error: {a.out} exists and is not a folder", file=sys.stderr)
+        return 2
+    try:  # before anything of an earlier run is removed: a bad tokenizer loses nothing
+        tok = build_tokenizer(a.tokenizer, a.tokenizer_path)
+    except (FileNotFoundError, PermissionError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.out.exists() and any(a.out.iterdir()):
         if not a.overwrite:
             print(f"error: {a.out} exists and is not empty (pass --overwrite to replace the shards of an earlier "
@@ -200,7 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         remove_earlier_output(a.out)
     try:
-        tok = build_tokenizer(a.tokenizer, a.tokenizer_path)
         m = pretokenize(spec, tok, a.out, shard_tokens=a.shard_tokens)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -307,6 +307,26 @@ class Source:
     def unit_label(self, unit) -> str:
         return str(unit)
 
+    @property
+    def listing(self) -> str:
+        """A fingerprint of what the units are: their labels (file names, byte ranges, row
+        groups, shards) relative to the parent of the folder they all share, so that the
+        same files under another root (a dataset moved to another mount, or named by another
+        path and glob) list the same, while other files, another glob's choice or the same
+        count of other units do not. Loader states record it: the saved positions index
+        this listing."""
+        if getattr(self, "_listing", None) is None:
+            import hashlib
+
+            labels = [self.unit_label(u) for u in self.units]
+            common = os.path.commonprefix(labels)
+            cut = common.rfind("/", 0, max(common.rfind("/"), 0)) + 1  # keep the shared folder's own name
+            h = hashlib.sha256()
+            for label in labels:
+                h.update(label[cut:].encode() + b"\n")
+            self._listing = h.hexdigest()[:32]
+        return self._listing
+
     def read_one(self, unit, cursor: int) -> Any:
         """The payload of the document at ``cursor`` (used to rebuild a partly packed one).
         Raises ``OSError`` when its file vanished or cannot be read."""
@@ -718,18 +738,18 @@ def _read_manifest(path: Path) -> dict:
     JSON object of this format, a known dtype, the tokenizer's fingerprint and vocabulary,
     and per shard its files (plain names of regular files inside the folder), counts that
     are integers, a tokens file of n_tokens x the dtype's bytes and an index of n_docs + 1
-    int64 offsets from 0 to n_tokens. ``ValueError`` names the file and the field."""
+    int64 offsets from 0 to n_tokens. ``DataError`` names the file and the field."""
     def bad(field: str, why: str):
-        raise ValueError(f"{path}: {field} {why}")
+        raise DataError(f"{path}: {field} {why}")
 
     if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
-        bad("", f"is not a regular file of at most {MAX_MANIFEST_BYTES} bytes")
+        raise DataError(f"{path}: not a regular file of at most {MAX_MANIFEST_BYTES} bytes")
     try:
         m = json.loads(path.read_bytes())
     except ValueError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+        raise DataError(f"{path}: not JSON ({e})") from None
     if not isinstance(m, dict):
-        bad("", "is not a JSON object")
+        raise DataError(f"{path}: a JSON {type(m).__name__}, not an object")
     if m.get("format") != SHARD_FORMAT:
         bad("format", f"is {m.get('format')!r}, expected {SHARD_FORMAT!r}")
     if m.get("dtype") not in ("uint16", "uint32"):
@@ -742,6 +762,7 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(m.get("shards"), list):
         bad("shards", "is not a list")
     folder, itemsize = path.parent, np.dtype(m["dtype"]).itemsize
+    seen: dict = {}
     for k, shard in enumerate(m["shards"]):
         field = f"shards[{k}]"
         if not isinstance(shard, dict) or any(type(shard.get(x)) is not int or shard[x] < 0
@@ -755,6 +776,9 @@ def _read_manifest(path: Path) -> dict:
                     or not stat.S_ISREG(os.stat(f).st_mode if f.exists() else 0) \
                     or not Path(os.path.realpath(f)).is_relative_to(os.path.realpath(folder)):
                 bad(f"{field}.{key}", f"is {name!r}: expected the name of a file in {folder}")
+            if name in seen:  # its documents would be read twice an epoch
+                bad(f"{field}.{key}", f"is {name!r}, already {seen[name]}")
+            seen[name] = f"{field}.{key}"
             files[key] = f
         size = files["tokens"].stat().st_size
         if size != shard["n_tokens"] * itemsize:
@@ -763,13 +787,17 @@ def _read_manifest(path: Path) -> dict:
         try:
             index = np.load(files["index"], mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise ValueError(f"{files['index']}: not a .npy index ({e})") from None
+            raise DataError(f"{files['index']}: not a .npy index ({e})") from None
         if index.dtype != np.int64 or index.shape != (shard["n_docs"] + 1,):
             bad(f"{field}.n_docs", f"is {shard['n_docs']}, but {files['index'].name} holds {index.dtype} of shape "
                 f"{index.shape} (expected int64 of ({shard['n_docs'] + 1},))")
         if index[0] != 0 or index[-1] != shard["n_tokens"]:
             bad(f"{field}.index", f"{files['index'].name} runs from {index[0]} to {index[-1]}, expected 0 to "
                 f"n_tokens={shard['n_tokens']}")
+    for key in ("n_docs", "n_tokens"):  # the totals the tool wrote: the sums over the shards
+        total = sum(shard[key] for shard in m["shards"])
+        if m.get(key, total) != total:
+            bad(key, f"is {m.get(key)!r}, but the shards hold {total}")
     return m
 
 

@@ -45,10 +45,10 @@ _UNIT_BITS, _CUR_BITS = 36, 23
 # A tokenizer call takes up to this many documents or characters (read-ahead stays small).
 _ENCODE_DOCS, _ENCODE_CHARS = 32, 1 << 16
 _MAX_SKIP_LOGS = 5
-# Consecutive units without a document (per slot and source) that stop the job. On a
-# corpus where half the units hold no document, a slot sees this many in a row with
-# probability 0.5**64 = 5e-20 per unit read; on one where none does, it takes 64 units
-# (seconds on a small file) to say so.
+# Consecutive units without a document (per slot and source) that stop the job, or every
+# unit of the source in a row, whichever comes first. On a corpus where half the units hold
+# no document, a slot sees 64 in a row with probability 0.5**64 = 5e-20 per unit read; on
+# one where none does, it takes 64 units (seconds on a small file), or all of them, to say so.
 EMPTY_UNITS_LIMIT = 64
 # Consecutive records without a document (skipped ones and blank lines), however few units
 # hold them: a compressed file is one unit, and 300 MiB of blank lines (10 KB as .zst)
@@ -150,9 +150,11 @@ class NoDocumentRun:
             raise self.error()
 
     def unit_without_document(self, u: int) -> None:
+        """Also every unit of the source, read in a row without a document: nothing will come
+        (a one-file corpus of one huge bad line is decompressed once, not 64 times)."""
         self.units += 1
         self.distinct.add(u)
-        if self.units >= EMPTY_UNITS_LIMIT:
+        if self.units >= EMPTY_UNITS_LIMIT or len(self.distinct) >= len(self.source.units):
             raise self.error()
 
     def error(self) -> DataError:
@@ -180,6 +182,8 @@ class NoDocumentRun:
             held += f"; the first: {self.first[0]}: {self.first[1]}"
         if records >= EMPTY_RECORDS_LIMIT:
             run = f"{records} consecutive records"
+        elif len(self.distinct) >= len(self.source.units) and self.units < EMPTY_UNITS_LIMIT:
+            run = f"every unit ({len(self.distinct)})"
         else:
             run = f"{self.units} consecutive units ({len(self.distinct)} distinct)"
         what = f"{head}: {run} of {where} held no document" if head else f"{where}: {run} held no document"

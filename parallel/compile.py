@@ -33,9 +33,16 @@ def missing_prerequisites(device_type: str) -> list:
         else:
             compiler = ("$CC", cc or shutil.which("gcc") or shutil.which("clang"), "c")
     else:
+        from torch._inductor import config as inductor_config
+
+        # Inductor's own search runs each candidate's --version without a time limit: a
+        # wrapper that hangs would hang validation. Each is asked here first, with one.
+        hung = [c for c in inductor_config.cpp.cxx if c and shutil.which(c) and _run([c, "--version"], 30)[0] is None]
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
 
+            if hung:
+                raise RuntimeError(f"{hung[0]} --version did not finish within 30 s")
             compiler = ("$CXX", get_cpp_compiler(), "c++")
         except Exception as e:  # noqa: BLE001 (Inductor's InvalidCxxCompiler, or its search failing)
             missing.append(f"a C++ compiler for Inductor ($CXX, else g++: {str(e).splitlines()[0]}): apt-get "
@@ -57,26 +64,45 @@ _PROBE = {"c": '#include <Python.h>\nint probe(void) { return (int)sizeof(PyObje
                  'return (int)v.size(); }\n'}
 
 
+def _run(cmd: list, timeout: float):
+    """(exit code, stderr) of ``cmd``, or (None, "") when it did not finish within ``timeout``
+    seconds: then it and whatever it started (its own session) are killed, so that no
+    grandchild holding the pipes keeps the caller waiting."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    except OSError as e:
+        return -1, str(e)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, ""
+    return proc.returncode, err
+
+
 def _cannot_build(compiler: str, lang: str, include: str) -> str:
     """Why ``compiler`` cannot build and link a one-function shared library of ``lang``
     (C++ with the standard library, C) against the Python headers, loaded and called here;
     "" when it can. What the compile builders do at the first step, in a second: ``gcc``
     as $CXX compiles C++ but does not link its standard library, ``/bin/true`` builds nothing."""
     import ctypes
-    import subprocess
     import tempfile
     from pathlib import Path
 
     with tempfile.TemporaryDirectory(prefix="pretrain-cc-") as d:
         src, lib = Path(d) / f"probe.{'cpp' if lang == 'c++' else 'c'}", Path(d) / "probe.so"
         src.write_text(_PROBE[lang])
-        try:
-            out = subprocess.run([compiler, "-shared", "-fPIC", "-O0", f"-I{include}", str(src), "-o", str(lib)],
-                                 capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"cannot run ({e})"
-        if out.returncode != 0 or not lib.is_file():
-            first = (out.stderr.strip().splitlines() or [f"exit {out.returncode}, no output"])[0]
+        code, err = _run([compiler, "-shared", "-fPIC", "-O0", f"-I{include}", str(src), "-o", str(lib)], 120)
+        if code is None:
+            return "did not finish a one-line build within 120 s"
+        if code != 0 or not lib.is_file():
+            first = (err.strip().splitlines() or [f"exit {code}, no output"])[0]
             return f"failed a one-line build ({first[:200]})"
         try:
             value = ctypes.CDLL(str(lib)).probe()

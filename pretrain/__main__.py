@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipeline.sources import DataError
 from parallel.env import detect_launch_env
 
 from .checkpoint.files import CheckpointError
@@ -88,6 +89,11 @@ def hydra_main(dcfg: DictConfig) -> None:
     except RunDirError as e:
         print(f"run dir error: {e}", file=sys.stderr)
         sys.exit(EXIT_RUN_DIR)
+    except DataError as e:  # a corpus or config problem, named: one line, not a traceback
+        signals.exiting = True
+        print(f"data error: DataError: {e}", file=sys.stderr)
+        status("failed", 1, step=None, error=f"DataError: {e}")
+        sys.exit(1)
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         status("failed", EXIT_CHECKPOINT_ERROR, step=None, error=f"{type(e).__name__}: {e}")

@@ -22,29 +22,29 @@ class TrainConfig:
     # Deterministic kernels and no data-order nondeterminism: two runs of one config on
     # the same machine give bitwise-identical losses.
     deterministic: bool = False
-    seq_len: int = knob(256, ge=1)
+    seq_len: int = knob(256, ge=1, le=1 << 24)
     # Sequences per data-parallel rank per micro-batch.
-    local_batch_size: int = knob(8, ge=1)
-    grad_accum_steps: int = knob(1, ge=1)
+    local_batch_size: int = knob(8, ge=1, le=1 << 16)
+    grad_accum_steps: int = knob(1, ge=1, le=1 << 16)
     # Global-norm gradient clipping; 0 disables.
-    max_norm: float = knob(1.0, ge=0)
+    max_norm: float = knob(1.0, ge=0, le=1e30)
     # auto | cpu | cuda
     device: str = "auto"
     # auto (bf16 params + fp32 reduce on CUDA, fp32 on CPU) | bf16 | fp32
     mixed_precision: str = "auto"
     # Intra-op threads per process; null = cores / processes on the node.
-    num_threads: Optional[int] = knob(None, ge=1)
+    num_threads: Optional[int] = knob(None, ge=1, le=4096)
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
     # Peak learning rate; above 1 is legal but almost surely a typo (warned).
-    lr: float = knob(3e-4, gt=0, warn_above=1.0)
-    weight_decay: float = knob(0.1, ge=0, warn_above=1.0)
+    lr: float = knob(3e-4, gt=0, le=1e30, warn_above=1.0)
+    weight_decay: float = knob(0.1, ge=0, le=1e6, warn_above=1.0)
     betas: List[float] = knob(default_factory=lambda: [0.9, 0.95], ge=0, lt=1, each=True)
     # > 0: a parameter whose gradients are all 0 (a tower without data) would divide 0 by 0.
-    eps: float = knob(1e-8, gt=0, warn_above=1e-3)
+    eps: float = knob(1e-8, gt=0, le=1e6, warn_above=1e-3)
     # cosine | linear | wsd | constant (each after a linear warmup)
     schedule: str = "cosine"
     warmup_steps: int = knob(100, ge=0)
@@ -63,7 +63,7 @@ class TokenizerConfig:
     # bpe only: vocabulary size to train.
     vocab_size: int = knob(4096, ge=258, le=1 << 24)
     # bpe only: bytes of the corpus (first documents in listing order) used to train it.
-    train_bytes: int = knob(8_000_000, ge=1)
+    train_bytes: int = knob(8_000_000, ge=1, le=1 << 34)
     # bpe only: where trained tokenizers are cached, keyed by corpus and settings.
     cache_dir: str = "${oc.env:HOME}/.cache/llama-pretrain/tokenizers"
     # tiktoken/hf: the tokenizer file; bpe: use this tokenizer.json instead of training.
@@ -92,7 +92,7 @@ class SourceConfig:
     # Bytes of one record: longer JSONL lines are skipped unread (data/skipped); longer
     # Parquet / datasets cells and text files are cut to it (data/truncated_docs). The
     # default, 64 MiB, keeps a loader worker's memory for one record to a few hundred MB.
-    max_doc_bytes: int = knob(67_108_864, ge=1)
+    max_doc_bytes: int = knob(67_108_864, ge=1, le=1 << 30)
 
 
 @dataclass
@@ -100,7 +100,7 @@ class MixtureEntry(SourceConfig):
     # Name shown in the metrics (data/tokens/<name>); default source<i>.
     name: Optional[str] = None
     # Relative share of tokens drawn from this source.
-    weight: float = knob(1.0, gt=0)
+    weight: float = knob(1.0, gt=0, le=1e30)
 
 
 @dataclass
@@ -141,7 +141,7 @@ class LoggingConfig:
     console: bool = True
     tensorboard: bool = True
     # Peak FLOP/s per device for MFU; null = table for known GPUs, a matmul probe on CPU.
-    peak_tflops: Optional[float] = knob(None, gt=0)
+    peak_tflops: Optional[float] = knob(None, gt=0, le=1e9)
     # Weights & Biases (rank 0 only): log every logged step's metrics to a W&B run.
     wandb: bool = False
     wandb_project: str = "llama-pretrain"
@@ -195,7 +195,7 @@ class CheckpointConfig:
     # step boundary, where it saves; past them it ends without a checkpoint (exit 128 +
     # signal, status failed): a step stuck on a data read or a peer. Counts torch.compile's
     # first step too: raise it where that takes minutes.
-    stop_timeout_s: float = knob(120.0, ge=1)
+    stop_timeout_s: float = knob(120.0, ge=1, le=31_536_000)
 
 
 @dataclass
@@ -220,7 +220,7 @@ class LoRAConfig:
     # Adapter rank r; 0 = no LoRA (every weight trains).
     rank: int = knob(0, ge=0, le=1 << 16)
     # The update is (alpha / rank) B A x.
-    alpha: float = knob(16.0, gt=0)
+    alpha: float = knob(16.0, gt=0, le=1e6, warn_above=1e3)
     # Dropout on the adapters' input while training (draws random numbers per rank).
     dropout: float = knob(0.0, ge=0, lt=1)
     # Linears that get adapters: ours (wq wk wv wo w1 w2 w3), Hugging Face's names

@@ -45,7 +45,7 @@ from parallel import knobs
 
 from .checkpoint import CheckpointError, complete_checkpoints, read_meta
 from .checkpoint.fit import plain
-from .checkpoint.files import CrcWriter, file_crc, load_dcp, read_dcp_metadata, verify_files
+from .checkpoint.files import CrcWriter, file_crc, load_dcp, meta_text, read_dcp_metadata, verify_files
 from .model import family_for_hf, family_names, family_of, get_family
 from .model.llama.args import LlamaArgs
 
@@ -334,7 +334,7 @@ def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = 
                      **{k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}}
         (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
                                             + yaml.safe_dump(model_cfg, sort_keys=False))
-        (partial / "meta.json").write_text(json.dumps(meta))
+        (partial / "meta.json").write_text(meta_text(meta))
     except BaseException:  # nothing half-written stays behind
         shutil.rmtree(partial, ignore_errors=True)
         raise

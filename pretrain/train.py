@@ -22,7 +22,7 @@ from parallel.env import LaunchEnv
 from parallel.parallelize import describe_blocks
 
 from .build import Job, build_job
-from .checkpoint import Checkpointer, complete_checkpoints
+from .checkpoint import CheckpointError, Checkpointer, complete_checkpoints, read_meta
 from .config import JobConfig
 from .evaluate import Evaluator
 from .observe.audit import DataAudit
@@ -91,7 +91,7 @@ def train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, *,
         if problem is not None:
             raise RunDirError(problem)
         if again is not None:
-            raise Diverged(None, [], None, message=again)
+            raise Diverged(None, [], message=again)
         return _train(cfg, env, dims, Path(run_dir), device, signals, report or _write_status_to(Path(run_dir)))
     finally:
         if own_signals:
@@ -123,7 +123,7 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
     if cfg.finetune.freeze:
         log.info("frozen: %s | %s trainable parameters (%.2f%% of %s)%s", ",".join(cfg.finetune.freeze),
                  f"{m.n_trainable:,}", 100 * m.n_trainable / m.n_params, f"{m.n_params:,}",
-                 "" if cfg.model.init_from or cfg.checkpoint.load_path else
+                 "" if cfg.model.init_from or cfg.checkpoint.load_path or job.start_step else
                  " | WARNING: no model.init_from: the frozen towers keep their random init")
     idle = [t for t in m.family.image_towers if t not in cfg.finetune.freeze]
     if idle:  # no data source yields images yet
@@ -206,11 +206,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             if stop or ckpt.due(step, t.steps):
                 if stop:
                     preempt.phase = "stopping"  # acting on the signal: no deadline any more
-                # Never a checkpoint of non-finite values (pruning would then delete good ones).
-                _stop_if_diverged(ckpt, step, step_fn.nonfinite(out), is_rank0, report)
-                ckpt.save(step, tokens_seen, job.model.state_model, job.optimizer,
-                          loader_state=job.loader.state_dict() if job.is_dp_leader else None,
-                          blocking=stop or step == t.steps)
+                _save(job, out, step, tokens_seen, blocking=stop or step == t.steps, is_rank0=is_rank0, report=report)
             if stop:
                 _stop(ckpt, preempt, step, is_rank0, report)
             preempt.phase = "loop"
@@ -257,6 +253,16 @@ def _log_row(cfg: JobConfig, env: LaunchEnv, job: Job, window: LogWindow, counts
                         val_loss=val_loss)
 
 
+def _save(job: Job, out, step: int, tokens_seen: int, *, blocking: bool, is_rank0: bool, report: Callable) -> None:
+    """A checkpoint of this step, never of non-finite values (pruning would then delete
+    good ones), with the step's loss in its meta.json."""
+    step_fn = job.step
+    _stop_if_diverged(job.ckpt, step, step_fn.nonfinite(out), is_rank0, report)
+    job.ckpt.save(step, tokens_seen, job.model.state_model, job.optimizer,
+                  loader_state=job.loader.state_dict() if job.is_dp_leader else None, blocking=blocking,
+                  loss=step_fn.mean_over_loss_ranks(out.loss_sum / step_fn.accum).item())
+
+
 def _stop_if_diverged(ckpt: Checkpointer, step: int, nonfinite: List[str], is_rank0: bool,
                       report: Callable) -> None:
     """Every rank sees the same values (reduced over ranks): all stop together. An async
@@ -266,8 +272,14 @@ def _stop_if_diverged(ckpt: Checkpointer, step: int, nonfinite: List[str], is_ra
     if not nonfinite:
         return
     ckpt.wait()
-    done = complete_checkpoints(ckpt.root)
-    e = Diverged(step, nonfinite, str(done[-1][1]) if done else None)
+    kept = []
+    for _, path in complete_checkpoints(ckpt.root):
+        try:
+            loss = read_meta(path).get("loss")
+        except CheckpointError:
+            loss = None
+        kept.append(f"{path.name} (loss {loss:.4g})" if isinstance(loss, float) else path.name)
+    e = Diverged(step, nonfinite, ckpt.root, kept)
     if is_rank0:
         report("diverged", EXIT_DIVERGED, step=step, error=f"Diverged: {e}")
     pdist.barrier()

@@ -85,8 +85,17 @@ def _check_optim(cfg: JobConfig) -> None:
     _require(len(o.betas) == 2, "optim.betas", list(o.betas), "two values in [0, 1)")
 
 
+# Loader streams per rank (rows of a step x streams per row): each holds a state of a few
+# hundred bytes and its read-ahead; past this many, memory grows for nothing.
+MAX_STREAMS_PER_RANK = 1 << 18
+
+
 def _check_data(cfg: JobConfig) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
+    streams = t.local_batch_size * t.grad_accum_steps * d.streams_per_row
+    _require(streams <= MAX_STREAMS_PER_RANK, "train.local_batch_size", t.local_batch_size,
+             f"x train.grad_accum_steps={t.grad_accum_steps} x data.streams_per_row={d.streams_per_row} = {streams} "
+             f"loader streams per rank: at most {MAX_STREAMS_PER_RANK}")
     eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
     from data_pipeline.sources import SOURCE_KINDS
 
@@ -130,6 +139,8 @@ def _check_data(cfg: JobConfig) -> None:
 def _check_lora(cfg: JobConfig) -> None:
     lora = cfg.finetune.lora
     if lora.rank > 0:
+        _require(len(lora.target_modules) > 0, "finetune.lora.target_modules", [], "at least one target (e.g. "
+                 "[attention], [all]) with finetune.lora.rank > 0")
         _require(cfg.checkpoint.load_path is None, "checkpoint.load_path", cfg.checkpoint.load_path,
                  "cannot start a LoRA run (finetune.lora.rank > 0): its base comes from model.init_from "
                  "(or the seeded init), its checkpoints hold adapters only")

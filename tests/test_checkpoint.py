@@ -396,6 +396,10 @@ def test_resume_compares_every_field_that_changes_the_trained_function(model_fil
         else:
             with pytest.raises(CheckpointMismatch, match=rf"model\.{f.name}="):
                 check_fits("ck", meta, now, None, [])
+    # head_dim spelled out as what null resolves to (dim // n_heads) is the same model.
+    same = copy.deepcopy(args)
+    same.head_dim = args.resolved_head_dim
+    check_fits("ck", meta, same, None, [])
     # The family by the name the tree knows: an import path naming it, recorded by an earlier
     # version, is the same family (read as text: meta.json never makes a module import).
     check_fits("ck", {**meta, "model": {**meta["model"], "family": f"pretrain.model.{args.family}:FAMILY"}}, args,
@@ -426,12 +430,15 @@ def test_resume_compares_lora_and_the_frozen_towers():
                                          r"'/hf/a'")]:
         with pytest.raises(CheckpointMismatch, match=key):
             check_fits("ck", meta, args, {**lora, **change}, ["vision"])
-    # The base copied elsewhere (a node's local disk): the same content, another path.
+    # The base copied elsewhere (a node's local disk): the same content, another path; other
+    # weights under the same path are another base.
     fp = {"base_fingerprint": "abc"}
     check_fits("ck", {**meta, "lora": {**lora, **fp}}, args, {**lora, **fp, "base": "/local/a"}, ["vision"])
     with pytest.raises(CheckpointMismatch, match="model.init_from='/local/a'"):
         check_fits("ck", {**meta, "lora": {**lora, **fp}}, args, {**lora, "base": "/local/a",
                                                                   "base_fingerprint": "abd"}, ["vision"])
+    with pytest.raises(CheckpointMismatch, match="model.init_from='/hf/a'.*config.json and weight headers were"):
+        check_fits("ck", {**meta, "lora": {**lora, **fp}}, args, {**lora, "base_fingerprint": "abd"}, ["vision"])
     with pytest.raises(CheckpointMismatch, match="train.seed=1"):
         check_fits("ck", {**meta, "lora": {**lora, "base": None}}, args, {**lora, "base": None, "seed": 1},
                    ["vision"])
@@ -439,3 +446,32 @@ def test_resume_compares_lora_and_the_frozen_towers():
         check_fits("ck", meta, args, None, ["vision"])
     with pytest.raises(CheckpointMismatch, match=r"finetune.freeze=\[\] \(the checkpoint: \['vision'\]; vision"):
         check_fits("ck", meta, args, lora, [])
+
+
+def test_resume_false_keeps_a_load_path_it_sets_aside_and_a_restart_resumes(tmp_path, monkeypatch):
+    """checkpoint.resume=false with a checkpoint.load_path inside the run dir: the set-aside
+    moved it, then "no such checkpoint directory"; the path follows its checkpoint now. A
+    restart of the same job (torchrun --max-restarts, a SLURM requeue) with resume=false
+    set aside its own first attempt's checkpoints and started over; it resumes them now."""
+    from pretrain.checkpoint import CheckpointError, Checkpointer
+    from pretrain.config import CheckpointConfig
+
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    first = Checkpointer(tmp_path, CheckpointConfig(interval=1, keep_last=0), rank=0, world_size=1)
+    for step in (1, 2):
+        first.save(step, step, model, opt, blocking=True)
+    want = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    cfg = CheckpointConfig(resume=False, load_path=str(tmp_path / "step-2"), load_weights_only=True)
+    assert Checkpointer(tmp_path, cfg, rank=0, world_size=1).maybe_resume(model, opt)[0] == 0
+    (earlier,) = tmp_path.glob("earlier-*")
+    assert sorted(p.name for p in earlier.iterdir()) == ["step-1", "step-2"] and torch.equal(model.weight, want)
+    first.save(3, 3, model, opt, blocking=True)  # the new run's own
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(CheckpointError, match=r"step-3 has no loader/ state"):  # it resumes step-3 (a bare test save)
+        Checkpointer(tmp_path, CheckpointConfig(resume=False), rank=0, world_size=1).maybe_resume(model, opt)
+    assert len(list(tmp_path.glob("earlier-*"))) == 1 and (tmp_path / "step-3").is_dir()

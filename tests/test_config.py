@@ -94,6 +94,9 @@ def test_cross_field_rules_exit_2(tmp_path, tok_cache):
     (["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
     (["data=mixture", "model=llama3_2_1b", "data.mixture.0.path=/a", "data.mixture.1.path=/b",
       "data.mixture.1.weight=0"], 1, "data.mixture.1.weight"),
+    # 65536 rows x 8 streams: the loader's states alone grew memory at 55 MB/s in start-up
+    (["train.local_batch_size=65536"], 1, "train.local_batch_size"),
+    (["finetune.lora.rank=4", "finetune.lora.target_modules=[]"], 1, "finetune.lora.target_modules"),
 ])
 def test_validation_names_the_key(overrides, world, key):
     cfg = compose_job(*overrides)

@@ -7,9 +7,9 @@ oversized records, files deleted mid-run) are in tests/test_hostile_data.py.
 Checkpoints here come from real runs; crafted files are made from them and given a
 manifest that matches (sizes and CRC32s), so it is the reader that must refuse them."""
 import json
-import re
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.checkpoint.files import meta_text
 from tests.conftest import BIN, REPO, TINY, _env, free_port, read_metrics, run_job
 
 DET = ["train.deterministic=true", "optim.schedule=constant", "optim.warmup_steps=0", "logging.every=1"]
@@ -107,7 +108,7 @@ def refresh_manifest(ckpt: Path) -> None:
         if f.is_file() and rel != "meta.json":
             data = f.read_bytes()
             meta["files"][rel] = [len(data), zlib.crc32(data)]
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    (ckpt / "meta.json").write_text(meta_text(meta))  # a crafter recomputes meta.json's own CRC32 too
 
 
 def crafted_bytes_entry(src: Path, dst: Path, marker: Path) -> None:
@@ -190,7 +191,7 @@ def test_damaged_data_file_without_manifest_exits_4(ckpt_run, tmp_path, tok_cach
     ckpt = tmp_path / "step-4"
     shutil.copytree(ckpt_run / "checkpoints" / "step-4", ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
-    del meta["files"]
+    del meta["files"], meta["meta_crc"]  # as an older version wrote it
     (ckpt / "meta.json").write_text(json.dumps(meta))
     data = ckpt / "__0_0.distcp"
     whole = data.read_bytes()
@@ -491,7 +492,7 @@ def test_metadata_that_would_mislead_the_loader_is_refused(ckpt_run, tmp_path):
 
 
 def test_manifest_and_meta_values_are_checked(ckpt_run, tmp_path):
-    from pretrain.checkpoint import CheckpointError, read_meta
+    from pretrain.checkpoint import CheckpointError, CheckpointMismatch, read_meta
     from pretrain.checkpoint.files import verify_files
 
     ck = tmp_path / "ck"
@@ -502,9 +503,15 @@ def test_manifest_and_meta_values_are_checked(ckpt_run, tmp_path):
             verify_files(ck, files, sorted(files))
     meta = json.loads((ck / "meta.json").read_text())
     for value in (-7, True, "3"):
-        (ck / "meta.json").write_text(json.dumps({**meta, "step": value}))
+        (ck / "meta.json").write_text(meta_text({**meta, "step": value}))
         with pytest.raises(CheckpointError, match=r"step=.*expected an integer >= 0"):
             read_meta(ck)
+    # A damaged byte in meta.json itself (a dimension 64 -> 65) is corruption, to fall back
+    # from, not a changed config: meta.json carries its own CRC32.
+    (ck / "meta.json").write_text(meta_text(meta).replace('"dim": 64', '"dim": 65'))
+    with pytest.raises(CheckpointError, match=r"meta.json: CRC32 differs .*\(corrupt\)") as e:
+        read_meta(ck)
+    assert not isinstance(e.value, CheckpointMismatch)
 
 
 def test_a_checkpoint_of_another_model_is_not_moved_aside(ckpt_run, tmp_path, tok_cache):
@@ -546,7 +553,8 @@ def test_a_run_that_diverges_stops_before_it_costs_checkpoints(ckpt_run, tmp_pat
     st = status(run)
     assert (st["status"], st["exit_code"]) == ("diverged", 5) and st["step"] in (6, 8, 10, 12), st
     assert re.search(rf"diverged: training diverged at step {st['step']}: .*weights not finite; stopped before "
-                     r"saving it \(the newest checkpoint, .*step-\d+, is the last good one\)", out.stderr), text[-2000:]
+                     r"saving it \(kept in .*checkpoints: step-\d+ \(loss [\d.e+]+\), step-\d+ \(loss [\d.e+]+\), each "
+                     r"of finite values", out.stderr), text[-2000:]
     kept = sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir())
     assert kept and max(kept) < st["step"], kept
     for step in kept:
@@ -701,7 +709,7 @@ def test_a_checkpoints_model_family_is_data_never_an_import(family, ckpt_run, tm
     shutil.copytree(ckpt_run / "checkpoints" / "step-4", ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["model"]["family"] = family
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    (ckpt / "meta.json").write_text(meta_text(meta))
     (tmp_path / "evil_family.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').close()\n")
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "pretrain.hf", "export", str(ckpt), str(out)], cwd=tmp_path,

@@ -70,8 +70,8 @@ def test_a_job_whose_records_all_miss_the_field_fails_fast_naming_the_key(tmp_pa
                    tok_cache=tok_cache, check=False, timeout=120)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 1, proc.stderr[-3000:]
-    n = 30 * EMPTY_UNITS_LIMIT
-    message = (f"data.field='nope': {EMPTY_UNITS_LIMIT} consecutive units (1 distinct) of data.path='{data}' held "
+    n = 30  # every unit of the corpus (one) read without a document: nothing will come
+    message = (f"data.field='nope': every unit (1) of data.path='{data}' held "
                f"no document ({n} records read, {n} skipped: no field 'nope' x{n}; the first: {data}@byte0: "
                "no field 'nope'); check data.field / data.path")
     assert f"DataError: {message}" in proc.stderr
@@ -114,30 +114,38 @@ def test_the_empty_unit_rule_counts_only_units_that_could_hold_a_document(tmp_pa
     with pytest.raises(DataError) as e:
         stream(build_source(SourceSpec("jsonl", str(bad))), tok).next_window()
     assert str(e.value) == (
-        f"data.field='text': 64 consecutive units (1 distinct) of data.path='{bad}' held no document (192 records "
-        f"read, 192 skipped: field 'text' is int, not a string x128, malformed JSON x64; the first: "
+        f"data.field='text': every unit (1) of data.path='{bad}' held no document (3 records "
+        f"read, 3 skipped: field 'text' is int, not a string x2, malformed JSON x1; the first: "
         f"{bad / 'a.jsonl'}@byte0: field 'text' is int, not a string); check data.field / data.path")
 
     # Only blank lines: no record at all, still no document.
     (bad / "a.jsonl").write_text("\n\n\n")
-    with pytest.raises(DataError, match=r"^data.path='.*': 64 consecutive units \(1 distinct\) held no document "
-                                        r"\(192 records read, 0 skipped; 192 blank lines\); check data.path$"):
+    with pytest.raises(DataError, match=r"^data.path='.*': every unit \(1\) held no document "
+                                        r"\(3 records read, 0 skipped; 3 blank lines\); check data.path$"):
         stream(build_source(SourceSpec("jsonl", str(bad))), tok).next_window()
 
     # A mixture entry whose records all miss the field: named by its own key.
     good = build_source(SourceSpec("jsonl", str(half / "0.jsonl")))
     wrong = build_source(SourceSpec("jsonl", str(half / "2.jsonl"), field="body", key="data.mixture.1."))
-    with pytest.raises(DataError, match=r"^data.mixture.1.field='body': 64 consecutive units"):
+    with pytest.raises(DataError, match=r"^data.mixture.1.field='body': every unit \(1\)"):
         s = stream([good, wrong], tok)
         for _ in range(100):
             s.next_window()
+
+    # More units than the limit, none with a document: 64 in a row end it before an epoch.
+    many = tmp_path / "many"
+    for i in range(EMPTY_UNITS_LIMIT + 6):
+        write_jsonl(many / f"{i:03d}.jsonl", ["x"], field="body")
+    with pytest.raises(DataError, match=rf"^data.field='text': {EMPTY_UNITS_LIMIT} consecutive units "
+                                        rf"\({EMPTY_UNITS_LIMIT} distinct\) of data.path="):
+        stream(build_source(SourceSpec("jsonl", str(many))), tok).next_window()
 
     # Every file gone after listing: the vanished units end the job the same way.
     src = build_source(SourceSpec("jsonl", str(half)))
     for f in half.iterdir():
         f.unlink()
-    with pytest.raises(DataError, match=r"^data.path='.*half': 64 consecutive units \(8 distinct\) held no document "
-                                        r"\(64 records read, 64 skipped: vanished or unreadable x64; the first: .*"
+    with pytest.raises(DataError, match=r"^data.path='.*half': every unit \(8\) held no document "
+                                        r"\(8 records read, 8 skipped: vanished or unreadable x8; the first: .*"
                                         r"No such file or directory.*\); check data.path$"):
         stream(src, tok).next_window()
 
@@ -179,6 +187,34 @@ def test_blank_lines_count_toward_the_no_document_limit(tmp_path, tok, monkeypat
     assert len(src.units) > 64 and list(src.iter_texts()) == ["word " * 600, "short"]
 
 
+def test_a_loader_state_of_other_files_is_a_mismatch_and_a_moved_corpus_is_not(tmp_path, tok):
+    """The loader state records each source's listing (unit labels relative to the folder
+    they share): the same number of units of other files (another glob, two mixture paths
+    swapped) is a LoaderStateMismatch naming the key, where it resumed silently; the same
+    files under another root resume; and so does the same corpus named by another path."""
+    import shutil
+
+    from data_pipeline.loader import LoaderStateMismatch
+
+    for name, seed in (("a", 1), ("b", 2)):
+        for i in range(3):
+            write_jsonl(tmp_path / "corpus" / name / f"{i}.jsonl", make_docs(4, seed=seed * 10 + i))
+    shutil.copytree(tmp_path / "corpus", tmp_path / "moved")
+
+    def loader(*paths):
+        srcs = [build_source(SourceSpec("jsonl", str(p), key=f"data.mixture.{i}.")) for i, p in enumerate(paths)]
+        return RankLoader(srcs, [1.0] * len(srcs), tok, LoaderSpec(seq_len=16, local_batch_size=1, dp_rank=0,
+                                                                  dp_world=1, num_workers=0, seed=0, shuffle=True))
+
+    first = loader(tmp_path / "corpus" / "a", tmp_path / "corpus" / "b")
+    next(first)
+    state = first.state_dict()
+    loader(tmp_path / "moved" / "a", tmp_path / "moved" / "b").load_rank_states([state])
+    with pytest.raises(LoaderStateMismatch, match=r"data.mixture.0.path='.*corpus/b' lists 3 other units than when "
+                                                  r"the checkpoint was written"):
+        loader(tmp_path / "corpus" / "b", tmp_path / "corpus" / "a").load_rank_states([state])
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tok):
     """A pretokenized folder of 2 shards made by the tool."""
@@ -205,6 +241,11 @@ MANIFEST_EDITS = [  # (what, edit of the manifest, the field named)
     ("a vocabulary past the dtype", lambda m: m["tokenizer"].update(vocab_size=10**6), r"tokenizer must hold"),
     ("negative counts", lambda m: m["shards"][0].update(n_tokens=-5), r"shards\[0\] must hold n_docs and n_tokens"),
     ("not shards", lambda m: m.update(shards={"0": 1}), r"shards is not a list"),
+    ("a shard listed twice", lambda m: m["shards"].append(dict(m["shards"][0])),
+     r"shards\[\d+\]\.tokens is 'tokens-00000.bin', already shards\[0\]\.tokens"),
+    ("totals that are not the shards'", lambda m: m.update(n_docs=10**15), r"n_docs is 1000000000000000, but the "
+     r"shards hold \d+"),
+    ("no format", lambda m: (m.clear(), m.update({"x": 1})), r"format is None"),
 ]
 
 
@@ -269,7 +310,7 @@ def test_a_worker_process_data_error_reaches_the_caller_intact(tmp_path, tok):
                                                       num_workers=2, seed=0, shuffle=True, streams_per_row=2))
     with pytest.raises(DataError) as e:
         next(loader)
-    assert str(e.value).startswith("data.field='nope': 64 consecutive units (1 distinct)")
+    assert str(e.value).startswith("data.field='nope': every unit (1)")
     assert str(e.value).endswith("check data.field / data.path")
     loader.close()
 
@@ -452,8 +493,14 @@ def test_pretokenize_never_deletes_what_it_did_not_write(tmp_path, tok, capsys):
     out = tmp_path / "out"
     assert pretokenize_main([*args, "--path", str(corpus / "web"), str(out)]) == 0
     (out / "NOTES.md").write_text("mine")
+    (out / "tokens-2023-notes.bin").write_text("mine too")  # not a shard's name
     first = sorted(p.name for p in out.iterdir())
     assert pretokenize_main([*args, "--path", str(corpus / "web"), str(out)]) == 2  # not empty
+    bad_tok = ["--source", "jsonl", "--tokenizer", "hf", "--tokenizer-path", str(tmp_path / "nope.json")]
+    assert pretokenize_main([*bad_tok, "--path", str(corpus / "web"), "--overwrite", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == first  # nothing removed before the tokenizer loaded
+    assert pretokenize_main([*args, "--path", str(corpus / "web"), str(out / "NOTES.md")]) == 2  # a file
+    assert "exists and is not a folder" in capsys.readouterr().err
     write_jsonl(corpus / "web" / "a.jsonl", make_docs(3, seed=10))
     assert pretokenize_main([*args, "--path", str(corpus / "web"), "--overwrite", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == first and (out / "NOTES.md").read_text() == "mine"
@@ -477,7 +524,7 @@ def test_max_doc_bytes_is_a_knob_of_every_source_and_must_be_positive(key, tmp_p
     section = cfg.eval.data if key.startswith("eval") else cfg.data
     srcs, _, _ = build_sources(section, prefix="eval.data." if key.startswith("eval") else "data.")
     assert srcs[0].spec.max_doc_bytes == 1000  # reaches the source
-    with pytest.raises(ConfigError, match=f"{key}=0: expected an integer >= 1"):
+    with pytest.raises(ConfigError, match=rf"{key}=0: expected an integer in \[1, 1073741824\]"):
         validate_job(compose_job(*extra, f"{key}=0"), 1)
     with pytest.raises(ValueError, match="data.max_doc_bytes=0: must be > 0"):
         build_source(SourceSpec("jsonl", "/nowhere", max_doc_bytes=0))

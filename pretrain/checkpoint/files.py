@@ -510,6 +510,26 @@ def load_error(e: BaseException) -> str:
     return ((useful or lines or [type(e).__name__])[0])[:300]
 
 
+META_CRC = "meta_crc"
+
+
+def meta_text(meta: dict) -> str:
+    """``meta.json``'s text, with the CRC32 of its own content (under ``meta_crc``): the file
+    that says what the others hold checks itself too, so a damaged byte in it (a layer
+    count, a dimension) reads as corruption, to fall back from, not as a changed config."""
+    body = {k: v for k, v in meta.items() if k != META_CRC}
+    return json.dumps({**body, META_CRC: zlib.crc32(json.dumps(body, sort_keys=True).encode())})
+
+
+def check_meta_crc(data: dict, path: Path) -> None:
+    """A meta.json read back against its ``meta_crc`` (checkpoints of earlier versions have none)."""
+    if META_CRC not in data:
+        return
+    body = {k: v for k, v in data.items() if k != META_CRC}
+    if data[META_CRC] != zlib.crc32(json.dumps(body, sort_keys=True).encode()):
+        raise CheckpointError(f"{path}: CRC32 differs from the one recorded when it was written (corrupt)")
+
+
 MAX_JSON_BYTES = 64 << 20  # meta.json and loader states are kilobytes
 
 

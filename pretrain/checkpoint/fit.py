@@ -38,6 +38,11 @@ def _family(name) -> Any:
     return m.group(1) if m and m.group(1) in family_names() else name
 
 
+def _resolved_head_dim(saved: dict):
+    dim, heads = saved.get("dim"), saved.get("n_heads")
+    return dim // heads if type(dim) is int and type(heads) is int and heads > 0 else None
+
+
 def model_changes(saved: Optional[dict], model_args) -> List[str]:
     """``model.<field>=<now> (the checkpoint: <then>)`` for each field that differs."""
     if not isinstance(saved, dict):
@@ -49,6 +54,9 @@ def model_changes(saved: Optional[dict], model_args) -> List[str]:
         now, then = plain(getattr(model_args, f.name)), saved[f.name]
         if f.name == "family":
             then = _family(then)
+        if f.name == "head_dim":  # None is dim // n_heads: compare what it resolves to
+            now = model_args.resolved_head_dim
+            then = then if then is not None else _resolved_head_dim(saved)
         if now != then:
             out.append(f"model.{f.name}={now!r} (the checkpoint: {then!r})")
     return out
@@ -68,11 +76,15 @@ def lora_changes(saved: Optional[dict], now: Optional[dict]) -> List[str]:
             out.append(f"finetune.lora.{key}={now[key]!r} (the checkpoint: {saved[key]!r})")
     if "targets" in saved and sorted(saved["targets"]) != sorted(now["targets"]):
         out.append(f"finetune.lora.target_modules={now['targets']} (the checkpoint: {saved['targets']})")
-    moved = saved.get("base_fingerprint") is not None and saved["base_fingerprint"] == now.get("base_fingerprint")
-    if "base" in saved and saved["base"] != now["base"] and not moved:
-        out.append(f"model.init_from={now['base']!r} (the checkpoint's adapters were trained on {saved['base']!r}: "
-                   "its checkpoints hold the adapters only, the base comes from model.init_from; a copy of the "
-                   "base elsewhere, with the same config.json and weights, is accepted)")
+    # The base by content where both runs know it (a copy elsewhere is the base; other weights
+    # under the same path are not), else by path (checkpoints of earlier versions).
+    by_content = saved.get("base_fingerprint") is not None and now.get("base_fingerprint") is not None
+    if "base" in saved and (saved["base_fingerprint"] != now["base_fingerprint"] if by_content
+                            else saved["base"] != now["base"]):
+        out.append(f"model.init_from={now['base']!r} (the checkpoint's adapters were trained on {saved['base']!r}"
+                   f"{', whose config.json and weight headers were others' if by_content else ''}: its checkpoints "
+                   "hold the adapters only, the base comes from model.init_from; a copy of the base elsewhere is "
+                   "accepted)")
     elif saved.get("base") is None and "seed" in saved and saved["seed"] != now["seed"]:
         out.append(f"train.seed={now['seed']} (the checkpoint's adapters were trained on the seeded init of "
                    f"train.seed={saved['seed']})")

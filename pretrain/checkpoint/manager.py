@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -47,8 +48,9 @@ from data_pipeline.loader import LoaderStateMismatch
 from parallel import distributed as pdist
 
 from .fit import check_fits
-from .files import (CheckpointError, CheckpointMismatch, CrcWriter, describe_error, file_crc, load_dcp, load_rng,
-                      read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files, write_file)
+from .files import (CheckpointError, CheckpointMismatch, CrcWriter, check_meta_crc, describe_error, file_crc, load_dcp,
+                    load_rng, meta_text, read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files,
+                    write_file)
 
 log = logging.getLogger("pretrain")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -68,6 +70,7 @@ def read_meta(path: Path) -> dict:
     if not meta.is_file():
         raise CheckpointError(f"checkpoint {path}: no {meta.name} (incomplete, or not a checkpoint of this trainer)")
     data = read_json(meta, "the checkpoint's meta.json")
+    check_meta_crc(data, meta)
     for key in ("step", "tokens_seen", "world_size"):
         if key in data and not (type(data[key]) is int and data[key] >= 0):
             raise CheckpointError(f"{meta}: {key}={data[key]!r}, expected an integer >= 0")
@@ -78,6 +81,9 @@ def read_meta(path: Path) -> dict:
                                  and all(isinstance(t, str) for t in lora["targets"])
                                  and (lora.get("base") is None or isinstance(lora["base"], str))):
         raise CheckpointError(f"{meta}: 'lora' is not LoRA settings (rank >= 1, alpha, targets, base)")
+    loss = data.get("loss")
+    if loss is not None and not (type(loss) in (int, float) and math.isfinite(loss)):
+        raise CheckpointError(f"{meta}: loss={loss!r}, expected a finite number")
     freeze = data.get("freeze")
     if freeze is not None and not (isinstance(freeze, list) and all(isinstance(t, str) for t in freeze)):
         raise CheckpointError(f"{meta}: 'freeze' is not a list of tower names")
@@ -229,6 +235,11 @@ class Checkpointer:
         # LoRA: the adapters' settings and the base they adapt (export needs both).
         self.lora = lora
         self.freeze = list(freeze)
+        # checkpoint.resume=false starts over, but a restart of the same job (torchrun
+        # --max-restarts, a SLURM requeue) continues what its first attempt began.
+        self.restart = max(int(os.environ.get(k, "0") or 0) for k in ("TORCHELASTIC_RESTART_COUNT",
+                                                                      "SLURM_RESTART_COUNT"))
+        self.resume = cfg.resume or self.restart > 0
         self._pending = None  # (future, step, partial, meta, writer, side files)
         self._pg = None
         if cfg.async_save and dist.is_initialized():
@@ -244,9 +255,11 @@ class Checkpointer:
 
     # -- save -----------------------------------------------------------------------------
     def save(self, step: int, tokens_seen: int, model, optimizer, loader_state: Optional[dict] = None,
-             *, blocking: bool = False) -> None:
+             *, blocking: bool = False, loss: Optional[float] = None) -> None:
         """``loader_state``: this rank's loader state when it writes one (one rank per DP
-        group). ``blocking`` forces a synchronous save (end of run, signals). A save that
+        group). ``blocking`` forces a synchronous save (end of run, signals). ``loss``: the
+        step's loss, recorded in meta.json (which checkpoint to go back to after a loss
+        spike). A save that
         fails (disk full, unwritable) removes its ``.partial`` and raises
         ``CheckpointError`` naming the path and errno on every rank; the previous
         checkpoint stays."""
@@ -260,6 +273,8 @@ class Checkpointer:
             side = agreed(self._write_side_files, partial, loader_state)
             meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size,
                     "model": self.model_args, "freeze": self.freeze}
+            if loss is not None and math.isfinite(loss):
+                meta["loss"] = loss
             if self.lora:
                 meta["lora"] = self.lora
             writer = CrcWriter(partial)
@@ -364,7 +379,7 @@ class Checkpointer:
             if not self.is_rank0:
                 return
             manifest[".metadata"] = list(file_crc(partial / ".metadata"))
-            (partial / "meta.json").write_text(json.dumps({**meta, "files": dict(sorted(manifest.items()))}))
+            (partial / "meta.json").write_text(meta_text({**meta, "files": dict(sorted(manifest.items()))}))
             final = self.root / f"step-{step}"
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)  # the commit point
@@ -390,8 +405,11 @@ class Checkpointer:
         ``checkpoint.load_path``; (0, 0, None) for a fresh start (also after
         ``load_weights_only``). ``restore_loader(states)`` applies the loader states (its
         errors name the loader files, like any other bad file)."""
-        agreed(self._tidy_root)
-        done = complete_checkpoints(self.root) if self.cfg.resume else []
+        moved = pdist.broadcast_object(agreed(self._tidy_root))  # rank 0's: {old path: where it was set aside}
+        if not self.cfg.resume and self.resume and self.is_rank0:
+            log.info("checkpoint.resume=false, but this is restart %d of the job: it resumes its own checkpoints",
+                     self.restart)
+        done = complete_checkpoints(self.root) if self.resume else []
         while done:
             _, path = done.pop()
             try:
@@ -410,6 +428,7 @@ class Checkpointer:
                                 aside.name, done[-1][1])
         if self.cfg.load_path:
             path = Path(self.cfg.load_path)
+            path = Path(moved.get(os.path.realpath(path), path))  # a checkpoint of this run dir, set aside
             if not path.is_dir():
                 raise CheckpointError(f"checkpoint.load_path={str(path)!r}: no such checkpoint directory")
             if self.cfg.load_weights_only:
@@ -418,42 +437,48 @@ class Checkpointer:
             return self._load_full(path, model, optimizer, restore_loader)
         return 0, 0, None
 
-    def _tidy_root(self) -> None:
+    def _tidy_root(self) -> Dict[str, str]:
         """Rank 0, before a resume: removes the ``.partial`` saves a crash left, and with
-        ``checkpoint.resume=false`` sets an earlier run's checkpoints aside. Run through
-        ``agreed``: an error here (a read-only folder) ends every rank alike, exit 4."""
+        ``checkpoint.resume=false`` sets an earlier run's checkpoints aside (returns where
+        each went, by its old real path). Run through ``agreed``: an error here (a read-only
+        folder) ends every rank alike, exit 4."""
         if not (self.is_rank0 and self.root.is_dir()):
-            return
+            return {}
         for stale in self.root.glob("step-*.partial"):
             log.warning("removing incomplete checkpoint %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
-        if not self.cfg.resume:
+        if not self.resume:
             try:
-                self._set_aside_earlier()
+                return self._set_aside_earlier()
             except OSError as e:
                 raise CheckpointError(f"checkpoint.resume=false: cannot set the earlier checkpoints in {self.root} "
                                       f"aside ({describe_error(e)}); move them yourself, or use another "
                                       "hydra.run.dir") from None
+        return {}
 
-    def _set_aside_earlier(self) -> None:
+    def _set_aside_earlier(self) -> Dict[str, str]:
         """``checkpoint.resume=false`` in a run dir that holds checkpoints of an earlier run:
         they move into ``checkpoints/earlier-<time>/``, where neither pruning (which would
         delete them as soon as this run saved ``keep_last`` of its own) nor a later resume
-        (which would continue the earlier run) reaches them. Nothing is deleted."""
+        (which would continue the earlier run) reaches them. Nothing is deleted. Returns
+        {old real path: new path} (a ``checkpoint.load_path`` among them follows)."""
         done = complete_checkpoints(self.root)
         if not done:
-            return
+            return {}
         dest = self.root / time.strftime("earlier-%Y%m%d-%H%M%S", time.gmtime())
         n = 1
         while dest.exists():
             dest, n = dest.with_name(f"{dest.name.split('.')[0]}.{n}"), n + 1
         dest.mkdir()
+        moved = {}
         for _, path in done:
+            moved[os.path.realpath(path)] = str(dest / path.name)
             path.rename(dest / path.name)
         log.warning("checkpoint.resume=false: the checkpoints of an earlier run in this run dir (%s) are set aside "
                     "in %s, not deleted; this run starts at step 1 (a later start with checkpoint.resume=true "
                     "resumes this run's own; with resume=false again, it sets them aside too)",
                     ", ".join(p.name for _, p in done), dest)
+        return moved
 
     def _move_aside(self, path: Path) -> Path:
         aside = path.with_name(path.name + ".corrupt")

@@ -18,12 +18,14 @@ class Diverged(Exception):
     the same command would diverge again: change the config (learning rate, warm-up,
     clipping) first."""
 
-    def __init__(self, step: Optional[int], what, last_good: Optional[str], message: Optional[str] = None):
-        self.step, self.what, self.last_good = step, list(what), last_good
-        where = f"the newest checkpoint, {last_good}, is the last good one" if last_good else "no checkpoint yet"
+    def __init__(self, step: Optional[int], what, root=None, kept=(), message: Optional[str] = None):
+        self.step, self.what = step, list(what)
+        where = (f"kept in {root}: {', '.join(kept)}, each of finite values; a divergence can pass through finite "
+                 "values first: move aside those whose loss is already off, and resume from the newest good one"
+                 if kept else "no checkpoint yet")
         super().__init__(message or f"training diverged at step {step}: {' and '.join(self.what)} not finite; "
                          f"stopped before saving it ({where}). Lower optim.lr, raise optim.warmup_steps or set "
-                         "train.max_norm, then run the same command to resume from the last good checkpoint")
+                         "train.max_norm, then run the same command to resume")
 
 
 def diverged_before(run_dir) -> Optional[str]:

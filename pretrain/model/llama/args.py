@@ -18,9 +18,9 @@ from parallel.knobs import knob
 class RopeScaling:
     """Llama 3 frequency scaling (``rope_scaling: {rope_type: llama3}`` in HF configs)."""
 
-    factor: float = knob(32.0, ge=1)
-    low_freq_factor: float = knob(1.0, gt=0)
-    high_freq_factor: float = knob(4.0, gt=0)
+    factor: float = knob(32.0, ge=1, le=1e6)
+    low_freq_factor: float = knob(1.0, gt=0, le=1e6)
+    high_freq_factor: float = knob(4.0, gt=0, le=1e6)
     original_max_position_embeddings: int = knob(8192, ge=1, le=1 << 31)
 
 
@@ -39,15 +39,15 @@ class LlamaArgs:
     ffn_hidden_dim: int = knob(768, ge=1, le=1 << 22)
     vocab_size: int = knob(4096, ge=1, le=1 << 24)
     # > 0: an all-zero hidden vector would divide 0 by 0.
-    norm_eps: float = knob(1e-5, gt=0, warn_above=0.1)
-    rope_theta: float = knob(500000.0, gt=0, warn_below=100.0)
+    norm_eps: float = knob(1e-5, gt=0, le=1e6, warn_above=0.1)
+    rope_theta: float = knob(500000.0, gt=0, le=1e15, warn_below=100.0)
     # None disables the llama3 scaling (plain RoPE).
     rope_scaling: Optional[RopeScaling] = field(default_factory=RopeScaling)
     # The longest sequence (train.seq_len); changes no weight.
     max_position_embeddings: int = knob(131072, ge=1, le=1 << 31, resume=False)
     tie_embeddings: bool = True
     # Std of the truncated-normal init; output projections get init_std / sqrt(2 * n_layers).
-    init_std: float = knob(0.02, gt=0, warn_above=1.0, resume=False)
+    init_std: float = knob(0.02, gt=0, le=1e3, warn_above=1.0, resume=False)
     # A Hugging Face Llama folder (config.json + safetensors) whose weights start the run,
     # under any layout; its config.json must describe this model. Ignored when the run
     # resumes from a checkpoint of its run dir.

@@ -5,7 +5,7 @@ q/k projection rows are permuted on the way through; everything else is renamed.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -114,6 +114,49 @@ def ours_to_hf(sd: Dict[str, torch.Tensor], args: LlamaArgs) -> Dict[str, torch.
     return out
 
 
+class ConfigReader:
+    """Typed reads of one (sub)config, naming ``<where><key>`` in every error."""
+
+    def __init__(self, cfg: Dict[str, Any], where: str, defaults: Dict[str, Any]):
+        self.cfg, self.where, self.defaults = cfg, where, defaults
+
+    def raw(self, key: str, alias: Optional[str] = None):
+        if key in self.cfg and self.cfg[key] is not None:
+            return self.cfg[key]
+        if alias is not None and self.cfg.get(alias) is not None:
+            return self.cfg[alias]
+        return self.defaults[key]
+
+    def int(self, key: str, alias: Optional[str] = None) -> int:
+        v = self.raw(key, alias)
+        if type(v) is not int:  # its range is the args field's (checked with them, naming both keys)
+            raise ValueError(f"{self.where}{key}={v!r}: expected an integer")
+        return v
+
+    def float(self, key: str) -> float:
+        v = self.raw(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{self.where}{key}={v!r}: expected a number")
+        return float(v)
+
+    def ints(self, key: str) -> List[int]:
+        v = self.raw(key)
+        if not isinstance(v, list) or any(type(x) is not int for x in v):
+            raise ValueError(f"{self.where}{key}={v!r}: expected a list of integers")
+        return list(v)
+
+    def bool(self, key: str) -> bool:
+        v = self.raw(key)
+        if type(v) is not bool:  # bool("false") is True: an untied head read as tied would be dropped
+            raise ValueError(f"{self.where}{key}={v!r}: expected true or false")
+        return v
+
+    def exactly(self, key: str, want) -> None:
+        v = self.raw(key)
+        if v != want:
+            raise ValueError(f"{self.where}{key}={v!r} is not supported (this model has {want!r})")
+
+
 def rope_from_hf_config(cfg: Dict[str, Any], default_theta: float = 10000.0,
                         where: str = "") -> Tuple[float, Optional[RopeScaling]]:
     """(rope_theta, llama3 scaling or None) of a HF text config, in either form: transformers
@@ -121,21 +164,22 @@ def rope_from_hf_config(cfg: Dict[str, Any], default_theta: float = 10000.0,
     scaling); ``rope_scaling`` wins where both exist, as in transformers. ``where``: the
     prefix of the keys in messages (``text_config.``)."""
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    src = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     if not isinstance(rs, dict):
         raise ValueError(f"{where}rope_scaling / rope_parameters={rs!r}: expected an object")
-    theta = rs.get("rope_theta", cfg.get("rope_theta", default_theta))
+    if "rope_theta" in rs and cfg.get("rope_theta") is not None and rs["rope_theta"] != cfg["rope_theta"]:
+        raise ValueError(f"{where}rope_theta={cfg['rope_theta']!r} and {where}{src}.rope_theta={rs['rope_theta']!r} "
+                         "disagree: which one the weights were trained with is not known")
+    theta = ConfigReader({**cfg, **rs}, where, {"rope_theta": default_theta}).float("rope_theta")
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
-        return float(theta), None
+        return theta, None
     if kind != "llama3":
-        src = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
         raise ValueError(f"{where}{src}.rope_type={kind!r} is not supported (expected 'llama3' or 'default')")
-    return float(theta), RopeScaling(
-        factor=float(rs["factor"]),
-        low_freq_factor=float(rs["low_freq_factor"]),
-        high_freq_factor=float(rs["high_freq_factor"]),
-        original_max_position_embeddings=rs["original_max_position_embeddings"],  # an int: checked with the args
-    )
+    r = ConfigReader(rs, f"{where}{src}.", {})
+    return theta, RopeScaling(factor=r.float("factor"), low_freq_factor=r.float("low_freq_factor"),
+                              high_freq_factor=r.float("high_freq_factor"),
+                              original_max_position_embeddings=r.int("original_max_position_embeddings"))
 
 
 def rope_to_hf_config(args: LlamaArgs) -> Dict[str, Any]:
@@ -179,24 +223,27 @@ def generation_config(args: LlamaArgs) -> Dict[str, Any]:
 def args_from_hf_config(cfg: Dict[str, Any], name: str = "hf") -> LlamaArgs:
     """``config.json`` of a HF Llama -> LlamaArgs, in either rope form (``rope_from_hf_config``)."""
     theta, scaling = rope_from_hf_config(cfg)
-    n_heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim")
-    if head_dim == cfg["hidden_size"] // n_heads:
+    r = ConfigReader(cfg, "", {"head_dim": 0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+                               "tie_word_embeddings": False})
+    dim, n_heads = r.int("hidden_size"), r.int("num_attention_heads")
+    r.defaults["num_key_value_heads"] = n_heads
+    head_dim = r.int("head_dim") or None
+    if n_heads and head_dim == dim // n_heads:
         head_dim = None  # the default; keeps configs round-tripping equal
     return LlamaArgs(
         name=name,
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
+        dim=dim,
+        n_layers=r.int("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+        n_kv_heads=r.int("num_key_value_heads"),
         head_dim=head_dim,
-        ffn_hidden_dim=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        ffn_hidden_dim=r.int("intermediate_size"),
+        vocab_size=r.int("vocab_size"),
+        norm_eps=r.float("rms_norm_eps"),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=cfg.get("max_position_embeddings", 8192),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=r.int("max_position_embeddings"),
+        tie_embeddings=r.bool("tie_word_embeddings"),
     )
 
 

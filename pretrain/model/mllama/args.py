@@ -26,7 +26,7 @@ class MllamaArgs(LlamaArgs):
     vision_global_layers: int = knob(8, ge=0, le=1024)
     vision_heads: int = knob(16, ge=1, le=1 << 10)
     vision_ffn_hidden_dim: int = knob(5120, ge=1, le=1 << 18)
-    vision_norm_eps: float = knob(1e-5, gt=0, warn_above=0.1)
+    vision_norm_eps: float = knob(1e-5, gt=0, le=1e6, warn_above=0.1)
     image_size: int = knob(560, ge=1, le=1 << 14)
     patch_size: int = knob(14, ge=1, le=1 << 10)
     num_channels: int = knob(3, ge=1, le=64)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..llama.hf import ConfigReader as _Reader
 from ..llama.hf import _hf_to_meta_rows, _meta_to_hf_rows, rope_from_hf_config, rope_to_hf_config
 from ..llama.hf import _rope_heads as _llama_rope_heads
 from ..llama.hf import special_token_ids as _llama3_token_ids
@@ -185,43 +186,6 @@ _VISION_DEFAULTS = {"hidden_size": 1280, "hidden_act": "gelu", "num_hidden_layer
                     "image_size": 448, "patch_size": 14, "norm_eps": 1e-5, "max_num_tiles": 4,
                     "intermediate_layers_indices": [3, 7, 15, 23, 30],
                     "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]}
-
-
-class _Reader:
-    """Typed reads of one (sub)config, naming ``<where><key>`` in every error."""
-
-    def __init__(self, cfg: Dict[str, Any], where: str, defaults: Dict[str, Any]):
-        self.cfg, self.where, self.defaults = cfg, where, defaults
-
-    def raw(self, key: str, alias: Optional[str] = None):
-        if key in self.cfg and self.cfg[key] is not None:
-            return self.cfg[key]
-        if alias is not None and self.cfg.get(alias) is not None:
-            return self.cfg[alias]
-        return self.defaults[key]
-
-    def int(self, key: str, alias: Optional[str] = None) -> int:
-        v = self.raw(key, alias)
-        if type(v) is not int or v < 0:
-            raise ValueError(f"{self.where}{key}={v!r}: expected a non-negative integer")
-        return v
-
-    def float(self, key: str) -> float:
-        v = self.raw(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{self.where}{key}={v!r}: expected a number")
-        return float(v)
-
-    def ints(self, key: str) -> List[int]:
-        v = self.raw(key)
-        if not isinstance(v, list) or any(type(x) is not int for x in v):
-            raise ValueError(f"{self.where}{key}={v!r}: expected a list of integers")
-        return list(v)
-
-    def exactly(self, key: str, want) -> None:
-        v = self.raw(key)
-        if v != want:
-            raise ValueError(f"{self.where}{key}={v!r} is not supported (this model has {want!r})")
 
 
 def _subconfig(cfg: Dict[str, Any], key: str) -> Dict[str, Any]:
