@@ -60,6 +60,8 @@ class SignalHandler:
     GRACE_S = 3.0
 
     def __init__(self, report: Optional[Callable] = None):
+        self._loop_s, self._loop_from, self._phase = 0.0, 0.0, "setup"
+        self._phase_lock = threading.Lock()  # the watchdog reads the three together
         self.received, self.name, self.phase, self._first_at, self._old = False, "", "setup", 0.0, {}
         self.report = report  # report(state, exit_code, **fields): status.json (rank 0)
         self.exiting = False  # set by the entry point once it handles the stop: no forced exit
@@ -84,6 +86,25 @@ class SignalHandler:
             else:
                 self._pipe = (r, w)
                 threading.Thread(target=self._watch, args=(r,), name="signal-watchdog", daemon=True).start()
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        with self._phase_lock:
+            now = time.monotonic()
+            if self._phase == "loop":
+                self._loop_s += now - self._loop_from
+            self._loop_from, self._phase = now, value
+
+    def loop_seconds(self) -> float:
+        """Seconds spent in "loop" phase so far (steps running), counted at each change of
+        phase: the watchdog's deadline counts these, not time between steps."""
+        with self._phase_lock:
+            phase, since, total = self._phase, self._loop_from, self._loop_s
+        return total + (time.monotonic() - since if phase == "loop" else 0.0)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -124,12 +145,11 @@ class SignalHandler:
         """A stop signal in the step loop: the job saves at the next step boundary. When the
         steps do not reach it within ``stop_timeout_s`` (a data read that never ends, a
         collective waiting for a peer that left), end the job rather than wait for ever."""
-        waited = 0.0
-        while waited < self.stop_timeout_s:
+        start = self.loop_seconds()
+        while self.loop_seconds() - start < self.stop_timeout_s:
             time.sleep(tick)
             if self.phase not in ("loop", "busy"):  # reached the boundary (stopping), or done
                 return
-            waited += tick if self.phase == "loop" else 0.0
         if self.phase != "loop":  # the step ended meanwhile: the boundary is being reached
             return
         name = signal.Signals(signum).name
@@ -160,8 +180,12 @@ class SignalHandler:
     def __getstate__(self) -> dict:
         # A copy in another process (cloudpickle carries a launcher job's globals by value)
         # owns none of this process's signal handlers and file descriptors.
-        return {"received": False, "name": "", "phase": "setup", "_first_at": 0.0, "_old": {}, "report": None,
+        return {"received": False, "name": "", "_phase": "setup", "_loop_s": 0.0, "_loop_from": 0.0, "_first_at": 0.0, "_old": {}, "report": None,
                 "exiting": False, "_handled": set(), "_pipe": None, "stop_timeout_s": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._phase_lock = threading.Lock()  # a lock is not carried: a fresh one
 
     def restore(self) -> None:
         for sig, old in self._old.items():
