@@ -202,19 +202,24 @@ def test_init_from_under_fsdp_matches_weights_only_start(tmp_path, tok_cache):
     assert "initialized weights from Hugging Face folder" in fsdp.stderr + fsdp.stdout
     run_job(tmp_path / "b", [*common, "train.local_batch_size=16", f"checkpoint.load_path={tmp_path / 'ck'}",
                                       "checkpoint.load_weights_only=true"], tok_cache=tok_cache)
-    run_job(tmp_path / "c", [*common, "train.local_batch_size=16", "train.steps=4"], tok_cache=tok_cache)
+    run_job(tmp_path / "c", [*common, "train.local_batch_size=16", "train.steps=4", "checkpoint.interval=3"],
+            tok_cache=tok_cache)
     a, b, c = losses(tmp_path / "a"), losses(tmp_path / "b"), losses(tmp_path / "c")
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):  # fp32; reduction order differs between 1 and 2 ranks
         assert abs(x - y) <= 1e-5 * abs(y), (a, b)
     assert abs(a[0] - c[0]) > 1e-3, "init_from gave the random init's loss"
-    # init_from is ignored once the run dir has a checkpoint of its own: a random-init run
-    # saved at step 3, resumed with init_from set, continues its own curve (step 4 equals
-    # the straight run's), not the HF weights.
+    # init_from is ignored once the run dir has a checkpoint of its own: the random-init run
+    # c, as if it had died after its step-3 save, resumed with init_from set, continues its
+    # own curve (step 4 equals c's), not the HF weights.
+    import shutil
+
     d = tmp_path / "d"
-    run_job(d, [*common, "train.local_batch_size=16", "checkpoint.interval=3"], tok_cache=tok_cache)
-    again = run_job(d, [*common, "train.local_batch_size=16", "train.steps=4", f"model.init_from={tmp_path / 'hf'}"],
-                    tok_cache=tok_cache)
+    shutil.copytree(tmp_path / "c", d)
+    shutil.rmtree(d / "checkpoints" / "step-4")
+    (d / "metrics.jsonl").unlink()
+    again = run_job(d, [*common, "train.local_batch_size=16", "train.steps=4", "checkpoint.interval=3",
+                        f"model.init_from={tmp_path / 'hf'}"], tok_cache=tok_cache)
     out = again.stderr + again.stdout
     assert "resumed from step 3" in out and "initialized weights from Hugging Face folder" not in out
     assert {m["step"]: m["loss"] for m in read_metrics(d)}[4] == c[3]

@@ -156,15 +156,23 @@ def test_activation_checkpointing_lowers_peak_memory():
     assert ratio["full"] < min(ratio["every_n"], ratio["selective_op"]), ratio
 
 
-@pytest.mark.parametrize("target", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["to-tp2", "to-pp2"])
-def test_checkpoint_from_fsdp_resumes_under_another_layout(reference, tmp_path, tok_cache, target):
-    """Resharding: model and optimizer saved by FSDP2 on 2 ranks load under TP 2 or PP 2
-    (DCP reshards; the loader maps 2 DP ranks to 1) and finish the single-process curve."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def fsdp_saved(tmp_path_factory, tok_cache):
+    """An FSDP2 run on 2 ranks that saved at steps 3 and 5: each resharding target copies it."""
+    run = tmp_path_factory.mktemp("fsdp_saved")
     run_job(run, ["train.local_batch_size=2", "train.steps=5", "checkpoint.interval=3", "checkpoint.keep_last=0",
                   "logging.every=1"], tok_cache=tok_cache, nproc=2, launcher="torchrun")
+    return run
+
+
+@pytest.mark.parametrize("target", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["to-tp2", "to-pp2"])
+def test_checkpoint_from_fsdp_resumes_under_another_layout(reference, fsdp_saved, tmp_path, tok_cache, target):
+    """Resharding: model and optimizer saved by FSDP2 on 2 ranks load under TP 2 or PP 2
+    (DCP reshards; the loader maps 2 DP ranks to 1) and finish the single-process curve."""
     import shutil
 
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_saved, run)
     shutil.rmtree(run / "checkpoints" / "step-5")  # as if the job had died after step 3's save
     proc = run_job(run, [*target, "train.local_batch_size=4", *CKPT], tok_cache=tok_cache, nproc=2,
                    launcher="torchrun")
