@@ -147,12 +147,17 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
     # from model.init_from again; with dropout (masks from the global torch generator,
     # restored from the checkpoint: nothing at start-up may draw from it after that, the
     # MFU probe and the loader included) steps 3-4 equal the straight run's bit for bit.
-    dropout = [*common, "train.local_batch_size=4", "finetune.lora.dropout=0.3"]
+    # The straight run saves at step 2 as well; a copy of it as if it had died there resumes.
+    import shutil
+
+    dropout = [*common, "train.local_batch_size=4", "finetune.lora.dropout=0.3", "checkpoint.interval=2"]
     run_job(tmp_path / "straight", dropout, tok_cache=tok_cache)
     straight = losses(tmp_path / "straight")
     assert straight[:1] == a[:1] and straight[1] != a[1]  # dropout draws from step 1 on (B = 0 before it)
     resumed = tmp_path / "resumed"
-    run_job(resumed, [*dropout, "train.steps=2", "checkpoint.interval=2"], tok_cache=tok_cache)
+    shutil.copytree(tmp_path / "straight", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    (resumed / "metrics.jsonl").unlink()
     again = run_job(resumed, dropout, tok_cache=tok_cache)
     assert "resumed from step 2" in again.stdout + again.stderr
     tail = {m["step"]: m["loss"] for m in read_metrics(resumed)}
@@ -173,8 +178,6 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
         check_fits("ck", meta, cfg.model, _lora_meta(cfg, FAMILY), [])
     assert "finetune.lora.target_modules=['wq', 'wk', 'wv', 'wo'] (the checkpoint: ['wq'," in str(e.value)
     assert f"model.init_from=None (the checkpoint's adapters were trained on {str(tmp_path / 'hf')!r}" in str(e.value)
-    import shutil
-
     shutil.copytree(tmp_path / "hf", tmp_path / "local" / "hf")  # the base copied to a node's disk: accepted
     cfg.finetune.lora.target_modules, cfg.model.init_from = ["all"], str(tmp_path / "local" / "hf")
     check_fits("ck", meta, cfg.model, _lora_meta(cfg, FAMILY), [])
