@@ -763,6 +763,32 @@ def test_a_safetensors_header_that_relabels_a_weight_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("rc,status,requeued", [(3, "preempted", True), (5, "diverged", False),
+                                                (1, "diverged", False), (2, "failed", False)])
+def test_the_batch_scripts_never_requeue_a_diverged_run(tmp_path, rc, status, requeued):
+    """slurm/common.sh's requeue decision, run by bash with stand-ins for scontrol and
+    scancel: after a forwarded preemption warning with a complete checkpoint on disk, a
+    preempted step requeues; exit 5, a status of "diverged" (ranks killed before they
+    exited 5) or exit 2 never does, and the job ends with the step's code."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("scontrol", "scancel"):
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} \"$@\" >> {tmp_path / 'calls'}\necho localhost\n")
+        (bin_dir / tool).chmod(0o755)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    (run / "checkpoints" / "step-4" / "meta.json").write_text("{}")
+    (run / "status.json").write_text(json.dumps({"status": status, "exit_code": rc, "slurm_attempt": "7.0"}))
+    env = {**_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PRETRAIN_HOME": str(REPO), "RUN_DIR": str(run),
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "t", "SLURM_JOB_NODELIST": "localhost", "SLURM_RESTART_COUNT": "0",
+           "PRETRAIN_ENV_SETUP": "/dev/null"}
+    script = f"source slurm/common.sh; PREEMPT_REQUESTED=1; run_and_requeue sh -c 'exit {rc}'"
+    p = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    calls = (tmp_path / "calls").read_text()
+    assert ("requeue 7" in calls) == requeued, (calls, p.stdout, p.stderr)
+    assert p.returncode == (0 if requeued else rc), (p.returncode, p.stderr)
+
+
 def test_torchruns_restart_of_a_diverged_attempt_ends_at_once(tmp_path, monkeypatch):
     """torchrun --max-restarts restarts the workers after any exit: a restart of an attempt
     that diverged (status.json says so; every first attempt writes running) is refused
