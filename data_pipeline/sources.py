@@ -348,17 +348,12 @@ class Source:
         """(unit index, cursor, payload) of every document in listing order, with the loader's
         no-document limits (``stream.NoDocumentRun``); ``on_skip`` also hears every skipped
         record (not blank lines)."""
-        from .stream import NoDocumentRun, _returning
+        from .stream import NoDocumentRun
 
         run = NoDocumentRun(self, on_skip)
         for u, unit in enumerate(self.units):
-            found, box = False, []
-            for cursor, _, payload in _returning(self.iter_docs(unit, 0, run.on_skip, on_truncate), box):
-                found = True
-                run.document()
+            for cursor, _, payload in run.read(u, self.iter_docs(unit, 0, run.on_skip, on_truncate)):
                 yield u, cursor, payload
-            if not found and box != [False]:  # a byte range inside one long line holds no record
-                run.unit_without_document(u)
 
     def __getstate__(self):
         state = dict(self.__dict__)

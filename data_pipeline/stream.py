@@ -136,6 +136,19 @@ class NoDocumentRun:
         if self.units or self.skipped or self.blank:
             self._start()
 
+    def read(self, u: int, docs, from_start: bool = True):
+        """``docs`` (the source's ``iter_docs`` of unit ``u``, reporting its skips to
+        ``on_skip``), each document starting the run over. A unit read from its start that
+        held none extends the run; a byte range inside one long line (``iter_docs`` returns
+        False: it holds no record) and the rest of a unit resumed in its middle do not."""
+        found, box = False, []
+        for item in _returning(docs, box):
+            found = True
+            self.document()
+            yield item
+        if not found and from_start and box != [False]:
+            self.unit_without_document(u)
+
     def on_skip(self, where: str, reason: str) -> None:
         if reason is BLANK:
             self.blank += 1
@@ -218,16 +231,11 @@ class _Reader:
                 self.next += self.stride
             self.cur = (g, c)
             u = self.plan.unit(g)
-            found, box = False, []
-            for cursor, after, payload in _returning(
-                    self.source.iter_docs(self.source.units[u], c, self.on_skip, self.on_truncate), box):
-                found = True
-                self._empty.document()
+            docs = self.source.iter_docs(self.source.units[u], c, self.on_skip, self.on_truncate)
+            for cursor, after, payload in self._empty.read(u, docs, from_start=c == 0):
                 self.cur = (g, after)
                 yield g, cursor, payload, self.snapshot(), self.n_skipped, self.n_truncated
             self.cur = None
-            if not found and c == 0 and box != [False]:
-                self._empty.unit_without_document(u)
 
     def on_skip(self, where: str, reason: str) -> None:
         self._empty.on_skip(where, reason)
