@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:  # before anything of an earlier run is removed: a bad tokenizer loses nothing
         tok = build_tokenizer(a.tokenizer, a.tokenizer_path)
-    except (FileNotFoundError, PermissionError, ValueError, OSError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.out.exists() and any(a.out.iterdir()):

@@ -513,20 +513,21 @@ def load_error(e: BaseException) -> str:
 META_CRC = "meta_crc"
 
 
+def _meta_crc(meta: dict) -> int:
+    """The CRC32 of a meta.json's content, its own ``meta_crc`` left out."""
+    return zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != META_CRC}, sort_keys=True).encode())
+
+
 def meta_text(meta: dict) -> str:
     """``meta.json``'s text, with the CRC32 of its own content (under ``meta_crc``): the file
     that says what the others hold checks itself too, so a damaged byte in it (a layer
     count, a dimension) reads as corruption, to fall back from, not as a changed config."""
-    body = {k: v for k, v in meta.items() if k != META_CRC}
-    return json.dumps({**body, META_CRC: zlib.crc32(json.dumps(body, sort_keys=True).encode())})
+    return json.dumps({**{k: v for k, v in meta.items() if k != META_CRC}, META_CRC: _meta_crc(meta)})
 
 
 def check_meta_crc(data: dict, path: Path) -> None:
     """A meta.json read back against its ``meta_crc`` (checkpoints of earlier versions have none)."""
-    if META_CRC not in data:
-        return
-    body = {k: v for k, v in data.items() if k != META_CRC}
-    if data[META_CRC] != zlib.crc32(json.dumps(body, sort_keys=True).encode()):
+    if META_CRC in data and data[META_CRC] != _meta_crc(data):
         raise CheckpointError(f"{path}: CRC32 differs from the one recorded when it was written (corrupt)")
 
 

@@ -60,9 +60,9 @@ class SignalHandler:
     GRACE_S = 3.0
 
     def __init__(self, report: Optional[Callable] = None):
-        self._loop_s, self._loop_from, self._phase = 0.0, 0.0, "setup"
+        self._loop_s, self._loop_from, self._phase = 0.0, 0.0, "setup"  # the phase: a property
         self._phase_lock = threading.Lock()  # the watchdog reads the three together
-        self.received, self.name, self.phase, self._first_at, self._old = False, "", "setup", 0.0, {}
+        self.received, self.name, self._first_at, self._old = False, "", 0.0, {}
         self.report = report  # report(state, exit_code, **fields): status.json (rank 0)
         self.exiting = False  # set by the entry point once it handles the stop: no forced exit
         # checkpoint.stop_timeout_s: seconds of "loop" phase (steps running) a stop signal may
@@ -180,8 +180,9 @@ class SignalHandler:
     def __getstate__(self) -> dict:
         # A copy in another process (cloudpickle carries a launcher job's globals by value)
         # owns none of this process's signal handlers and file descriptors.
-        return {"received": False, "name": "", "_phase": "setup", "_loop_s": 0.0, "_loop_from": 0.0, "_first_at": 0.0, "_old": {}, "report": None,
-                "exiting": False, "_handled": set(), "_pipe": None, "stop_timeout_s": None}
+        return {"received": False, "name": "", "_phase": "setup", "_loop_s": 0.0, "_loop_from": 0.0,
+                "_first_at": 0.0, "_old": {}, "report": None, "exiting": False, "_handled": set(), "_pipe": None,
+                "stop_timeout_s": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
