@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -158,3 +160,17 @@ def read_metrics(run_dir: Path) -> List[dict]:
 
 def losses(run_dir: Path) -> List[float]:
     return [m["loss"] for m in read_metrics(run_dir)]
+
+
+def died_after(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run dir ``src`` as if its job had died right after saving ``step``: its
+    later checkpoints and its metrics.jsonl left out (the resumed run writes its own)."""
+    def later(folder, names):
+        if Path(folder) == Path(src):
+            return ["metrics.jsonl"]
+        if Path(folder) == Path(src) / "checkpoints":
+            return [n for n in names if re.fullmatch(r"step-\d+", n) and int(n[5:]) > step]
+        return []
+
+    shutil.copytree(src, dst, ignore=later)
+    return dst

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, _env, losses, read_metrics, run_job
+from tests.conftest import REPO, _env, died_after, losses, read_metrics, run_job
 
 transformers = pytest.importorskip("transformers")
 
@@ -212,12 +212,7 @@ def test_init_from_under_fsdp_matches_weights_only_start(tmp_path, tok_cache):
     # init_from is ignored once the run dir has a checkpoint of its own: the random-init run
     # c, as if it had died after its step-3 save, resumed with init_from set, continues its
     # own curve (step 4 equals c's), not the HF weights.
-    import shutil
-
-    d = tmp_path / "d"
-    shutil.copytree(tmp_path / "c", d)
-    shutil.rmtree(d / "checkpoints" / "step-4")
-    (d / "metrics.jsonl").unlink()
+    d = died_after(tmp_path / "c", tmp_path / "d", 3)
     again = run_job(d, [*common, "train.local_batch_size=16", "train.steps=4", "checkpoint.interval=3",
                         f"model.init_from={tmp_path / 'hf'}"], tok_cache=tok_cache)
     out = again.stderr + again.stdout

@@ -119,7 +119,7 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
     peft = pytest.importorskip("peft")
     import torch.distributed.checkpoint as dcp
 
-    from tests.conftest import losses, read_metrics, run_job
+    from tests.conftest import died_after, losses, read_metrics, run_job
     from tests.test_hf_io import RUN_ROPE, cli, save_hf
     from pretrain.model.llama.hf import hf_to_ours
 
@@ -148,16 +148,11 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
     # restored from the checkpoint: nothing at start-up may draw from it after that, the
     # MFU probe and the loader included) steps 3-4 equal the straight run's bit for bit.
     # The straight run saves at step 2 as well; a copy of it as if it had died there resumes.
-    import shutil
-
     dropout = [*common, "train.local_batch_size=4", "finetune.lora.dropout=0.3", "checkpoint.interval=2"]
     run_job(tmp_path / "straight", dropout, tok_cache=tok_cache)
     straight = losses(tmp_path / "straight")
     assert straight[:1] == a[:1] and straight[1] != a[1]  # dropout draws from step 1 on (B = 0 before it)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "straight", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-4")
-    (resumed / "metrics.jsonl").unlink()
+    resumed = died_after(tmp_path / "straight", tmp_path / "resumed", 2)
     again = run_job(resumed, dropout, tok_cache=tok_cache)
     assert "resumed from step 2" in again.stdout + again.stderr
     tail = {m["step"]: m["loss"] for m in read_metrics(resumed)}
@@ -178,6 +173,8 @@ def test_lora_run_fsdp_tp_parity_checkpoint_and_exports(tmp_path, tok_cache):
         check_fits("ck", meta, cfg.model, _lora_meta(cfg, FAMILY), [])
     assert "finetune.lora.target_modules=['wq', 'wk', 'wv', 'wo'] (the checkpoint: ['wq'," in str(e.value)
     assert f"model.init_from=None (the checkpoint's adapters were trained on {str(tmp_path / 'hf')!r}" in str(e.value)
+    import shutil
+
     shutil.copytree(tmp_path / "hf", tmp_path / "local" / "hf")  # the base copied to a node's disk: accepted
     cfg.finetune.lora.target_modules, cfg.model.init_from = ["all"], str(tmp_path / "local" / "hf")
     check_fits("ck", meta, cfg.model, _lora_meta(cfg, FAMILY), [])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SINGLE4, losses, read_metrics, run_job
+from conftest import SINGLE4, died_after, losses, read_metrics, run_job
 
 RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 CKPT = ["checkpoint.interval=5", "logging.every=1"]
@@ -169,15 +169,11 @@ def fsdp_saved(tmp_path_factory, tok_cache):
 def test_checkpoint_from_fsdp_resumes_under_another_layout(reference, fsdp_saved, tmp_path, tok_cache, target):
     """Resharding: model and optimizer saved by FSDP2 on 2 ranks load under TP 2 or PP 2
     (DCP reshards; the loader maps 2 DP ranks to 1) and finish the single-process curve."""
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(fsdp_saved, run)
-    shutil.rmtree(run / "checkpoints" / "step-5")  # as if the job had died after step 3's save
+    run = died_after(fsdp_saved, tmp_path / "run", 3)
     proc = run_job(run, [*target, "train.local_batch_size=4", *CKPT], tok_cache=tok_cache, nproc=2,
                    launcher="torchrun")
     assert "resumed from step 3" in proc.stderr + proc.stdout
-    resumed = {m["step"]: m["loss"] for m in read_metrics(run)}  # the last record of each step
+    resumed = {m["step"]: m["loss"] for m in read_metrics(run)}
     want = losses(reference)
     for step in (4, 5):
         assert math.isclose(resumed[step], want[step - 1], rel_tol=RTOL), (step, resumed[step], want[step - 1])
