@@ -10,13 +10,14 @@ a row come from L different places in the corpus (long documents do not fill a r
 consecutive steps), and a step's global batch is the same set of sequences for any
 split of it into ranks and micro-batches (2 ranks x 4 rows = 1 rank x 8 rows = 1 rank x
 4 rows x 2 accumulation steps), which lets layouts be compared exactly and makes a
-resume with another DP degree but the same global batch bit-exact. Loader workers
-(``num_workers``) split the rank's rows between them (worker w takes rows w, w+W, ...);
-the main process joins one piece from each worker, in worker order, per batch, so the
-batches do not depend on the worker count either.
+resume with another DP degree but the same global batch bit-exact. The
+batches do not depend on the number of tokenizer workers (``num_workers``) either: the
+graph (graph.py) reads and tokenizes ahead in worker threads, but each slot's packer
+takes its documents in its reader's order.
 
-Each piece carries the states of the slots it advanced, *after* that batch, so the rank's state is exact
-however far workers prefetched. Resume: with the same number of slots each slot continues
+The rank's state is the committed one after the last batch handed out (the graph's
+``Batches.get_state``, snapshotted by the ``Prefetcher`` with every batch), so it is exact
+however far the graph read ahead. Resume: with the same number of slots each slot continues
 from its own state (bit-for-bit the batches of an uninterrupted run); with another number
 (another global batch size) ``stream.reshard`` redistributes the remaining work, so no
 document is repeated or lost."""
@@ -25,16 +26,15 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .chat import PACKING_MODES, PAD_KEY, ChatRenderer, shifted_labels
-from .packing import positions as _positions
+from .chat import PACKING_MODES, ChatRenderer
+from .graph import Batches, build_loader
 from .sources import DataError, Source
-from .stream import SlotStream, UnitPlan, fresh_slot_state, key_source, reshard
+from .stream import UnitPlan, fresh_slot_state, reshard
 
 log = logging.getLogger("data_pipeline")
 
@@ -56,80 +56,16 @@ class LoaderSpec:
     # pad one per row; and cut conversations longer than max_length tokens (-1 = seq_len+1).
     sft_packing: str = "pack"
     max_length: int = -1
+    # Documents with items (``stream.Record``, e.g. images): the token that marks each item,
+    # and an optional function of the numpy batch returning more keys (per-token arrays
+    # built from ``item_positions``, the markers' window positions).
+    marker_id: Optional[int] = None
+    collate: Optional[Callable[[dict], dict]] = None
 
     @property
     def rows(self) -> int:
         """Rows this rank reads per optimizer step."""
         return self.local_batch_size * self.grad_accum_steps
-
-
-class _Piece:
-    """One worker's rows of a batch. A plain object, so the DataLoader leaves its numpy
-    arrays alone (no per-batch shared-memory tensors: pickled bytes through the pipe are
-    several times cheaper for batches this size)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-class _RowsDataset(IterableDataset):
-    """Yields, per batch, this worker's rows: one window per row from the row's next slot."""
-
-    def __init__(self, sources, plans, weights, tokenizer, spec: LoaderSpec, rows: List[dict], n_workers: int,
-                 ship_states: bool):
-        self.sources, self.plans, self.weights = sources, plans, weights
-        self.tokenizer, self.spec, self.rows, self.n_workers = tokenizer, spec, rows, n_workers
-        # Worker processes send their rows' states with every batch; in process, the
-        # loader reads them from the live streams when asked (``live``).
-        self.ship_states, self.live = ship_states, None
-
-    def live_states(self) -> List[dict]:
-        _, lanes, nxt = self.live
-        return [{"slots": [s.state_dict() for s in streams], "next": n} for streams, n in zip(lanes, nxt)]
-
-    def __iter__(self):
-        info = get_worker_info()
-        w = info.id if info is not None else 0
-        mine = list(range(w, len(self.rows), self.n_workers))
-        window = self.spec.seq_len + 1
-        lanes = [[SlotStream(self.sources, self.plans, self.weights, self.tokenizer, window, st,
-                             sft_packing=self.spec.sft_packing, max_length=self.spec.max_length)
-                  for st in self.rows[q]["slots"]] for q in mine]
-        chat = lanes[0][0].chat if lanes else False
-        nxt = [self.rows[q]["next"] for q in mine]
-        self.live = (mine, lanes, nxt)
-        n_src = len(self.sources)
-        while True:
-            wins, skipped, truncated, cut, moved = [], 0, 0, 0, []
-            for i, streams in enumerate(lanes):
-                lane = nxt[i]
-                wins.append(streams[lane].next_window())
-                skipped += streams[lane].take_skipped()
-                cut += streams[lane].take_truncated_docs()
-                if chat:
-                    truncated += streams[lane].take_truncated()
-                moved.append(lane)
-                nxt[i] = (lane + 1) % len(streams)
-            # Document keys stay run-length encoded: a window holds a handful of documents.
-            runs = [(x[1], x[2]) for x in wins]
-            keys, lens = np.concatenate([k for k, _ in runs]), np.concatenate([n for _, n in runs])
-            if chat:  # padding is no source's token
-                real = keys != PAD_KEY
-                keys, lens = keys[real], lens[real]
-            src_tokens = np.bincount(key_source(keys), weights=lens, minlength=n_src).astype(np.int64)
-            yield _Piece(
-                rows=mine,
-                tokens=np.stack([x[0] for x in wins]).astype(np.int32),
-                doc_runs=runs,
-                source_tokens=src_tokens,
-                skipped=skipped,
-                truncated=truncated,
-                truncated_docs=cut,
-                masks=np.stack([x[3] for x in wins]) if chat else None,
-                # Only the stream each row just took a window from changed.
-                states=[(lane, streams[lane].state_dict(with_queue=False), n)
-                        for streams, lane, n in zip(lanes, moved, nxt)] if self.ship_states else None,
-            )
 
 
 class RankLoader:
@@ -138,10 +74,14 @@ class RankLoader:
     tokens, for the audit), ``source_tokens`` (tokens per source), ``skipped``,
     ``truncated`` and ``truncated_docs`` (records skipped, chat conversations cut to
     max_length, and documents cut to max_doc_bytes; the four counted on a step's first
-    micro-batch). A ``DataError`` raised in a worker process (no unit yields a document)
-    reaches the caller as a ``DataError`` with the worker's message. Chat sources: ``labels`` are
-    ``chat.IGNORE_INDEX`` (-100) except where the next token is an assistant token, and
-    padding has document key ``chat.PAD_KEY`` (-1)."""
+    micro-batch). With ``spec.marker_id``: ``item_positions`` and ``item_<name>`` per item
+    array (graph.stack_items), and what ``spec.collate`` adds. A ``DataError`` raised in a
+    loader thread (no unit yields a document) reaches the caller as a ``DataError`` with its
+    message. Chat sources: ``labels`` are ``chat.IGNORE_INDEX`` (-100) except where the
+    next token is an assistant token, and padding has document key ``chat.PAD_KEY`` (-1).
+
+    ``num_workers`` is the number of tokenizing threads; 0 runs the whole graph in the
+    caller's thread (no threads, no read-ahead beyond one item)."""
 
     def __init__(self, sources: Sequence[Source], weights: Sequence[float], tokenizer, spec: LoaderSpec):
         self.sources, self.weights, self.tokenizer, self.spec = list(sources), list(weights), tokenizer, spec
@@ -152,12 +92,12 @@ class RankLoader:
             if s.tokenized:  # documents are also shuffled inside a block of shards
                 s.seed, s.shuffle = spec.seed, spec.shuffle
         b, lanes = spec.rows, spec.streams_per_row
-        self.n_workers = min(spec.num_workers, b)
+        self.n_workers = spec.num_workers
         self.num_slots = spec.dp_world * b * lanes
         self.first = spec.dp_rank * b * lanes  # this rank's first slot
         self.states = [{"slots": [fresh_slot_state(self.first + q * lanes + j, self.num_slots, len(sources))
                                   for j in range(lanes)], "next": 0} for q in range(b)]
-        self._it = self._ds = None
+        self._it = self._loader = self._root = self._node = None
         self._step_rows = None  # the current step's rows, handed out one micro-batch at a time
         self._micro = 0
 
@@ -172,10 +112,20 @@ class RankLoader:
         """Valid at optimizer-step boundaries (after the step's last micro-batch)."""
         if self._micro:
             raise RuntimeError("loader state requested in the middle of a step's micro-batches")
-        self._sync_in_process_states()
+        self._sync_states()
         return _json_safe({"num_slots": self.num_slots, "streams_per_row": self.spec.streams_per_row,
                            "rows": self.states, "dp_rank": self.spec.dp_rank, "dp_world": self.spec.dp_world,
                            "n_sources": len(self.sources), "data": self.data_identity()})
+
+    def _sync_states(self) -> None:
+        """The committed rows' state of the graph after the last batch handed out."""
+        if self._loader is not None:
+            st = self._loader.state_dict()["root"]
+            if self._root is not self._node:  # the Prefetcher's snapshot, taken with that batch
+                if st["steps_since_snapshot"]:
+                    raise RuntimeError("the loader's prefetcher has no state for its last batch")
+                st = st["snapshot"]
+            self.states = st["rows"]
 
     def load_rank_states(self, saved: List[dict]) -> None:
         """``saved``: the state_dict of every DP rank of the checkpointed job. A state that
@@ -242,17 +192,10 @@ class RankLoader:
 
     # -- iteration -----------------------------------------------------------------------
     def _start(self):
-        ds = self._ds = _RowsDataset(self.sources, self.plans, self.weights, self.tokenizer, self.spec,
-                                     self.states, max(1, self.n_workers), ship_states=self.n_workers > 0)
-        if self.n_workers == 0:
-            return iter(ds)
-        # A generator of its own: the DataLoader draws its workers' base seed when iterated,
-        # after a checkpoint's RNG states were restored, and a draw from the global one
-        # would shift a resumed run's dropout masks. (The workers draw nothing: the data
-        # order is a function of the seed.)
-        return iter(DataLoader(ds, batch_size=None, num_workers=self.n_workers, prefetch_factor=4,
-                               multiprocessing_context="fork", worker_init_fn=_quiet_worker,
-                               generator=torch.Generator().manual_seed(self.spec.seed)))
+        self._node = Batches(self.sources, self.plans, self.weights, self.tokenizer, self.spec, self.states,
+                             self.n_workers, self.spec.collate)
+        self._root, self._loader = build_loader(self._node, prefetch=self.n_workers > 0)
+        return iter(self._loader)
 
     def __iter__(self):
         return self
@@ -278,64 +221,41 @@ class RankLoader:
     def _next_step(self) -> Dict[str, torch.Tensor]:
         if self._it is None:
             self._it = self._start()
-        # One piece per worker, in worker order (the DataLoader's round robin).
         try:
-            pieces = [next(self._it) for _ in range(max(1, self.n_workers))]
+            b = next(self._it)
             err = None
         except DataError as e:
-            err = _worker_data_error(e)
-        if err is not None:  # raised here, not in the handler: no reference to the worker iterator's frames
-            self._stop_workers()
+            err = _thread_data_error(e)
+        if err is not None:  # raised here, not in the handler: no reference to the threads' frames
+            self._stop_threads()
             raise err
-        b, s1 = self.spec.rows, self.spec.seq_len + 1
-        # numpy, not torch: torch's indexed copies wake OpenMP threads that then spin on
-        # cores the loader workers and the training step need.
-        tokens = np.empty((b, s1), dtype=np.int64)
-        doc_ids = np.empty((b, s1), dtype=np.int64)
-        chat = pieces[0].masks is not None
-        masks = np.empty((b, s1), dtype=bool) if chat else None
-        for p in pieces:
-            tokens[p.rows] = p.tokens
-            if chat:
-                masks[p.rows] = p.masks
-            for q, (k, n) in zip(p.rows, p.doc_runs):
-                doc_ids[q] = np.repeat(k, n)
-            for q, (lane, st, n) in zip(p.rows, p.states or ()):
-                row = self.states[q]
-                for r_old, r_new in zip(row["slots"][lane]["readers"], st["readers"]):
-                    r_new["queue"] = r_old["queue"]
-                row["slots"][lane], row["next"] = st, n
-        positions = torch.from_numpy(_positions(doc_ids)) if self.spec.positions else None
-        labels = torch.from_numpy(shifted_labels(tokens, masks)) if chat else None
-        tokens, doc_ids = torch.from_numpy(tokens), torch.from_numpy(doc_ids)
-        return {
-            "input_ids": tokens[:, :-1], "labels": tokens[:, 1:] if labels is None else labels,
-            "positions": positions[:, :-1] if positions is not None else None,
+        tokens, doc_ids = torch.from_numpy(b["tokens"]), torch.from_numpy(b["doc_ids"])
+        out = {
+            "input_ids": tokens[:, :-1], "labels": tokens[:, 1:] if b["labels"] is None else
+            torch.from_numpy(b["labels"]),
+            "positions": torch.from_numpy(b["positions"][:, :-1]) if b["positions"] is not None else None,
             "doc_ids": doc_ids[:, :-1], "window_doc_ids": doc_ids,
-            "source_tokens": torch.from_numpy(sum(p.source_tokens for p in pieces)),
-            "skipped": sum(p.skipped for p in pieces),
-            "truncated": sum(p.truncated for p in pieces),
-            "truncated_docs": sum(p.truncated_docs for p in pieces),
+            "source_tokens": torch.from_numpy(b["source_tokens"]),
+            "skipped": b["skipped"], "truncated": b["truncated"], "truncated_docs": b["truncated_docs"],
         }
+        for k, v in b.items():
+            if k not in out and k not in ("tokens", "masks"):
+                out[k] = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+        return out
 
     def close(self) -> None:
-        self._sync_in_process_states()
-        self._stop_workers()
-        self._ds = None
+        self._sync_states()
+        self._stop_threads()
 
-    def _stop_workers(self) -> None:
-        """Shut the worker processes down now rather than when the iterator is collected:
-        an exception's traceback can keep it alive until exit, where multiprocessing's
-        exit handler may wait forever for its workers."""
-        it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-
-    def _sync_in_process_states(self) -> None:
-        """In process (no workers) the streams' states are read when needed, not per batch."""
-        if self._ds is not None and not self._ds.ship_states and self._ds.live is not None:
-            self.states = self._ds.live_states()
+    def _stop_threads(self) -> None:
+        """Stop the graph's threads now rather than when it is collected."""
+        root, self._root, self._loader, self._it = self._root, None, None, None
+        if root is None:
+            return
+        it = getattr(root, "_it", None)
+        if it is not None and hasattr(it, "_shutdown"):  # the Prefetcher's thread
+            it._shutdown()
+        self._node._shutdown()
 
 
 def _nat(x) -> bool:
@@ -411,33 +331,17 @@ def _check_saved(saved) -> None:
                              f"stream {st['slot']}: malformed document reference")
 
 
-def _worker_data_error(e: DataError) -> DataError:
-    """torch re-raises a worker's exception as ``type(e)("Caught DataError in DataLoader
-    worker process N.\nOriginal Traceback ...: <message>")``: keep the message only."""
+def _thread_data_error(e: DataError) -> DataError:
+    """torchdata re-raises a thread's exception as ``type(e)("Caught DataError in ...\n
+    Original Traceback ...: <message>")`` (nested once per thread it crossed): keep the
+    message only."""
     msg = str(e)
-    if msg.startswith("Caught DataError in DataLoader worker"):
+    if msg.startswith("Caught DataError"):
         marker = "DataError: "
         at = msg.rfind(marker)
         if at >= 0:
             return DataError(msg[at + len(marker):].strip())
     return e
-
-
-def _quiet_worker(_: int) -> None:
-    """Loader workers leave stop signals to the training process: Ctrl-C reaches the
-    whole foreground process group, SLURM may signal every process of a step, and a
-    worker killed by SIGINT/SIGTERM/SIGUSR1 would fail the next batch before the trainer
-    could checkpoint. They end with it (the DataLoader's watchdog, and the kernel's
-    parent-death signal set here)."""
-    import ctypes
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        pass
 
 
 def _check_chat(sources, tokenizer, spec: LoaderSpec) -> None:

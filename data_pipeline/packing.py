@@ -7,13 +7,18 @@ window carries, per token, the key of its document and a position id that restar
 each document (and at the window start: attention never reaches the previous window), so
 that ``data.document_masking`` can make attention block-causal per document.
 
-The packer's state is a list of *fragments* still to be emitted, in order: literal runs of
-tokens (the tail of earlier documents, always shorter than a window) and a reference to
-the document being split (source, unit, cursor, token offset), rebuilt by re-reading that
-one document on restore, so a long document never lands in the state."""
+The packer's state is a list of *fragments* still to be emitted, in order: each a reference
+to its document (source, unit, cursor, token offset), rebuilt by re-reading that document
+on restore, so no token and no payload lands in the state. (States written before
+payloads existed hold the tails of earlier documents as literal runs of tokens; those
+still load.)
+
+A document may carry *items* (``stream.Record``: a dict of arrays per marker token, an
+image for instance): the packer hands each window the items of the markers it holds, in
+order, and never slices an item."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,11 +28,13 @@ Piece = Tuple[int, np.ndarray, dict]
 
 
 class Packer:
-    def __init__(self, window: int, bos_id: int, eos_id: int):
-        self.window, self.bos_id, self.eos_id = window, bos_id, eos_id
-        # (key, tokens, ref or None, start offset of tokens inside the wrapped document)
-        self._segs: List[Tuple[int, np.ndarray, Optional[dict], int]] = []
+    def __init__(self, window: int, bos_id: int, eos_id: int, marker_id: Optional[int] = None):
+        self.window, self.bos_id, self.eos_id, self.marker_id = window, bos_id, eos_id, marker_id
+        # (key, tokens, ref or None, start offset of tokens inside the wrapped document,
+        #  the items of the markers among tokens)
+        self._segs: List[Tuple[int, np.ndarray, Optional[dict], int, list]] = []
         self._len = 0
+        self.items: list = []  # the last window's items, in the order of their markers
 
     def wrap(self, tokens: np.ndarray) -> np.ndarray:
         out = np.empty(len(tokens) + 2, dtype=np.int64)
@@ -35,9 +42,16 @@ class Packer:
         out[1:-1] = tokens
         return out
 
-    def add(self, key: int, wrapped: np.ndarray, ref: Optional[dict], offset: int = 0) -> None:
+    def _markers(self, tokens: np.ndarray) -> int:
+        return 0 if self.marker_id is None else int(np.count_nonzero(tokens == self.marker_id))
+
+    def add(self, key: int, wrapped: np.ndarray, ref: Optional[dict], offset: int = 0,
+            items: Sequence = ()) -> None:
+        """``items``: one per marker token of the whole document; those of markers before
+        ``offset`` are dropped with their tokens."""
         if len(wrapped) > offset:
-            self._segs.append((key, wrapped[offset:], ref, offset))
+            items = list(items)[self._markers(wrapped[:offset]):] if items else []
+            self._segs.append((key, wrapped[offset:], ref, offset, items))
             self._len += len(wrapped) - offset
 
     def ready(self) -> bool:
@@ -46,46 +60,44 @@ class Packer:
     def cut(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, document keys, run lengths) of the next window, the keys run-length
         encoded (``np.repeat(keys, lengths)`` per token); requires ``ready()``. Position
-        ids follow from the keys (``positions``)."""
-        need, toks, keys, lens = self.window, [], [], []
+        ids follow from the keys (``positions``); the window's items are ``self.items``."""
+        need, toks, keys, lens, self.items = self.window, [], [], [], []
         while need:
-            key, seg, ref, off = self._segs[0]
+            key, seg, ref, off, items = self._segs[0]
             take = min(need, len(seg))
             toks.append(seg[:take])
             keys.append(key)
             lens.append(take)
+            if items:
+                n = self._markers(seg[:take])
+                self.items.extend(items[:n])
+                items = items[n:]
             if take == len(seg):
                 self._segs.pop(0)
             else:
-                self._segs[0] = (key, seg[take:], ref, off + take)
+                self._segs[0] = (key, seg[take:], ref, off + take, items)
             need -= take
         self._len -= self.window
         tokens = toks[0] if len(toks) == 1 else np.concatenate(toks)
         return tokens, np.asarray(keys, dtype=np.int64), np.asarray(lens, dtype=np.int64)
 
     def state_dict(self) -> List[dict]:
-        frags = []
-        for i, (key, seg, ref, off) in enumerate(self._segs):
-            last = i == len(self._segs) - 1
-            if last and ref is not None:
-                frags.append({"key": key, "ref": ref, "off": off})
-            else:
-                frags.append({"key": key, "tokens": seg})  # an array; lists only in JSON
-        return frags
+        return [{"key": key, "ref": ref, "off": off} if ref is not None else {"key": key, "tokens": seg}
+                for key, seg, ref, off, _ in self._segs]  # tokens: an array; lists only in JSON
 
-    def load_fragments(self, frags: List[dict], fetch: Callable[[dict], Optional[np.ndarray]]) -> None:
-        """Append saved fragments; ``fetch(ref)`` returns a referenced document wrapped,
-        or None when it can no longer be read (the fragment is dropped)."""
+    def load_fragments(self, frags: List[dict], fetch: Callable[[dict], Optional[tuple]]) -> None:
+        """Append saved fragments; ``fetch(ref)`` returns a referenced document as (wrapped
+        tokens, items), or None when it can no longer be read (the fragment is dropped)."""
         for fr in frags:
             if "tokens" in fr:
                 self.add(fr["key"], np.asarray(fr["tokens"], dtype=np.int64), None)
             else:
-                wrapped = fetch(fr["ref"])
-                if wrapped is not None:
-                    self.add(fr["key"], wrapped, fr["ref"], fr["off"])
+                got = fetch(fr["ref"])
+                if got is not None:
+                    self.add(fr["key"], got[0], fr["ref"], fr.get("off", 0), got[1])
 
     def segments(self) -> Iterator[Tuple[int, int]]:
-        for key, seg, _, _ in self._segs:
+        for key, seg, _, _, _ in self._segs:
             yield key, len(seg)
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .chat import UnknownRoleError, parse_record
+from .runs import BLANK, DataError, NoDocumentRun
 
 SkipFn = Callable[[str, str], None]
 TruncateFn = Callable[[str], None]
@@ -58,11 +59,6 @@ _ZSTD_READ = 4096
 # Lines over max_doc_bytes are stepped over, and a byte range's first line start found,
 # in reads of at most this many bytes.
 _SCAN_BYTES = 1 << 20
-
-
-class DataError(ValueError):
-    """The data cannot feed training (e.g. no unit yields a document): a config or corpus
-    problem, named by its config key, never retried."""
 
 
 @dataclass
@@ -339,17 +335,15 @@ class Source:
 
     def iter_texts(self) -> Iterator[str]:
         """Every document in listing order (tokenizer training, pretokenizing). Like a
-        loader stream, stops with ``DataError`` after ``stream.EMPTY_UNITS_LIMIT`` units,
-        or ``stream.EMPTY_RECORDS_LIMIT`` records, in a row without a document, rather
+        loader stream, stops with ``DataError`` after ``runs.EMPTY_UNITS_LIMIT`` units,
+        or ``runs.EMPTY_RECORDS_LIMIT`` records, in a row without a document, rather
         than read a whole corpus of bad records."""
         yield from (payload for _, _, payload in self.iter_all_docs())
 
     def iter_all_docs(self, on_skip: Optional[SkipFn] = None, on_truncate: Optional[TruncateFn] = None):
         """(unit index, cursor, payload) of every document in listing order, with the loader's
-        no-document limits (``stream.NoDocumentRun``); ``on_skip`` also hears every skipped
+        no-document limits (``runs.NoDocumentRun``); ``on_skip`` also hears every skipped
         record (not blank lines)."""
-        from .stream import NoDocumentRun
-
         run = NoDocumentRun(self, on_skip)
         for u, unit in enumerate(self.units):
             for cursor, _, payload in run.read(u, self.iter_docs(unit, 0, run.on_skip, on_truncate)):
@@ -408,7 +402,6 @@ class TextFolderSource(Source):
 # A blank JSONL line holds no record: it is reported to ``on_skip`` with this reason, so
 # that readers count it toward their no-document limit (300 MiB of blank lines compress to
 # 10 KB), but it is not a skipped record (``data/skipped`` does not count it).
-BLANK = "blank line"
 
 
 def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn, chat: bool = False) -> Optional[Any]:

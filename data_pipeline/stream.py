@@ -28,35 +28,22 @@ epoch, and training would hang."""
 from __future__ import annotations
 
 import logging
-import re
-from collections import Counter
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .chat import ChatPacker, ChatRenderer, pad_id
 from .packing import Packer
-from .sources import BLANK, DataError, Source
+from .runs import NoDocumentRun
+from .sources import Source
 
 log = logging.getLogger("data_pipeline")
 
 # Document keys: source (4 bits) | global unit index (36 bits) | cursor in unit (23 bits).
 _UNIT_BITS, _CUR_BITS = 36, 23
-# A tokenizer call takes up to this many documents or characters (read-ahead stays small).
+# In process, a tokenizer call takes up to this many documents or characters of one slot.
 _ENCODE_DOCS, _ENCODE_CHARS = 32, 1 << 16
 _MAX_SKIP_LOGS = 5
-# Consecutive units without a document (per slot and source) that stop the job, or every
-# unit of the source in a row, whichever comes first. On a corpus where half the units hold
-# no document, a slot sees 64 in a row with probability 0.5**64 = 5e-20 per unit read; on
-# one where none does, it takes 64 units (seconds on a small file), or all of them, to say so.
-EMPTY_UNITS_LIMIT = 64
-# Consecutive records without a document (skipped ones and blank lines), however few units
-# hold them: a compressed file is one unit, and 300 MiB of blank lines (10 KB as .zst)
-# took minutes to read while the first step waited. A million blank lines read in about a
-# second; a real corpus does not hold a million bad records in a row.
-EMPTY_RECORDS_LIMIT = 1_000_000
-
-
 def doc_key(src: int, g: int, cursor: int) -> int:
     return (src << (_UNIT_BITS + _CUR_BITS)) | ((g & ((1 << _UNIT_BITS) - 1)) << _CUR_BITS) | (cursor & ((1 << _CUR_BITS) - 1))
 
@@ -103,104 +90,6 @@ def fresh_reader_state(slot: int, stride: int) -> dict:
 def fresh_slot_state(slot: int, num_slots: int, n_sources: int) -> dict:
     return {"slot": slot, "readers": [fresh_reader_state(slot, num_slots) for _ in range(n_sources)],
             "packer": [], "mix_tokens": [0] * n_sources, "mix_docs": [0] * n_sources}
-
-
-def _returning(gen, box: list):
-    """``gen``'s items; its return value is appended to ``box`` when it ends."""
-    box.append((yield from gen))
-
-
-def _reason_kind(reason: str) -> str:
-    """A skip reason without its per-record detail (parenthesized error, byte offset)."""
-    return re.sub(r" \(.*\)$| at byte \d+", "", reason)
-
-
-class NoDocumentRun:
-    """Units and records read in a row without a document (a new run starts at each
-    document), the skips seen in them, and the limits: ``unit_without_document`` raises
-    ``DataError`` at ``EMPTY_UNITS_LIMIT`` units, ``on_skip`` at ``EMPTY_RECORDS_LIMIT``
-    records (skipped ones and blank lines) inside however few units. ``report(where,
-    reason)`` hears every skipped record (not blank lines)."""
-
-    def __init__(self, source: Source, report=None):
-        self.source, self.report = source, report
-        self._start()
-
-    def _start(self) -> None:
-        self.units, self.distinct, self.skipped, self.blank = 0, set(), 0, 0
-        self.kinds: Counter = Counter()
-        self.first: Optional[tuple] = None
-
-    def document(self) -> None:
-        """A document was read: the run starts over (called for every document: cheap)."""
-        if self.units or self.skipped or self.blank:
-            self._start()
-
-    def read(self, u: int, docs, from_start: bool = True):
-        """``docs`` (the source's ``iter_docs`` of unit ``u``, reporting its skips to
-        ``on_skip``), each document starting the run over. A unit read from its start that
-        held none extends the run; a byte range inside one long line (``iter_docs`` returns
-        False: it holds no record) and the rest of a unit resumed in its middle do not."""
-        found, box = False, []
-        for item in _returning(docs, box):
-            found = True
-            self.document()
-            yield item
-        if not found and from_start and box != [False]:
-            self.unit_without_document(u)
-
-    def on_skip(self, where: str, reason: str) -> None:
-        if reason is BLANK:
-            self.blank += 1
-        else:
-            self.skipped += 1
-            self.kinds[_reason_kind(reason)] += 1
-            if self.first is None:
-                self.first = (where, reason)
-            if self.report is not None:
-                self.report(where, reason)
-        if self.skipped + self.blank >= EMPTY_RECORDS_LIMIT:
-            raise self.error()
-
-    def unit_without_document(self, u: int) -> None:
-        """Also every unit of the source, read in a row without a document: nothing will come
-        (a one-file corpus of one huge bad line is decompressed once, not 64 times)."""
-        self.units += 1
-        self.distinct.add(u)
-        if self.units >= EMPTY_UNITS_LIMIT or len(self.distinct) >= len(self.source.units):
-            raise self.error()
-
-    def error(self) -> DataError:
-        source = self.source
-        spec = source.spec
-        k = spec.key
-        top = self.kinds.most_common(1)[0][0] if self.kinds else ""
-        if "max_doc_bytes" in top:
-            head, keys = f"{k}max_doc_bytes={spec.max_doc_bytes}", [f"{k}max_doc_bytes"]
-        elif "field" in top and source.chat:
-            head, keys = f"{k}format='chat'", [f"{k}format"]
-        elif "field" in top:
-            head, keys = f"{k}field={spec.field!r}", [f"{k}field"]
-        else:
-            head, keys = "", []
-        where = f"{k}path={spec.path!r}"
-        kinds = ", ".join(f"{kind} x{n}" for kind, n in self.kinds.most_common(3))
-        if len(self.kinds) > 3:
-            kinds += f", {len(self.kinds) - 3} other reasons"
-        records = self.skipped + self.blank
-        held = f"{records} records read, {self.skipped} skipped" + (f": {kinds}" if kinds else "")
-        if self.blank:
-            held += f"; {self.blank} blank lines"
-        if self.first is not None:
-            held += f"; the first: {self.first[0]}: {self.first[1]}"
-        if records >= EMPTY_RECORDS_LIMIT:
-            run = f"{records} consecutive records"
-        elif len(self.distinct) >= len(self.source.units) and self.units < EMPTY_UNITS_LIMIT:
-            run = f"every unit ({len(self.distinct)})"
-        else:
-            run = f"{self.units} consecutive units ({len(self.distinct)} distinct)"
-        what = f"{head}: {run} of {where} held no document" if head else f"{where}: {run} held no document"
-        return DataError(f"{what} ({held}); check {' / '.join(keys + [f'{k}path'])}")
 
 
 class _Reader:
@@ -252,52 +141,194 @@ class _Reader:
                 "cur": list(self.cur) if self.cur is not None else None}
 
 
+class Record:
+    """A document with a payload: text parts around marker tokens, and one *item* (a dict of
+    numpy arrays, an image for instance) per marker. Its tokens are ``enc(texts[0]) <marker>
+    enc(texts[1]) <marker> ...`` (``len(texts) == len(items) + 1``). Items travel with their
+    tokens through packing and reach the batch as extra keys (``loader.RankLoader``); a
+    loader state never holds them: a resumed run reads them again from the record."""
+
+    __slots__ = ("texts", "items")
+
+    def __init__(self, texts: Sequence[str], items: Sequence[dict]):
+        if len(texts) != len(items) + 1:
+            raise ValueError(f"a record of {len(items)} items needs {len(items) + 1} text parts, got {len(texts)}")
+        self.texts, self.items = list(texts), list(items)
+
+
+def payload_chars(payload) -> int:
+    """A document's size before tokenizing: characters (text, records, conversations), or
+    tokens for a pretokenized one (the loader's read-ahead budget)."""
+    if isinstance(payload, str):
+        return len(payload)
+    if isinstance(payload, Record):
+        return sum(map(len, payload.texts))
+    if isinstance(payload, np.ndarray):
+        return len(payload)
+    return sum(len(c) for _, c in payload)  # a conversation: (role, content) pairs
+
+
+class Encoder:
+    """The stateless batch work of the loader: documents as read -> documents as packed.
+    ``encode(payloads)`` returns, per document, (packed form, tokens, items, truncated): text
+    and records wrapped in ``<|begin_of_text|> ... <|end_of_text|>`` (an int64 array),
+    pretokenized arrays wrapped likewise, conversations rendered (tokens, loss mask) and
+    cut to ``max_length``. All texts of a call go to the tokenizer in one batch call."""
+
+    def __init__(self, tokenizer, window: int, chat: bool = False, max_length: int = -1,
+                 marker_id: Optional[int] = None):
+        self.tok, self.window, self.chat, self.marker_id = tokenizer, window, chat, marker_id
+        self.bos, self.eos = tokenizer.bos_id, tokenizer.eos_id
+        self.max_length = window if max_length < 0 else max_length
+        if chat:
+            if not 0 < self.max_length <= window:
+                raise ValueError(f"data.max_length={max_length}: must be in [1, train.seq_len+1={window}] or -1")
+            self.renderer = ChatRenderer(tokenizer)
+
+    def _wrap(self, parts) -> np.ndarray:
+        n = sum(len(p) for p in parts)
+        out = np.empty(n + 2, dtype=np.int64)
+        out[0], out[-1] = self.bos, self.eos
+        at = 1
+        for p in parts:
+            out[at:at + len(p)] = p
+            at += len(p)
+        return out
+
+    def encode(self, payloads: Sequence) -> List[tuple]:
+        if self.chat:
+            return [((t, m), len(t), [], tr) for t, m, tr in self.renderer.render_batch(payloads, self.max_length)]
+        texts = []
+        for p in payloads:
+            if isinstance(p, str):
+                texts.append(p)
+            elif isinstance(p, Record):
+                if self.marker_id is None:
+                    raise ValueError("a source yields records with items (payloads), but the loader has no "
+                                     "marker token for them (LoaderSpec.marker_id)")
+                texts.extend(p.texts)
+        flat, off = self.tok.encode_batch(texts) if texts else (None, None)
+        out, j = [], 0
+        for p in payloads:
+            if isinstance(p, np.ndarray):
+                w, items = self._wrap([p]), []
+            elif isinstance(p, str):
+                w, items = self._wrap([flat[off[j]:off[j + 1]]]), []
+                j += 1
+            else:
+                mark = np.asarray([self.marker_id], dtype=np.int64)
+                parts = []
+                for k in range(len(p.texts)):
+                    if k:
+                        parts.append(mark)
+                    parts.append(flat[off[j + k]:off[j + k + 1]])
+                j += len(p.texts)
+                w, items = self._wrap(parts), p.items
+            out.append((w, len(w), items, False))
+        return out
+
+
+def pick_source(seed: int, slot: int, tokens, docs, weights: np.ndarray) -> int:
+    """The mixture's next source for a slot that has taken ``docs`` documents and ``tokens``
+    tokens of each source (see the module docstring)."""
+    tokens, docs = np.asarray(tokens, dtype=np.float64), np.asarray(docs, dtype=np.float64)
+    seen = docs > 0
+    default = (tokens[seen] / docs[seen]).mean() if seen.any() else 1.0
+    mean_len = np.where(seen, tokens / np.maximum(docs, 1), default)
+    u = np.random.default_rng([seed, slot, int(docs.sum())]).exponential(size=len(tokens))
+    return int(np.argmin((tokens + u * mean_len) / weights))
+
+
+class SkipLog:
+    """Logs the first ``_MAX_SKIP_LOGS`` skipped records of a slot; the rest are counted."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, where: str, reason: str) -> None:
+        if self.n < _MAX_SKIP_LOGS:
+            self.n += 1
+            log.warning("skipped a record: %s: %s%s", where, reason,
+                        "" if self.n < _MAX_SKIP_LOGS else " (further skips are only counted)")
+
+
+# A document ready for a slot's packer: its key, packed form, tokens, items, whether it was
+# cut to max_length (chat), its resumable reference, the reader state after it, and the
+# records skipped and documents cut to max_doc_bytes by the reader up to it.
+Ready = Tuple[int, object, int, list, bool, dict, dict, Tuple[int, int]]
+
+
+def ready_doc(i: int, raw: tuple, encoded: tuple) -> Ready:
+    """``raw``: a reader's (g, cursor, payload, state after, skipped, cut)."""
+    g, c, _, snap, n_skipped, n_cut = raw
+    packed, n, items, truncated = encoded
+    return doc_key(i, g, c), packed, n, items, truncated, {"src": i, "g": g, "c": c}, snap, (n_skipped, n_cut)
+
+
 class SlotStream:
     """Iterator of windows (tokens, run-length document keys: keys, lengths) for one
-    slot, with ``state_dict``."""
+    slot, with ``state_dict``. Chat windows carry the loss mask as a fourth element; the
+    items of a window's markers are ``take_items()``.
+
+    ``feed(i)`` hands the slot its next document of source ``i`` (a ``Ready`` tuple, in the
+    reader's order): the loader graph feeds the slots from its tokenizing workers. Without
+    one the slot reads and tokenizes in process, a batch of documents per tokenizer call."""
 
     def __init__(self, sources: Sequence[Source], plans: Sequence[UnitPlan], weights: Sequence[float],
-                 tokenizer, window: int, state: dict, sft_packing: str = "pack", max_length: int = -1):
+                 tokenizer, window: int, state: dict, sft_packing: str = "pack", max_length: int = -1,
+                 marker_id: Optional[int] = None, feed: Optional[Callable[[int], Ready]] = None,
+                 encoder: Optional[Encoder] = None):
         self.sources, self.plans, self.tok = sources, plans, tokenizer
         self.weights = np.asarray(weights, dtype=np.float64)
         self.slot = state["slot"]
-        self._skip_logged = 0
         self.mix_tokens = list(state["mix_tokens"])
         self.mix_docs = list(state["mix_docs"])
-        self.readers = [_Reader(s, p, r, self._on_skip) for s, p, r in zip(sources, plans, state["readers"])]
+        self.chat = any(s.chat for s in sources)
+        if self.chat and not all(s.chat for s in sources):
+            raise ValueError("data.format=chat: every source must be chat JSONL")
+        self.encoder = encoder or Encoder(tokenizer, window, self.chat, max_length, marker_id)
         # Committed reader states: after the last document handed to the packer; and the
         # records skipped before it and the documents cut to max_doc_bytes up to it
         # (read-ahead counts once their turn comes).
-        self.reader_states = [r.snapshot() for r in self.readers]
+        self.reader_states = [dict(r) for r in state["readers"]]
         self._skips_committed = [0] * len(sources)
         self._skips_reported = 0
         self._cuts_committed = [0] * len(sources)
         self._cuts_reported = 0
-        self.chat = any(s.chat for s in sources)
         self._truncated = 0  # chat: conversations cut to max_length, packed since the last take
+        self.consumed = 0  # tokens (chat pad: documents) handed to the packer so far
+        if feed is None:
+            on_skip = SkipLog()
+            self.readers = [_Reader(s, p, r, on_skip) for s, p, r in zip(sources, plans, state["readers"])]
+            self._iters = [self._encoded(i) for i in range(len(sources))]
+            feed = self._next_encoded
+        self._feed = feed
         if self.chat:
-            if not all(s.chat for s in sources):
-                raise ValueError("data.format=chat: every source must be chat JSONL")
-            self.max_length = window if max_length < 0 else max_length
-            if not 0 < self.max_length <= window:
-                raise ValueError(f"data.max_length={max_length}: must be in [1, train.seq_len+1={window}] or -1")
-            self.renderer = ChatRenderer(tokenizer)
-            self._iters = [self._rendered(i) for i in range(len(sources))]
             self.packer = ChatPacker(window, sft_packing, pad_id(tokenizer))
         else:
-            self._iters = [self._tokenized(i) for i in range(len(sources))]
-            self.packer = Packer(window, tokenizer.bos_id, tokenizer.eos_id)
+            self.packer = Packer(window, tokenizer.bos_id, tokenizer.eos_id, self.encoder.marker_id)
         self.packer.load_fragments(state["packer"], self._fetch)
 
-    def _on_skip(self, where: str, reason: str) -> None:
-        if self._skip_logged < _MAX_SKIP_LOGS:
-            self._skip_logged += 1
-            log.warning("skipped a record: %s: %s%s", where, reason,
-                        "" if self._skip_logged < _MAX_SKIP_LOGS else " (further skips are only counted)")
+    def _next_encoded(self, i: int) -> Ready:
+        return next(self._iters[i])
+
+    def _encoded(self, i: int) -> Iterator[Ready]:
+        """In process: source i's documents, tokenized in batches of up to ``_ENCODE_DOCS``
+        documents or ``_ENCODE_CHARS`` characters."""
+        reader = iter(self.readers[i])
+        while True:
+            batch, chars = [next(reader)], 0
+            while len(batch) < _ENCODE_DOCS:
+                chars += payload_chars(batch[-1][2])
+                if chars >= _ENCODE_CHARS:
+                    break
+                batch.append(next(reader))
+            for raw, enc in zip(batch, self.encoder.encode([b[2] for b in batch])):
+                yield ready_doc(i, raw, enc)
 
     def _fetch(self, ref: dict):
-        """The packed form of a saved fragment's document, or None (with a warning) when
-        its file vanished or cannot be read: the fragment is dropped."""
+        """The packed form of a saved fragment's document (text: with its items), or None
+        (with a warning) when its file vanished or cannot be read: the fragment is dropped."""
         src = self.sources[ref["src"]]
         unit = src.units[self.plans[ref["src"]].unit(ref["g"])]
         try:
@@ -306,71 +337,34 @@ class SlotStream:
             log.warning("dropped the rest of a document being packed when the checkpoint was written: "
                         "%s, cursor %d: vanished or unreadable (%s)", src.unit_label(unit), ref["c"], e)
             return None
-        if self.chat:
-            tokens, mask, _ = self.renderer.render_batch([payload], self.max_length)[0]
-            return tokens, mask
-        toks = payload if src.tokenized else self.tok.encode_batch([payload])[0]
-        return self.packer.wrap(toks)
-
-    def _tokenized(self, i: int) -> Iterator[tuple]:
-        """(key, wrapped tokens, ref, reader state after) for source i, tokenized in batches."""
-        src, reader = self.sources[i], iter(self.readers[i])
-        while True:
-            batch, chars = [next(reader)], 0
-            while not src.tokenized and len(batch) < _ENCODE_DOCS:
-                chars += len(batch[-1][2])
-                if chars >= _ENCODE_CHARS:
-                    break
-                batch.append(next(reader))
-            if src.tokenized:
-                toks = [batch[0][2]]
-            else:
-                flat, off = self.tok.encode_batch([b[2] for b in batch])
-                toks = [flat[off[j]:off[j + 1]] for j in range(len(batch))]
-            for (g, c, _, snap, n_skipped, n_cut), t in zip(batch, toks):
-                yield doc_key(i, g, c), self.packer.wrap(t), {"src": i, "g": g, "c": c}, snap, (n_skipped, n_cut)
-
-    def _rendered(self, i: int) -> Iterator[tuple]:
-        """Chat: (key, (tokens, loss mask), ref, reader state after, skipped, truncated)."""
-        reader = iter(self.readers[i])
-        while True:
-            batch, chars = [next(reader)], 0
-            while len(batch) < _ENCODE_DOCS:
-                chars += sum(len(c) for _, c in batch[-1][2])
-                if chars >= _ENCODE_CHARS:
-                    break
-                batch.append(next(reader))
-            rendered = self.renderer.render_batch([b[2] for b in batch], self.max_length)
-            for (g, c, _, snap, n_skipped, n_cut), (t, m, truncated) in zip(batch, rendered):
-                yield doc_key(i, g, c), (t, m), {"src": i, "g": g, "c": c}, snap, (n_skipped, n_cut), truncated
+        packed, _, items, _ = self.encoder.encode([payload])[0]
+        return packed if self.chat else (packed, items)
 
     def _pick_source(self) -> int:
         if len(self.sources) == 1:
             return 0
-        tokens, docs = np.asarray(self.mix_tokens, dtype=np.float64), np.asarray(self.mix_docs, dtype=np.float64)
-        seen = docs > 0
-        default = (tokens[seen] / docs[seen]).mean() if seen.any() else 1.0
-        mean_len = np.where(seen, tokens / np.maximum(docs, 1), default)
-        u = np.random.default_rng([self.plans[0].seed, self.slot, int(docs.sum())]).exponential(size=len(tokens))
-        return int(np.argmin((tokens + u * mean_len) / self.weights))
+        return pick_source(self.plans[0].seed, self.slot, self.mix_tokens, self.mix_docs, self.weights)
 
     def next_window(self):
         """(tokens, keys, lengths), and for chat a fourth element: the loss mask."""
         while not self.packer.ready():
             i = self._pick_source()
+            key, packed, n_tokens, items, truncated, ref, snap, counts = self._feed(i)
+            self._truncated += truncated
             if self.chat:
-                key, wrapped, ref, snap, counts, truncated = next(self._iters[i])
-                self._truncated += truncated
-                n_tokens = len(wrapped[0])
+                self.packer.add(key, packed, ref)
             else:
-                key, wrapped, ref, snap, counts = next(self._iters[i])
-                n_tokens = len(wrapped)
-            self.packer.add(key, wrapped, ref)
+                self.packer.add(key, packed, ref, 0, items)
             self.reader_states[i] = snap
             self._skips_committed[i], self._cuts_committed[i] = counts
             self.mix_tokens[i] += n_tokens
             self.mix_docs[i] += 1
+            self.consumed += 1 if self.chat and self.packer.mode == "pad" else n_tokens
         return self.packer.cut()
+
+    def take_items(self) -> list:
+        """The items of the last window's markers, in order (text sources only)."""
+        return [] if self.chat else self.packer.items
 
     def take_truncated(self) -> int:
         """Chat: conversations cut to max_length among those packed since the last call."""
@@ -390,14 +384,9 @@ class SlotStream:
         n, self._skips_reported = total - self._skips_reported, total
         return n
 
-    def state_dict(self, with_queue: bool = True) -> dict:
-        """``with_queue=False`` leaves out the readers' queues (fixed between loads; the
-        loader's main process keeps them) to keep per-batch states small."""
-        readers = self.reader_states if with_queue else [
-            {k: v for k, v in r.items() if k != "queue"} for r in self.reader_states]
-        return {"slot": self.slot, "readers": readers,
-                "packer": self.packer.state_dict(), "mix_tokens": list(self.mix_tokens),
-                "mix_docs": list(self.mix_docs)}
+    def state_dict(self) -> dict:
+        return {"slot": self.slot, "readers": list(self.reader_states), "packer": self.packer.state_dict(),
+                "mix_tokens": list(self.mix_tokens), "mix_docs": list(self.mix_docs)}
 
 
 def reshard(states: List[dict], new_slots: int) -> List[dict]:

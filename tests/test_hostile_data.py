@@ -21,7 +21,8 @@ import data_pipeline.sources as sources_mod
 import data_pipeline.tokenizer as tokenizer_mod
 from data_pipeline.loader import LoaderSpec, RankLoader
 from data_pipeline.sources import DataError, SourceSpec, build_source
-from data_pipeline.stream import EMPTY_UNITS_LIMIT, SlotStream, UnitPlan, fresh_slot_state, key_unit
+from data_pipeline.runs import EMPTY_UNITS_LIMIT
+from data_pipeline.stream import SlotStream, UnitPlan, fresh_slot_state, key_unit
 from data_pipeline.tokenizer import HFTokenizer, Llama3Tokenizer, hf_chunkable, split_for_encoding, train_bpe
 from tests.conftest import REPO, TINY, _env, read_metrics, run_job
 from tests.datagen import make_docs, write_jsonl, write_parquet
@@ -156,11 +157,11 @@ def test_blank_lines_count_toward_the_no_document_limit(tmp_path, tok, monkeypat
     nothing counted. Now EMPTY_RECORDS_LIMIT records in a row without a document stop the
     stream, the tokenizer's sample and pretokenize, naming the path and the blank lines
     (the limit lowered here from its 1,000,000: a second of blank lines each time)."""
-    import data_pipeline.stream as stream_mod
+    import data_pipeline.runs as runs_mod
     from data_pipeline.pretokenize import main as pretokenize_main
 
     EMPTY_RECORDS_LIMIT = 100_000
-    monkeypatch.setattr(stream_mod, "EMPTY_RECORDS_LIMIT", EMPTY_RECORDS_LIMIT)
+    monkeypatch.setattr(runs_mod, "EMPTY_RECORDS_LIMIT", EMPTY_RECORDS_LIMIT)
 
     path = tmp_path / "blank.jsonl.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(b"\n" * (EMPTY_RECORDS_LIMIT + 10) + b'{"text": "late"}\n'))
