@@ -182,7 +182,8 @@ class RankLoader:
                 raise LoaderStateMismatch(
                     f"{src.spec.key}path={src.spec.path!r} lists {count}: the saved positions index that listing "
                     f"({src.spec.key}path, glob, chunk_bytes, rows_per_unit or the files changed; the same files "
-                    "under another root are fine); restore it, or start another run dir")
+                    "under another root are fine); restore it, or set checkpoint.resume_data=false to start the data "
+                    "afresh")
         if then.get("tokenizer") != now["tokenizer"]:
             raise LoaderStateMismatch(f"data.tokenizer: fingerprint {now['tokenizer']} now, {then.get('tokenizer')} "
                                       "when the checkpoint was written (its packers hold that tokenizer's token ids)")

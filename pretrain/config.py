@@ -190,6 +190,11 @@ class CheckpointConfig:
     load_path: Optional[str] = None
     # With load_path: take only the model weights (new optimizer, data from the start, step 0).
     load_weights_only: bool = False
+    # Restore the data loader's position with the checkpoint. false restores weights,
+    # optimizer, step and tokens seen and starts the data afresh (a new corpus or mixture, a
+    # new train.seq_len, a checkpoint without a loader state); a restart of the same job
+    # (torchrun, SLURM requeue) still resumes its own checkpoints' data.
+    resume_data: bool = True
     # After a stop signal (SIGTERM, SIGUSR1, SIGINT) in the step loop: seconds of steps
     # running (not evaluation, logging or saves between them) the job waits for the next
     # step boundary, where it saves; past them it ends without a checkpoint (exit 128 +

@@ -92,6 +92,31 @@ def test_elastic_resume_reads_every_document_exactly_once(corpus, tmp_path, tok_
     assert not over, f"documents read more than once: {over}"
 
 
+def test_resume_data_false_keeps_model_optimizer_and_step_and_starts_the_data_afresh(corpus, tmp_path, tok_cache):
+    """checkpoint.resume_data=false on a checkpoint of another corpus: the step and tokens
+    seen continue, the first batch is a fresh loader's first batch of the new corpus, and
+    the model and optimizer are the checkpoint's (the same first loss as a weights-only
+    start, then another path: the optimizer moments are restored). Without it the loader
+    state is refused naming the knob."""
+    d, tok = corpus
+    other = tmp_path / "other"
+    write_jsonl(other / "b.jsonl", make_docs(30, seed=9))
+    first = tmp_path / "first"
+    run_job(first, [*job_args(corpus, "checkpoint.interval=4"), "train.steps=4"], tok_cache=tok_cache)
+    ckpt = first / "checkpoints" / "step-4"
+    moved = [*job_args(corpus, f"data.path={other}", f"checkpoint.load_path={ckpt}"), "train.steps=6"]
+    refused = run_job(tmp_path / "refused", moved, tok_cache=tok_cache, check=False)
+    assert refused.returncode == 4 and "checkpoint.resume_data=false" in refused.stderr, refused.stderr[-2000:]
+    run_job(tmp_path / "afresh", [*moved, "checkpoint.resume_data=false"], tok_cache=tok_cache)
+    run_job(tmp_path / "weights", [*moved, "checkpoint.load_weights_only=true", "train.steps=2"], tok_cache=tok_cache)
+    a, w, before = read_metrics(tmp_path / "afresh"), read_metrics(tmp_path / "weights"), read_metrics(first)
+    assert [m["step"] for m in a] == [5, 6]
+    assert a[0]["tokens_seen"] == before[-1]["tokens_seen"] + 4 * SEQ
+    assert audit(tmp_path / "afresh")[5] == audit(tmp_path / "weights")[1]  # the new corpus from its start
+    assert a[0]["loss"] == w[0]["loss"]  # the checkpoint's weights
+    assert a[1]["loss"] != w[1]["loss"]  # its optimizer moments and schedule, not fresh ones
+
+
 def test_mixture_metrics_and_skipped_records(corpus, tmp_path, tok_cache):
     d, tok = corpus
     write_parquet(tmp_path / "code" / "c.parquet", make_docs(30, seed=8), row_group_size=5)

@@ -57,6 +57,16 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 __all__ = ["CheckpointError", "Checkpointer", "complete_checkpoints", "read_meta", "check_shapes"]
 
 
+def loader_states_of(path: Path) -> List[dict]:
+    """The data loader states (``loader/dp-*.json``) of a checkpoint."""
+    loader_files = sorted((path / "loader").glob("dp-*.json"))
+    if not loader_files:
+        raise CheckpointError(f"checkpoint {path} has no loader/ state (written by an older version, or imported): "
+                              "checkpoint.resume_data=false resumes it with the data started afresh; or start a "
+                              "new run dir")
+    return [read_json(f, "a data loader state") for f in loader_files]
+
+
 def complete_checkpoints(root: Path) -> list[Tuple[int, Path]]:
     if not root.is_dir():
         return []
@@ -240,6 +250,9 @@ class Checkpointer:
         self.restart = max(int(os.environ.get(k, "0") or 0) for k in ("TORCHELASTIC_RESTART_COUNT",
                                                                       "SLURM_RESTART_COUNT"))
         self.resume = cfg.resume or self.restart > 0
+        # checkpoint.resume_data=false starts the data afresh on the job's first attempt; a
+        # restart continues the data its first attempt began.
+        self.resume_data = cfg.resume_data or self.restart > 0
         self._pending = None  # (future, step, partial, meta, writer, side files)
         self._pg = None
         if cfg.async_save and dist.is_initialized():
@@ -403,12 +416,16 @@ class Checkpointer:
         ``step-N.corrupt``, with a warning, and the one before it is tried; one that does
         not fit this job's model is an error, not a corruption), else
         ``checkpoint.load_path``; (0, 0, None) for a fresh start (also after
-        ``load_weights_only``). ``restore_loader(states)`` applies the loader states (its
-        errors name the loader files, like any other bad file)."""
+        ``load_weights_only``); the loader states are ``[]`` after a full load with
+        ``checkpoint.resume_data=false`` (the data starts afresh). ``restore_loader(states)``
+        applies the loader states (its errors name the loader files, like any other bad file)."""
         moved = pdist.broadcast_object(agreed(self._tidy_root))  # rank 0's: {old path: where it was set aside}
         if not self.cfg.resume and self.resume and self.is_rank0:
             log.info("checkpoint.resume=false, but this is restart %d of the job: it resumes its own checkpoints",
                      self.restart)
+        if not self.cfg.resume_data and self.resume_data and self.is_rank0:
+            log.info("checkpoint.resume_data=false, but this is restart %d of the job: it resumes its own "
+                     "checkpoints' data position", self.restart)
         done = complete_checkpoints(self.root) if self.resume else []
         while done:
             _, path = done.pop()
@@ -535,17 +552,20 @@ class Checkpointer:
         agreed(self._apply, path, model, optimizer, state)
 
         def side_files():
-            loader_files = sorted((path / "loader").glob("dp-*.json"))
-            if not loader_files:
-                raise CheckpointError(f"checkpoint {path} has no loader/ state: it was written by an older version; "
-                                      "start a new run dir or set checkpoint.resume=false")
-            states = [read_json(f, "a data loader state") for f in loader_files]
-            if restore_loader is not None:
+            if not self.resume_data:
+                states = []
+                if self.is_rank0:
+                    log.info("checkpoint.resume_data=false: the data starts afresh at step %d", meta["step"])
+            else:
+                states = loader_states_of(path)
+            if restore_loader is not None and states:
                 try:
                     restore_loader(states)
                 except LoaderStateMismatch as e:
                     raise CheckpointMismatch(f"checkpoint {path}: its data position does not fit this job's data: "
-                                             f"{e}. The checkpoint is sound and stays where it is") from None
+                                             f"{e}. The checkpoint is sound and stays where it is; "
+                                             "checkpoint.resume_data=false resumes it with the data started "
+                                             "afresh") from None
                 except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                     raise CheckpointError(f"{path / 'loader'}/dp-*.json: not a loader state this job can use "
                                           f"({type(e).__name__}: {e})") from None
