@@ -344,7 +344,7 @@ def test_rank_loader_resumes_exactly_whatever_the_worker_count(tmp_path, llama3)
 
     ref = loader(0)
     ref_batches = [next(ref)["input_ids"] for _ in range(12)]
-    a = loader(2)  # two worker processes
+    a = loader(2)  # two tokenizer threads
     for i in range(5):
         assert torch.equal(next(a)["input_ids"], ref_batches[i])
     saved = json.loads(json.dumps([a.state_dict(), loader(0, dp_rank=0).state_dict()]))
@@ -359,6 +359,36 @@ def test_rank_loader_resumes_exactly_whatever_the_worker_count(tmp_path, llama3)
     one = loader(0, dp_rank=0, dp_world=1, lbs=6)
     one.load_rank_states(saved)
     assert torch.equal(next(one)["input_ids"][3:], ref_batches[5])
+
+
+def test_a_state_written_by_the_dataloader_loader_resumes_bit_identically(tmp_path, llama3):
+    """tests/data/loader_state_v1.json: a state written by the loader before the torchdata
+    graph (torch DataLoader's code, in process; after an elastic 4 -> 2 stream reshard, so
+    its packers hold literal token tails and document references, over a two-source
+    mixture), with digests of the three batches that loader produced next. This loader,
+    with 0, 1 or 3 workers, resumes it to the same batches, bit for bit."""
+    import hashlib
+
+    from tests.conftest import REPO as repo
+
+    fx = json.loads((repo / "tests" / "data" / "loader_state_v1.json").read_text())
+    assert any("tokens" in fr for row in fx["state"]["rows"] for st in row["slots"] for fr in st["packer"])
+    write_jsonl(tmp_path / "corpus" / "a" / "a.jsonl", make_docs(60, seed=11, max_words=120))
+    write_jsonl(tmp_path / "corpus" / "b" / "b.jsonl", make_docs(40, seed=12, max_words=30))
+    for workers in (0, 1, 3):
+        srcs = [build_source(SourceSpec("jsonl", str(tmp_path / "corpus" / x), chunk_bytes=700)) for x in "ab"]
+        ld = RankLoader(srcs, [0.7, 0.3], llama3, LoaderSpec(seq_len=24, local_batch_size=1, dp_rank=0, dp_world=1,
+                                                             num_workers=workers, seed=5, shuffle=True,
+                                                             streams_per_row=2, positions=True))
+        ld.load_rank_states([fx["state"]])
+        got = []
+        for _ in range(3):
+            b, h = next(ld), hashlib.sha256()
+            for k in ("input_ids", "labels", "positions", "doc_ids", "source_tokens"):
+                h.update(b[k].numpy().tobytes())
+            got.append(h.hexdigest())
+        ld.close()
+        assert got == fx["next_batches_sha256"], workers
 
 
 def test_micro_batches_split_the_same_step_rows(tmp_path, llama3):
