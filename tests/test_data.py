@@ -513,3 +513,84 @@ def test_document_mask_isolates_documents(llama3):
     # Without the mask the previous document leaks in: the check can fail.
     leaky_a, leaky_b = logits_of_last_doc(list(range(200, 210)), False), logits_of_last_doc(list(range(300, 315)), False)
     assert (leaky_a - leaky_b).abs().max() > 1e-2
+
+
+class _ItemSource:
+    """A synthetic source of ``stream.Record`` documents (the slot images will use):
+    document n holds n % 4 markers, item j of it {"vec": [n, j], "img": a 2x3 array of n},
+    and the text after marker j names it (``d<n>k<j>``)."""
+
+    def __new__(cls, n_units: int, per_unit: int):
+        from data_pipeline.sources import Source
+        from data_pipeline.stream import Record
+
+        class ItemSource(Source):
+            def _iter_docs(self, unit, cursor, on_skip, on_truncate):
+                for c in range(cursor, per_unit):
+                    n = unit[0] * per_unit + c
+                    texts = [f"doc {n} opens here"] + [f" d{n}k{j} and some words after it" for j in range(n % 4)]
+                    items = [{"vec": np.array([n, j], np.float32), "img": np.full((2, 3), n, np.int16)}
+                             for j in range(n % 4)]
+                    yield c, c + 1, Record(texts, items)
+
+        src = ItemSource(SourceSpec("jsonl", "synthetic"))
+        src.units = [(u,) for u in range(n_units)]
+        return src
+
+
+def test_items_travel_with_their_markers_and_are_read_again_on_resume(llama3):
+    """Documents with items (a payload per marker token): every item reaches the batch of
+    the window that holds its marker, at its marker's position, with the arrays of its own
+    document; per-token arrays built at batching time (``collate``) arrive split by
+    micro-batch; a loader state holds no item and a resumed loader (other worker count)
+    gives the same batches, items included."""
+    marker = llama3.special_id("<|reserved_special_token_2|>")
+
+    def latest_item(batch):  # per input position: the index of the last item seen, -1 before any
+        pos, s = batch["item_positions"], batch["tokens"].shape[1] - 1
+        idx = np.full((len(pos), s), -1, dtype=np.int64)
+        for q, row in enumerate(pos):
+            for k, p in enumerate(row):
+                if 0 <= p < s:
+                    idx[q, p:] = k
+        return {"item_index": idx}
+
+    def loader(workers):
+        return RankLoader([_ItemSource(12, 5)], [1.0], llama3, LoaderSpec(
+            seq_len=20, local_batch_size=2, dp_rank=0, dp_world=1, num_workers=workers, seed=1, shuffle=True,
+            grad_accum_steps=2, streams_per_row=2, marker_id=marker, collate=latest_item))
+
+    ref = loader(0)
+    straight = [next(ref) for _ in range(16)]
+    seen = 0
+    for b in straight:
+        window = torch.cat([b["input_ids"], b["labels"][:, -1:]], 1)
+        assert b["item_index"].shape == b["input_ids"].shape
+        for q in range(len(window)):
+            for k, p in enumerate(b["item_positions"][q].tolist()):
+                if p < 0:
+                    assert b["item_vec"][q, k].eq(0).all()
+                    continue
+                assert window[q, p] == marker
+                if p + 6 <= window.shape[1]:
+                    n, j = map(int, re.search(r"d(\d+)k(\d+)", llama3.decode(window[q, p + 1:p + 6].tolist())).groups())
+                    assert b["item_vec"][q, k].tolist() == [n, j] and b["item_img"][q, k].eq(n).all()
+                    seen += 1
+                assert p == b["input_ids"].shape[1] or b["item_index"][q, p] == k
+            assert (window[q] == marker).sum() == (b["item_positions"][q] >= 0).sum()
+    assert seen > 20
+    a = loader(2)
+    for i in range(6):
+        next(a)
+    text = json.dumps(a.state_dict())
+    a.close()
+    assert '"vec"' not in text and '"img"' not in text and len(text) < 4000
+    for workers in (0, 3):
+        b = loader(workers)
+        b.load_rank_states([json.loads(text)])
+        for want in straight[6:]:
+            got = next(b)
+            assert want.keys() == got.keys()
+            for k, v in want.items():
+                assert torch.equal(v, got[k]) if isinstance(v, torch.Tensor) else v == got[k], k
+        b.close()
