@@ -2,17 +2,21 @@
 
 1. raw tokenizer: Llama 3 (quicktok) encoding the documents, one thread, nothing else;
 2. streaming pipeline: JSONL -> parse -> tokenize -> pack -> batch, through RankLoader,
-   with 0 (in process), 1 and 2 worker processes; tokens/s as the trainer receives them;
+   with 0 (all in the calling thread), 1 and 2 tokenizer threads; tokens/s as the trainer
+   receives them. Every worker count also runs the graph's reader thread (read, parse) and
+   its prefetching thread (pack, batch): "per worker" divides by the tokenizer threads;
 3. pretokenized shards (same documents) through the same loader, in process (one core);
 4. data_wait share of step time in a short real training run (the demo's model, one
-   process, data.num_workers=1).
+   process, data.num_workers=1);
+5. the loader state's JSON bytes after 3,000 batches of a skewed corpus (document lengths
+   from 5 characters to 200K, a 95/5 two-source mixture; 8 rows x 8 streams).
 
 Corpus: this interpreter's standard library sources (subpackages included), one JSONL
 record per file, up to ``--mb`` megabytes of distinct text. Every measurement runs in its
 own fresh process and reads the corpus once: quicktok caches pieces it has seen, so a
 second pass over the same text would flatter whichever path ran second. Last line:
 machine-readable key=value pairs, with ratio = streaming tokens/s per worker (1 worker) /
-raw tokenizer tokens/s."""
+raw tokenizer tokens/s and scale2 = tokens/s with 2 workers / with 1."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +70,31 @@ def loader_rate(source, tok, workers: int, seq_len: int, batch: int, tokens: int
     return n / dt
 
 
+def skewed_state_bytes(batches: int = 3000) -> int:
+    """JSON bytes of a rank's loader state after ``batches`` batches of a skewed corpus."""
+    import random
+
+    rng = random.Random(0)
+    words = "the of and to in is was for on that with as by at from".split()
+    with tempfile.TemporaryDirectory() as d:
+        for name, n in (("big", 3000), ("small", 3000)):
+            with open(Path(d) / f"{name}.jsonl", "w") as f:
+                for _ in range(n):
+                    chars = min(200_000, int(5 * rng.paretovariate(0.6)))
+                    text = " ".join(rng.choice(words) for _ in range(max(1, chars // 4)))
+                    f.write(json.dumps({"text": text}) + "\n")
+        srcs = [build_source(SourceSpec("jsonl", str(Path(d) / f"{x}.jsonl"), chunk_bytes=1 << 16))
+                for x in ("big", "small")]
+        spec = LoaderSpec(seq_len=256, local_batch_size=8, dp_rank=0, dp_world=1, num_workers=1, seed=0,
+                          shuffle=True, streams_per_row=8)
+        ld = RankLoader(srcs, [0.95, 0.05], Llama3Tokenizer(), spec)
+        for _ in range(batches):
+            next(ld)
+        n = len(json.dumps(ld.state_dict()))
+        ld.close()
+    return n
+
+
 def data_wait_share(steps: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "pretrain", "experiment=demo", f"train.steps={steps}", "logging.every=10",
@@ -87,6 +116,8 @@ def measure(what: str, d: Path, seq_len: int, batch: int) -> float:
             flat, _ = tok.encode_batch(docs[i:i + 32])
             n += len(flat)
         return n / (time.perf_counter() - t0)
+    if what == "state":
+        return skewed_state_bytes()
     if what == "pretok":
         src = build_source(SourceSpec("pretokenized", str(d / "shards"), rows_per_unit=64))
         return loader_rate(src, tok, 0, seq_len, batch, budget)
@@ -129,24 +160,26 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in runs.items()}
         raw, pretok = med["raw"], med["pretok"]
         rates = {w: med[f"w{w}"] for w in (0, 1, 2)}
+        state_bytes = int(run("state"))
 
     wait = data_wait_share(a.train_steps) if a.train_steps else float("nan")
-    ratio = rates[1] / raw
+    ratio, scale2 = rates[1] / raw, rates[2] / rates[1]
     print(f"corpus: {len(docs)} documents, {m['n_tokens'] / 1e6:.2f} M Llama 3 tokens; seq_len {a.seq_len}, "
           f"batch {a.batch}, 8 streams per row; {os.cpu_count()} cores; each path in a fresh process, "
           f"median of {a.repeats} alternating repeats")
     print(f"{'path':<44}{'tokens/s':>14}{'per worker':>14}")
     print(f"{'raw tokenizer (quicktok llama3, 1 thread)':<44}{raw:>14,.0f}{raw:>14,.0f}")
     for w in (0, 1, 2):
-        label = f"streaming JSONL, {w} worker(s)" + (" (in process)" if w == 0 else "")
+        label = f"streaming JSONL, {w} tokenizer thread(s)" if w else "streaming JSONL, in the calling thread"
         print(f"{label:<44}{rates[w]:>14,.0f}{rates[w] / max(w, 1):>14,.0f}")
     print(f"{'pretokenized shards, in process':<44}{pretok:>14,.0f}{pretok:>14,.0f}")
-    print(f"streaming per worker / raw tokenizer: {ratio:.2f} (target >= 0.80)")
+    print(f"streaming per worker / raw tokenizer: {ratio:.2f} (target >= 0.80); 2 workers / 1: {scale2:.2f}")
     print(f"pretokenized: {pretok / 1e6:.1f} M tokens/s (target >= 20 M on one core)")
     print(f"training run data_wait share: {wait:.2%} (target < 2%)")
+    print(f"loader state after 3,000 batches of a skewed corpus: {state_bytes:,} bytes of JSON")
     print(f"raw_tok_per_s={raw:.0f} stream_w0_tok_per_s={rates[0]:.0f} stream_w1_tok_per_s={rates[1]:.0f} "
           f"stream_w2_tok_per_s={rates[2]:.0f} pretok_tok_per_s={pretok:.0f} data_wait_share={wait:.4f} "
-          f"ratio={ratio:.3f}")
+          f"state_bytes={state_bytes} ratio={ratio:.3f} scale2={scale2:.3f}")
 
 
 if __name__ == "__main__":

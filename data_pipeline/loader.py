@@ -227,6 +227,8 @@ class RankLoader:
             err = None
         except DataError as e:
             err = _thread_data_error(e)
+        except Exception as e:  # noqa: BLE001 - a failure in a loader thread, named as such
+            err = _thread_error(e)
         if err is not None:  # raised here, not in the handler: no reference to the threads' frames
             self._stop_threads()
             raise err
@@ -245,8 +247,10 @@ class RankLoader:
         return out
 
     def close(self) -> None:
-        self._sync_states()
-        self._stop_threads()
+        try:
+            self._sync_states()
+        finally:
+            self._stop_threads()
 
     def _stop_threads(self) -> None:
         """Stop the graph's threads now rather than when it is collected."""
@@ -343,6 +347,19 @@ def _thread_data_error(e: DataError) -> DataError:
         if at >= 0:
             return DataError(msg[at + len(marker):].strip())
     return e
+
+
+def _thread_error(e: Exception) -> Exception:
+    """Another exception of a loader thread: its type, with a message that names the loader
+    and keeps the thread's traceback (torchdata's "Caught X in ..." text)."""
+    msg = str(e)
+    if not msg.startswith("Caught "):
+        return e
+    try:
+        out = type(e)(f"in the data loader's graph (data_pipeline/graph.py): {msg}")
+    except Exception:  # noqa: BLE001 - a type that takes other arguments
+        out = RuntimeError(f"in the data loader's graph (data_pipeline/graph.py): {type(e).__name__}: {msg}")
+    return out
 
 
 def _check_chat(sources, tokenizer, spec: LoaderSpec) -> None:

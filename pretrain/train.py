@@ -219,7 +219,7 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
         raise
     finally:
         # Each one runs even when another raises (a full disk fails the metrics sink's
-        # close): loader workers left alive would keep the process from exiting.
+        # close): the loader's threads are stopped rather than left reading ahead.
         with ExitStack() as stack:
             for close in (job.loader.close, audit.close if audit is not None else None, sink.close, profiler.stop,
                           ckpt.close):
