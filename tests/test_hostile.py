@@ -607,7 +607,7 @@ def test_a_malformed_loader_state_falls_back_like_a_corrupt_file(ckpt_run, tmp_p
 
 def test_disk_full_while_logging_ends_the_job_with_a_true_status(tmp_path, tok_cache, tmpfs):
     """The disk fills after step 1 (metrics, log): the job exits 1 within seconds (its
-    loader worker is shut down, not waited for forever) and status.json says failed,
+    loader's threads are stopped, not waited for forever) and status.json says failed,
     rewritten in place when no temporary file fits."""
     run = tmpfs(tmp_path / "small", "1m")
     proc = start(run / "run", [*DET, "train.steps=100000"], tok_cache)
