@@ -25,11 +25,13 @@ known to be within ``max_doc_bytes``, except a Parquet or datasets cell (their r
 a column at a time)."""
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
 import os
 import stat
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,11 +96,212 @@ def _is_local(fs) -> bool:
 
 def open_binary(fs, path: str):
     """Local files with the builtin open (fsspec's path handling costs ~1 ms per open);
-    others through a ``BufferedReader`` where fsspec's file has no bounded ``readline``."""
+    remote ones (object stores, HTTP) through ``RemoteFile`` (retried reads, read-ahead
+    that starts small after a seek) under a ``BufferedReader`` for a bounded ``readline``."""
     if _is_local(fs):
         return open(path, "rb")
-    f = fs.open(path, "rb")
-    return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(f, 1 << 16)
+    return io.BufferedReader(RemoteFile(fs, path), 1 << 16)
+
+
+def _reading_until(f, end: Optional[int]) -> None:
+    """Tells a remote file (``RemoteFile``) where its reader means to stop: read-ahead
+    goes little past ``end``. Other files: nothing to do."""
+    raw = getattr(f, "raw", None)
+    if isinstance(raw, RemoteFile):
+        raw.end = end
+
+
+# Reads of remote files are retried REMOTE_READ_ATTEMPTS times in all, REMOTE_RETRY_DELAY
+# seconds after the first failure and twice as long after each next one, when the failure
+# is transient: a connection refused, reset or cut mid-response, a timeout, an HTTP 5xx
+# (or 408, 429). A missing object (404), a refusal (403) or another 4xx, and an object
+# replaced while it is read, are not retried: they raise at once (an ``OSError``, so the
+# unit is a counted skip, like a vanished local file); so does a transient failure that
+# outlasts the attempts (``RemoteReadError``). These retries come on top of the client's
+# own: s3fs retries a cut or failed connection 5 times (0.1 s, x1.7), botocore an HTTP
+# 5xx/429 or a connection error per its retry mode (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS;
+# legacy by default: 5 attempts); what gets through those is retried here.
+REMOTE_READ_ATTEMPTS = 5
+REMOTE_RETRY_DELAY = 0.1
+# A remote file is fetched in blocks: the first after an open or a seek of READAHEAD_MIN
+# bytes (a resume reads little of a large file), each next one in a sequential read
+# twice the size of the last, up to READAHEAD_MAX (few requests for a long read). With
+# an ``end`` (a JSONL byte range's), blocks stop READAHEAD_TAIL bytes past it (the rest of
+# the range's last line, mostly), and past it they start at that size again and double.
+READAHEAD_MIN, READAHEAD_MAX, READAHEAD_TAIL = 64 << 10, 8 << 20, 16 << 10
+
+
+class RemoteReadError(OSError):
+    """A transient failure to read a remote file that outlasted the retries."""
+
+
+class RemoteFileChanged(OSError):
+    """A remote file reopened after a failed read is not the one first opened."""
+
+
+_TRANSPORT_ERRORS: Optional[tuple] = None
+
+
+def _transport_errors() -> tuple:
+    """Exception types of HTTP clients that mean a failed connection or response (not an
+    HTTP status): they are not ``OSError``s."""
+    global _TRANSPORT_ERRORS
+    if _TRANSPORT_ERRORS is None:
+        import http.client
+
+        found: list = [http.client.HTTPException]
+        for module, names in (("botocore.exceptions", ("HTTPClientError", "ConnectionError", "IncompleteReadError")),
+                              ("aiohttp", ("ClientError",)), ("urllib3.exceptions", ("HTTPError",))):
+            try:
+                mod = __import__(module, fromlist=list(names))
+            except ImportError:
+                continue
+            found.extend(getattr(mod, n) for n in names if hasattr(mod, n))
+        _TRANSPORT_ERRORS = tuple(found)
+    return _TRANSPORT_ERRORS
+
+
+def _http_status(e: BaseException) -> Optional[int]:
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):  # botocore's ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    elif response is not None:  # requests' HTTPError
+        status = getattr(response, "status_code", None)
+    else:
+        status = getattr(e, "status", None)  # aiohttp's ClientResponseError
+    return status if isinstance(status, int) else None
+
+
+def _transient(e: BaseException) -> bool:
+    """Whether a failed remote read is worth retrying (see REMOTE_READ_ATTEMPTS). The HTTP
+    status decides where one is known: s3fs raises ``OSError``s caused by the client's error."""
+    chain, seen = e, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                              RemoteFileChanged)) \
+                or type(chain).__name__ == "FileExpired":  # s3fs: the object changed while open
+            return False
+        status = _http_status(chain)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        chain = chain.__cause__ or chain.__context__
+    if isinstance(e, OSError):
+        return e.errno != errno.EINVAL  # s3fs's errno for most 4xx
+    return isinstance(e, _transport_errors())
+
+
+class RemoteFile(io.RawIOBase):
+    """A remote file of an fsspec filesystem, read by position with retries (see
+    REMOTE_READ_ATTEMPTS): a failed fetch is tried again on a reopened file at the same
+    offset, so the bytes returned are the file's whatever failed on the way. Reopening
+    checks that the file is the one first opened (size, ETag where the filesystem has one);
+    a changed file raises ``OSError``. Fetches blocks (see READAHEAD_MIN; ``end``: where the
+    reader means to stop) through the filesystem's file without its own cache."""
+
+    def __init__(self, fs, path: str, end: Optional[int] = None):
+        super().__init__()
+        self._fs, self._path, self.end = fs, path, end
+        self._f = None
+        self._id: Optional[tuple] = None
+        self._pos = 0
+        self._block, self._block_at, self._next = b"", 0, READAHEAD_MIN
+        self._retry(None, "open")
+        self.name = path
+
+    def _reopen(self) -> None:
+        self._drop()
+        f = self._fs.open(self._path, "rb", cache_type="none")
+        details = getattr(f, "details", None) or {}
+        size = getattr(f, "size", None)
+        ident = (size if size is not None else self._fs.size(self._path), details.get("ETag"))
+        if self._id is not None and ident != self._id:
+            f.close()
+            raise RemoteFileChanged(f"{self._path} changed while it was read (size, ETag {self._id} -> {ident})")
+        self._f, self._id = f, ident
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 (a broken connection's file: nothing to keep)
+                pass
+
+    def _retry(self, fn: Optional[Callable[[], Any]], what: str):
+        """``fn()`` (None: just open) on the open file, reopened first after a failure."""
+        for attempt in range(REMOTE_READ_ATTEMPTS):
+            try:
+                if self._f is None:
+                    self._reopen()
+                return fn() if fn is not None else None
+            except Exception as e:  # noqa: BLE001 (which ones are retried: _transient)
+                if not _transient(e):
+                    status = _http_status(e)
+                    if isinstance(e, OSError) or status is None:
+                        raise
+                    # An HTTP client's own error for a status, not an OSError: raised as one (a skip).
+                    kind = {401: PermissionError, 403: PermissionError, 404: FileNotFoundError,
+                            410: FileNotFoundError}.get(status, OSError)
+                    raise kind(f"{self._path}: {what}: HTTP {status} ({type(e).__name__}: {e})") from e
+                self._drop()
+                if attempt + 1 == REMOTE_READ_ATTEMPTS:
+                    raise RemoteReadError(f"{self._path}: {what} failed {REMOTE_READ_ATTEMPTS} times, the last with "
+                                          f"{type(e).__name__}: {e}") from e
+                time.sleep(REMOTE_RETRY_DELAY * 2 ** attempt)
+
+    @property
+    def size(self) -> int:
+        return self._id[0]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        pos, want = self._pos, len(buf)
+        if pos >= self.size or not want:
+            return 0
+        at = pos - self._block_at
+        if not 0 <= at < len(self._block):
+            sequential = self._block and pos == self._block_at + len(self._block)
+            self._next = min(2 * self._next, READAHEAD_MAX) if sequential else READAHEAD_MIN
+            n, end = self._next, self.end
+            if end is not None:
+                n = min(n, end - pos + READAHEAD_TAIL) if pos < end else min(max(pos - end, READAHEAD_TAIL), n)
+            n = min(n, self.size - pos)  # less than ``want`` at times: the caller reads on
+            self._block, self._block_at, at = self._fetch(pos, n), pos, 0
+        got = min(want, len(self._block) - at)
+        buf[:got] = self._block[at:at + got]
+        self._pos += got
+        return got
+
+    def _fetch(self, pos: int, n: int) -> bytes:
+        def read():
+            self._f.seek(pos)
+            data = self._f.read(n)
+            if len(data) != n:
+                raise OSError(f"{self._path}: read {len(data)} bytes at {pos}, expected {n}")
+            return data
+
+        return self._retry(read, f"reading bytes {pos}-{pos + n - 1}")
+
+    def close(self) -> None:
+        self._drop()
+        self._block = b""
+        super().close()
 
 
 def _first_line_start(f, a: int, b: int) -> Optional[int]:
@@ -461,6 +664,7 @@ class JsonlSource(Source):
             return
         limit = self.spec.max_doc_bytes
         with open_binary(self.fs, path) as f:
+            _reading_until(f, b)
             pos = a + cursor
             if pos > 0 and cursor == 0:
                 # A range starts at the first line that begins inside it: after the first
