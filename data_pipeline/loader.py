@@ -34,7 +34,9 @@ import torch
 from .chat import PACKING_MODES, ChatRenderer
 from .graph import Batches, build_loader
 from .sources import DataError, Source
-from .stream import UnitPlan, fresh_slot_state, reshard
+from .stream import _UNIT_BITS, UnitPlan, doc_key, fresh_slot_state, key_source, reshard
+
+_MAX_UNIT = 1 << _UNIT_BITS  # unit indices g past this would wrap in the document keys
 
 log = logging.getLogger("data_pipeline")
 
@@ -98,6 +100,8 @@ class RankLoader:
         self.states = [{"slots": [fresh_slot_state(self.first + q * lanes + j, self.num_slots, len(sources))
                                   for j in range(lanes)], "next": 0} for q in range(b)]
         self._it = self._loader = self._root = self._node = None
+        self._delivered = False  # a batch of the current graph was handed out
+        self._failed: Optional[str] = None  # the error that stopped the graph
         self._step_rows = None  # the current step's rows, handed out one micro-batch at a time
         self._micro = 0
 
@@ -112,14 +116,16 @@ class RankLoader:
         """Valid at optimizer-step boundaries (after the step's last micro-batch)."""
         if self._micro:
             raise RuntimeError("loader state requested in the middle of a step's micro-batches")
+        self._check_alive()
         self._sync_states()
         return _json_safe({"num_slots": self.num_slots, "streams_per_row": self.spec.streams_per_row,
                            "rows": self.states, "dp_rank": self.spec.dp_rank, "dp_world": self.spec.dp_world,
                            "n_sources": len(self.sources), "data": self.data_identity()})
 
     def _sync_states(self) -> None:
-        """The committed rows' state of the graph after the last batch handed out."""
-        if self._loader is not None:
+        """The committed rows' state of the graph after the last batch handed out (none
+        handed out: the state it started from)."""
+        if self._loader is not None and self._delivered:
             st = self._loader.state_dict()["root"]
             if self._root is not self._node:  # the Prefetcher's snapshot, taken with that batch
                 if st["steps_since_snapshot"]:
@@ -201,7 +207,13 @@ class RankLoader:
     def __iter__(self):
         return self
 
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"the data loader failed earlier ({self._failed[:300]}); its position after the "
+                               "last batch it handed out is lost: resume from the last checkpoint")
+
     def __next__(self) -> Dict[str, torch.Tensor]:
+        self._check_alive()
         if self._micro == 0:
             self._step_rows = self._next_step()
         lbs, m = self.spec.local_batch_size, self._micro
@@ -220,9 +232,10 @@ class RankLoader:
         return out
 
     def _next_step(self) -> Dict[str, torch.Tensor]:
-        if self._it is None:
-            self._it = self._start()
         try:
+            if self._it is None:
+                self._delivered = False
+                self._it = self._start()
             b = next(self._it)
             err = None
         except DataError as e:
@@ -230,8 +243,12 @@ class RankLoader:
         except Exception as e:  # noqa: BLE001 - a failure in a loader thread, named as such
             err = _thread_error(e)
         if err is not None:  # raised here, not in the handler: no reference to the threads' frames
+            # Where each slot stood after the last batch handed out is gone with the graph
+            # (packers may have cut part of the next): no batch and no state from here on.
+            self._failed = f"{type(err).__name__}: {err}"
             self._stop_threads()
             raise err
+        self._delivered = True
         tokens, doc_ids = torch.from_numpy(b["tokens"]), torch.from_numpy(b["doc_ids"])
         out = {
             "input_ids": tokens[:, :-1], "labels": tokens[:, 1:] if b["labels"] is None else
@@ -248,7 +265,8 @@ class RankLoader:
 
     def close(self) -> None:
         try:
-            self._sync_states()
+            if self._failed is None:
+                self._sync_states()
         finally:
             self._stop_threads()
 
@@ -306,34 +324,51 @@ def _check_saved(saved) -> None:
                                                                   "n_sources"))
              and isinstance(s.get("rows"), list), "a state lacks num_slots, streams_per_row, dp_rank, "
              "n_sources or rows")
-        n_sources = s["n_sources"]
-        for row in s["rows"]:
-            need(isinstance(row, dict) and _nat(row.get("next")) and isinstance(row.get("slots"), list),
-                 "a row lacks next or slots")
-            for st in row["slots"]:
+        n_sources, lanes, first = s["n_sources"], s["streams_per_row"], saved[0]
+        need(all(s[k] == first[k] for k in ("num_slots", "streams_per_row", "n_sources")),
+             "the ranks' states disagree on num_slots, streams_per_row or n_sources")
+        world = s.get("dp_world")
+        if world is not None:  # states of every version since data-parallel resharding
+            need(_nat(world) and world == first.get("dp_world") and s["dp_rank"] < world
+                 and len(s["rows"]) * world * lanes == s["num_slots"],
+                 f"dp_rank {s['dp_rank']}: dp_world, rows and streams_per_row do not make num_slots")
+        base = s["dp_rank"] * len(s["rows"])
+        for q, row in enumerate(s["rows"]):
+            need(isinstance(row, dict) and _nat(row.get("next")) and isinstance(row.get("slots"), list)
+                 and len(row["slots"]) == lanes and row["next"] < lanes,
+                 "a row lacks next or slots (one per stream of the row, next among them)")
+            for j, st in enumerate(row["slots"]):
                 need(isinstance(st, dict) and _nat(st.get("slot")), "a stream without its slot number")
+                need(st["slot"] == (base + q) * lanes + j,
+                     f"stream {st['slot']} saved where stream {(base + q) * lanes + j} belongs (dp_rank "
+                     f"{s['dp_rank']}, row {q})")
                 need(isinstance(st.get("readers"), list) and len(st["readers"]) == n_sources
                      and isinstance(st.get("packer"), list)
                      and all(isinstance(st.get(k), list) and len(st[k]) == n_sources and all(map(_nat, st[k]))
                              for k in ("mix_tokens", "mix_docs")), f"stream {st['slot']}: malformed")
                 for r in st["readers"]:
-                    pair = lambda x: isinstance(x, list) and len(x) == 2 and all(map(_nat, x))  # noqa: E731
-                    need(isinstance(r, dict) and _nat(r.get("qi")) and _nat(r.get("next"))
-                         and type(r.get("stride")) is int and r["stride"] >= 1 and isinstance(r.get("queue"), list)
+                    # unit indices (g) within the document keys' range
+                    pair = lambda x: (isinstance(x, list) and len(x) == 2 and all(map(_nat, x))  # noqa: E731
+                                      and x[0] < _MAX_UNIT)
+                    need(isinstance(r, dict) and _nat(r.get("qi")) and _nat(r.get("next")) and r["next"] < _MAX_UNIT
+                         and type(r.get("stride")) is int and 1 <= r["stride"] < _MAX_UNIT
+                         and isinstance(r.get("queue"), list)
                          and all(map(pair, r["queue"])) and (r.get("cur") is None or pair(r["cur"])),
                          f"stream {st['slot']}: malformed reader position")
                 for fr in st["packer"]:
-                    need(isinstance(fr, dict) and type(fr.get("key")) is int,
-                         f"stream {st['slot']}: malformed fragment")
+                    need(isinstance(fr, dict) and _nat(fr.get("key")) and fr["key"] < 1 << 63
+                         and key_source(fr["key"]) < n_sources, f"stream {st['slot']}: malformed fragment")
                     if "tokens" in fr:
                         toks = fr["tokens"]
                         need(isinstance(toks, list) and all(type(t) is int for t in toks),
                              f"stream {st['slot']}: a fragment's token ids are not integers")
                     else:
                         ref = fr.get("ref")
-                        need(isinstance(ref, dict) and _nat(ref.get("g")) and _nat(ref.get("c"))
-                             and _nat(ref.get("src")) and ref["src"] < n_sources and _nat(fr.get("off", 0)),
-                             f"stream {st['slot']}: malformed document reference")
+                        need(isinstance(ref, dict) and _nat(ref.get("g")) and ref["g"] < _MAX_UNIT
+                             and _nat(ref.get("c")) and _nat(ref.get("src")) and ref["src"] < n_sources
+                             and _nat(fr.get("off", 0)), f"stream {st['slot']}: malformed document reference")
+                        need(fr["key"] == doc_key(ref["src"], ref["g"], ref["c"]),
+                             f"stream {st['slot']}: a fragment's key is not its document's")
 
 
 def _thread_data_error(e: DataError) -> DataError:
@@ -352,13 +387,16 @@ def _thread_data_error(e: DataError) -> DataError:
 def _thread_error(e: Exception) -> Exception:
     """Another exception of a loader thread: its type, with a message that names the loader
     and keeps the thread's traceback (torchdata's "Caught X in ..." text)."""
-    msg = str(e)
-    if not msg.startswith("Caught "):
+    msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    if not isinstance(msg, str) or not msg.startswith("Caught "):
         return e
+    where = "in the data loader's graph (data_pipeline/graph.py)"
     try:
-        out = type(e)(f"in the data loader's graph (data_pipeline/graph.py): {msg}")
+        if isinstance(e, KeyError):  # its str() would quote the traceback onto one line
+            raise TypeError
+        out = type(e)(f"{where}: {msg}")
     except Exception:  # noqa: BLE001 - a type that takes other arguments
-        out = RuntimeError(f"in the data loader's graph (data_pipeline/graph.py): {type(e).__name__}: {msg}")
+        out = RuntimeError(f"{where}: {type(e).__name__}: {msg}")
     return out
 
 

@@ -762,3 +762,65 @@ def test_a_file_deleted_while_a_real_job_runs_is_skipped_and_the_job_finishes(tm
     print(f"deleted after step {steps_then}, counted at step {counted_at}")
     assert f"vanished or unreadable ([Errno 2] No such file or directory: '{corpus / 'f08.jsonl'}')" in err + out
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+def test_hostile_loader_states_and_failures_of_the_graph(tmp_path):
+    """Loader states that would misplace streams or documents are refused at load naming
+    the field; a state whose document is gone fails the first batch with that reason
+    (0 and 2 threads), close() then succeeds, and the loader hands out nothing more (a
+    retry would have replayed batches: its position after the last batch is lost)."""
+    import copy
+
+    from data_pipeline.stream import doc_key
+
+    write_jsonl(tmp_path / "a.jsonl", make_docs(80, seed=1, max_words=40))
+    src = build_source(SourceSpec("jsonl", str(tmp_path / "a.jsonl"), chunk_bytes=1500))
+    tok = Llama3Tokenizer()
+
+    def loader(workers, rank=0, world=1):
+        return RankLoader([src], [1.0], tok, LoaderSpec(seq_len=24, local_batch_size=2, dp_rank=rank,
+                                                        dp_world=world, num_workers=workers, seed=0, shuffle=True,
+                                                        streams_per_row=2))
+
+    ranks = [loader(0, r, 2) for r in (0, 1)]
+    for ld in ranks:
+        for _ in range(3):
+            next(ld)
+    good = json.loads(json.dumps([ld.state_dict() for ld in ranks]))
+    frag = next(i for i, st in enumerate(good[0]["rows"][0]["slots"]) if st["packer"])
+
+    def hostile(edit):
+        bad = copy.deepcopy(good)
+        edit(bad)
+        return bad
+
+    def bump_key(b):
+        b[0]["rows"][0]["slots"][frag]["packer"][0]["key"] += 1
+
+    cases = {
+        "a fragment's key is not its document's": bump_key,
+        "stream 2 saved where stream 0 belongs": lambda b: b[0]["rows"].reverse(),
+        "disagree on num_slots": lambda b: b[1].update(streams_per_row=4),
+        "do not make num_slots": lambda b: b[0].update(dp_rank=7),
+        "one per stream of the row, next among them": lambda b: b[0]["rows"][0].update(next=9),
+        "malformed reader position": lambda b: b[0]["rows"][0]["slots"][0]["readers"][0].update(next=1 << 40),
+    }
+    for want, edit in cases.items():
+        with pytest.raises(ValueError, match=want):
+            loader(0).load_rank_states(hostile(edit))
+
+    def gone(b):  # a reference to a line that holds no document any more
+        fr = b[0]["rows"][0]["slots"][frag]["packer"][0]
+        fr["ref"]["c"] += 1
+        fr["key"] = doc_key(fr["ref"]["src"], fr["ref"]["g"], fr["ref"]["c"])
+
+    for workers in (0, 2):
+        ld = loader(workers, 0, 2)
+        ld.load_rank_states(hostile(gone))
+        with pytest.raises(RuntimeError, match="no document at cursor .* the data changed since the checkpoint"):
+            next(ld)
+        ld.close()
+        with pytest.raises(RuntimeError, match="failed earlier .* resume from the last checkpoint"):
+            next(ld)
+        with pytest.raises(RuntimeError, match="failed earlier"):
+            ld.state_dict()
