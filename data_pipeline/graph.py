@@ -19,7 +19,7 @@ document's source by the packer's own mixture rule, so read-ahead stays a few it
 slot. Should a packer still wait for a source of a slot with nothing on its way (the
 estimate was off), it asks (``Ledger.needs``) and the source serves that first. Tokenizer
 threads, not processes: quicktok, tiktoken and ``tokenizers`` release the GIL while they
-encode (README, Data)."""
+encode (README: `data.num_workers`, Benchmarks)."""
 from __future__ import annotations
 
 import collections
@@ -214,7 +214,10 @@ class Batches(BaseNode):
         self.lanes, self.next_lane = lanes, [row["next"] for row in rows]
         source = DocSource(self.sources, self.plans, self.weights, self.window, slot_states, self.next_lane,
                            lanes, pad, led, self.spec.seed, inline=self.n_workers == 0)
-        # max_concurrent: items being tokenized or waiting for the packers, at most one per worker more
+        # In order: a slot's documents of a source must reach its queue in its reader's order
+        # (two items may hold documents of the same slot and source). torchdata's default bound
+        # on items in flight; the mapper's own snapshots are never used (the packers'
+        # committed state is the state).
         self._mapper = ParallelMapper(source, encode_item(self.encoder), num_workers=self.n_workers,
                                       in_order=True, method="thread", max_concurrent=None,
                                       snapshot_frequency=1 << 30)

@@ -21,8 +21,8 @@ steps. Deterministic for (seed, slot, documents so far), hence exactly resumable
 Chat sources (``data.format=chat``) are rendered (chat.py) instead of wrapped, and packed
 whole by a ``ChatPacker``; their windows carry a loss mask as a fourth element.
 
-A slot's reader of a source raises ``DataError`` after ``EMPTY_UNITS_LIMIT`` consecutive
-units, or ``EMPTY_RECORDS_LIMIT`` consecutive records, without a document (every record
+A slot's reader of a source raises ``DataError`` after ``runs.EMPTY_UNITS_LIMIT`` consecutive
+units, or ``runs.EMPTY_RECORDS_LIMIT`` consecutive records, without a document (every record
 bad or blank, every file gone): without it a slot would read on forever, epoch after
 epoch, and training would hang."""
 from __future__ import annotations
