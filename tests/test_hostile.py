@@ -369,8 +369,9 @@ def test_a_stop_signal_the_steps_cannot_reach_ends_the_job_after_its_deadline(tm
     assert "REPORT failed 143 Interrupted: SIGTERM: no step boundary within checkpoint.stop_timeout_s=0.5 s" in p.stdout
     p, took = run("busy", 1.5)  # 1.5 s between steps, then 0.5 s of a step: the deadline counts the step only
     assert p.returncode == 143 and 2 < took < 10, (p.returncode, took)
-    p, _ = run("stopping", 0)
-    assert p.returncode == 0 and "alive" in p.stdout, p.stderr[-2000:]
+    p, took = run("stopping", 0)
+    # (Once in CI, under load, this run exited 0 with no output at all: say everything if again.)
+    assert p.returncode == 0 and "alive" in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:], took)
 
 
 def test_sigterm_while_waiting_for_a_missing_peer_ends_within_seconds(tmp_path, tok_cache):
