@@ -747,7 +747,7 @@ class ParquetSource(Source):
         self.fs, files = list_files(spec)
         for f in files:
             try:
-                pf = pq.ParquetFile(self.fs.open(f, "rb"))
+                pf = pq.ParquetFile(open_binary(self.fs, f))
             except Exception as e:  # noqa: BLE001 (arrow raises several types)
                 raise ValueError(f"{spec.key}path: {f} is not a readable Parquet file ({e})") from e
             names = pf.schema_arrow.names
@@ -769,7 +769,8 @@ class ParquetSource(Source):
         if path not in cache:
             if len(cache) > 8:
                 cache.clear()
-            cache[path] = pq.ParquetFile(self.fs.open(path, "rb"))
+            # open_binary: remote files read in blocks with retries, like JSONL (RemoteFile)
+            cache[path] = pq.ParquetFile(open_binary(self.fs, path))
         return cache[path]
 
     def _iter_docs(self, unit, cursor, on_skip, on_truncate):

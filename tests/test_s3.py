@@ -227,6 +227,40 @@ def test_a_5xx_is_retried_and_a_403_or_404_is_a_counted_skip(s3, tok, tmp_path, 
     no_secret(caplog.text, *(w + why for w, why in skips))
 
 
+def test_parquet_on_s3_reads_through_cuts_and_skips_a_vanished_file(s3, tmp_path):
+    """Parquet row groups read through the same remote file as JSONL (blocks, retries): with
+    the first try of every range cut mid-response, the documents equal the local files'; a
+    file deleted after listing is one counted skip per row group, not a crash."""
+    from tests.datagen import write_parquet
+
+    folder = tmp_path / "pq"
+    write_parquet(folder / "a.parquet", make_docs(900, seed=7), row_group_size=300)
+    write_parquet(folder / "b.parquet", make_docs(300, seed=8), row_group_size=300)
+    s3.upload(folder, "pq")
+    local = build_source(SourceSpec("parquet", str(folder)))
+    remote = build_source(SourceSpec("parquet", f"s3://{BUCKET}/pq/"))
+    assert len(remote.units) == len(local.units) == 4 and remote.listing == local.listing
+    seen: dict = {}
+
+    def cut_first(method, target, rng):  # the first try of every range of a Parquet file (listings pass)
+        if method != "GET" or not target.split("?")[0].endswith(".parquet"):
+            return PASS
+        n = seen[target, rng] = seen.get((target, rng), 0) + 1
+        return ("cut", 200) if n == 1 else PASS
+
+    s3.proxy.reset(cut_first)
+    remote = build_source(SourceSpec("parquet", f"s3://{BUCKET}/pq/"))
+    assert list(remote.iter_all_docs()) == list(local.iter_all_docs())
+    assert s3.proxy.cuts == len(seen) >= 4
+    s3.proxy.reset()
+    listed = build_source(SourceSpec("parquet", f"s3://{BUCKET}/pq/"))
+    s3.client.delete_object(Bucket=BUCKET, Key="pq/b.parquet")
+    skips = []
+    docs = list(listed.iter_all_docs(on_skip=lambda where, why: skips.append((where, why))))
+    assert len(docs) == 900 and [w for w, _ in skips] == [f"{BUCKET}/pq/b.parquet#rowgroup0"], skips
+    assert skips[0][1].startswith("vanished or unreadable ("), skips
+
+
 def test_a_failure_that_outlasts_the_retries_is_a_skip_that_names_no_secret(s3, tok, monkeypatch):
     monkeypatch.setattr(sources_mod, "REMOTE_RETRY_DELAY", 0.01)
     src = build_source(spec(f"s3://{BUCKET}/corpus/a.jsonl"))
