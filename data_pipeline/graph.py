@@ -107,7 +107,6 @@ class DocSource(BaseNode):
         self._iters = [[iter(r) for r in rs] for rs in self.readers]
         self.batch, self.row = 0, 0  # the next window in the rows' order
         self.demand = [0] * len(self.readers)  # windows of each slot walked past
-        self.needs_served = 0
 
     def get_state(self) -> dict:
         return {"readers": [[r.snapshot() for r in rs] for rs in self.readers]}
@@ -146,24 +145,22 @@ class DocSource(BaseNode):
         while led.needs:  # a packer waits: serve it first, then read ahead
             j, i = led.needs.popleft()
             chars += self._read(j, i, item)
-            self.needs_served += 1
         rows, unit = len(self.lane_next), 1.0 if self.unit_is_doc else float(self.window)
         while chars < self.limit and len(item) < ITEM_DOCS and self.batch <= led.batches + self.ahead:
             j = self.row * self.lanes + (self.lane_next[self.row] + self.batch) % self.lanes
-            k = self.demand[j]
-            # What slot j's windows up to this one need beyond what its packer holds, against
-            # what is on its way (sent, not yet handed to the packer).
-            behind = max(0, led.windows[j] - k)  # the packer is past this window already
-            need = (max(k, led.windows[j]) - led.windows[j] + 1) * unit - led.held[j]
-            if self.unit_is_doc:
-                sent = float(sum(led.sent_docs[j]))
-            else:
-                sent = sum(led.tokens_of(j, i, led.sent_est[j][i]) for i in range(len(self.sources)))
-            on_way = sent - led.consumed[j]
-            if behind == 0 and on_way < need:
-                chars += self._read(j, self._pick(j), item)
-                continue
-            self.demand[j] = max(k, led.windows[j]) + 1
+            k, done = self.demand[j], led.windows[j]
+            if done <= k:  # the packer has not cut this window yet
+                # What slot j's windows up to this one need beyond what its packer holds,
+                # against what is on its way (sent, not yet handed to the packer).
+                need = (k - done + 1) * unit - led.held[j]
+                if self.unit_is_doc:
+                    sent = float(sum(led.sent_docs[j]))
+                else:
+                    sent = sum(led.tokens_of(j, i, led.sent_est[j][i]) for i in range(len(self.sources)))
+                if sent - led.consumed[j] < need:
+                    chars += self._read(j, self._pick(j), item)
+                    continue
+            self.demand[j] = max(k, done) + 1
             self.row += 1
             if self.row == rows:
                 self.row, self.batch = 0, self.batch + 1
@@ -210,7 +207,7 @@ class Batches(BaseNode):
                                    encoder=self.encoder) for j, st in enumerate(slot_states)]
         pad = self.chat and self.spec.sft_packing == "pad"
         for j, s in enumerate(self.streams):
-            led.held[j] = len(s.packer._docs) if pad else s.packer._len
+            led.held[j] = s.held
         self.lanes, self.next_lane = lanes, [row["next"] for row in rows]
         source = DocSource(self.sources, self.plans, self.weights, self.window, slot_states, self.next_lane,
                            lanes, pad, led, self.spec.seed, inline=self.n_workers == 0)
@@ -257,7 +254,6 @@ class Batches(BaseNode):
         skipped = truncated = cut = 0
         items: List[list] = []
         src_tokens = np.zeros(len(self.sources), dtype=np.int64)
-        pad = self.chat and self.spec.sft_packing == "pad"
         for q in range(b):
             lane = self.next_lane[q]
             j = q * self.lanes + lane
@@ -265,7 +261,7 @@ class Batches(BaseNode):
             win = s.next_window()
             led.windows[j] += 1
             led.consumed[j] = s.consumed
-            led.held[j] = len(s.packer._docs) if pad else s.packer._len
+            led.held[j] = s.held
             tokens[q] = win[0]
             keys, lens = win[1], win[2]
             doc_ids[q] = np.repeat(keys, lens)

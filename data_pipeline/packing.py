@@ -27,6 +27,17 @@ import numpy as np
 Piece = Tuple[int, np.ndarray, dict]
 
 
+def wrap(parts: Sequence[np.ndarray], bos_id: int, eos_id: int) -> np.ndarray:
+    """``<|begin_of_text|>`` + the parts' tokens in order + ``<|end_of_text|>``, as int64."""
+    out = np.empty(sum(len(p) for p in parts) + 2, dtype=np.int64)
+    out[0], out[-1] = bos_id, eos_id
+    at = 1
+    for p in parts:
+        out[at:at + len(p)] = p
+        at += len(p)
+    return out
+
+
 class Packer:
     def __init__(self, window: int, bos_id: int, eos_id: int, marker_id: Optional[int] = None):
         self.window, self.bos_id, self.eos_id, self.marker_id = window, bos_id, eos_id, marker_id
@@ -37,10 +48,7 @@ class Packer:
         self.items: list = []  # the last window's items, in the order of their markers
 
     def wrap(self, tokens: np.ndarray) -> np.ndarray:
-        out = np.empty(len(tokens) + 2, dtype=np.int64)
-        out[0], out[-1] = self.bos_id, self.eos_id
-        out[1:-1] = tokens
-        return out
+        return wrap([tokens], self.bos_id, self.eos_id)
 
     def _markers(self, tokens: np.ndarray) -> int:
         return 0 if self.marker_id is None else int(np.count_nonzero(tokens == self.marker_id))

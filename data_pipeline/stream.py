@@ -33,7 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .chat import ChatPacker, ChatRenderer, pad_id
-from .packing import Packer
+from .packing import Packer, wrap
 from .runs import NoDocumentRun
 from .sources import Source
 
@@ -186,14 +186,7 @@ class Encoder:
             self.renderer = ChatRenderer(tokenizer)
 
     def _wrap(self, parts) -> np.ndarray:
-        n = sum(len(p) for p in parts)
-        out = np.empty(n + 2, dtype=np.int64)
-        out[0], out[-1] = self.bos, self.eos
-        at = 1
-        for p in parts:
-            out[at:at + len(p)] = p
-            at += len(p)
-        return out
+        return wrap(parts, self.bos, self.eos)
 
     def encode(self, payloads: Sequence) -> List[tuple]:
         if self.chat:
@@ -278,7 +271,7 @@ class SlotStream:
                  tokenizer, window: int, state: dict, sft_packing: str = "pack", max_length: int = -1,
                  marker_id: Optional[int] = None, feed: Optional[Callable[[int], Ready]] = None,
                  encoder: Optional[Encoder] = None):
-        self.sources, self.plans, self.tok = sources, plans, tokenizer
+        self.sources, self.plans = sources, plans
         self.weights = np.asarray(weights, dtype=np.float64)
         self.slot = state["slot"]
         self.mix_tokens = list(state["mix_tokens"])
@@ -361,6 +354,11 @@ class SlotStream:
             self.mix_docs[i] += 1
             self.consumed += 1 if self.chat and self.packer.mode == "pad" else n_tokens
         return self.packer.cut()
+
+    @property
+    def held(self) -> int:
+        """What the packer holds for the next windows, in the unit of ``consumed``."""
+        return len(self.packer._docs) if self.chat and self.packer.mode == "pad" else self.packer._len
 
     def take_items(self) -> list:
         """The items of the last window's markers, in order (text sources only)."""
