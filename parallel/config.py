@@ -16,6 +16,13 @@ class ParallelConfig:
     dp_shard: int = knob(-1, ge=1, special=REST)
     tp: int = knob(1, ge=1)
     pp: int = knob(1, ge=1)
+    # Context parallel: each sequence is split over cp ranks (rank i holds chunks i and
+    # 2cp-1-i of 2cp); attention all-gathers K/V along the sequence. train.seq_len must
+    # divide by 2 x cp. FSDP2 shards the parameters over dp_shard x cp.
+    cp: int = knob(1, ge=1)
+    # allgather (ours: all-gather K/V, any backend) | ring (torch's context_parallel: CUDA
+    # kernels only, not built yet: refused)
+    cp_impl: str = "allgather"
     # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv
     pp_schedule: str = "1f1b"
     # Micro-batches per local batch through the pipeline; -1 = the number of stages.

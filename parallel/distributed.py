@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .dims import ParallelDims
+from .dims import DIM_NAMES, FSDP_SHARD, ParallelDims
 from .env import LaunchEnv
 
 
@@ -84,14 +84,16 @@ def host_all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def build_device_mesh(dims: ParallelDims, device: torch.device) -> Optional[DeviceMesh]:
-    """Mesh (pp, dp_replicate, dp_shard, tp); None for one process."""
+    """The mesh of ``DIM_NAMES`` (pp, dp_replicate, dp_shard, cp, tp; tp fastest), plus the
+    flattened ``dp_shard_cp`` FSDP2 shards over; None for one process."""
     if dims.world_size == 1:
         return None
-    # pp outermost, tp innermost: the ranks of a tensor-parallel group are neighbours (one node).
-    names = ("pp", "dp_replicate", "dp_shard", "tp")
+    names = DIM_NAMES
     options = _group_options(device)  # every dimension's groups wait parallel.timeout_s
-    return init_device_mesh(device.type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
-                            mesh_dim_names=names, backend_override={n: options for n in names})
+    mesh = init_device_mesh(device.type, tuple(dims.degrees.values()), mesh_dim_names=names,
+                            backend_override={n: options for n in names})
+    mesh["dp_shard", "cp"]._flatten(FSDP_SHARD, backend_override=options)
+    return mesh
 
 
 def _group_options(device: torch.device):

@@ -53,6 +53,8 @@ class ModelLayout:
     module computing logits from (hidden states, the embedding matrix). With a tied head
     the last stage also keeps the embedding, and the two copies' gradients are summed.
 
+    ``attention_core`` / ``sequence_inputs``: what context parallelism swaps and splits.
+
     What crosses a stage boundary is whatever the family's module returns when it lacks
     its last-stage parts: the hidden states, or a tuple (hidden states plus what later
     stages need), which the next stage receives as its positional inputs."""
@@ -66,6 +68,13 @@ class ModelLayout:
     norm: Optional[str] = None
     head: Optional[str] = None
     tied_head: Optional[str] = None
+    # The attention core inside each block (a child module ``core(q, k, v, doc_ids)``,
+    # ``parallel/attention.py``): context parallelism swaps it. None: the family cannot
+    # run context parallel.
+    attention_core: Optional[str] = None
+    # (index in the first stage's inputs, dim) of every input laid out along the sequence:
+    # context parallelism gives each rank its chunks of them (and of the labels).
+    sequence_inputs: Tuple[Tuple[int, int], ...] = ()
 
     def part(self, model: nn.Module, path: Optional[str]) -> Optional[nn.Module]:
         """The module at ``path``, or None when the layout has none or this stage dropped it."""
@@ -85,6 +94,13 @@ class ModelLayout:
             if container is not None:
                 out.extend(container.values())
         return out
+
+    def logits(self, model: nn.Module, h):
+        """The head applied to (final-normed) hidden states ``h``: the untied head, or the
+        tied one with the embedding matrix (the chunked loss calls this per chunk)."""
+        if self.is_tied(model):
+            return self.part(model, self.tied_head)(h, self.part(model, self.embedding).weight)
+        return self.part(model, self.head)(h)
 
     def is_tied(self, model: nn.Module) -> bool:
         return self.tied_head is not None and self.part(model, self.tied_head) is not None

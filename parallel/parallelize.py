@@ -1,5 +1,6 @@
 """``parallelize``: the one place that applies the layout to a meta-device model of any
-family, in the order that works with FSDP2 (README, "Architecture"): TP/SP -> activation
+family, in the order that works with FSDP2 (README, "Architecture"): the context-parallel
+attention core -> TP/SP -> activation
 checkpointing -> compile per block -> FSDP2 per block then the root. What is a block, which
 linears split how, where the embedding and head are: the family's ``ModelLayout``
 (``parallel/layout.py``). The caller materializes and inits after."""
@@ -27,6 +28,10 @@ def parallelize(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, dims: P
     """``pc``: the ``parallel`` config (sequence_parallel, loss_parallel,
     activation_checkpoint, ac_every_n, compile, reshard_after_forward)."""
     blocks = layout.block_list(model)
+    if dims.uses_cp:
+        from .cp import apply_cp
+
+        apply_cp(model, layout, mesh["cp"])
     if dims.uses_tp:
         frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         apply_tp(model, layout, mesh["tp"], sequence_parallel=pc.sequence_parallel, loss_parallel=pc.loss_parallel)
@@ -48,13 +53,14 @@ def parallelize(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, dims: P
             embedding.register_forward_hook(_own_output)
     if dims.uses_fsdp:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                   reshard_after_forward=pc.reshard_after_forward, hsdp=dims.dp_replicate > 1, blocks=blocks)
+                   reshard_after_forward=pc.reshard_after_forward, dims=dims.fsdp_dims, blocks=blocks)
     return model
 
 
 def describe_blocks(parts, layout: ModelLayout) -> str:
     """What the blocks of this rank's ``parts`` run under, read back from the modules (not
-    from the config): how many are activation-checkpointed (by mode), compiled, FSDP2 units."""
+    from the config): how many are activation-checkpointed (by mode), compiled, FSDP2 units,
+    and how many attention cores are context-parallel."""
     from torch.distributed.fsdp import FSDPModule
 
     blocks = [b for part in parts for b in layout.block_list(part)]
@@ -62,5 +68,8 @@ def describe_blocks(parts, layout: ModelLayout) -> str:
     ac = ", ".join(f"{m} {modes.count(m)}" for m in sorted(set(modes)) if m != "none") or "none"
     compiled = sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     fsdp = sum(isinstance(b, FSDPModule) for b in blocks)
+    from .cp import ContextParallelCore
+
+    cp = sum(isinstance(m, ContextParallelCore) for b in blocks for m in b.modules())
     return (f"{len(blocks)} blocks here: activation checkpointing {ac} | compiled {compiled} | "
-            f"FSDP2 units {fsdp}")
+            f"FSDP2 units {fsdp} | context-parallel attention {cp}")

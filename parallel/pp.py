@@ -12,7 +12,7 @@ rank s mod pp) for gpipe, 1f1b, interleaved_1f1b and interleaved_zb; V style for
 
 Tied embeddings: the last stage holds its own copy of the embedding matrix for the head
 (same name, same init). After backward the two copies' gradients are summed (across the
-first and last pp ranks of each data/tensor-parallel coordinate, or on one rank in V
+first and last pp ranks of each data/context/tensor-parallel coordinate, or on one rank in V
 style), so both get the same update and stay equal; the gradient norm counts the matrix
 once.
 
@@ -96,11 +96,10 @@ class TiedEmbeddingSync:
         self.group = None
         last = last_stage_rank(pp, per_rank, schedule)
         if last != 0:
-            grid = mesh.mesh  # (pp, dp_replicate, dp_shard, tp) global ranks
+            grid = mesh.mesh.flatten(1)  # (pp, every other coordinate) global ranks, pp first
             me = dist.get_rank()
-            for coord in torch.cartesian_prod(*[torch.arange(s) for s in grid.shape[1:]]).reshape(-1, 3):
-                i, j, k = coord.tolist()
-                ranks = [int(grid[0, i, j, k]), int(grid[last, i, j, k])]
+            for other in range(grid.shape[1]):  # groups are made by every rank, in the same order
+                ranks = [int(grid[0, other]), int(grid[last, other])]
                 g = dist.new_group(ranks=ranks, timeout=pdist.group_timeout())
                 if me in ranks:
                     self.group = g

@@ -39,7 +39,9 @@ def apply_tp(model: nn.Module, layout: ModelLayout, tp_mesh: DeviceMesh, *, sequ
     if layout.part(model, layout.embedding) is not None:
         top[layout.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
     if sequence_parallel and layout.part(model, layout.norm) is not None:
-        top[layout.norm] = SequenceParallel()
+        # A local output: the head takes it as the sequence shard it is, and a model that
+        # returns its hidden states (the chunked loss) returns a plain tensor.
+        top[layout.norm] = SequenceParallel(use_local_output=True)
     if layout.part(model, layout.head) is not None:
         top[layout.head] = ColwiseParallel(input_layouts=stream, output_layouts=logits,
                                            use_local_output=not loss_parallel)

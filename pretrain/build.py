@@ -24,6 +24,7 @@ from .config import JobConfig
 from .model import family_of
 from .model.family import ModelFamily, count_parameters, seeded_trunc_normal_
 from .optim import OptimizerParts, build_optimizer
+from .loss import resolve_loss_chunk
 from .step import TrainStep, resolve_dtypes
 from .tokenizers import build_sources, load_tokenizer
 
@@ -135,7 +136,9 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
     step = TrainStep(model.family, model.parts, optimizer, dims=dims, pc=cfg.parallel,
                      grad_accum_steps=t.grad_accum_steps, max_norm=t.max_norm, chat=cfg.data.format == "chat",
                      device=device, param_dtype=model.param_dtype, mesh=model.mesh, stage_ids=model.stage_ids,
-                     num_stages=model.num_stages, tied=model.tied, model_args=cfg.model)
+                     num_stages=model.num_stages, tied=model.tied, model_args=cfg.model,
+                     loss_chunk=resolve_loss_chunk(t.loss_chunk, local_batch_size=t.local_batch_size,
+                                                   seq_len=t.seq_len, cp=dims.cp, vocab_size=cfg.model.vocab_size))
     dp_rank, dp_world, is_dp_leader = dims.dp_coordinates(env.rank)
     loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
         seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,

@@ -28,6 +28,11 @@ class TrainConfig:
     grad_accum_steps: int = knob(1, ge=1, le=1 << 16)
     # Global-norm gradient clipping; 0 disables.
     max_norm: float = knob(1.0, ge=0, le=1e30)
+    # Tokens per chunk of the chunked loss: the head and cross-entropy run one chunk at a
+    # time (recomputed in backward), never holding the full (tokens x vocab) logits. 0 = the
+    # whole loss; -1 = auto: chunks of 256 MiB of fp32 logits when one rank's logits
+    # (local_batch_size x seq_len / parallel.cp x vocab x 4 bytes) exceed 1 GiB.
+    loss_chunk: int = knob(-1, ge=0, le=1 << 30, special={-1: "auto"})
     # auto | cpu | cuda
     device: str = "auto"
     # auto (bf16 params + fp32 reduce on CUDA, fp32 on CPU) | bf16 | fp32
@@ -52,6 +57,10 @@ class OptimConfig:
     min_lr_ratio: float = knob(0.1, ge=0, le=1)
     # wsd only: fraction of the steps spent in the final linear decay.
     decay_fraction: float = knob(0.2, gt=0, le=1)
+    # The global step after which this run's schedule begins (warmup from step
+    # schedule_start + 1, decay ending at train.steps): a continued-pretraining stage
+    # loaded from step S sets it to S so its schedule starts over. 0 = from the first step.
+    schedule_start: int = knob(0, ge=0)
 
 
 @dataclass

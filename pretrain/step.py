@@ -1,7 +1,8 @@
 """``TrainStep``: one optimizer step of any family under any layout, plain or pipelined.
 
 It owns what happens between "here are this step's micro-batches" and "the weights moved":
-autocast, the loss context (loss parallel), micro-batching through the pipeline schedule,
+autocast, the loss context (loss parallel), the context-parallel split of each batch along
+the sequence, the whole or chunked loss, micro-batching through the pipeline schedule,
 gradient accumulation, the chat loss (summed over trained tokens, divided by their global
 count), gradient settling (TP), the tied-embedding sync (PP), clipping and the optimizer
 step. ``evaluate`` runs its forward-only path. ``bench/train_throughput.py`` times this
@@ -14,7 +15,6 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from parallel import distributed as pdist
@@ -23,13 +23,8 @@ from parallel.dims import ParallelDims
 from parallel.init import clip_grad_norm_, settle_grads
 from parallel.tensors import describe_layout, full_value, local_values, loss_context
 
+from .loss import chunked_next_token_loss, next_token_loss
 from .model.family import ModelFamily
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, summed: bool) -> torch.Tensor:
-    """Cross-entropy in fp32 over (batch x seq) positions, labels -100 ignored: summed
-    (chat, weighed by trained tokens later) or the mean."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum" if summed else "mean")
 
 
 def resolve_dtypes(mode: str, device: torch.device):
@@ -53,12 +48,13 @@ class StepResult:
 
 class TrainStep:
     """``parts``: the model, or this rank's pipeline stages (``stage_ids``, of ``num_stages``).
-    ``chat``: the training data trains on some tokens only (labels -100 elsewhere)."""
+    ``chat``: the training data trains on some tokens only (labels -100 elsewhere).
+    ``loss_chunk``: tokens per chunk of the chunked loss (0: the loss takes the full logits)."""
 
     def __init__(self, family: ModelFamily, parts: List[nn.Module], optimizer, *, dims: ParallelDims,
                  pc: ParallelConfig, grad_accum_steps: int, max_norm: float, chat: bool, device: torch.device,
                  param_dtype: torch.dtype, mesh=None, stage_ids=(0,), num_stages: int = 1, tied: bool = False,
-                 model_args=None):
+                 model_args=None, loss_chunk: int = 0):
         self.family, self.parts, self.optimizer = family, parts, optimizer
         self.model_args = model_args  # the model config: the family's inputs are shaped by it
         self.dims, self.accum, self.max_norm, self.chat, self.device = dims, grad_accum_steps, max_norm, chat, device
@@ -70,6 +66,19 @@ class TrainStep:
         self.runner, self.tied_sync, self.pp_group = None, None, None
         self._summed = chat  # what the pipeline's loss function returns: chat sums, text means
         self.loss_input: Optional[str] = None  # the layout of the first logits the loss took
+        self.cp_rank, self.cp = (mesh["cp"].get_local_rank(), dims.cp) if dims.uses_cp else (0, 1)
+        # Under sequence parallel the hidden states a head takes are 1/tp of the sequence.
+        self.seq_shards = dims.tp if dims.uses_tp and pc.sequence_parallel else 1
+        self.loss_chunk = loss_chunk
+        self.last_part: Optional[nn.Module] = None  # the part whose head the chunked loss applies
+        if loss_chunk:
+            if family.hidden_output is None:
+                raise ValueError(f"model family {family.name!r} cannot return hidden states: train.loss_chunk=0")
+            last = num_stages - 1
+            for part, sid in zip(parts, stage_ids):
+                if sid == last:
+                    family.hidden_output(part, True)
+                    self.last_part = part
         if dims.pp > 1:
             from parallel import pp as ppar
 
@@ -94,14 +103,44 @@ class TrainStep:
         if self.loss_input is None:  # what the loss received on the first call (logged at the end)
             self.loss_input = describe_layout(logits)
 
-    def _pp_loss(self, logits, target):
+    def _logits_of(self, h):
+        logits = self.family.layout.logits(self.last_part, h)
         self._note_loss_input(logits)
-        if self._summed:  # chat: summed over trained tokens, divided by their global count later
-            return next_token_loss(logits, target, summed=True)
-        # text: a micro-batch's share of the step's mean loss
-        return next_token_loss(logits, target, summed=False) / (self.n_mb * self.accum)
+        return logits
 
-    def _forward_backward(self, inputs: Tuple[torch.Tensor, ...], labels: torch.Tensor) -> Optional[torch.Tensor]:
+    def _loss(self, out, labels, summed: bool, count: Optional[int] = None):
+        """The loss of the last part's output: logits, or hidden states (chunked loss)."""
+        if not self.loss_chunk:
+            self._note_loss_input(out)
+            return next_token_loss(out, labels, summed=summed)
+        return chunked_next_token_loss(out, labels, self._logits_of, self.loss_chunk, summed=summed,
+                                       seq_shards=self.seq_shards, count=count)
+
+    def split(self, batch: dict):
+        """(the model's inputs, labels) of a loader batch on this rank: under context
+        parallelism its chunks of every sequence input (positions computed on the whole
+        window first) and of the labels; labels stay on the host."""
+        inputs = self.family.inputs(batch, self.device, self.model_args)
+        labels = batch["labels"]
+        if self.cp > 1:
+            from parallel.cp import split_sequence
+
+            inputs = list(inputs)
+            for i, dim in self.family.layout.sequence_inputs:
+                if i < len(inputs):
+                    inputs[i] = split_sequence(inputs[i], dim, self.cp_rank, self.cp)
+            inputs = tuple(inputs)
+            labels = split_sequence(labels, 1, self.cp_rank, self.cp)
+        return inputs, labels
+
+    def _pp_loss(self, out, target):
+        if self._summed:  # chat: summed over trained tokens, divided by their global count later
+            return self._loss(out, target, True)
+        # text: a micro-batch's share of the step's mean loss
+        return self._loss(out, target, False) / (self.n_mb * self.accum)
+
+    def _forward_backward(self, inputs: Tuple[torch.Tensor, ...], labels: torch.Tensor,
+                          count: Optional[int] = None) -> Optional[torch.Tensor]:
         """One micro-step: the loss (chat: summed; text: this micro-batch's mean) detached,
         None on a pipeline rank without the last stage."""
         if self.runner is not None:  # forward and backward of every micro-batch, by the schedule
@@ -111,10 +150,9 @@ class TrainStep:
                 return None
             return loss.detach() if self.chat else loss.detach() * self.accum  # text: mean / accum came back
         with self.autocast:
-            logits = self.parts[0](*inputs)
-        self._note_loss_input(logits)
+            out = self.parts[0](*inputs)
         with loss_context(self.loss_parallel):  # chat: summed here, divided by the global trained-token count
-            loss = next_token_loss(logits, labels, summed=self.chat)
+            loss = self._loss(out, labels, self.chat, count)
             (loss if self.chat else loss / self.accum).backward()
         return full_value(loss.detach())
 
@@ -126,19 +164,21 @@ class TrainStep:
         loss_sum = torch.zeros((), device=self.device)
         trained = torch.zeros((), dtype=torch.long, device=self.device)
         for batch in batches:
-            inputs = self.family.inputs(batch, self.device, self.model_args)
-            labels = batch["labels"].to(self.device, non_blocking=True)
+            inputs, labels = self.split(batch)
+            count = int((labels != -100).sum()) if labels.device.type == "cpu" else None  # host labels: no sync
+            labels = labels.to(self.device, non_blocking=True)
             if self.chat:
                 trained += (labels != -100).sum()
-            loss = self._forward_backward(inputs, labels)
+            loss = self._forward_backward(inputs, labels, count)
             if loss is not None:
                 loss_sum += loss
         if self.chat:
-            # Gradients are of the local sums; FSDP averaged them over dp ranks, hence the dp factor.
+            # Gradients are of the local sums; FSDP averaged them over the dp x cp ranks, hence
+            # that factor.
             mean, n_trained = self.token_mean(loss_sum, trained)
             grads = local_values([p.grad for p in self.params if p.grad is not None])
             if grads:  # a device tensor as the factor: no host sync in the step
-                torch._foreach_mul_(grads, (self.dims.dp / n_trained).to(grads[0].dtype))
+                torch._foreach_mul_(grads, (self.dims.grad_ranks / n_trained).to(grads[0].dtype))
             loss_sum = mean.to(loss_sum.dtype) * self.accum
         if self.dims.uses_tp:
             settle_grads(self.params)
@@ -163,12 +203,12 @@ class TrainStep:
         return [what for what, flag in zip(("loss", "grad_norm", "weights"), bad.tolist()) if flag]
 
     def token_mean(self, loss_sum: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Global summed loss / global trained-token count. Every TP rank of a DP group holds
-        the same sum (under PP only the last stage's), every TP and PP rank the same count.
-        Returns (mean, global count, at least 1), both fp64 device tensors (counts past 2^24
-        stay exact; no host sync)."""
+        """Global summed loss / global trained-token count. Every TP rank of a (DP, CP)
+        coordinate holds the same sum (under PP only the last stage's), every TP and PP rank
+        the same count (CP ranks count their own chunks). Returns (mean, global count, at
+        least 1), both fp64 device tensors (counts past 2^24 stay exact; no host sync)."""
         sums = pdist.all_reduce_sum(torch.stack([loss_sum.double(), count.double()]))
-        n = torch.clamp(sums[1] / self.dims.replicas_per_dp_rank, min=1.0)
+        n = torch.clamp(sums[1] / self.dims.loss_replicas, min=1.0)
         return sums[0] / self.dims.tp / n, n
 
     def mean_over_loss_ranks(self, value: torch.Tensor) -> torch.Tensor:
@@ -188,8 +228,8 @@ class TrainStep:
         self._summed = chat
         try:
             for batch in batches:
-                inputs = self.family.inputs(batch, self.device, self.model_args)
-                labels = batch["labels"].to(self.device, non_blocking=True)
+                inputs, labels = self.split(batch)
+                labels = labels.to(self.device, non_blocking=True)
                 if chat:
                     count += (labels != -100).sum()
                 total += self._eval_loss(inputs, labels, chat)
@@ -210,7 +250,7 @@ class TrainStep:
             return loss if chat else loss * self.accum  # text: _pp_loss divided each mean by n_mb x accum
         with torch.no_grad():
             with self.autocast:
-                logits = self.parts[0](*inputs)
+                out = self.parts[0](*inputs)
             with loss_context(self.loss_parallel):
-                loss = next_token_loss(logits, labels, summed=chat)
+                loss = self._loss(out, labels, chat)
         return full_value(loss)

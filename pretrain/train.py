@@ -111,8 +111,8 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
     m, pc, lora = job.model, cfg.parallel, cfg.finetune.lora
     for line in config_warnings(cfg):
         log.warning("config warning: %s", line)
-    log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d tp=%d pp=%d%s | world %d (%s)%s | %s %s",
-             run_dir, f"{m.n_params:,}", dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp,
+    log.info("run dir %s | %s params | layout dp_replicate=%d dp_shard=%d cp=%d tp=%d pp=%d%s | world %d (%s)%s | %s %s",
+             run_dir, f"{m.n_params:,}", dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp, dims.pp,
              f" ({pc.pp_schedule}, stages {m.stage_ids} here)" if dims.pp > 1 else "", env.world_size,
              env.launcher, f" | collectives time out after {pdist.group_timeout().total_seconds():g} s"
              if env.world_size > 1 else "", device.type, str(m.param_dtype).removeprefix("torch."))
@@ -247,7 +247,7 @@ def _log_row(cfg: JobConfig, env: LaunchEnv, job: Job, window: LogWindow, counts
     """One logged row; every rank takes part (the values are reduced over ranks)."""
     loss = job.step.mean_over_loss_ranks(window.loss / window.steps)
     timing = window.metrics(step, loss, world_size=env.world_size, flops_per_token=fpt, peak=peak)
-    data = counts.global_metrics(loss.device, job.step.dims.replicas_per_dp_rank, job.source_names,
+    data = counts.global_metrics(loss.device, job.step.dims.batch_replicas, job.source_names,
                                  job.listing_skipped, chat=cfg.data.format == "chat")
     return training_row(timing, data, lr=lr, grad_norm=out.grad_norm.item(), tokens_seen=tokens_seen,
                         val_loss=val_loss)

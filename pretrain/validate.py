@@ -6,7 +6,7 @@ import dataclasses
 
 from parallel import knobs
 from parallel.ac import AC_MODES
-from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims
+from parallel.dims import CP_IMPLS, LayoutError, ParallelDims, resolve_parallel_dims, sequence_problem
 
 from .config import JobConfig, eval_format
 from .observe.metrics import WANDB_MODES
@@ -83,6 +83,10 @@ def _check_optim(cfg: JobConfig) -> None:
     _one_of("optim.name", o.name, ("adamw",))
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _require(len(o.betas) == 2, "optim.betas", list(o.betas), "two values in [0, 1)")
+    _require(o.schedule_start < cfg.train.steps, "optim.schedule_start", o.schedule_start,
+             f"must be < train.steps={cfg.train.steps}: the schedule runs from step schedule_start + 1 to "
+             "train.steps, which counts from the first run (a stage continued from step S for N more steps "
+             "sets optim.schedule_start=S train.steps=S+N)")
 
 
 # Loader streams per rank (rows of a step x streams per row): each holds a state of a few
@@ -197,14 +201,34 @@ def _check_run(cfg: JobConfig) -> None:
 
 
 def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
-    m, t, d = cfg.model, cfg.train, cfg.data
-    eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
+    m, t = cfg.model, cfg.train
     p = cfg.parallel
     try:
-        dims = resolve_parallel_dims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
+        dims = resolve_parallel_dims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, cp=p.cp,
                                      pp_schedule=p.pp_schedule, world_size=world_size)
     except LayoutError as e:
         raise ConfigError(e.key, e.value, e.expected) from None
+    family = get_family(m.family)
+    _one_of("parallel.cp_impl", p.cp_impl, CP_IMPLS)
+    if p.cp_impl == "ring":
+        import torch
+
+        cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        _require(False, "parallel.cp_impl", "ring",
+                 "allgather: torch's ring context_parallel has handlers for CUDA attention kernels only"
+                 if not cuda else "allgather: the ring implementation is not built yet (no GPU to test it on)")
+    if dims.cp > 1:
+        _require(family.layout.attention_core is not None, "parallel.cp", p.cp,
+                 f"1: model family {m.family!r} names no attention core in its layout (its attention "
+                 "cannot be split along the sequence)" + (
+                     "; Llama 3.2 Vision's cross-attention masks and self-attention are not on the "
+                     "core slot yet" if m.family == "mllama" else ""))
+        _require(not p.compile, "parallel.compile", True,
+                 f"false with parallel.cp={p.cp}: the context-parallel attention (all-gather and blockwise "
+                 "masks) is not compiled yet")
+    if t.loss_chunk > 0:
+        _require(family.hidden_output is not None, "train.loss_chunk", t.loss_chunk,
+                 f"0: model family {m.family!r} cannot return its hidden states before the head")
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     if p.compile:
         import torch
@@ -215,12 +239,12 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
         missing = missing_prerequisites("cuda" if cuda else "cpu")
         _require(not missing, "parallel.compile", True, "needs on every node " + "; and ".join(missing))
     if dims.tp > 1:
-        for key, v in get_family(m.family).tp_divisible(m):
+        for key, v in family.tp_divisible(m):
             _require(v % dims.tp == 0, key, v, f"must divide by parallel.tp={dims.tp} (each rank holds 1/tp of it)")
-        if p.sequence_parallel:
-            _require(t.seq_len % dims.tp == 0, "train.seq_len", t.seq_len,
-                     f"must divide by parallel.tp={dims.tp} with parallel.sequence_parallel=true")
-    else:
+    problem = sequence_problem(dims, t.seq_len, p.sequence_parallel)
+    if problem is not None:
+        raise ConfigError(problem.key, problem.value, problem.expected)
+    if dims.tp == 1:
         _require(not p.loss_parallel, "parallel.loss_parallel", True, "needs parallel.tp > 1")
     if dims.pp > 1:
         from parallel.pp import stages_per_rank
@@ -252,10 +276,6 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
             _require(mbs % rounds == 0, "parallel.pp_microbatches", mbs,
                      f"a multiple of max(1, microbatches // pp) for {p.pp_schedule}")
         _require(not p.loss_parallel, "parallel.loss_parallel", True, "is not supported with parallel.pp > 1 yet")
-        _require(not d.document_masking, "data.document_masking", True,
-                 "is not supported with parallel.pp > 1 (masks do not travel between stages yet)"
-                 + ("; for chat data use data.sft_packing=pad data.document_masking=false (one conversation "
-                    "per row needs no mask)" if d.format == "chat" or eval_chat else ""))
     return dims
 
 

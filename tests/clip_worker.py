@@ -118,11 +118,11 @@ def main():
     env = detect_launch_env()
     torch.set_num_threads(1)
     pdist.init_distributed(env, torch.device("cpu"))
-    tp2 = (ParallelDims(1, 1, 2, 1, 2), ParallelConfig(tp=2))
+    tp2 = (ParallelDims(dp_replicate=1, dp_shard=1, tp=2, pp=1, world_size=2), ParallelConfig(tp=2))
     layouts = {
-        "fsdp2": (ARGS, LAYOUT, ParallelDims(1, 2, 1, 1, 2), ParallelConfig()),
+        "fsdp2": (ARGS, LAYOUT, ParallelDims(dp_replicate=1, dp_shard=2, tp=1, pp=1, world_size=2), ParallelConfig()),
         "tp2+sp": (ARGS, LAYOUT, *tp2),
-        "pp2-1f1b": (ARGS, LAYOUT, ParallelDims(1, 1, 1, 2, 2), ParallelConfig(pp=2)),
+        "pp2-1f1b": (ARGS, LAYOUT, ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=2, world_size=2), ParallelConfig(pp=2)),
         "mllama-tp2+sp": (VISION, MLLAMA_LAYOUT, *tp2),
     }
     refs = {}

@@ -26,7 +26,7 @@ SEQ = 16
 
 
 def after_forward(reshard: bool) -> dict:
-    dims = ParallelDims(1, 2, 1, 1, 2)
+    dims = ParallelDims(dp_replicate=1, dp_shard=2, tp=1, pp=1, world_size=2)
     mesh = pdist.build_device_mesh(dims, torch.device("cpu"))
     model = build_llama(ARGS, rope_cache_len=SEQ, device="meta")
     parallelize(model, LAYOUT, mesh, dims, ParallelConfig(reshard_after_forward=reshard),

@@ -110,7 +110,7 @@ def test_train_step_clips_to_train_max_norm_like_torch():
     max_norm = norm / 33
     want_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
-    step = TrainStep(FAMILY, [ours], torch.optim.SGD(ours.parameters(), lr=1.0), dims=ParallelDims(1, 1, 1, 1, 1),
+    step = TrainStep(FAMILY, [ours], torch.optim.SGD(ours.parameters(), lr=1.0), dims=ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1, world_size=1),
                      pc=ParallelConfig(), grad_accum_steps=1, max_norm=max_norm, chat=False,
                      device=torch.device("cpu"), param_dtype=torch.float32)
     out = step([{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}], lr=1.0)

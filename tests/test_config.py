@@ -74,8 +74,18 @@ def test_impossible_layout_fails_in_every_worker_before_process_group(tmp_path, 
     (["parallel.pp=2", "parallel.pp_schedule=zbv", "model.n_layers=6"], 2, "model.n_layers"),  # 4 stages
     (["parallel.pp=2", "parallel.pp_microbatches=3"], 2, "parallel.pp_microbatches"),  # batch 8
     (["parallel.pp=2", "parallel.pp_microbatches=1"], 2, "parallel.pp_microbatches"),  # 1f1b: >= stages
-    (["parallel.pp=2", "data.document_masking=true"], 2, "data.document_masking"),
-    (["data=chat", "data.path=/c", "model.vocab_size=128256", "parallel.pp=2"], 2, "data.document_masking"),
+    # Context parallel: 2 x cp chunks per window; a family without an attention core; the
+    # ring implementation (CUDA kernels only); compile; a degree that does not fit.
+    (["parallel.cp=3"], 3, "train.seq_len"),
+    (["parallel.cp=2", "parallel.tp=2", "train.seq_len=34"], 4, "train.seq_len"),  # 4 chunks of 8.5
+    (["parallel.cp=2", "parallel.tp=4", "model.n_heads=8", "model.n_kv_heads=4", "train.seq_len=20"], 8,
+     "train.seq_len"),  # 10 tokens per CP rank cannot split over 4 TP ranks (sequence parallel)
+    (["parallel.cp=5"], 4, "parallel.cp"),
+    (["parallel.cp=2", "parallel.cp_impl=ring"], 2, "parallel.cp_impl"),
+    (["parallel.cp=2", "parallel.cp_impl=zigzag"], 2, "parallel.cp_impl"),
+    (["parallel.cp=2", "parallel.compile=true"], 2, "parallel.compile"),
+    (["model=mllama_debug", "parallel.cp=2"], 2, "parallel.cp"),
+    (["train.loss_chunk=-2"], 1, "train.loss_chunk"),
     (["eval.interval=2", "eval.data.path=/d", "eval.format=chat", "data.tokenizer.kind=llama3",
       "model.vocab_size=128256", "data.sft_packing=pad"], 1, "eval.data.source"),  # chat held-out records are JSONL
     (["eval.interval=2", "eval.data.path=/d", "eval.data.source=jsonl", "eval.format=chat",
@@ -106,6 +116,19 @@ def test_validation_names_the_key(overrides, world, key):
     with pytest.raises(ConfigError) as e:
         validate_job(cfg, world)
     assert e.value.key == key
+
+
+@pytest.mark.parametrize("overrides,world", [
+    (["parallel.pp=2", "data.document_masking=true"], 2),  # positions and document ids cross stages
+    (["data=chat", "data.path=/c", "model.vocab_size=128256", "parallel.pp=2"], 2),  # chat packs under PP
+    (["parallel.cp=2", "parallel.pp=2", "parallel.tp=2", "data.document_masking=true"], 8),
+    (["parallel.cp=4", "train.seq_len=256"], 4),
+])
+def test_layouts_that_compose(overrides, world):
+    """Document masking under pipeline parallelism was refused before positions and
+    document ids travelled between stages; context parallelism composes with the rest."""
+    dims = validate_job(compose_job(*overrides), world)
+    assert dims.world_size == world
 
 
 def test_every_config_file_composes_and_validates():

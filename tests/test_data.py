@@ -488,7 +488,6 @@ def test_llama3_shards_are_uint32(tmp_path):
 def test_document_mask_isolates_documents(llama3):
     from pretrain.model.llama.args import LlamaArgs
     from pretrain.model.llama import build_llama
-    from pretrain.model.llama import document_mask
 
     torch.manual_seed(0)
     args = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, vocab_size=512)
@@ -504,7 +503,7 @@ def test_document_mask_isolates_documents(llama3):
         keys = np.repeat(keys, lens)
         pos = positions(keys[None])[0]
         toks, keys, pos = (torch.from_numpy(x)[None, :-1] for x in (toks, keys, pos))
-        out = model(toks, position_ids=pos, attn_mask=document_mask(keys)) if masked else model(toks)
+        out = model(toks, pos.long(), keys.long()) if masked else model(toks)
         return out[0, keys[0] == 1]
 
     a = logits_of_last_doc(list(range(200, 210)))

@@ -1,5 +1,5 @@
 """Parity suite: every parallel layout (TP with and without SP and loss parallel, every
-pipeline schedule, and their compositions with FSDP2 up to 8 processes) trains the tiny
+pipeline schedule, and their compositions with FSDP2 and CP up to 8 processes) trains the tiny
 Llama (tied embeddings, GQA) to the single-process losses and final weights, from the
 same initial weights and global batch.
 
@@ -88,7 +88,9 @@ LAYOUTS = [
     ("pp2x2-zbv", [*PP4, "parallel.pp_schedule=zbv"], 2),
     ("fsdp2xpp2", ["parallel.pp=2", "train.local_batch_size=2"], 4),
     ("tp2xpp2", ["parallel.pp=2", "parallel.tp=2", "train.local_batch_size=4"], 4),
-    ("fsdp2xtp2xpp2", ["parallel.pp=2", "parallel.tp=2", "train.local_batch_size=2"], 8),
+    # FSDP2 shards over dp_shard x cp: here over the 2 CP ranks, composed with TP and PP
+    # (tests/test_long_context.py holds the other context-parallel layouts).
+    ("cp2xtp2xpp2", ["parallel.pp=2", "parallel.tp=2", "parallel.cp=2", "train.local_batch_size=4"], 8),
 ]
 
 

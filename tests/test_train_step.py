@@ -24,7 +24,7 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch, chat):
     torch.manual_seed(0)
     model = build_llama(ARGS, rope_cache_len=16, device="cpu")
     model.init_weights(seed=0)
-    step = TrainStep(FAMILY, [model], build_optimizer(model, OptimConfig()), dims=ParallelDims(1, 1, 1, 1, 1),
+    step = TrainStep(FAMILY, [model], build_optimizer(model, OptimConfig()), dims=ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1, world_size=1),
                      pc=ParallelConfig(), grad_accum_steps=2, max_norm=0.5, chat=chat,
                      device=torch.device("cpu"), param_dtype=torch.float32)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 4, 17))
@@ -79,7 +79,7 @@ def test_accumulated_loss_and_grad_norm_equal_torch_cross_entropy(chat):
     model = build_llama(ARGS, rope_cache_len=16, device="cpu")
     model.init_weights(seed=0)
     ref = copy.deepcopy(model)
-    step = TrainStep(FAMILY, [model], build_optimizer(model, OptimConfig()), dims=ParallelDims(1, 1, 1, 1, 1),
+    step = TrainStep(FAMILY, [model], build_optimizer(model, OptimConfig()), dims=ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1, world_size=1),
                      pc=ParallelConfig(), grad_accum_steps=2, max_norm=0.0, chat=chat,
                      device=torch.device("cpu"), param_dtype=torch.float32)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 4, 17), generator=torch.Generator().manual_seed(1))

@@ -31,7 +31,7 @@ def main():
     pdist.init_distributed(env, CPU, timeout_s=float(sys.argv[1]))
     out = {"world": seconds(dist.distributed_c10d._get_default_group())}
     # Every group a 2-rank part of the 4: the case where torch would not pass the timeout on.
-    for dims in (ParallelDims(1, 2, 2, 1, 4), ParallelDims(2, 1, 1, 2, 4)):
+    for dims in (ParallelDims(dp_replicate=1, dp_shard=2, tp=2, pp=1, world_size=4), ParallelDims(dp_replicate=2, dp_shard=1, tp=1, pp=2, world_size=4)):
         mesh = pdist.build_device_mesh(dims, CPU)
         for name in mesh.mesh_dim_names:
             if mesh[name].size() > 1:

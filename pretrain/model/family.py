@@ -61,7 +61,11 @@ class ModelFamily:
     ``stored_hf_key`` (weight names as files store them vs module paths) and
     ``generation_config``), or None. ``document_masking``: whether ``inputs`` honours positions
     and document ids (data.document_masking is refused if not).
-    ``towers`` / ``tower_of(args, name)``: the parts ``finetune.freeze`` may freeze."""
+    ``towers`` / ``tower_of(args, name)``: the parts ``finetune.freeze`` may freeze.
+    ``hidden_output(module, on)``: makes the module (or a last pipeline stage) return the
+    final-normed hidden states instead of logits, so the trainer can apply the layout's head
+    chunk by chunk (``train.loss_chunk``); None: the loss always takes full logits.
+    Context parallelism needs the layout's ``attention_core`` and ``sequence_inputs``."""
 
     name: str
     args: type
@@ -85,6 +89,8 @@ class ModelFamily:
     # Towers that learn from images only: a batch without images gives them zero gradients
     # (not none), so AdamW's weight decay still shrinks them (the trainer warns).
     image_towers: Tuple[str, ...] = ()
+    # train.loss_chunk: switch the module to returning hidden states before the head.
+    hidden_output: Optional[Callable[[nn.Module, bool], None]] = None
 
 
 def count_parameters(model: nn.Module) -> int:

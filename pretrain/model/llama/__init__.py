@@ -13,9 +13,9 @@ from ..family import LoRASpec, ModelFamily, Problem, count_parameters, param_see
 from . import hf
 from .args import LlamaArgs, RopeScaling
 from .flops import flops_per_token, matmul_params
-from .model import Llama, build_llama, document_mask, llama3_inv_freq
+from .model import Llama, build_llama, llama3_inv_freq
 
-# Every block is a TransformerBlock: attention(x, cos, sin, mask) and feed_forward(x) read
+# Every block is a TransformerBlock: attention(x, cos, sin, doc_ids) and feed_forward(x) read
 # the residual stream; q/k/v and the SwiGLU gate/up split by output features (heads and
 # hidden units), wo and w2 by input features.
 BLOCK = BlockPlan(
@@ -35,6 +35,9 @@ LAYOUT = ModelLayout(
     norm="norm",
     head="output",
     tied_head="tied_head",
+    attention_core="attention.core",
+    # tokens, positions and document ids, all (B, S): context parallelism splits them on dim 1.
+    sequence_inputs=((0, 1), (1, 1), (2, 1)),
 )
 
 LORA = LoRASpec(groups={"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w1", "w2", "w3")},
@@ -46,12 +49,21 @@ def build(args: LlamaArgs, seq_len: int) -> Llama:
 
 
 def inputs(batch: dict, device: torch.device, args=None) -> Tuple[torch.Tensor, ...]:
-    """(tokens,) or, with document masking, (tokens, positions, block-causal mask)."""
+    """(tokens, positions) or, with document masking, (tokens, positions restarting per
+    document, document ids): whole windows (context parallelism splits them later)."""
     tokens = batch["input_ids"].to(device, non_blocking=True)
     if batch.get("positions") is None:
-        return (tokens,)
-    positions = batch["positions"].to(device, non_blocking=True)
-    return tokens, positions, document_mask(batch["doc_ids"].to(device, non_blocking=True))
+        positions = torch.arange(tokens.shape[1], device=device).expand(tokens.shape[0], -1).contiguous()
+        return tokens, positions
+    # Contiguous: a pipeline stage sends them on to the next.
+    return (tokens, batch["positions"].to(device, non_blocking=True).long().contiguous(),
+            batch["doc_ids"].to(device, non_blocking=True).long().contiguous())
+
+
+def hidden_output(model, on: bool) -> None:
+    """The module (or a last pipeline stage) returns the final-normed hidden states instead
+    of logits (the chunked loss)."""
+    model.hidden_only = on
 
 
 def check(m: LlamaArgs) -> Iterable[Problem]:
@@ -90,10 +102,10 @@ def lora_param_count(args: LlamaArgs, rank: int, targets: Sequence[str]) -> int:
 FAMILY = ModelFamily(
     name="llama", args=LlamaArgs, build=build, inputs=inputs, layout=LAYOUT, lora=LORA,
     flops_per_token=flops_per_token, check=check, tp_divisible=tp_divisible,
-    depth=lambda m: ("model.n_layers", m.n_layers), hf=hf,
+    depth=lambda m: ("model.n_layers", m.n_layers), hf=hf, hidden_output=hidden_output,
     model_files=("debug", "llama3_2_1b", "llama3_2_3b", "llama3_1_8b", "llama3_1_70b"),
 )
 
 __all__ = ["FAMILY", "LAYOUT", "LORA", "Llama", "LlamaArgs", "RopeScaling", "build_llama", "count_parameters",
-           "document_mask", "flops_per_token", "lora_param_count", "llama3_inv_freq", "matmul_params", "param_seed",
+           "flops_per_token", "lora_param_count", "llama3_inv_freq", "matmul_params", "param_seed",
            "seeded_trunc_normal_"]

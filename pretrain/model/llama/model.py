@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.attention import AttentionCore
+
 from ..family import InitFn, seeded_trunc_normal_
 from .args import LlamaArgs, RopeScaling
-
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> torch.Tensor:
@@ -39,7 +40,7 @@ def llama3_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling])
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim (Meta's layout).
 
-    x: (B, S, H, D); cos/sin: (B or 1, S, D/2). Computed in fp32 and cast back."""
+    x: (B, S, H, D); cos/sin: (B, S, D/2). Computed in fp32 and cast back."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
@@ -72,13 +73,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        # softmax(q k^T) v under the causal / document mask: a slot context parallelism swaps.
+        self.core = AttentionCore()
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        attn_mask: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1 instead of n_heads: under tensor parallel each rank holds a slice of heads.
@@ -86,12 +89,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(self.core(q, k, v, doc_ids).reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
@@ -113,8 +111,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x, cos, sin, attn_mask=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, doc_ids=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -128,12 +126,16 @@ class TiedHead(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only Llama 3.x. ``forward`` returns logits; the loss lives in the trainer."""
+    """Decoder-only Llama 3.x. ``forward`` returns logits (or, with ``hidden_only``, the
+    final-normed hidden states: the chunked loss applies the head itself); the loss lives
+    in the trainer."""
 
     def __init__(self, args: LlamaArgs, rope_cache_len: Optional[int] = None):
         super().__init__()
         self.args = args
+        # Positions index the RoPE tables: they run up to the window length (train.seq_len).
         self.rope_cache_len = rope_cache_len or min(args.max_position_embeddings, 8192)
+        self.hidden_only = False
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # A ModuleDict keyed "0".."n-1" keeps FQNs stable when pipeline stages drop layers.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
@@ -180,28 +182,34 @@ class Llama(nn.Module):
             else:
                 init_fn(p, std, fqn)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        position_ids: Optional[torch.Tensor] = None,
-        attn_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        # A later pipeline stage receives hidden states, which sequence parallel may have
-        # split along the sequence: it runs at the full cache length (= train.seq_len).
-        seqlen = tokens.shape[1] if not tokens.is_floating_point() else self.rope_cache_len
-        if position_ids is None:
-            cos, sin = self.rope_cos[:seqlen].unsqueeze(0), self.rope_sin[:seqlen].unsqueeze(0)
-        else:
-            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        # A pipeline stage is this module with parts removed: without ``norm`` it returns
-        # hidden states; fed hidden states (floats) instead of token ids it skips the
-        # lookup (a last stage may hold the embedding only for its tied head).
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None):
+        """``tokens`` (B, S) ids, or a later pipeline stage's hidden states; ``positions``
+        (B, S) each token's RoPE position (0..S-1 by default; restarting per document
+        under document masking; under context parallelism this rank's share of them);
+        ``doc_ids`` (B, S): attention stays within a document (None: one per window).
+
+        A pipeline stage is this module with parts removed: without ``norm`` it returns
+        (hidden states, positions[, doc_ids]) for the next stage; fed hidden states (floats)
+        instead of token ids it skips the lookup (a last stage may hold the embedding only
+        for its tied head). Positions index the RoPE tables whatever the local length (no
+        stage assumes a prefix of the window)."""
+        if positions is None:
+            if tokens.is_floating_point():
+                raise ValueError("a later pipeline stage needs the positions its first stage passed on")
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        # Clamped: a pipeline stage infers its shapes by running once on uninitialised
+        # inputs (torch.distributed.pipelining); real positions are always in range.
+        positions = positions.clamp(0, self.rope_cache_len - 1)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens) if not tokens.is_floating_point() else tokens
         for layer in self.layers.values():
-            h = layer(h, cos, sin, attn_mask)
+            h = layer(h, cos, sin, doc_ids)
         if self.norm is None:
-            return h
+            return (h, positions) if doc_ids is None else (h, positions, doc_ids)
         h = self.norm(h)
+        if self.hidden_only:
+            return h
         if self.output is None:
             return self.tied_head(h, self.tok_embeddings.weight)
         return self.output(h)

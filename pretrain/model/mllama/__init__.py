@@ -141,6 +141,7 @@ FAMILY = ModelFamily(
     name="mllama", args=MllamaArgs, build=build, inputs=inputs, layout=LAYOUT, lora=LORA,
     flops_per_token=flops_per_token, check=check, tp_divisible=tp_divisible,
     depth=lambda m: ("model.n_layers", m.n_layers), hf=hf, document_masking=False,
+    hidden_output=lambda model, on: setattr(model, "hidden_only", on),
     model_files=("mllama_debug", "llama3_2_11b_vision", "llama3_2_90b_vision"),
     towers=("text", "vision"), tower_of=tower_of, image_towers=("vision",),
 )

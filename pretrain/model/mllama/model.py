@@ -323,7 +323,8 @@ class Mllama(nn.Module):
             h = layer(h, images, attend, sees) if isinstance(layer, CrossAttentionBlock) else layer(h, cos, sin)
         if self.norm is None:
             return h, images, mask.to(h.dtype) if not mask.is_floating_point() else mask
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        return h if getattr(self, "hidden_only", False) else self.output(h)
 
 
 def build_mllama(args: MllamaArgs, rope_cache_len: Optional[int] = None, device="meta") -> Mllama:

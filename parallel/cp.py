@@ -1,0 +1,99 @@
+"""Context parallelism: each window is cut into 2 x cp equal chunks along the sequence and
+context-parallel rank i holds chunks i and 2cp-1-i (head-tail load balancing: under a
+causal mask the early chunks attend to little and the late ones to much, so each rank
+gets one of each). Every layer works on the rank's tokens only, except attention: the
+family's attention core (``ModelLayout.attention_core``) is swapped for
+``ContextParallelCore``, which all-gathers K and V (and the document ids) along the
+sequence from the CP ranks (the Llama 3 paper's approach; with grouped-query attention K/V
+are a fraction of q), puts them back in window order and attends its queries to them
+under a mask built from positions in the window and document ids, block by block
+(``parallel/attention.py``). The all-gather's backward reduce-scatters dK/dV. Runs on
+gloo and NCCL alike; torch's ring ``context_parallel`` covers only CUDA kernels.
+
+The step splits every input the layout lists in ``sequence_inputs`` (and the labels) with
+``split_sequence`` before the forward; positions are computed on the whole window first."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed._functional_collectives import all_gather_tensor, all_gather_tensor_autograd
+from torch.distributed.device_mesh import DeviceMesh
+
+from .attention import attention
+from .layout import ModelLayout
+
+
+def chunk_ids(rank: int, cp: int):
+    """The two chunks (of 2 x cp) that CP rank ``rank`` holds, in order."""
+    return rank, 2 * cp - 1 - rank
+
+
+def split_sequence(x: torch.Tensor, dim: int, rank: int, cp: int) -> torch.Tensor:
+    """This rank's part of ``x`` along ``dim`` (whole windows): chunks i and 2cp-1-i, joined."""
+    chunks = x.chunk(2 * cp, dim=dim)
+    a, b = chunk_ids(rank, cp)
+    return torch.cat([chunks[a], chunks[b]], dim=dim)
+
+
+def local_positions(rank: int, cp: int, local_len: int, device) -> torch.Tensor:
+    """(local_len,) the window positions of this rank's tokens."""
+    c = local_len // 2
+    a, b = chunk_ids(rank, cp)
+    return torch.cat([torch.arange(a * c, (a + 1) * c, device=device), torch.arange(b * c, (b + 1) * c, device=device)])
+
+
+def _window_order(x: torch.Tensor, cp: int) -> torch.Tensor:
+    """Gathered ranks' parts (rank order along dim 1: chunks 0, 2cp-1, 1, 2cp-2, ...) put
+    back in window order."""
+    gathered = [c for r in range(cp) for c in chunk_ids(r, cp)]
+    where = [gathered.index(g) for g in range(2 * cp)]
+    shape = x.shape
+    parts = x.reshape(shape[0], 2 * cp, shape[1] // (2 * cp), *shape[2:])
+    return parts[:, where].reshape(shape)
+
+
+class ContextParallelCore(nn.Module):
+    """The attention core of one CP rank: its queries against every rank's keys."""
+
+    def __init__(self, group, rank: int, cp: int):
+        super().__init__()
+        self.group, self.rank, self.cp = group, rank, cp
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        k_all = _window_order(all_gather_tensor_autograd(k.contiguous(), gather_dim=1, group=self.group), self.cp)
+        v_all = _window_order(all_gather_tensor_autograd(v.contiguous(), gather_dim=1, group=self.group), self.cp)
+        doc_all = None
+        if doc_ids is not None:
+            doc_all = _window_order(all_gather_tensor(doc_ids.contiguous(), gather_dim=1, group=self.group), self.cp)
+        q_index = local_positions(self.rank, self.cp, q.shape[1], q.device)
+        return attention(q, k_all, v_all, q_index, doc_ids, doc_all)
+
+    def extra_repr(self) -> str:
+        return f"rank {self.rank} of cp={self.cp}"
+
+
+def apply_cp(model: nn.Module, layout: ModelLayout, cp_mesh: DeviceMesh) -> int:
+    """Swap every block's attention core for this rank's context-parallel one; returns how
+    many were swapped."""
+    if layout.attention_core is None:
+        raise ValueError("this model family's layout names no attention core: it cannot run context parallel")
+    group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
+    parent_path, _, name = layout.attention_core.rpartition(".")
+    n = 0
+    for block in layout.block_list(model):
+        parent = block.get_submodule(parent_path) if parent_path else block
+        if isinstance(getattr(parent, name, None), nn.Module):
+            setattr(parent, name, ContextParallelCore(group, rank, cp))
+            n += 1
+    return n
+
+
+def cp_group_rank(mesh: Optional[DeviceMesh]):
+    """(rank, size) of this process in the mesh's cp dimension; (0, 1) without a mesh."""
+    if mesh is None or "cp" not in (mesh.mesh_dim_names or ()):
+        return 0, 1
+    return mesh["cp"].get_local_rank(), mesh["cp"].size()
+
