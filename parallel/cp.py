@@ -7,7 +7,7 @@ family's attention core (``ModelLayout.attention_core``) is swapped for
 sequence from the CP ranks (the Llama 3 paper's approach; with grouped-query attention K/V
 are a fraction of q), puts them back in window order and attends its queries to them
 under a mask built from positions in the window and document ids, block by block
-(``parallel/attention.py``). The all-gather's backward reduce-scatters dK/dV. Runs on
+(``parallel/attention_core.py``). The all-gather's backward reduce-scatters dK/dV. Runs on
 gloo and NCCL alike; torch's ring ``context_parallel`` covers only CUDA kernels.
 
 The step splits every input the layout lists in ``sequence_inputs`` (and the labels) with
@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_gather_tensor, all_gather_tensor_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
-from .attention import attention
+from .attention_core import attend
 from .layout import ModelLayout
 
 
@@ -69,7 +69,7 @@ class ContextParallelCore(nn.Module):
         if doc_ids is not None:
             doc_all = _window_order(all_gather_tensor(doc_ids.contiguous(), gather_dim=1, group=self.group), self.cp)
         q_index = local_positions(self.rank, self.cp, q.shape[1], q.device)
-        return attention(q, k_all, v_all, q_index, doc_ids, doc_all)
+        return attend(q, k_all, v_all, q_index, doc_ids, doc_all)
 
     def extra_repr(self) -> str:
         return f"rank {self.rank} of cp={self.cp}"
@@ -79,7 +79,7 @@ def apply_cp(model: nn.Module, layout: ModelLayout, cp_mesh: DeviceMesh) -> int:
     """Swap every block's attention core for this rank's context-parallel one; returns how
     many were swapped."""
     if layout.attention_core is None:
-        raise ValueError("this model family's layout names no attention core: it cannot run context parallel")
+        raise ValueError("the layout has no attention_core: this family cannot run context parallel")
     group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
     parent_path, _, name = layout.attention_core.rpartition(".")
     n = 0

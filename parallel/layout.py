@@ -69,7 +69,7 @@ class ModelLayout:
     head: Optional[str] = None
     tied_head: Optional[str] = None
     # The attention core inside each block (a child module ``core(q, k, v, doc_ids)``,
-    # ``parallel/attention.py``): context parallelism swaps it. None: the family cannot
+    # ``parallel/attention_core.py``): context parallelism swaps it. None: the family cannot
     # run context parallel.
     attention_core: Optional[str] = None
     # (index in the first stage's inputs, dim) of every input laid out along the sequence:

@@ -72,4 +72,4 @@ def describe_blocks(parts, layout: ModelLayout) -> str:
 
     cp = sum(isinstance(m, ContextParallelCore) for b in blocks for m in b.modules())
     return (f"{len(blocks)} blocks here: activation checkpointing {ac} | compiled {compiled} | "
-            f"FSDP2 units {fsdp} | context-parallel attention {cp}")
+            f"FSDP2 units {fsdp} | context-parallel cores {cp}")

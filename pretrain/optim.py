@@ -13,8 +13,16 @@ SCHEDULES = ("cosine", "linear", "wsd", "constant")
 
 
 def lr_multiplier(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float,
-                  decay_fraction: float) -> float:
-    """Multiplier of the peak lr for optimizer update ``step`` (1-based)."""
+                  decay_fraction: float, start: int = 0) -> float:
+    """Multiplier of the peak lr for optimizer update ``step`` (1-based, global).
+
+    The schedule begins after global step ``start`` (``optim.schedule_start``) and ends at
+    ``total`` (``train.steps``): update ``start + 1`` is its first warmup step and its length
+    is ``total - start``, so a continued-pretraining stage that resumes a checkpoint of step
+    ``start`` and counts on to ``total`` warms up and decays afresh. Steps at or before
+    ``start`` (which a run resumed from a checkpoint at or past ``start`` never takes) get
+    the multiplier of the schedule's step 0: 0 with a warmup (no update), else the peak."""
+    step, total = max(0, step - start), total - start
     if warmup > 0 and step <= warmup:
         return step / warmup
     if schedule == "constant":
@@ -37,7 +45,7 @@ def lr_multiplier(step: int, *, total: int, warmup: int, schedule: str, min_rati
 def build_lr_fn(cfg, total_steps: int) -> Callable[[int], float]:
     return lambda step: cfg.lr * lr_multiplier(
         step, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
-        min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction,
+        min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction, start=cfg.schedule_start,
     )
 
 

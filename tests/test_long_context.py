@@ -27,7 +27,7 @@ DM = ["data.document_masking=true", "data.max_doc_bytes=400", "train.seq_len=64"
 
 def _reference_attention(q, k, v, q_index, q_doc, k_doc):
     """Plain softmax attention with an explicit mask, kv heads repeated (Meta's GQA)."""
-    from parallel.attention import visible
+    from parallel.attention_core import visible
 
     mask = visible(q_index, torch.arange(k.shape[1]), q_doc, k_doc).unsqueeze(1)
     rep = q.shape[2] // k.shape[2]
@@ -43,7 +43,7 @@ def test_blockwise_attention_equals_the_masked_reference(subset, docs):
     do not divide the length, equals explicit masked attention in fp64, output and q/k/v
     gradients, for GQA (4 query heads on 2 kv heads), documents, and a rank's head-tail
     query subset against all keys; the dense-mask SDPA path too."""
-    from parallel.attention import attention
+    from parallel.attention_core import attend
 
     torch.manual_seed(0)
     b, s, d = 2, 70, 8
@@ -58,7 +58,7 @@ def test_blockwise_attention_equals_the_masked_reference(subset, docs):
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (q, k, v), g, retain_graph=True)
     for dense_max, block in ((1 << 28, 512), (0, 16), (0, 7)):
-        got = attention(qs, k, v, q_index if subset else None, q_doc, doc, dense_max=dense_max, block=block)
+        got = attend(qs, k, v, q_index if subset else None, q_doc, doc, dense_max=dense_max, block=block)
         grads = torch.autograd.grad(got, (q, k, v), g, retain_graph=True)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for x, y in zip(grads, want_grads):
@@ -173,7 +173,7 @@ def test_context_parallel_layout_matches_single_process(reference, reference_dm,
     cp = 2 if "parallel.cp=2" in overrides else 1
     assert f"cp={cp} " in out, out[-2000:]
     # Read back from the modules: every attention core of this rank's blocks is the CP one.
-    blocks = re.search(r"(\d+) blocks here: .* \| context-parallel attention (\d+)", out)
+    blocks = re.search(r"(\d+) blocks here: .* \| context-parallel cores (\d+)", out)
     assert blocks and int(blocks[2]) == (int(blocks[1]) if cp > 1 else 0), blocks and blocks[0]
     took = re.search(r"the loss took logits (.*?) \|", out)
     if "train.loss_chunk=24" in overrides:  # chunks of 24 tokens: 4 rows x 3 positions x 2 SP shards

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.attention import AttentionCore
+from parallel.attention_core import AttentionCore
 
 from ..family import InitFn, seeded_trunc_normal_
 from .args import LlamaArgs, RopeScaling

@@ -35,7 +35,7 @@ def visible(q_index: torch.Tensor, k_index: torch.Tensor, q_doc: Optional[torch.
     return ok
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: Optional[torch.Tensor] = None,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: Optional[torch.Tensor] = None,
               q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None, *,
               dense_max: int = DENSE_MASK_MAX, block: int = BLOCK) -> torch.Tensor:
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) with Hkv dividing Hq (grouped-query: query head
@@ -156,4 +156,4 @@ class AttentionCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return attention(q, k, v, None, doc_ids, doc_ids)
+        return attend(q, k, v, None, doc_ids, doc_ids)
