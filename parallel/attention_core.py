@@ -4,7 +4,7 @@ documents. A family's attention module computes q, k, v (and RoPE) and hands the
 core (a child module the layout names, ``ModelLayout.attention_core``); ``parallel/cp.py``
 swaps that child for a context-parallel one. Nothing here imports ``torch.distributed``.
 
-The mask is never materialised for a whole window unless it is small: it is built from
+The mask is never materialised for a whole window unless the scores are small: it is built from
 each query's and key's index in the window and document id, per block of queries against
 the keys it can see (``blockwise_attention``: online softmax in the forward, the scores
 recomputed block by block in the backward, so memory grows with the sequence, not its
@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Above this many mask entries (batch x queries x keys), the blockwise path runs instead of
-# SDPA with a dense mask (2^28 booleans: 256 MB, e.g. one row of 16K tokens).
-DENSE_MASK_MAX = 1 << 28
+# Above this many attention scores (batch x query heads x queries x keys), the blockwise path
+# runs instead of SDPA with a dense mask: a mask with grouped-query heads may send SDPA to
+# its math kernel, which holds every score (2^26 fp32: 256 MB per layer), and each layer
+# keeps its own mask for the backward. E.g. 2 rows of 1024 tokens with 32 heads.
+DENSE_SCORES_MAX = 1 << 26
 # Queries and keys per block of the blockwise path: (batch x heads x 512 x 512) fp32 scores.
 BLOCK = 512
 
@@ -37,13 +39,13 @@ def visible(q_index: torch.Tensor, k_index: torch.Tensor, q_doc: Optional[torch.
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: Optional[torch.Tensor] = None,
               q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None, *,
-              dense_max: int = DENSE_MASK_MAX, block: int = BLOCK) -> torch.Tensor:
+              dense_max: int = DENSE_SCORES_MAX, block: int = BLOCK) -> torch.Tensor:
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) with Hkv dividing Hq (grouped-query: query head
     h reads kv head h // (Hq / Hkv)). Keys are the window's positions 0..Sk-1 in order;
     ``q_index`` (Sq,) the queries' positions in the window (None: 0..Sq-1, Sq == Sk).
     ``q_doc`` (B, Sq) / ``k_doc`` (B, Sk): document ids (None: one document). Returns
     (B, Sq, Hq, D)."""
-    b, sq, _, _ = q.shape
+    b, sq, hq, _ = q.shape
     sk = k.shape[1]
     if q_index is None and q_doc is None and sq == sk:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -52,7 +54,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: Optional[
     if q_index is None:
         q_index = torch.arange(sq, device=q.device)
     k_index = torch.arange(sk, device=q.device)
-    if b * sq * sk <= dense_max:
+    if b * hq * sq * sk <= dense_max:
         mask = visible(q_index, k_index, q_doc, k_doc).unsqueeze(1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, enable_gqa=True)
@@ -67,10 +69,12 @@ def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def _blocks(q_index: torch.Tensor, block: int):
-    """(start, end, last visible key + 1) per block of queries."""
-    for s in range(0, q_index.numel(), block):
-        e = min(s + block, q_index.numel())
-        yield s, e, int(q_index[s:e].max()) + 1
+    """(start, end, last visible key + 1) per block of queries: read from the host once
+    (one device sync per call, not one per block)."""
+    ends = q_index.detach().cpu().tolist()
+    for s in range(0, len(ends), block):
+        e = min(s + block, len(ends))
+        yield s, e, max(ends[s:e]) + 1
 
 
 class BlockwiseAttention(torch.autograd.Function):

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_tensor, all_gather_tensor_autograd
+from torch.distributed._functional_collectives import all_gather_single, all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 from .attention_core import attend
@@ -63,11 +63,11 @@ class ContextParallelCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        k_all = _window_order(all_gather_tensor_autograd(k.contiguous(), gather_dim=1, group=self.group), self.cp)
-        v_all = _window_order(all_gather_tensor_autograd(v.contiguous(), gather_dim=1, group=self.group), self.cp)
+        k_all = _window_order(all_gather_single_autograd(k.contiguous(), gather_dim=1, group=self.group), self.cp)
+        v_all = _window_order(all_gather_single_autograd(v.contiguous(), gather_dim=1, group=self.group), self.cp)
         doc_all = None
         if doc_ids is not None:
-            doc_all = _window_order(all_gather_tensor(doc_ids.contiguous(), gather_dim=1, group=self.group), self.cp)
+            doc_all = _window_order(all_gather_single(doc_ids.contiguous(), gather_dim=1, group=self.group), self.cp)
         q_index = local_positions(self.rank, self.cp, q.shape[1], q.device)
         return attend(q, k_all, v_all, q_index, doc_ids, doc_all)
 
@@ -89,11 +89,4 @@ def apply_cp(model: nn.Module, layout: ModelLayout, cp_mesh: DeviceMesh) -> int:
             setattr(parent, name, ContextParallelCore(group, rank, cp))
             n += 1
     return n
-
-
-def cp_group_rank(mesh: Optional[DeviceMesh]):
-    """(rank, size) of this process in the mesh's cp dimension; (0, 1) without a mesh."""
-    if mesh is None or "cp" not in (mesh.mesh_dim_names or ()):
-        return 0, 1
-    return mesh["cp"].get_local_rank(), mesh["cp"].size()
 

@@ -133,7 +133,10 @@ def resolve_parallel_dims(*, dp_replicate: int, dp_shard: int, tp: int, pp: int,
             if world_size % v:
                 raise LayoutError(key, v, f"must divide the world size {world_size} (the number of processes)")
         if world_size % others:
-            raise LayoutError("parallel.tp", tp, f"{formula} = {others} must divide the world size {world_size} "
+            # Name a degree the user raised (the product of several is at fault).
+            key, v = next(((k, x) for k, x in set_by_user.items() if x > 1 and k != "parallel.dp_replicate"),
+                          ("parallel.dp_replicate", dp_replicate))
+            raise LayoutError(key, v, f"{formula} = {others} must divide the world size {world_size} "
                               "(the number of processes)")
         dp_shard = world_size // others
     elif dp_shard < 1:

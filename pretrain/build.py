@@ -19,7 +19,7 @@ from parallel.init import shard_aware_init
 from parallel.parallelize import parallelize
 from parallel.tensors import seed_tensor_parallel_rng
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, CheckpointError
 from .config import JobConfig
 from .model import family_of
 from .model.family import ModelFamily, count_parameters, seeded_trunc_normal_
@@ -137,8 +137,7 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
                      grad_accum_steps=t.grad_accum_steps, max_norm=t.max_norm, chat=cfg.data.format == "chat",
                      device=device, param_dtype=model.param_dtype, mesh=model.mesh, stage_ids=model.stage_ids,
                      num_stages=model.num_stages, tied=model.tied, model_args=cfg.model,
-                     loss_chunk=resolve_loss_chunk(t.loss_chunk, local_batch_size=t.local_batch_size,
-                                                   seq_len=t.seq_len, cp=dims.cp, vocab_size=cfg.model.vocab_size))
+                     loss_chunk=_loss_chunk(cfg, dims, model.family))
     dp_rank, dp_world, is_dp_leader = dims.dp_coordinates(env.rank)
     loader = RankLoader(sources, weights, tokenizer, LoaderSpec(
         seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
@@ -150,9 +149,25 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
                         model_args=cfg.model, lora=_lora_meta(cfg, model.family), freeze=cfg.finetune.freeze)
     start_step, tokens_seen, loader_states = ckpt.maybe_resume(model.state_model, optimizer,
                                                                loader.load_rank_states)
+    if start_step < cfg.optim.schedule_start:
+        raise CheckpointError(
+            f"optim.schedule_start={cfg.optim.schedule_start} but the run starts at step {start_step} "
+            f"({'checkpoint.load_path=' + repr(cfg.checkpoint.load_path) if cfg.checkpoint.load_path else 'no checkpoint'}): "
+            "steps before schedule_start would train at the schedule's step 0 (lr 0 in warmup); start from the "
+            "checkpoint of step schedule_start or set optim.schedule_start to the step the run starts at")
     _start_weights(cfg, model, loader_states, progress=env.rank == 0)
     return Job(model, step, optimizer, sources, source_names, tokenizer, loader, listing_skipped, ckpt,
                start_step, tokens_seen, dp_rank, dp_world, is_dp_leader)
+
+
+def _loss_chunk(cfg: JobConfig, dims: ParallelDims, family: ModelFamily) -> int:
+    """train.loss_chunk resolved (auto: by size; a family that cannot return its hidden
+    states always takes the whole loss, validation refused an explicit chunk for it)."""
+    t = cfg.train
+    if family.hidden_output is None:
+        return 0
+    return resolve_loss_chunk(t.loss_chunk, local_batch_size=t.local_batch_size, seq_len=t.seq_len, cp=dims.cp,
+                              vocab_size=cfg.model.vocab_size)
 
 
 def _lora_meta(cfg: JobConfig, family: ModelFamily) -> Optional[dict]:

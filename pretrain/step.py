@@ -105,7 +105,8 @@ class TrainStep:
 
     def _logits_of(self, h):
         logits = self.family.layout.logits(self.last_part, h)
-        self._note_loss_input(logits)
+        if self.loss_input is None:
+            self.loss_input = f"{describe_layout(logits)} per chunk"
         return logits
 
     def _loss(self, out, labels, summed: bool, count: Optional[int] = None):

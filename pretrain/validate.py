@@ -87,6 +87,10 @@ def _check_optim(cfg: JobConfig) -> None:
              f"must be < train.steps={cfg.train.steps}: the schedule runs from step schedule_start + 1 to "
              "train.steps, which counts from the first run (a stage continued from step S for N more steps "
              "sets optim.schedule_start=S train.steps=S+N)")
+    _require(o.schedule_start == 0 or not cfg.checkpoint.load_weights_only, "optim.schedule_start",
+             o.schedule_start, "0 with checkpoint.load_weights_only=true (the step count restarts at 0: steps 1 to "
+             "schedule_start would train at the schedule's step 0); load the whole checkpoint instead "
+             "(checkpoint.resume_data=false starts the data afresh)")
 
 
 # Loader streams per rank (rows of a step x streams per row): each holds a state of a few

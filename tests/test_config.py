@@ -81,6 +81,9 @@ def test_impossible_layout_fails_in_every_worker_before_process_group(tmp_path, 
     (["parallel.cp=2", "parallel.tp=4", "model.n_heads=8", "model.n_kv_heads=4", "train.seq_len=20"], 8,
      "train.seq_len"),  # 10 tokens per CP rank cannot split over 4 TP ranks (sequence parallel)
     (["parallel.cp=5"], 4, "parallel.cp"),
+    (["parallel.cp=2", "parallel.pp=2"], 2, "parallel.cp"),  # the product is at fault: a degree the user set
+    (["optim.schedule_start=3", "checkpoint.load_path=/c", "checkpoint.load_weights_only=true"], 1,
+     "optim.schedule_start"),  # weights-only restarts the count at 0
     (["parallel.cp=2", "parallel.cp_impl=ring"], 2, "parallel.cp_impl"),
     (["parallel.cp=2", "parallel.cp_impl=zigzag"], 2, "parallel.cp_impl"),
     (["parallel.cp=2", "parallel.compile=true"], 2, "parallel.compile"),

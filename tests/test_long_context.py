@@ -135,6 +135,16 @@ def test_auto_loss_chunk_rule():
     assert resolve_loss_chunk(100, local_batch_size=1, seq_len=8, cp=1, vocab_size=10) == 100
 
 
+def test_a_run_that_starts_before_its_schedule_start_is_refused(tmp_path, tok_cache):
+    """optim.schedule_start=3 with nothing to resume: steps 1-3 would train at lr 0 (the
+    warmup's step 0). The job stops before its first step, naming the knob (exit 4, a
+    checkpoint problem: the start step is known once checkpoints are read)."""
+    proc = run_job(tmp_path, ["optim.schedule_start=3"], tok_cache=tok_cache, check=False)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "optim.schedule_start=3 but the run starts at step 0" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip()
+
+
 # -- parity on real training steps ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -177,7 +187,7 @@ def test_context_parallel_layout_matches_single_process(reference, reference_dm,
     assert blocks and int(blocks[2]) == (int(blocks[1]) if cp > 1 else 0), blocks and blocks[0]
     took = re.search(r"the loss took logits (.*?) \|", out)
     if "train.loss_chunk=24" in overrides:  # chunks of 24 tokens: 4 rows x 3 positions x 2 SP shards
-        assert took and took[1] == "S(2) over tp=2, local (4, 6, 256)", took and took[1]
+        assert took and took[1] == "S(2) over tp=2, local (4, 6, 256) per chunk", took and took[1]
     elif "train.loss_chunk=40" in overrides:  # 2 rows per micro-batch x 20 positions
-        assert took and took[1] == "full (2, 20, 512)", took and took[1]
+        assert took and took[1] == "full (2, 20, 512) per chunk", took and took[1]
     assert_parity(tmp_path, reference_dm if dm else reference)

@@ -198,9 +198,11 @@ class Llama(nn.Module):
             if tokens.is_floating_point():
                 raise ValueError("a later pipeline stage needs the positions its first stage passed on")
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        # Clamped: a pipeline stage infers its shapes by running once on uninitialised
-        # inputs (torch.distributed.pipelining); real positions are always in range.
-        positions = positions.clamp(0, self.rope_cache_len - 1)
+        if tokens.is_floating_point():
+            # A later pipeline stage infers its shapes by running once on uninitialised
+            # inputs (torch.distributed.pipelining): clamped there. The first stage indexes
+            # what it was given (out of range: an IndexError).
+            positions = positions.clamp(0, self.rope_cache_len - 1)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens) if not tokens.is_floating_point() else tokens
         for layer in self.layers.values():
@@ -213,13 +215,6 @@ class Llama(nn.Module):
         if self.output is None:
             return self.tied_head(h, self.tok_embeddings.weight)
         return self.output(h)
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, S, S) boolean mask, True where a query may attend: causal and same document."""
-    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
-    causal = torch.ones(doc_ids.shape[1], doc_ids.shape[1], dtype=torch.bool, device=doc_ids.device).tril()
-    return (same & causal).unsqueeze(1)
 
 
 def build_llama(args: LlamaArgs, rope_cache_len: Optional[int] = None, device="meta") -> Llama:
