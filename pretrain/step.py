@@ -166,7 +166,8 @@ class TrainStep:
         trained = torch.zeros((), dtype=torch.long, device=self.device)
         for batch in batches:
             inputs, labels = self.split(batch)
-            count = int((labels != -100).sum()) if labels.device.type == "cpu" else None  # host labels: no sync
+            # The text mean's divisor without reading the labels: only chat labels hold -100.
+            count = None if self.chat else labels.numel()
             labels = labels.to(self.device, non_blocking=True)
             if self.chat:
                 trained += (labels != -100).sum()

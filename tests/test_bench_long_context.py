@@ -12,7 +12,7 @@ def test_long_context_bench_shows_cp_and_chunked_loss_savings():
     and grows less from 512 to 1024 tokens. Measured: cp 2 / cp 1 0.56 (whole) and 0.77-0.80
     (chunked); the loss alone 24.0 -> 48.0 MB whole, 7.1 -> 7.3 MB chunked."""
     proc = subprocess.run([sys.executable, "bench/long_context.py", "--seqs", "512", "1024", "--cps", "1", "2",
-                           "--dim", "64", "--layers", "2", "--ffn", "176", "--vocab", "4096", "--chunk", "128"],
+                           "--dim", "64", "--layers", "2", "--vocab", "4096", "--chunk", "128"],
                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = {k: float(v) for k, v in (kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())

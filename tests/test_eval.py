@@ -114,9 +114,11 @@ def test_chat_sft_and_chat_eval_under_pipeline_match_one_process_and_a_direct_fo
     for x, y in zip(a, b):
         assert math.isclose(x, y, rel_tol=1e-5), (a, b)
     # AdamW and clipping hide a gradient off by a constant factor from the losses: the norms
-    # (before clipping) show it.
+    # (before clipping) show it (a factor cp = 2 off: 0.5). 1e-4: the norms drift apart with
+    # the weights, 4e-7 at step 1 to 1.3e-5 at step 4 (measured), more than the losses do.
     gn = [[m["grad_norm"] for m in read_metrics(r)] for r in (ref, run)]
-    assert all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(*gn)), gn
+    assert math.isclose(gn[0][0], gn[1][0], rel_tol=1e-5), gn
+    assert all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(*gn)), gn
     got = val_losses(run)
     for k in want:
         assert math.isclose(got[k], want[k], rel_tol=1e-5), (k, got[k], want[k])

@@ -89,4 +89,4 @@ def test_causal_and_gqa_shapes():
     assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
     # Explicit position ids equal to the default give the same result.
     pos = torch.arange(16).expand(2, 16)
-    assert torch.allclose(model(x, position_ids=pos), logits, atol=1e-6)
+    assert torch.allclose(model(x, pos), logits, atol=1e-6)

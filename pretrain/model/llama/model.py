@@ -197,7 +197,8 @@ class Llama(nn.Module):
         if positions is None:
             if tokens.is_floating_point():
                 raise ValueError("a later pipeline stage needs the positions its first stage passed on")
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+            # contiguous: a pipeline stage sends them on
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1).contiguous()
         if tokens.is_floating_point():
             # A later pipeline stage infers its shapes by running once on uninitialised
             # inputs (torch.distributed.pipelining): clamped there. The first stage indexes
