@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 # Above this many attention scores (batch x query heads x queries x keys), the blockwise path
-# runs instead of SDPA with a dense mask: a mask with grouped-query heads may send SDPA to
-# its math kernel, which holds every score (2^26 fp32: 256 MB per layer), and each layer
-# keeps its own mask for the backward. E.g. 2 rows of 1024 tokens with 32 heads.
-DENSE_SCORES_MAX = 1 << 26
+# runs instead of SDPA with a dense mask. SDPA turns a boolean mask into an fp32 one that
+# each layer keeps for its backward (and with grouped-query heads may hold every score in
+# its math kernel): at 2^22 scores that is at most 16 MB per layer. bench/long_context.py:
+# above 2^26 the masks were a third of a context-parallel rank's peak at 4K tokens.
+DENSE_SCORES_MAX = 1 << 22
 # Queries and keys per block of the blockwise path: (batch x heads x 512 x 512) fp32 scores.
 BLOCK = 512
 

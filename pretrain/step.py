@@ -154,6 +154,7 @@ class TrainStep:
             out = self.parts[0](*inputs)
         with loss_context(self.loss_parallel):  # chat: summed here, divided by the global trained-token count
             loss = self._loss(out, labels, self.chat, count)
+            del out  # the backward never reads the logits: one (tokens x vocab) tensor less at the peak
             (loss if self.chat else loss / self.accum).backward()
         return full_value(loss.detach())
 
