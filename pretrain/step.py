@@ -99,14 +99,13 @@ class TrainStep:
         """This rank computes the loss (always, except on a pipeline's non-last stages)."""
         return self.runner is None or self.runner.has_last
 
-    def _note_loss_input(self, logits) -> None:
+    def _note_loss_input(self, logits, note: str = "") -> None:
         if self.loss_input is None:  # what the loss received on the first call (logged at the end)
-            self.loss_input = describe_layout(logits)
+            self.loss_input = describe_layout(logits) + note
 
     def _logits_of(self, h):
         logits = self.family.layout.logits(self.last_part, h)
-        if self.loss_input is None:
-            self.loss_input = f"{describe_layout(logits)} per chunk"
+        self._note_loss_input(logits, " per chunk")
         return logits
 
     def _loss(self, out, labels, summed: bool, count: Optional[int] = None):

@@ -204,6 +204,13 @@ def _check_run(cfg: JobConfig) -> None:
              f"conflicts with checkpoint.load_path={cfg.checkpoint.load_path!r}: start from one of them")
 
 
+def _on_cuda(t) -> bool:
+    """Whether the job runs on CUDA (train.device cuda, or auto with a GPU visible)."""
+    import torch
+
+    return t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+
+
 def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
     m, t = cfg.model, cfg.train
     p = cfg.parallel
@@ -215,12 +222,9 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
     family = get_family(m.family)
     _one_of("parallel.cp_impl", p.cp_impl, CP_IMPLS)
     if p.cp_impl == "ring":
-        import torch
-
-        cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
         _require(False, "parallel.cp_impl", "ring",
                  "allgather: torch's ring context_parallel has handlers for CUDA attention kernels only"
-                 if not cuda else "allgather: the ring implementation is not built yet (no GPU to test it on)")
+                 if not _on_cuda(t) else "allgather: the ring implementation is not built yet (no GPU to test it on)")
     if dims.cp > 1:
         _require(family.layout.attention_core is not None, "parallel.cp", p.cp,
                  f"1: model family {m.family!r} names no attention core in its layout (its attention "
@@ -235,12 +239,9 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
                  f"0: model family {m.family!r} cannot return its hidden states before the head")
     _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     if p.compile:
-        import torch
-
         from parallel.compile import missing_prerequisites
 
-        cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-        missing = missing_prerequisites("cuda" if cuda else "cpu")
+        missing = missing_prerequisites("cuda" if _on_cuda(t) else "cpu")
         _require(not missing, "parallel.compile", True, "needs on every node " + "; and ".join(missing))
     if dims.tp > 1:
         for key, v in family.tp_divisible(m):

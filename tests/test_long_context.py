@@ -14,8 +14,8 @@ import re
 import pytest
 import torch
 
-from conftest import SINGLE4, run_job
-from test_parallel_parity import CKPT, assert_parity
+from conftest import run_job
+from test_parallel_parity import CKPT, assert_parity, reference  # noqa: F401 (reference: a fixture)
 
 # Document masking at 16x the original RoPE context (windows of 64 tokens, original 4):
 # documents cut to 150 bytes (about 50 tokens of the corpus BPE), so every window holds
@@ -148,11 +148,6 @@ def test_a_run_that_starts_before_its_schedule_start_is_refused(tmp_path, tok_ca
 
 
 # -- parity on real training steps ------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def reference(shared_run):
-    return shared_run(SINGLE4)[0]
-
 
 @pytest.fixture(scope="module")
 def reference_dm(tmp_path_factory, tok_cache):

@@ -6,9 +6,9 @@ import pytest
 from pretrain.optim import lr_multiplier
 
 
-def m(step, schedule, total=100, warmup=10, min_ratio=0.1, decay_fraction=0.2):
+def m(step, schedule, total=100, warmup=10, min_ratio=0.1, decay_fraction=0.2, start=0):
     return lr_multiplier(step, total=total, warmup=warmup, schedule=schedule, min_ratio=min_ratio,
-                         decay_fraction=decay_fraction)
+                         decay_fraction=decay_fraction, start=start)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
@@ -130,8 +130,7 @@ def test_schedule_start_shifts_the_whole_schedule(schedule):
 
 
 def _staged(step, schedule, start=1000, total=1100, warmup=10):
-    return lr_multiplier(step, total=total, warmup=warmup, schedule=schedule, min_ratio=0.1, decay_fraction=0.2,
-                         start=start)
+    return m(step, schedule, total=total, warmup=warmup, start=start)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
