@@ -18,9 +18,11 @@ document key ``PAD_KEY`` (-1). A conversation longer than ``max_length`` tokens 
 ``max_length`` (and counted as truncated)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .records import IMAGE_TEXT, ChatRecord
 
 IGNORE_INDEX = -100
 PAD_KEY = -1
@@ -46,10 +48,22 @@ class UnknownRoleError(ValueError):
     """A message role outside ``ROLES``: the data uses another schema (fatal, not skipped)."""
 
 
-def parse_record(obj, where: str, on_skip: Callable[[str, str], None]) -> Optional[Messages]:
+# The record key of a conversation's images (read when a source takes images).
+IMAGES_KEY = "images"
+
+
+def parse_record(obj, where: str, on_skip: Callable[[str, str], None],
+                 images: Optional[Callable[[Any], Union[list, str]]] = None
+                 ) -> Union[Messages, ChatRecord, None]:
     """The messages of one decoded JSON record, or None after ``on_skip(where, reason)``
     for a record that is not ``{"messages": [{"role": str, "content": str}, ...]}`` or has
-    no assistant message. Raises ``UnknownRoleError`` for a role outside ``ROLES``."""
+    no assistant message. Raises ``UnknownRoleError`` for a role outside ``ROLES``.
+
+    ``images`` (None: a record's ``"images"`` are ignored) turns the value of the record's
+    ``"images"`` key into a list of ``records.ImageRef`` or a reason to skip it. A record
+    with images is a ``ChatRecord``: its user turns hold ``IMAGE_TEXT`` once per image, in
+    order, and no other turn holds it (else the record is skipped). No ``"images"``, null or
+    an empty list: the plain messages."""
     if not isinstance(obj, dict) or "messages" not in obj:
         on_skip(where, "no field 'messages'")
         return None
@@ -78,7 +92,23 @@ def parse_record(obj, where: str, on_skip: Callable[[str, str], None]) -> Option
     if not any(r == TRAINED_ROLE for r, _ in out):
         on_skip(where, "no assistant message (nothing to train on)")
         return None
-    return tuple(out)
+    if images is None or obj.get(IMAGES_KEY) is None:
+        return tuple(out)
+    refs = images(obj[IMAGES_KEY])
+    if isinstance(refs, str):
+        on_skip(where, refs)
+        return None
+    if not refs:
+        return tuple(out)
+    for i, (role, content) in enumerate(out):
+        if role != "user" and IMAGE_TEXT in content:
+            on_skip(where, f"message {i} ({role}) holds {IMAGE_TEXT}: images belong in user messages")
+            return None
+    n = sum(content.count(IMAGE_TEXT) for role, content in out if role == "user")
+    if n != len(refs):
+        on_skip(where, f"{n} {IMAGE_TEXT} in the user messages for {len(refs)} images")
+        return None
+    return ChatRecord(tuple(out), refs, where)
 
 
 def _as_pairs(messages) -> Messages:
@@ -121,21 +151,39 @@ class ChatRenderer:
             r: np.asarray([start, *tokenizer.encode(_HEADER_ROLE.get(r, r)), end, *nl], dtype=np.int64)
             for r in ROLES}
 
-    def render_batch(self, convs: Sequence[Messages], max_length: int = -1
+    def render_batch(self, convs: Sequence[Messages], max_length: int = -1, marker_id: Optional[int] = None
                      ) -> List[Tuple[np.ndarray, np.ndarray, bool]]:
         """(tokens int64, loss mask bool, truncated) per conversation; ``max_length`` < 0
-        keeps every token. Contents are tokenized in one batch call."""
-        flat, off = self.tok.encode_batch([c.strip() for conv in convs for _, c in conv])
-        out, j = [], 0
+        keeps every token. Contents are tokenized in one batch call. With ``marker_id``
+        each ``<|image|>`` text in a content becomes that token (images in user turns:
+        ``records.ChatRecord``), never a loss target."""
+        parts_of = []  # per content: its text parts around image markers
+        for conv in convs:
+            for _, c in conv:
+                c = c.strip()
+                parts_of.append(c.split(IMAGE_TEXT) if marker_id is not None and IMAGE_TEXT in c else [c])
+        flat, off = self.tok.encode_batch([p for parts in parts_of for p in parts])
+        mark = np.asarray([marker_id if marker_id is not None else 0], dtype=np.int64)
+        out, j, k = [], 0, 0
         for conv in convs:
             pieces, masks = [np.asarray([self.bos], dtype=np.int64)], [np.zeros(1, dtype=bool)]
             for role, _ in conv:
-                body = np.empty(off[j + 1] - off[j] + 1, dtype=np.int64)
-                body[:-1], body[-1] = flat[off[j]:off[j + 1]], self.eot
-                j += 1
+                segs = []
+                for n, _ in enumerate(parts_of[k]):
+                    if n:
+                        segs.append(mark)
+                    segs.append(flat[off[j]:off[j + 1]])
+                    j += 1
+                k += 1
+                body = np.empty(sum(len(x) for x in segs) + 1, dtype=np.int64)
+                body[:-1] = np.concatenate(segs) if len(segs) > 1 else segs[0]
+                body[-1] = self.eot
                 head = self.headers[role]
                 pieces += [head, body]
-                masks += [np.zeros(len(head), dtype=bool), np.full(len(body), role == TRAINED_ROLE)]
+                m = np.full(len(body), role == TRAINED_ROLE)
+                if marker_id is not None:
+                    m &= body != marker_id
+                masks += [np.zeros(len(head), dtype=bool), m]
             tokens, mask = np.concatenate(pieces), np.concatenate(masks)
             truncated = 0 <= max_length < len(tokens)
             if truncated:
@@ -163,37 +211,54 @@ def shifted_labels(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 class ChatPacker:
-    """Whole conversations -> windows of ``window`` tokens (see the module docstring).
-    Same interface as ``packing.Packer`` plus a loss mask; its state is the references of
-    the conversations waiting for a window (re-rendered on restore)."""
+    """Whole documents -> windows of ``window`` tokens (see the module docstring): chat
+    conversations, and with images every image-text sample. Same interface as
+    ``packing.Packer`` plus a loss mask; its state is the references of the documents
+    waiting for a window (rendered again on restore). A document may carry items (images,
+    one per marker token): ``pack`` closes a window before the document whose items would
+    take it past ``max_items``, and each window's items are ``self.items``."""
 
-    def __init__(self, window: int, mode: str, pad_token: int):
+    def __init__(self, window: int, mode: str, pad_token: int, max_items: Optional[int] = None):
         if mode not in PACKING_MODES:
             raise ValueError(f"data.sft_packing={mode!r}: expected one of {', '.join(PACKING_MODES)}")
-        self.window, self.mode, self.pad_token = window, mode, pad_token
-        self._docs: List[Tuple[int, np.ndarray, np.ndarray, dict]] = []
+        self.window, self.mode, self.pad_token, self.max_items = window, mode, pad_token, max_items
+        self._docs: List[Tuple[int, np.ndarray, np.ndarray, dict, list]] = []
         self._len = 0
+        self.items: list = []  # the last window's items, in the order of their markers
 
-    def add(self, key: int, rendered: Tuple[np.ndarray, np.ndarray], ref: dict) -> None:
+    def fits(self, n_tokens: int, n_items: int) -> bool:
+        """Whether a document of this size can be packed at all (else it is dropped)."""
+        return 0 < n_tokens <= self.window and (self.max_items is None or n_items <= self.max_items)
+
+    def add(self, key: int, rendered: Tuple[np.ndarray, np.ndarray], ref: dict, items: Sequence = ()) -> None:
         tokens, mask = rendered
-        if not 0 < len(tokens) <= self.window:
-            raise ValueError(f"a conversation of {len(tokens)} tokens does not fit a window of {self.window}")
-        self._docs.append((key, tokens, mask, ref))
+        if not self.fits(len(tokens), len(items)):
+            raise ValueError(f"a document of {len(tokens)} tokens and {len(items)} items does not fit a window of "
+                             f"{self.window} tokens and {self.max_items} items")
+        self._docs.append((key, tokens, mask, ref, list(items)))
         self._len += len(tokens)
 
     def ready(self) -> bool:
-        # pack: once the queue reaches a window, the next window's conversations are known.
-        return bool(self._docs) if self.mode == "pad" else self._len >= self.window
+        # pack: once the queue reaches a window (or a window's items), the next window's
+        # documents are known.
+        if self.mode == "pad" or not self._docs:
+            return bool(self._docs)
+        if self._len >= self.window:
+            return True
+        return self.max_items is not None and sum(len(d[4]) for d in self._docs) > self.max_items
 
     def cut(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, document keys, run lengths, loss mask) of the next window."""
-        n, used = 1, len(self._docs[0][1])
+        n, used, items = 1, len(self._docs[0][1]), len(self._docs[0][4])
         if self.mode == "pack":
-            while n < len(self._docs) and used + len(self._docs[n][1]) <= self.window:
+            while n < len(self._docs) and used + len(self._docs[n][1]) <= self.window and (
+                    self.max_items is None or items + len(self._docs[n][4]) <= self.max_items):
                 used += len(self._docs[n][1])
+                items += len(self._docs[n][4])
                 n += 1
         docs, self._docs = self._docs[:n], self._docs[n:]
         self._len -= used
+        self.items = [it for d in docs for it in d[4]]
         keys, lens = [d[0] for d in docs], [len(d[1]) for d in docs]
         tokens, mask = [d[1] for d in docs], [d[2] for d in docs]
         if used < self.window:
@@ -205,16 +270,16 @@ class ChatPacker:
                 np.concatenate(mask))
 
     def state_dict(self) -> List[dict]:
-        return [{"key": key, "ref": ref} for key, _, _, ref in self._docs]
+        return [{"key": key, "ref": ref} for key, _, _, ref, _ in self._docs]
 
-    def load_fragments(self, frags: List[dict], fetch: Callable[[dict], Tuple[np.ndarray, np.ndarray]]) -> None:
-        """Append saved conversations; ``fetch(ref)`` renders a referenced one again, or
-        returns None when it can no longer be read (it is dropped)."""
+    def load_fragments(self, frags: List[dict], fetch: Callable[[dict], Optional[tuple]]) -> None:
+        """Append saved documents; ``fetch(ref)`` renders a referenced one again as
+        ((tokens, mask), items), or returns None when it can no longer be read or used (it
+        is dropped)."""
         for fr in frags:
             if "ref" not in fr:
                 raise ValueError("the loader state holds text fragments but data.format=chat: the checkpoint "
                                  "was written by a data.format=text job")
-            rendered = fetch(fr["ref"])
-            if rendered is not None:
-                self.add(fr["key"], rendered, fr["ref"])
-
+            got = fetch(fr["ref"])
+            if got is not None:
+                self.add(fr["key"], got[0], fr["ref"], got[1])

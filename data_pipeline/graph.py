@@ -42,6 +42,7 @@ from .stream import (Encoder, SkipLog, SlotStream, UnitPlan, _Reader, key_source
 # (bench/data_throughput.py --mb 30). In process (no workers) an item holds what the
 # batch being packed needs, in tokenizer calls of up to INLINE_CHARS.
 ITEM_CHARS, ITEM_DOCS, LOOKAHEAD = 1 << 20, 512, 32
+IMAGE_ITEM_DOCS, IMAGE_LOOKAHEAD = 4, 2
 INLINE_CHARS = 1 << 16
 _CHARS_PER_TOKEN = 4.0  # the estimate before the first documents are tokenized
 
@@ -86,7 +87,7 @@ class DocSource(BaseNode):
 
     def __init__(self, sources, plans: Sequence[UnitPlan], weights, window: int, slot_states: List[dict],
                  lane_next: List[int], lanes: int, unit_is_doc: bool, ledger: Ledger, seed: int,
-                 inline: bool):
+                 inline: bool, images: bool = False):
         super().__init__()
         self.sources, self.plans, self.window = sources, plans, window
         self.weights = np.asarray(weights, dtype=np.float64)
@@ -96,6 +97,11 @@ class DocSource(BaseNode):
         self.lane_next, self.lanes, self.unit_is_doc = list(lane_next), lanes, unit_is_doc
         self.ledger, self.seed = ledger, seed
         self.limit, self.ahead = (INLINE_CHARS, 0) if inline else (ITEM_CHARS, LOOKAHEAD)
+        # Decoded images are large (a 4-tile 560-pixel image is 3.8 MB as uint8): small work
+        # items spread the decoding over the workers, and little is read ahead.
+        self.item_docs = IMAGE_ITEM_DOCS if images else ITEM_DOCS
+        if images and not inline:
+            self.ahead = IMAGE_LOOKAHEAD
 
     def reset(self, initial_state: Optional[dict] = None):
         super().reset(initial_state)
@@ -146,7 +152,7 @@ class DocSource(BaseNode):
             j, i = led.needs.popleft()
             chars += self._read(j, i, item)
         rows, unit = len(self.lane_next), 1.0 if self.unit_is_doc else float(self.window)
-        while chars < self.limit and len(item) < ITEM_DOCS and self.batch <= led.batches + self.ahead:
+        while chars < self.limit and len(item) < self.item_docs and self.batch <= led.batches + self.ahead:
             j = self.row * self.lanes + (self.lane_next[self.row] + self.batch) % self.lanes
             k, done = self.demand[j], led.windows[j]
             if done <= k:  # the packer has not cut this window yet
@@ -190,7 +196,9 @@ class Batches(BaseNode):
         self.spec, self._rows0, self.n_workers, self.collate = spec, rows, n_workers, collate
         self.chat = any(s.chat for s in sources)
         self.window = spec.seq_len + 1
-        self.encoder = Encoder(tokenizer, self.window, self.chat, spec.max_length, spec.marker_id)
+        self.image = spec.image
+        self.encoder = Encoder(tokenizer, self.window, self.chat, spec.max_length, spec.marker_id, spec.image)
+        self.whole, self.marker_id = self.encoder.whole, self.encoder.marker_id
         self._mapper = None
 
     def reset(self, initial_state: Optional[dict] = None):
@@ -205,12 +213,12 @@ class Batches(BaseNode):
         self.streams = [SlotStream(self.sources, self.plans, self.weights, self.tokenizer, self.window, st,
                                    self.spec.sft_packing, self.spec.max_length, feed=self._feeder(j),
                                    encoder=self.encoder) for j, st in enumerate(slot_states)]
-        pad = self.chat and self.spec.sft_packing == "pad"
+        pad = self.whole and self.spec.sft_packing == "pad"
         for j, s in enumerate(self.streams):
             led.held[j] = s.held
         self.lanes, self.next_lane = lanes, [row["next"] for row in rows]
         source = DocSource(self.sources, self.plans, self.weights, self.window, slot_states, self.next_lane,
-                           lanes, pad, led, self.spec.seed, inline=self.n_workers == 0)
+                           lanes, pad, led, self.spec.seed, inline=self.n_workers == 0, images=self.image is not None)
         # In order: a slot's documents of a source must reach its queue in its reader's order
         # (two items may hold documents of the same slot and source). torchdata's default bound
         # on items in flight; the mapper's own snapshots are never used (the packers'
@@ -250,8 +258,8 @@ class Batches(BaseNode):
         b, s1, led = len(self.next_lane), self.window, self.ledger
         tokens = np.empty((b, s1), dtype=np.int64)
         doc_ids = np.empty((b, s1), dtype=np.int64)
-        masks = np.empty((b, s1), dtype=bool) if self.chat else None
-        skipped = truncated = cut = 0
+        masks = np.empty((b, s1), dtype=bool) if self.whole else None
+        skipped = truncated = cut = dropped = 0
         items: List[list] = []
         src_tokens = np.zeros(len(self.sources), dtype=np.int64)
         for q in range(b):
@@ -265,7 +273,7 @@ class Batches(BaseNode):
             tokens[q] = win[0]
             keys, lens = win[1], win[2]
             doc_ids[q] = np.repeat(keys, lens)
-            if self.chat:
+            if self.whole:
                 masks[q] = win[3]
                 real = keys != PAD_KEY  # padding is no source's token
                 keys, lens = keys[real], lens[real]
@@ -273,16 +281,22 @@ class Batches(BaseNode):
             skipped += s.take_skipped()
             cut += s.take_truncated_docs()
             truncated += s.take_truncated()
+            dropped += s.take_dropped()
             items.append(s.take_items())
             self.next_lane[q] = (lane + 1) % self.lanes
         led.batches += 1
         led.wake()
         out = {"tokens": tokens, "doc_ids": doc_ids, "masks": masks, "source_tokens": src_tokens,
-               "skipped": skipped, "truncated": truncated, "truncated_docs": cut}
+               "skipped": skipped, "truncated": truncated, "truncated_docs": cut, "dropped": dropped}
         out["positions"] = _positions(doc_ids) if self.spec.positions else None
-        out["labels"] = shifted_labels(tokens, masks) if self.chat else None
-        if self.spec.marker_id is not None:
-            out.update(stack_items(items, tokens, self.spec.marker_id))
+        out["labels"] = shifted_labels(tokens, masks) if self.whole else None
+        if self.image is not None:  # the model's image inputs; the per-item arrays are not passed on
+            from .images import collate
+
+            stacked = stack_items(items, tokens, self.marker_id)
+            out.update(collate({**out, **stacked}, self.image))
+        elif self.marker_id is not None:
+            out.update(stack_items(items, tokens, self.marker_id))
             if self.collate is not None:
                 out.update(self.collate(out))
         return out

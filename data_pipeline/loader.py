@@ -37,6 +37,8 @@ from .sources import DataError, Source
 from .stream import _UNIT_BITS, UnitPlan, doc_key, fresh_slot_state, key_source, reshard
 
 _MAX_UNIT = 1 << _UNIT_BITS  # unit indices g past this would wrap in the document keys
+# Batch counts that a step's first micro-batch carries (the others carry 0).
+COUNTED_PER_STEP = ("source_tokens", "skipped", "truncated", "truncated_docs", "dropped")
 
 log = logging.getLogger("data_pipeline")
 
@@ -63,6 +65,10 @@ class LoaderSpec:
     # built from ``item_positions``, the markers' window positions).
     marker_id: Optional[int] = None
     collate: Optional[Callable[[dict], dict]] = None
+    # Image-text data (an ``images.ImageSpec``, from the model family): documents are packed
+    # whole with a loss mask, images are decoded in the worker threads, and every batch
+    # holds the model's image inputs (``images.collate``: the batch contract).
+    image: Optional[object] = None
 
     @property
     def rows(self) -> int:
@@ -225,7 +231,7 @@ class RankLoader:
         for k, v in self._step_rows.items():
             if v is None:
                 out[k] = None
-            elif k in ("source_tokens", "skipped", "truncated", "truncated_docs"):  # counted once per step
+            elif k in COUNTED_PER_STEP:  # counted once per step
                 out[k] = v * (m == 0)
             else:
                 out[k] = v[rows]

@@ -3,14 +3,15 @@
 A unit is the smallest piece a loader slot reads on its own: a text file, a byte range of
 an uncompressed JSONL file (lines are owned by the range they start in), a whole
 compressed JSONL file, a Parquet row group, a range of rows of a saved Hugging Face
-dataset, or a block of documents of pretokenized shards. Listing units is cheap (sizes,
-Parquet metadata, manifests), so every rank lists the same units at start-up.
+dataset, a block of documents of pretokenized shards, or an image file (image_folder).
+Listing units is cheap (sizes, Parquet metadata, manifests), so every rank lists the same
+units at start-up.
 
 Inside a unit a document is addressed by a *cursor*: the byte offset from the range start
 (uncompressed JSONL), the line number (compressed JSONL), the row (Parquet, datasets,
-pretokenized) or 0 (a text file). ``iter_docs(unit, cursor)`` resumes there directly: by
-seek for JSONL, by row for the rest; only compressed JSONL, which has no random access,
-re-decompresses up to the cursor.
+pretokenized) or 0 (a text file, an image file). ``iter_docs(unit, cursor)`` resumes there
+directly: by seek for JSONL, by row for the rest; only compressed JSONL, which has no random
+access, re-decompresses up to the cursor.
 
 Bad records (malformed JSON, a missing or non-string field, invalid UTF-8, empty
 documents, empty files, JSONL lines longer than ``max_doc_bytes``, a truncated or corrupt
@@ -19,10 +20,32 @@ compressed stream after its last whole line) are skipped and reported through
 listing (any ``OSError`` while reading it). A missing path, an empty glob or an unreadable
 file raises at listing time with the path. Text cells of Parquet and datasets rows and
 text files longer than ``max_doc_bytes`` are cut to it (at a character boundary) and
-reported through ``on_truncate(where)``. JSONL with ``format=chat`` yields conversations
-instead of texts (see chat.py). No record is ever held whole in memory before its size is
-known to be within ``max_doc_bytes``, except a Parquet or datasets cell (their readers load
-a column at a time)."""
+reported through ``on_truncate(where)``. No record is ever held whole in memory before its
+size is known to be within ``max_doc_bytes``, except a Parquet or datasets cell (their
+readers load a column at a time).
+
+A document's *payload* is one of:
+
+- ``str``: a text (text_folder, jsonl, parquet, hf_dataset);
+- ``chat.Messages``, a tuple of (role, content): a conversation (jsonl with
+  ``format=chat``, records ``{"messages": [...]}``; see chat.py);
+- ``records.Record``: text parts around images (``records.ImageRef``, read and decoded
+  later by the loader's workers), only with ``image_field`` set: caption records
+  ``{image_field: ..., field: ...}`` of jsonl, parquet and hf_dataset, and image_folder
+  (an image file and its caption in ``<stem>.txt``). A record without the image field (or
+  with null or ``[]``) is a plain text;
+- ``records.ChatRecord``: a conversation with images (jsonl ``format=chat`` with
+  ``image_field`` set, records ``{"messages": [...], "images": [...]}``);
+- ``np.ndarray``: the token ids of a pretokenized document.
+
+An image value is a path (local, or an fsspec URL: s3://, http(s)://, file://, ...), bytes
+(a Parquet binary cell), ``{"bytes": b or None, "path": p or None}`` (how ``datasets``'
+``Image`` feature stores one: the bytes if any, else the path) or a list of these. A
+relative path is resolved against the folder of the record's file (jsonl, parquet) or the
+dataset folder (hf_dataset), remote ones included (``resolve_image_path``); a path is never
+read here. A text holding ``records.IMAGE_TEXT`` holds it once per image (the images go
+there); a text without it follows its images. Records with a malformed image value, a
+count of markers other than of images, or image bytes over ``max_doc_bytes`` are skipped."""
 from __future__ import annotations
 
 import errno
@@ -30,29 +53,35 @@ import gzip
 import io
 import json
 import os
+import posixpath
+import re
 import stat
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .chat import UnknownRoleError, parse_record
+from .chat import IMAGES_KEY, UnknownRoleError, parse_record
+from .records import IMAGE_TEXT, ChatRecord, ImageRef, Record
 from .runs import BLANK, DataError, NoDocumentRun
 
 SkipFn = Callable[[str, str], None]
 TruncateFn = Callable[[str], None]
-# (cursor of this document, cursor after it, payload: str text or np.ndarray tokens)
+# (cursor of this document, cursor after it, payload: see the module docstring)
 Doc = Tuple[int, int, Any]
 
 DEFAULT_GLOBS = {
     "text_folder": "**/*.txt",
     "jsonl": "**/*.jsonl*",
     "parquet": "**/*.parquet",
+    "image_folder": "**/*",  # then only IMAGE_EXTENSIONS
 }
-SOURCE_KINDS = ("text_folder", "jsonl", "parquet", "hf_dataset", "pretokenized")
+SOURCE_KINDS = ("text_folder", "jsonl", "parquet", "hf_dataset", "pretokenized", "image_folder")
+# image_folder: the files that are images (case-insensitive); a caption is <stem>.txt.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Default of data.max_doc_bytes (see the README for the measurement behind it).
 MAX_DOC_BYTES = 64 << 20
 # zstd input is decompressed this many bytes at a time: at most 32768x as much output
@@ -79,8 +108,13 @@ class SourceSpec:
     # text | chat (jsonl only: records {"messages": [...]}, payloads are message tuples).
     format: str = "text"
     # JSONL lines longer than this are skipped unread; longer text cells and text files
-    # are cut to it.
+    # are cut to it; records with image bytes (Parquet, datasets) longer than it are skipped.
     max_doc_bytes: int = MAX_DOC_BYTES
+    # The record field (JSONL key, Parquet / datasets column) of a record's images; None:
+    # images off (payloads are texts and conversations; image_folder refuses to build).
+    # Set by the trainer for a model that takes images. format=chat reads "images" instead
+    # (chat.IMAGES_KEY): this only turns images on.
+    image_field: Optional[str] = None
 
 
 def _fs(path: str):
@@ -473,6 +507,10 @@ class Source:
         self.units: List[tuple] = []
         self.listing_skipped: List[Tuple[str, str]] = []
 
+    def _images(self, base: str) -> Optional["_Images"]:
+        """How image values of records under ``base`` become ``ImageRef``s; None: images off."""
+        return None if self.spec.image_field is None else _Images(self.spec, base)
+
     def iter_docs(self, unit, cursor: int, on_skip: SkipFn, on_truncate: Optional[TruncateFn] = None):
         """The documents of ``unit`` from ``cursor`` on, as (cursor, cursor after, payload).
         ``on_skip(where, reason)`` hears each skipped record, and each blank JSONL line with
@@ -489,11 +527,15 @@ class Source:
     def _iter_docs(self, unit, cursor: int, on_skip: SkipFn, on_truncate: TruncateFn) -> Iterator[Doc]:
         raise NotImplementedError
 
-    def _list_file_units(self, units_of: Callable[[str, int], Any], none_left: str) -> None:
+    def _list_file_units(self, units_of: Callable[[str, int], Any], none_left: str,
+                         keep: Optional[Callable[[str], bool]] = None) -> None:
         """List the matched files into ``self.units``: ``units_of(path, size)`` returns
-        the file's units or a reason to skip it; empty files are skipped (and counted)."""
+        the file's units or a reason to skip it; empty files are skipped (and counted).
+        ``keep(path)`` False: a matched file that is not a unit's (not counted)."""
         self.fs, files = list_files(self.spec)
         for f in files:
+            if keep is not None and not keep(f):
+                continue
             size = self.fs.size(f)
             got = "empty file" if size == 0 else units_of(f, size)
             if isinstance(got, str):
@@ -537,11 +579,19 @@ class Source:
                            "since the checkpoint was written")
 
     def iter_texts(self) -> Iterator[str]:
-        """Every document in listing order (tokenizer training, pretokenizing). Like a
-        loader stream, stops with ``DataError`` after ``runs.EMPTY_UNITS_LIMIT`` units,
-        or ``runs.EMPTY_RECORDS_LIMIT`` records, in a row without a document, rather
-        than read a whole corpus of bad records."""
-        yield from (payload for _, _, payload in self.iter_all_docs())
+        """Every document in listing order (tokenizer training, pretokenizing): texts as
+        they are, a ``Record``'s text parts joined (without the image markers), a
+        ``ChatRecord``'s messages (as a conversation without images). Like a loader
+        stream, stops with ``DataError`` after ``runs.EMPTY_UNITS_LIMIT`` units, or
+        ``runs.EMPTY_RECORDS_LIMIT`` records, in a row without a document, rather than
+        read a whole corpus of bad records."""
+        for _, _, payload in self.iter_all_docs():
+            if isinstance(payload, Record):
+                yield "".join(payload.texts)
+            elif isinstance(payload, ChatRecord):
+                yield payload.messages
+            else:
+                yield payload
 
     def iter_all_docs(self, on_skip: Optional[SkipFn] = None, on_truncate: Optional[TruncateFn] = None):
         """(unit index, cursor, payload) of every document in listing order, with the loader's
@@ -572,6 +622,113 @@ def _decode(raw: bytes, where: str, on_skip: SkipFn) -> Optional[str]:
         on_skip(where, "empty document")
         return None
     return text
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def _is_url(path: str) -> bool:
+    return _URL.match(path) is not None or path.startswith("data:")
+
+
+def _as_url(fs, path: str) -> str:
+    """A path of ``fs`` as something that names it alone: local paths as they are, remote
+    ones with their protocol (fsspec lists ``bucket/key`` for ``s3://bucket/key``)."""
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def file_dir(fs, path: str) -> str:
+    """The folder of a listed file of ``fs``, as a local path or a URL: what the relative
+    image paths of its records are resolved against."""
+    return _as_url(fs, (os.path if _is_local(fs) else posixpath).dirname(path.rstrip("/")))
+
+
+def resolve_image_path(path: str, base: str) -> str:
+    """An image path of a record, resolved against ``base`` (``file_dir``): URLs and
+    absolute paths as they are, a relative path joined to ``base`` (a local folder or a
+    URL: ``img/a.png`` in ``s3://bucket/dir/x.jsonl`` is ``s3://bucket/dir/img/a.png``)."""
+    if _is_url(path) or os.path.isabs(path):
+        return path
+    m = _URL.match(base)
+    if m is None:
+        return os.path.normpath(os.path.join(base, path))
+    return base[:m.end()] + posixpath.normpath(posixpath.join(base[m.end():], path))
+
+
+def _image_ref(v, base: str, where: str, max_bytes: int, label: str, key: str) -> Union[ImageRef, str]:
+    if isinstance(v, dict):  # datasets' Image feature: {"bytes": b or None, "path": p or None}
+        data, path = v.get("bytes"), v.get("path")
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            return f"{label}: bytes is {type(data).__name__}, not bytes"
+        if data is None or not len(data):
+            if path is None or (isinstance(path, str) and not path):
+                return f"{label} holds neither bytes nor a path"
+            if not isinstance(path, str):
+                return f"{label}: path is {type(path).__name__}, not a string"
+        v = data if data is not None and len(data) else path
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        if not len(v):
+            return f"{label} is empty bytes"
+        if len(v) > max_bytes:
+            return f"{label}: an image of {len(v)} bytes, longer than {key}max_doc_bytes={max_bytes}"
+        return ImageRef(where=where, data=bytes(v))
+    if isinstance(v, str):
+        if not v:
+            return f"{label} is an empty path"
+        return ImageRef(where=where, path=resolve_image_path(v, base))
+    return f"{label} is {type(v).__name__}, not an image (a path, bytes, {{bytes, path}} or a list of them)"
+
+
+def image_refs(value, base: str, where: str, max_bytes: int, name: str, key: str = "data."
+               ) -> Union[List[ImageRef], str]:
+    """The images of a record's value ``name`` (see the module docstring): a list, empty
+    for null or ``[]``, or the reason to skip the record. Relative paths are resolved
+    against ``base``; no path is read."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        refs = []
+        for i, v in enumerate(value):
+            ref = _image_ref(v, base, where, max_bytes, f"image {name!r}[{i}]", key)
+            if isinstance(ref, str):
+                return ref
+            refs.append(ref)
+        return refs
+    ref = _image_ref(value, base, where, max_bytes, f"image {name!r}", key)
+    return ref if isinstance(ref, str) else [ref]
+
+
+def text_with_images(text: str, refs: List[ImageRef], where: str, on_skip: SkipFn) -> Union[str, Record, None]:
+    """A record's text and its images: the text itself without images; a ``Record`` split
+    at ``IMAGE_TEXT`` (once per image) or, without it, with the images first; None after
+    ``on_skip`` when the markers do not match the images."""
+    if not refs:
+        return text
+    n = text.count(IMAGE_TEXT)
+    if not n:
+        return Record([""] * len(refs) + [text], refs, where)
+    if n != len(refs):
+        on_skip(where, f"{n} {IMAGE_TEXT} in the text for {len(refs)} images")
+        return None
+    return Record(text.split(IMAGE_TEXT), refs, where)
+
+
+class _Images:
+    """A source's image values -> ``ImageRef``s, relative paths against ``base``."""
+
+    def __init__(self, spec: SourceSpec, base: str):
+        self.spec, self.base = spec, base
+
+    def refs(self, value, where: str, name: str) -> Union[List[ImageRef], str]:
+        return image_refs(value, self.base, where, self.spec.max_doc_bytes, name, self.spec.key)
+
+    def record(self, text: str, value, where: str, on_skip: SkipFn) -> Union[str, Record, None]:
+        """``text`` with the images of ``value`` (``text_with_images``), or None after ``on_skip``."""
+        refs = self.refs(value, where, self.spec.image_field)
+        if isinstance(refs, str):
+            on_skip(where, refs)
+            return None
+        return text_with_images(text, refs, where, on_skip)
 
 
 class TextFolderSource(Source):
@@ -607,7 +764,8 @@ class TextFolderSource(Source):
 # 10 KB), but it is not a skipped record (``data/skipped`` does not count it).
 
 
-def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn, chat: bool = False) -> Optional[Any]:
+def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn, chat: bool = False,
+                  images: Optional[_Images] = None) -> Optional[Any]:
     if not line.strip():
         on_skip(where, BLANK)  # a separator, not a record
         return None
@@ -620,7 +778,8 @@ def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn, chat: bo
         on_skip(where, f"malformed JSON ({e})")
         return None
     if chat:
-        return parse_record(obj, where, on_skip)
+        resolve = None if images is None else (lambda value: images.refs(value, where, IMAGES_KEY))
+        return parse_record(obj, where, on_skip, resolve)
     if not isinstance(obj, dict) or field not in obj:
         on_skip(where, f"no field {field!r}")
         return None
@@ -631,6 +790,8 @@ def _jsonl_record(line: bytes, field: str, where: str, on_skip: SkipFn, chat: bo
     if not text:
         on_skip(where, "empty document")
         return None
+    if images is not None and obj.get(images.spec.image_field) is not None:
+        return images.record(text, obj[images.spec.image_field], where, on_skip)
     return text
 
 
@@ -659,8 +820,9 @@ class JsonlSource(Source):
 
     def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         path, a, b = unit
+        images = None if self.spec.image_field is None else self._images(file_dir(self.fs, path))
         if b < 0:
-            yield from self._iter_compressed(path, cursor, on_skip)
+            yield from self._iter_compressed(path, cursor, on_skip, images)
             return
         limit = self.spec.max_doc_bytes
         with open_binary(self.fs, path) as f:
@@ -683,17 +845,17 @@ class JsonlSource(Source):
                     on_skip(where, self._too_long(n))
                     text = None
                 elif self.chat:
-                    text = self._chat_record(line, where, on_skip, path, pos)
+                    text = self._chat_record(line, where, on_skip, path, pos, images=images)
                 else:
-                    text = _jsonl_record(line, self.spec.field, where, on_skip)
+                    text = _jsonl_record(line, self.spec.field, where, on_skip, images=images)
                 line = None  # only the document stays in memory while it is used
                 if text is not None:
                     yield pos - a, pos + n - a, text
                 pos += n
 
-    def _chat_record(self, line, where, on_skip, path, pos, lineno=None):
+    def _chat_record(self, line, where, on_skip, path, pos, lineno=None, images=None):
         try:
-            return _jsonl_record(line, self.spec.field, where, on_skip, chat=True)
+            return _jsonl_record(line, self.spec.field, where, on_skip, chat=True, images=images)
         except UnknownRoleError as e:
             if lineno is None:  # a plain file read from a byte offset: count its lines (once, to fail)
                 lineno = 1
@@ -702,7 +864,7 @@ class JsonlSource(Source):
                         lineno += f.read(min(_SCAN_BYTES, pos - at)).count(b"\n")
             raise ValueError(f"{path}:{lineno}: {e} ({self.spec.key}format=chat)") from None
 
-    def _iter_compressed(self, path, cursor, on_skip):
+    def _iter_compressed(self, path, cursor, on_skip, images=None):
         import zstandard
 
         limit = self.spec.max_doc_bytes
@@ -725,9 +887,9 @@ class JsonlSource(Source):
                         on_skip(where, self._too_long(n))
                         continue
                     if self.chat:
-                        text = self._chat_record(line, where, on_skip, path, None, lineno)
+                        text = self._chat_record(line, where, on_skip, path, None, lineno, images)
                     else:
-                        text = _jsonl_record(line, self.spec.field, where, on_skip)
+                        text = _jsonl_record(line, self.spec.field, where, on_skip, images=images)
                     line = None
                     if text is not None:
                         yield lineno - 1, lineno, text
@@ -738,7 +900,8 @@ class JsonlSource(Source):
 
 
 class ParquetSource(Source):
-    """One unit per row group; only the configured column is read."""
+    """One unit per row group; only the configured column is read, and with ``image_field``
+    the image column too in a file that has one (a file without it holds texts)."""
 
     def __init__(self, spec: SourceSpec):
         import pyarrow.parquet as pq
@@ -775,8 +938,15 @@ class ParquetSource(Source):
 
     def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         path, rg = unit
-        limit = self.spec.max_doc_bytes
-        col = self._file(path).read_row_group(rg, columns=[self.spec.field]).column(0)
+        limit, field, image_field = self.spec.max_doc_bytes, self.spec.field, self.spec.image_field
+        pf = self._file(path)
+        images = image_col = None
+        if image_field is not None and image_field != field and image_field in pf.schema_arrow.names:
+            table = pf.read_row_group(rg, columns=[field, image_field])
+            col, image_col = table.column(field), table.column(image_field)
+            images = self._images(file_dir(self.fs, path))
+        else:
+            col = pf.read_row_group(rg, columns=[field]).column(0)
         for row in range(cursor, len(col)):
             value = col[row].as_py()
             where = f"{path}#rowgroup{rg}:row{row}"
@@ -799,13 +969,22 @@ class ParquetSource(Source):
                 if cut is not None:
                     value = cut
                     on_truncate(where)
+            if value is not None and images is not None:
+                value = images.record(value, image_col[row].as_py(), where, on_skip)
             if value is not None:
                 yield row, row + 1, value
 
 
+# hf_dataset with images: rows read at a time (a unit's images are not all held at once).
+_HF_IMAGE_ROWS = 64
+
+
 class HFDatasetSource(Source):
     """A Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (a DatasetDict
-    needs ``split``); units are ranges of ``rows_per_unit`` rows."""
+    needs ``split``); units are ranges of ``rows_per_unit`` rows. With ``image_field`` and
+    a dataset that has that column, the text and image columns are read as Arrow (an
+    ``Image`` feature is never decoded: its cells are ``{"bytes", "path"}``), in slices of
+    ``_HF_IMAGE_ROWS`` rows; relative image paths are resolved against the dataset folder."""
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
@@ -834,24 +1013,106 @@ class HFDatasetSource(Source):
             cache["ds"] = ds
         return cache["ds"]
 
+    def _image_rows(self):
+        """(the text and image columns in Arrow format, how their images resolve), or None
+        without images (images off, or no such column)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if "rows" not in cache:
+            field, image_field = self.spec.field, self.spec.image_field
+            ds = self._dataset()
+            if image_field is None or image_field == field or image_field not in ds.column_names:
+                cache["rows"] = None
+            else:
+                fs, root = _fs(self.spec.path)
+                cache["rows"] = (ds.select_columns([field, image_field]).with_format("arrow"),
+                                 self._images(_as_url(fs, root.rstrip("/") or root)))
+        return cache["rows"]
+
     def unit_label(self, unit):
         return f"{self.spec.path}[rows {unit[0]}:{unit[1]}]"
 
     def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         a, b = unit
-        values = self._dataset()[a + cursor:b][self.spec.field]
-        for i, value in enumerate(values, start=cursor):
-            where = f"{self.spec.path}:row{a + i}"
-            if not isinstance(value, str):
-                on_skip(where, f"field {self.spec.field!r} is {type(value).__name__}, not a string")
-            elif not value:
-                on_skip(where, "empty document")
+        rows = self._image_rows()
+        step = b - a if rows is None else _HF_IMAGE_ROWS
+        for lo in range(a + cursor, b, step):
+            hi = min(lo + step, b)
+            if rows is None:
+                values, image_values, images = self._dataset()[lo:hi][self.spec.field], None, None
             else:
+                table, images = rows[0][lo:hi], rows[1]
+                values = table.column(self.spec.field).to_pylist()
+                image_values = table.column(self.spec.image_field).to_pylist()
+            for k, value in enumerate(values):
+                i = lo - a + k
+                where = f"{self.spec.path}:row{a + i}"
+                if not isinstance(value, str):
+                    on_skip(where, f"field {self.spec.field!r} is {type(value).__name__}, not a string")
+                    continue
+                if not value:
+                    on_skip(where, "empty document")
+                    continue
                 cut = _cut_text(value, self.spec.max_doc_bytes)
                 if cut is not None:
                     value = cut
                     on_truncate(where)
+                if images is not None:
+                    value = images.record(value, image_values[k], where, on_skip)
+                    if value is None:
+                        continue
                 yield i, i + 1, value
+
+
+class ImageFolderSource(Source):
+    """One document per image file (``IMAGE_EXTENSIONS``, case-insensitive; other matched
+    files are passed over): the image, then its caption, the text of ``<stem>.txt`` in the
+    same folder (``text_with_images``: a caption holding ``IMAGE_TEXT`` once puts the image
+    there). A missing, empty or non-UTF-8 caption skips the image when it is read; a
+    longer caption than ``max_doc_bytes`` is cut to it. Image files larger than
+    ``max_file_bytes`` are skipped (and counted) at listing; no image is read here. Needs
+    ``image_field`` set (images on); its value is not used."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+
+        def units(f, size):
+            if size > spec.max_file_bytes:
+                return f"larger than {spec.key}max_file_bytes={spec.max_file_bytes}"
+            return [(f,)]
+
+        self._list_file_units(units, f"no matched file is a non-empty image ({' '.join(IMAGE_EXTENSIONS)}) of at "
+                                     f"most {spec.key}max_file_bytes={spec.max_file_bytes} bytes",
+                              keep=lambda f: f.lower().endswith(IMAGE_EXTENSIONS))
+
+    def unit_label(self, unit):
+        return unit[0]
+
+    def _iter_docs(self, unit, cursor, on_skip, on_truncate):
+        if cursor > 0:
+            return
+        (path,) = unit
+        caption = posixpath.splitext(path)[0] + ".txt"
+        limit = self.spec.max_doc_bytes
+        try:
+            with open_binary(self.fs, caption) as f:
+                raw = f.read(limit + 1)
+        except FileNotFoundError:
+            on_skip(path, f"no caption file ({caption})")
+            return
+        if len(raw) > limit:
+            raw = _utf8_prefix(raw, limit)
+            on_truncate(path)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            on_skip(path, f"caption not UTF-8 ({caption}: invalid byte at {e.start})")
+            return
+        if not text:
+            on_skip(path, f"empty caption ({caption})")
+            return
+        payload = text_with_images(text, [ImageRef(where=path, path=_as_url(self.fs, path))], path, on_skip)
+        if payload is not None:
+            yield 0, 1, payload
 
 
 MANIFEST = "manifest.json"
@@ -996,7 +1257,8 @@ def _read_manifest(path: Path) -> dict:
 
 def build_source(spec: SourceSpec) -> Source:
     classes = {"text_folder": TextFolderSource, "jsonl": JsonlSource, "parquet": ParquetSource,
-               "hf_dataset": HFDatasetSource, "pretokenized": PretokenizedSource}
+               "hf_dataset": HFDatasetSource, "pretokenized": PretokenizedSource,
+               "image_folder": ImageFolderSource}
     if spec.kind not in classes:
         raise ValueError(f"{spec.key}source={spec.kind!r}: expected one of {', '.join(classes)}")
     if spec.format not in ("text", "chat"):
@@ -1005,4 +1267,7 @@ def build_source(spec: SourceSpec) -> Source:
         raise ValueError(f"{spec.key}format=chat: needs {spec.key}source=jsonl, not {spec.kind}")
     if spec.max_doc_bytes < 1:
         raise ValueError(f"{spec.key}max_doc_bytes={spec.max_doc_bytes}: must be > 0")
+    if spec.kind == "image_folder" and spec.image_field is None:
+        raise ValueError(f"{spec.key}source=image_folder: image-text documents need a model that takes images "
+                         "(this job reads no images)")
     return classes[spec.kind](spec)

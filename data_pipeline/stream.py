@@ -34,6 +34,7 @@ import numpy as np
 
 from .chat import ChatPacker, ChatRenderer, pad_id
 from .packing import Packer, wrap
+from .records import ChatRecord, ImageRef, Record
 from .runs import NoDocumentRun
 from .sources import Source
 
@@ -141,21 +142,6 @@ class _Reader:
                 "cur": list(self.cur) if self.cur is not None else None}
 
 
-class Record:
-    """A document with a payload: text parts around marker tokens, and one *item* (a dict of
-    numpy arrays, an image for instance) per marker. Its tokens are ``enc(texts[0]) <marker>
-    enc(texts[1]) <marker> ...`` (``len(texts) == len(items) + 1``). Items travel with their
-    tokens through packing and reach the batch as extra keys (``loader.RankLoader``); a
-    loader state never holds them: a resumed run reads them again from the record."""
-
-    __slots__ = ("texts", "items")
-
-    def __init__(self, texts: Sequence[str], items: Sequence[dict]):
-        if len(texts) != len(items) + 1:
-            raise ValueError(f"a record of {len(items)} items needs {len(items) + 1} text parts, got {len(texts)}")
-        self.texts, self.items = list(texts), list(items)
-
-
 def payload_chars(payload) -> int:
     """A document's size before tokenizing: characters (text, records, conversations), or
     tokens for a pretokenized one (the loader's read-ahead budget)."""
@@ -165,7 +151,39 @@ def payload_chars(payload) -> int:
         return sum(map(len, payload.texts))
     if isinstance(payload, np.ndarray):
         return len(payload)
+    if isinstance(payload, ChatRecord):
+        payload = payload.messages
     return sum(len(c) for _, c in payload)  # a conversation: (role, content) pairs
+
+
+class Unusable:
+    """What the encoder gives for a document it cannot pack: ``skipped`` (an image that
+    cannot be read or decoded: counted in ``data/skipped``) or not (a sample that does not
+    fit a window or has more images than a window holds: counted in ``data/dropped``)."""
+
+    __slots__ = ("where", "reason", "skipped")
+
+    def __init__(self, where: str, reason: str, skipped: bool):
+        self.where, self.reason, self.skipped = where, reason, skipped
+
+
+# An image file or URL read for decoding is at most this large (a larger one is skipped).
+MAX_IMAGE_BYTES = 256 << 20
+
+
+def read_image_bytes(ref: ImageRef) -> bytes:
+    """The bytes of an image reference (``OSError`` for a missing or unreadable file, or
+    one past ``MAX_IMAGE_BYTES``)."""
+    if ref.data is not None:
+        return ref.data
+    from .sources import _fs, open_binary
+
+    fs, path = _fs(ref.path)
+    with open_binary(fs, path) as f:
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise OSError(f"larger than {MAX_IMAGE_BYTES} bytes")
+    return data
 
 
 class Encoder:
@@ -173,22 +191,34 @@ class Encoder:
     ``encode(payloads)`` returns, per document, (packed form, tokens, items, truncated): text
     and records wrapped in ``<|begin_of_text|> ... <|end_of_text|>`` (an int64 array),
     pretokenized arrays wrapped likewise, conversations rendered (tokens, loss mask) and
-    cut to ``max_length``. All texts of a call go to the tokenizer in one batch call."""
+    cut to ``max_length``. All texts of a call go to the tokenizer in one batch call.
+
+    With ``image`` (an ``images.ImageSpec``) every document is packed whole with a loss
+    mask (``whole``): records' images are read, decoded and tiled here (the loader's
+    parallel stage), their marker tokens are never loss targets, and a document that cannot
+    be used comes back as an ``Unusable`` (an unreadable image; a sample with images longer
+    than ``max_length`` or with more than ``image.max_images`` images). A text-only
+    document longer than ``max_length`` is cut to it (truncated)."""
 
     def __init__(self, tokenizer, window: int, chat: bool = False, max_length: int = -1,
-                 marker_id: Optional[int] = None):
-        self.tok, self.window, self.chat, self.marker_id = tokenizer, window, chat, marker_id
+                 marker_id: Optional[int] = None, image=None):
+        self.tok, self.window, self.chat, self.image = tokenizer, window, chat, image
+        self.marker_id = image.image_token_id if image is not None else marker_id
+        self.whole = chat or image is not None
         self.bos, self.eos = tokenizer.bos_id, tokenizer.eos_id
         self.max_length = window if max_length < 0 else max_length
+        if self.whole and not 0 < self.max_length <= window:
+            raise ValueError(f"data.max_length={max_length}: must be in [1, train.seq_len+1={window}] or -1")
         if chat:
-            if not 0 < self.max_length <= window:
-                raise ValueError(f"data.max_length={max_length}: must be in [1, train.seq_len+1={window}] or -1")
             self.renderer = ChatRenderer(tokenizer)
+        self._skip_log, self._drop_log = SkipLog(), SkipLog("dropped a sample")
 
     def _wrap(self, parts) -> np.ndarray:
         return wrap(parts, self.bos, self.eos)
 
     def encode(self, payloads: Sequence) -> List[tuple]:
+        if self.image is not None:
+            return self._encode_whole(payloads)
         if self.chat:
             return [((t, m), len(t), [], tr) for t, m, tr in self.renderer.render_batch(payloads, self.max_length)]
         texts = []
@@ -209,16 +239,89 @@ class Encoder:
                 w, items = self._wrap([flat[off[j]:off[j + 1]]]), []
                 j += 1
             else:
-                mark = np.asarray([self.marker_id], dtype=np.int64)
-                parts = []
-                for k in range(len(p.texts)):
-                    if k:
-                        parts.append(mark)
-                    parts.append(flat[off[j + k]:off[j + k + 1]])
+                w = self._wrap(self._parts(flat, off, j, len(p.texts)))
                 j += len(p.texts)
-                w, items = self._wrap(parts), p.items
+                items = p.items
             out.append((w, len(w), items, False))
         return out
+
+    def _parts(self, flat, off, j: int, n: int) -> list:
+        """The encoded texts j..j+n-1 with a marker token between each two."""
+        mark = np.asarray([self.marker_id], dtype=np.int64)
+        parts = []
+        for k in range(n):
+            if k:
+                parts.append(mark)
+            parts.append(flat[off[j + k]:off[j + k + 1]])
+        return parts
+
+    def _encode_whole(self, payloads: Sequence) -> List[tuple]:
+        """Image mode: every document as ((tokens, loss mask), n, items, truncated)."""
+        texts = []
+        for p in payloads:
+            if isinstance(p, str):
+                texts.append(p)
+            elif isinstance(p, Record):
+                texts.extend(p.texts)
+        flat, off = self.tok.encode_batch(texts) if texts else (None, None)
+        convs = [p.messages if isinstance(p, ChatRecord) else p for p in payloads
+                 if isinstance(p, (ChatRecord, tuple))]
+        rendered = iter(self.renderer.render_batch(convs, -1, self.marker_id) if convs else [])
+        out, j = [], 0
+        for p in payloads:
+            refs, where = [], ""
+            if isinstance(p, (ChatRecord, tuple)):
+                tokens, mask, _ = next(rendered)
+                if isinstance(p, ChatRecord):
+                    refs, where = p.items, p.where
+            else:
+                if isinstance(p, np.ndarray):
+                    tokens = self._wrap([p])
+                elif isinstance(p, str):
+                    tokens = self._wrap([flat[off[j]:off[j + 1]]])
+                    j += 1
+                else:
+                    tokens = self._wrap(self._parts(flat, off, j, len(p.texts)))
+                    j += len(p.texts)
+                    refs, where = p.items, p.where
+                mask = tokens != self.marker_id
+                mask[0] = False  # <|begin_of_text|> starts a sample: never a target
+            out.append(self._finish(tokens, mask, refs, where))
+        return out
+
+    def _finish(self, tokens, mask, refs, where) -> tuple:
+        n, cap = len(tokens), self.max_length
+        marks = int(np.count_nonzero(tokens == self.marker_id))
+        if marks != len(refs):  # a tokenizer that maps "<|image|>" in plain text to the image token
+            return self._unusable(where or "a text document", f"{marks} image tokens for {len(refs)} images (its "
+                                  "text holds <|image|> where no image is given)", skipped=True)
+        if not refs:
+            truncated = n > cap
+            if truncated:
+                tokens, mask = tokens[:cap], mask[:cap]
+            return (tokens, mask), len(tokens), [], truncated
+        if n > cap:
+            return self._unusable(where, f"{n} tokens with its images, more than a window's {cap} (data.max_length "
+                                         "or train.seq_len+1): an image sample is never cut", skipped=False)
+        if len(refs) > self.image.max_images:
+            return self._unusable(where, f"{len(refs)} images, more than a window holds (model.max_images="
+                                         f"{self.image.max_images})", skipped=False)
+        from .images import BadImage, load_image, tile_image
+
+        items = []
+        for ref in refs:
+            if not isinstance(ref, ImageRef):  # items already decoded (tests, tools)
+                items.append(ref)
+                continue
+            try:
+                items.append(tile_image(load_image(read_image_bytes(ref), self.image), self.image))
+            except (BadImage, OSError) as e:
+                return self._unusable(ref.where or where, f"image {ref.path or '(bytes)'}: {e}", skipped=True)
+        return (tokens, mask), n, items, False
+
+    def _unusable(self, where: str, reason: str, skipped: bool) -> tuple:
+        (self._skip_log if skipped else self._drop_log)(where, reason)
+        return Unusable(where, reason, skipped), 0, [], False
 
 
 def pick_source(seed: int, slot: int, tokens, docs, weights: np.ndarray) -> int:
@@ -233,16 +336,17 @@ def pick_source(seed: int, slot: int, tokens, docs, weights: np.ndarray) -> int:
 
 
 class SkipLog:
-    """Logs the first ``_MAX_SKIP_LOGS`` skipped records of a slot; the rest are counted."""
+    """Logs the first ``_MAX_SKIP_LOGS`` skipped records of a slot (or, with another
+    ``what``, dropped samples of an encoder); the rest are counted."""
 
-    def __init__(self):
-        self.n = 0
+    def __init__(self, what: str = "skipped a record"):
+        self.n, self.what = 0, what
 
     def __call__(self, where: str, reason: str) -> None:
         if self.n < _MAX_SKIP_LOGS:
             self.n += 1
-            log.warning("skipped a record: %s: %s%s", where, reason,
-                        "" if self.n < _MAX_SKIP_LOGS else " (further skips are only counted)")
+            log.warning("%s: %s: %s%s", self.what, where, reason,
+                        "" if self.n < _MAX_SKIP_LOGS else " (further ones are only counted)")
 
 
 # A document ready for a slot's packer: its key, packed form, tokens, items, whether it was
@@ -270,7 +374,7 @@ class SlotStream:
     def __init__(self, sources: Sequence[Source], plans: Sequence[UnitPlan], weights: Sequence[float],
                  tokenizer, window: int, state: dict, sft_packing: str = "pack", max_length: int = -1,
                  marker_id: Optional[int] = None, feed: Optional[Callable[[int], Ready]] = None,
-                 encoder: Optional[Encoder] = None):
+                 encoder: Optional[Encoder] = None, image=None):
         self.sources, self.plans = sources, plans
         self.weights = np.asarray(weights, dtype=np.float64)
         self.slot = state["slot"]
@@ -279,7 +383,9 @@ class SlotStream:
         self.chat = any(s.chat for s in sources)
         if self.chat and not all(s.chat for s in sources):
             raise ValueError("data.format=chat: every source must be chat JSONL")
-        self.encoder = encoder or Encoder(tokenizer, window, self.chat, max_length, marker_id)
+        self.encoder = encoder or Encoder(tokenizer, window, self.chat, max_length, marker_id, image)
+        # Whole documents with a loss mask (chat, or anything with images: chat.ChatPacker).
+        self.whole = self.encoder.whole
         # Committed reader states: after the last document handed to the packer; and the
         # records skipped before it and the documents cut to max_doc_bytes up to it
         # (read-ahead counts once their turn comes).
@@ -289,6 +395,7 @@ class SlotStream:
         self._cuts_committed = [0] * len(sources)
         self._cuts_reported = 0
         self._truncated = 0  # chat: conversations cut to max_length, packed since the last take
+        self._unusable = [0, 0]  # documents the encoder could not use since the last take: skipped, dropped
         self.consumed = 0  # tokens (chat pad: documents) handed to the packer so far
         if feed is None:
             on_skip = SkipLog()
@@ -296,8 +403,9 @@ class SlotStream:
             self._iters = [self._encoded(i) for i in range(len(sources))]
             feed = self._next_encoded
         self._feed = feed
-        if self.chat:
-            self.packer = ChatPacker(window, sft_packing, pad_id(tokenizer))
+        if self.whole:
+            max_items = self.encoder.image.max_images if self.encoder.image is not None else None
+            self.packer = ChatPacker(window, sft_packing, pad_id(tokenizer), max_items)
         else:
             self.packer = Packer(window, tokenizer.bos_id, tokenizer.eos_id, self.encoder.marker_id)
         self.packer.load_fragments(state["packer"], self._fetch)
@@ -331,7 +439,11 @@ class SlotStream:
                         "%s, cursor %d: vanished or unreadable (%s)", src.unit_label(unit), ref["c"], e)
             return None
         packed, _, items, _ = self.encoder.encode([payload])[0]
-        return packed if self.chat else (packed, items)
+        if isinstance(packed, Unusable):
+            log.warning("dropped a document being packed when the checkpoint was written: %s: %s", packed.where,
+                        packed.reason)
+            return None
+        return packed, items
 
     def _pick_source(self) -> int:
         if len(self.sources) == 1:
@@ -344,25 +456,32 @@ class SlotStream:
             i = self._pick_source()
             key, packed, n_tokens, items, truncated, ref, snap, counts = self._feed(i)
             self._truncated += truncated
-            if self.chat:
-                self.packer.add(key, packed, ref)
+            if isinstance(packed, Unusable):
+                self._unusable[0 if packed.skipped else 1] += 1
+            elif self.whole:
+                self.packer.add(key, packed, ref, items)
             else:
                 self.packer.add(key, packed, ref, 0, items)
             self.reader_states[i] = snap
             self._skips_committed[i], self._cuts_committed[i] = counts
             self.mix_tokens[i] += n_tokens
             self.mix_docs[i] += 1
-            self.consumed += 1 if self.chat and self.packer.mode == "pad" else n_tokens
+            self.consumed += 1 if self.whole and self.packer.mode == "pad" else n_tokens
         return self.packer.cut()
 
     @property
     def held(self) -> int:
         """What the packer holds for the next windows, in the unit of ``consumed``."""
-        return len(self.packer._docs) if self.chat and self.packer.mode == "pad" else self.packer._len
+        return len(self.packer._docs) if self.whole and self.packer.mode == "pad" else self.packer._len
 
     def take_items(self) -> list:
-        """The items of the last window's markers, in order (text sources only)."""
-        return [] if self.chat else self.packer.items
+        """The items of the last window's markers, in order."""
+        return self.packer.items
+
+    def take_dropped(self) -> int:
+        """Samples dropped (too long, too many images) since the last call."""
+        n, self._unusable[1] = self._unusable[1], 0
+        return n
 
     def take_truncated(self) -> int:
         """Chat: conversations cut to max_length among those packed since the last call."""
@@ -380,6 +499,7 @@ class SlotStream:
         """Records skipped before the documents packed since the last call."""
         total = sum(self._skips_committed)
         n, self._skips_reported = total - self._skips_reported, total
+        n, self._unusable[0] = n + self._unusable[0], 0
         return n
 
     def state_dict(self) -> dict:

@@ -26,7 +26,7 @@ from .model.family import ModelFamily, count_parameters, seeded_trunc_normal_
 from .optim import OptimizerParts, build_optimizer
 from .loss import resolve_loss_chunk
 from .step import TrainStep, resolve_dtypes
-from .tokenizers import build_sources, load_tokenizer
+from .tokenizers import build_sources, image_spec, load_tokenizer, masked_labels
 
 
 @dataclass
@@ -126,15 +126,14 @@ class Job:
 
 def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.device, run_dir: Path) -> Job:
     t = cfg.train
-    sources, weights, source_names = build_sources(cfg.data)
+    images = image_spec(cfg)
+    sources, weights, source_names = build_sources(cfg.data, images=images is not None)
     tokenizer = load_tokenizer(cfg.data, sources, env)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')} has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size={cfg.model.vocab_size}")
+    check_vocabulary(tokenizer, cfg.model.vocab_size, images)
     model = build_model(cfg, dims, device)
     optimizer = OptimizerParts([build_optimizer(part, cfg.optim) for part in model.parts])
     step = TrainStep(model.family, model.parts, optimizer, dims=dims, pc=cfg.parallel,
-                     grad_accum_steps=t.grad_accum_steps, max_norm=t.max_norm, chat=cfg.data.format == "chat",
+                     grad_accum_steps=t.grad_accum_steps, max_norm=t.max_norm, chat=masked_labels(cfg),
                      device=device, param_dtype=model.param_dtype, mesh=model.mesh, stage_ids=model.stage_ids,
                      num_stages=model.num_stages, tied=model.tied, model_args=cfg.model,
                      loss_chunk=_loss_chunk(cfg, dims, model.family))
@@ -143,7 +142,7 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
         seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=dp_rank, dp_world=dp_world,
         num_workers=cfg.data.num_workers, seed=t.seed, shuffle=cfg.data.shuffle, grad_accum_steps=t.grad_accum_steps,
         streams_per_row=cfg.data.streams_per_row, positions=cfg.data.document_masking,
-        sft_packing=cfg.data.sft_packing, max_length=cfg.data.max_length))
+        sft_packing=cfg.data.sft_packing, max_length=cfg.data.max_length, image=images))
     listing_skipped = listing_skips(sources) if env.rank == 0 else 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
                         model_args=cfg.model, lora=_lora_meta(cfg, model.family), freeze=cfg.finetune.freeze)
@@ -158,6 +157,21 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
     _start_weights(cfg, model, loader_states, progress=env.rank == 0)
     return Job(model, step, optimizer, sources, source_names, tokenizer, loader, listing_skipped, ckpt,
                start_step, tokens_seen, dp_rank, dp_world, is_dp_leader)
+
+
+def check_vocabulary(tokenizer, vocab_size: int, images) -> None:
+    """The tokenizer's ids fit the model. An image-text model's ``<|image|>`` is id
+    ``model.vocab_size`` (the embedding's first row past the vocabulary): a tokenizer may
+    count it (the published 11B tokenizer.json has 128,257 tokens) but nowhere else."""
+    name = getattr(tokenizer, "path", "") or type(tokenizer).__name__
+    image_id = tokenizer.special_id("<|image|>") if images is not None else None
+    if image_id is not None and image_id != images.image_token_id:
+        raise ValueError(f"tokenizer {name} has <|image|> at id {image_id}, but the model's image token is "
+                         f"model.vocab_size={vocab_size}")
+    limit = vocab_size + (image_id is not None)
+    if tokenizer.vocab_size > limit:
+        raise ValueError(f"tokenizer {name} has {tokenizer.vocab_size} tokens but model.vocab_size={vocab_size}"
+                         + (" (+1 for its <|image|>)" if image_id is not None else ""))
 
 
 def _loss_chunk(cfg: JobConfig, dims: ParallelDims, family: ModelFamily) -> int:

@@ -81,12 +81,14 @@ class TokenizerConfig:
 
 @dataclass
 class SourceConfig:
-    # text_folder | jsonl | parquet | hf_dataset | pretokenized (mixture: see data.mixture).
+    # text_folder | jsonl | parquet | hf_dataset | pretokenized | image_folder (image-text models:
+    # pictures with caption sidecars, x.jpg + x.txt) (mixture: see data.mixture).
     source: str = "text_folder"
     # A file, a folder (searched with `glob`), a glob, or an fsspec URL (s3://, gs://, ...);
     # hf_dataset: a folder written by Dataset.save_to_disk; pretokenized: a shard folder.
     path: Optional[str] = None
-    # Pattern under a folder `path`; null = **/*.txt, **/*.jsonl* or **/*.parquet by source.
+    # Pattern under a folder `path`; null = **/*.txt, **/*.jsonl* or **/*.parquet by source
+    # (image_folder: **/* filtered by image extension).
     glob: Optional[str] = None
     # jsonl: the JSON field holding the text; parquet / hf_dataset: the column.
     field: str = "text"
@@ -102,6 +104,11 @@ class SourceConfig:
     # Parquet / datasets cells and text files are cut to it (data/truncated_docs). The
     # default, 64 MiB, keeps a loader worker's memory for one record to a few hundred MB.
     max_doc_bytes: int = knob(67_108_864, ge=1, le=1 << 30)
+    # Image-text models only (model.family=mllama): the record field holding a record's
+    # image(s): a path relative to the record's file, an fsspec URL, bytes (Parquet), a
+    # datasets Image, or a list of these; chat records hold theirs in "images". A record
+    # without it is a text-only sample.
+    image_field: str = "image"
 
 
 @dataclass
@@ -139,6 +146,9 @@ class DataConfig(SourceConfig):
     # chat: pack = whole conversations packed into each window, the rest padded;
     # pad = one conversation per row, padded.
     sft_packing: str = "pack"
+    # Image-text models: images with more pixels (width x height) are skipped unread
+    # (data/skipped), before decoding: a decompression bomb cannot exhaust a worker.
+    max_image_pixels: int = knob(89_478_485, ge=1, le=1 << 40)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 

@@ -14,7 +14,7 @@ from typing import Iterator
 from data_pipeline.loader import LoaderSpec, RankLoader
 
 from .config import eval_format
-from .tokenizers import build_sources
+from .tokenizers import build_sources, image_spec
 
 
 class Evaluator:
@@ -22,17 +22,20 @@ class Evaluator:
         ev, t = cfg.eval, cfg.train
         self.interval, self.steps = ev.interval, ev.steps
         self.tokenizer = tokenizer
-        self.chat = eval_format(cfg) == "chat"
-        if self.chat:  # the chat special tokens: fail at start-up, not at the first evaluation
+        images = image_spec(cfg)
+        # Labels hold -100 (chat; image-text data): the loss is the mean over trained tokens.
+        self.chat = eval_format(cfg) == "chat" or images is not None
+        if eval_format(cfg) == "chat":  # the chat special tokens: fail at start-up, not at the first evaluation
             from data_pipeline.chat import ChatRenderer
 
             ChatRenderer(tokenizer)
-        self.sources, _, self.names = build_sources(ev.data, prefix="eval.data.", fmt=eval_format(cfg))
+        self.sources, _, self.names = build_sources(ev.data, prefix="eval.data.", fmt=eval_format(cfg),
+                                                    images=images is not None)
         self.spec = LoaderSpec(
             seq_len=t.seq_len, local_batch_size=t.local_batch_size if ev.local_batch_size == -1 else ev.local_batch_size,
             dp_rank=dp_rank, dp_world=dp_world, num_workers=0, seed=t.seed, shuffle=False, grad_accum_steps=1,
             streams_per_row=1, positions=cfg.data.document_masking, sft_packing=cfg.data.sft_packing,
-            max_length=cfg.data.max_length)
+            max_length=cfg.data.max_length, image=images)
 
     def due(self, step: int, total_steps: int) -> bool:
         return self.interval > 0 and (step % self.interval == 0 or step == total_steps)

@@ -13,10 +13,35 @@ from parallel.env import LaunchEnv
 
 log = logging.getLogger("pretrain")
 
+def image_spec(cfg):
+    """The loader's ``ImageSpec`` for an image-text model family (its ``image_spec`` plus
+    data.max_image_pixels), or None for a text-only family."""
+    from .model import family_of
+
+    family = family_of(cfg.model)
+    if family.image_spec is None:
+        return None
+    from data_pipeline.images import ImageSpec
+
+    return ImageSpec(**family.image_spec(cfg.model), max_pixels=cfg.data.max_image_pixels)
+
+
+def masked_labels(cfg) -> bool:
+    """Labels hold -100 (chat: outside assistant turns; image-text data: image tokens and
+    padding): the loss is the mean over the trained tokens."""
+    return cfg.data.format == "chat" or family_takes_images(cfg)
+
+
+def family_takes_images(cfg) -> bool:
+    from .model import family_of
+
+    return family_of(cfg.model).image_spec is not None
+
+
 _SPEC_KEYS = ("path", "glob", "field", "split", "max_file_bytes", "chunk_bytes", "rows_per_unit", "max_doc_bytes")
 
 
-def build_sources(data_cfg, prefix: str = "data.", fmt: Optional[str] = None
+def build_sources(data_cfg, prefix: str = "data.", fmt: Optional[str] = None, images: bool = False
                   ) -> Tuple[List[Source], List[float], List[str]]:
     """(sources, weights, names) for data.source or data.mixture; ``prefix`` names the
     config keys in errors (eval.data. for the held-out data); ``fmt`` the records' format
@@ -31,6 +56,7 @@ def build_sources(data_cfg, prefix: str = "data.", fmt: Optional[str] = None
         # data.format is a job-level key (DataConfig): mixture entries are text; eval.data
         # gets its format from the caller (eval.format).
         spec = SourceSpec(kind=e.source, key=key, name=name, format=fmt or getattr(e, "format", "text"),
+                          image_field=e.image_field if images else None,
                           **{k: getattr(e, k) for k in _SPEC_KEYS})
         sources.append(build_source(spec))
         weights.append(float(weight))

@@ -25,6 +25,7 @@ from .build import Job, build_job
 from .checkpoint import CheckpointError, Checkpointer, complete_checkpoints, read_meta
 from .config import JobConfig
 from .evaluate import Evaluator
+from .tokenizers import family_takes_images
 from .observe.audit import DataAudit
 from .observe.flops import peak_flops_and_source
 from .observe.metrics import DataCounts, LogWindow, MetricsSink, log_every, training_row
@@ -125,11 +126,6 @@ def _announce(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path,
                  f"{m.n_trainable:,}", 100 * m.n_trainable / m.n_params, f"{m.n_params:,}",
                  "" if cfg.model.init_from or cfg.checkpoint.load_path or job.start_step else
                  " | WARNING: no model.init_from: the frozen towers keep their random init")
-    idle = [t for t in m.family.image_towers if t not in cfg.finetune.freeze]
-    if idle:  # no data source yields images yet
-        log.warning("the data has no images: the %s tower(s) get zero gradients, and AdamW's weight decay (optim."
-                    "weight_decay=%g) shrinks them by (1 - lr x weight_decay) every step; finetune.freeze=[%s] keeps "
-                    "them as they are", ",".join(idle), cfg.optim.weight_decay, ",".join(idle))
     log.info("%s | deterministic algorithms %s", describe_blocks(m.parts, m.family.layout),
              "on" if torch.are_deterministic_algorithms_enabled() else "off")
     log.info("MFU = %r FLOPs/token x tokens/s / (%r FLOP/s peak per device, from %s x %d devices)",
@@ -193,6 +189,8 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
             if audit is not None:
                 audit.end_step(step)
             window.add_step(out.loss_sum / t.grad_accum_steps, tokens_per_step)
+            if step == job.start_step + 1 and is_rank0:
+                _warn_without_images(cfg, job, counts)
             val_loss = _maybe_evaluate(evaluator, step_fn, step, t.steps, window, is_rank0)
             if window.due(step, val_loss is not None):
                 metrics = _log_row(cfg, env, job, window, counts, step, lr, out, tokens_seen, val_loss, fpt, peak)
@@ -230,6 +228,16 @@ def _train(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, run_dir: Path, de
     return history
 
 
+def _warn_without_images(cfg: JobConfig, job: Job, counts: DataCounts) -> None:
+    """After the first step: towers that learn from images only, with no image in it."""
+    idle = [t for t in job.model.family.image_towers if t not in cfg.finetune.freeze]
+    if idle and not counts.images_seen:
+        log.warning("no image in the first step's batches (data.image_field=%r): if the data has none, the %s "
+                    "tower(s) get zero gradients, and AdamW's weight decay (optim.weight_decay=%g) shrinks them by "
+                    "(1 - lr x weight_decay) every step; finetune.freeze=[%s] keeps them as they are",
+                    cfg.data.image_field, ",".join(idle), cfg.optim.weight_decay, ",".join(idle))
+
+
 def _maybe_evaluate(evaluator, step_fn: TrainStep, step: int, total: int, window: LogWindow,
                     is_rank0: bool) -> Optional[float]:
     if evaluator is None or not evaluator.due(step, total):
@@ -248,7 +256,8 @@ def _log_row(cfg: JobConfig, env: LaunchEnv, job: Job, window: LogWindow, counts
     loss = job.step.mean_over_loss_ranks(window.loss / window.steps)
     timing = window.metrics(step, loss, world_size=env.world_size, flops_per_token=fpt, peak=peak)
     data = counts.global_metrics(loss.device, job.step.dims.batch_replicas, job.source_names,
-                                 job.listing_skipped, chat=cfg.data.format == "chat")
+                                 job.listing_skipped, chat=cfg.data.format == "chat",
+                                 images=family_takes_images(cfg))
     return training_row(timing, data, lr=lr, grad_norm=out.grad_norm.item(), tokens_seen=tokens_seen,
                         val_loss=val_loss)
 

@@ -258,3 +258,178 @@ def test_text_that_sees_no_image_does_not_depend_on_the_pixels_under_tp_and_pp()
     for r in rows.values():
         assert r["unseen"][0] == r["unseen"][1], r
         assert abs(r["seen"][0] - r["seen"][1]) > 1e-5, r
+
+
+# -- positions and document masking ------------------------------------------------------
+
+PACK = dataclasses.replace(TINY, n_layers=4, cross_attention_layers=[1, 3], max_images=2)  # 2 equal pipeline halves
+
+
+def open_gates_model(args=PACK, seed=0):
+    """Our tiny Mllama from its own init, every gate opened and every norm moved off 1, so
+    every path (self-attention, cross-attention, both MLPs) carries signal."""
+    model = build_mllama(args, rope_cache_len=64, device="cpu")
+    model.init_weights(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 2.4 - 1.2)
+            elif p.dim() == 1 and "norm" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def sample(args, g, length, image_at, aspect_ratio_id):
+    """One sample alone in a row of its own: ``length`` tokens with ``<|image|>`` at
+    ``image_at``, its image (of ``aspect_ratio_id``'s tiles) in slot 0 and seen from there on
+    (text before it sees nothing), the other slots padded."""
+    tiles = args.supported_aspect_ratios[aspect_ratio_id - 1]
+    n_tiles = tiles[0] * tiles[1]
+    i, t = args.max_images, args.max_num_tiles
+    tokens = torch.randint(0, args.vocab_size, (1, length), generator=g)
+    tokens[0, image_at] = args.image_token_id
+    pixels = torch.zeros(1, i, t, args.num_channels, args.image_size, args.image_size)
+    pixels[0, 0, :n_tiles] = torch.randn(n_tiles, args.num_channels, args.image_size, args.image_size, generator=g)
+    ar_ids = torch.zeros(1, i, dtype=torch.long)
+    ar_ids[0, 0] = aspect_ratio_id
+    ar_mask = torch.zeros(1, i, t, dtype=torch.long)
+    ar_mask[0, 0, :n_tiles] = 1
+    cam = torch.zeros(1, length, i, t)
+    cam[0, image_at:, 0, :n_tiles] = 1
+    return tokens, pixels, ar_ids, ar_mask, cam
+
+
+def pack(samples):
+    """The samples in one row, sample k's image in slot k (its mask moved there): as the
+    data side packs several samples per row. Returns (inputs, positions restarting at each
+    sample, document ids 0, 1, ...)."""
+    tokens = torch.cat([s[0] for s in samples], dim=1)
+    pixels, ar_ids, ar_mask = (torch.zeros_like(samples[0][k]) for k in (1, 2, 3))
+    cams = []
+    for k, (_, px, ids, am, cam) in enumerate(samples):
+        pixels[:, k], ar_ids[:, k], ar_mask[:, k] = px[:, 0], ids[:, 0], am[:, 0]
+        moved = torch.zeros_like(cam)
+        moved[:, :, k] = cam[:, :, 0]
+        cams.append(moved)
+    lengths = [s[0].shape[1] for s in samples]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    doc_ids = torch.cat([torch.full((n,), k) for k, n in enumerate(lengths)])[None]
+    return (tokens, pixels, ar_ids, ar_mask, torch.cat(cams, dim=1)), positions, doc_ids
+
+
+def test_packed_samples_equal_each_sample_alone():
+    """Document masking: two samples with their own images (a 1-tile image at token 2 of 7,
+    a 2-tile one at token 1 of 5) packed in one row, positions restarting at the second and
+    document ids 0/1, give each sample's logits alone in its row (every token, before and
+    after its image). Without the document ids (causal over the whole row) the second
+    sample reads the first: its logits move."""
+    model = open_gates_model()
+    g = torch.Generator().manual_seed(5)
+    a, b = sample(PACK, g, 7, 2, 1), sample(PACK, g, 5, 1, 2)
+    packed, positions, doc_ids = pack([a, b])
+    with torch.no_grad():
+        alone = torch.cat([model(*a), model(*b)], dim=1)
+        got = model(*packed, positions, doc_ids)
+        causal = model(*packed, positions)
+        blind = model(*packed[:4], torch.zeros_like(packed[4]), positions, doc_ids)
+    assert (got - alone).abs().max().item() <= 1e-5  # measured 1.5e-7
+    seen = packed[4].flatten(2).any(-1)
+    assert (blind - got)[seen].abs().amax(-1).min().item() > 1e-3  # each sample's image is in its logits
+    assert (causal[:, :7] - alone[:, :7]).abs().max().item() <= 1e-5  # the first sample sees only itself anyway
+    assert (causal[:, 7:] - alone[:, 7:]).abs().amax(-1).min().item() > 1e-3  # every token of the second moves
+
+
+def test_positions_are_honoured():
+    """Positions index the RoPE tables: None equals 0..S-1 bit for bit; a gap in them moves
+    the logits after the gap (RoPE is relative: before it nothing moves); a uniform shift
+    moves nothing beyond rounding (no stage assumes the window starts at 0)."""
+    model = open_gates_model()
+    (tokens, *rest), sees = rule_batch(PACK, torch.Generator().manual_seed(3))
+    x = (tokens, *rest)
+    b, s = tokens.shape
+    arange = torch.arange(s).expand(b, -1).contiguous()
+    gap = arange.clone()
+    gap[:, 6:] += 5
+    with torch.no_grad():
+        default = model(*x)
+        assert torch.equal(model(*x, arange), default)
+        moved = model(*x, gap)
+        shifted = model(*x, arange + 7)
+    assert torch.equal(moved[:, :6], default[:, :6])
+    assert (moved[:, 6:] - default[:, 6:]).abs().amax(-1).min().item() > 1e-4
+    assert (shifted - default).abs().max().item() <= 1e-4
+    with pytest.raises(IndexError):  # the first stage indexes what it was given
+        model(*x, arange + 64)
+
+
+def stages(model):
+    """The model cut into the 2 pipeline stages the trainer builds (``parallel.pp.build_stage``):
+    layers 0-1 (a self- and a cross-attention layer) with the vision tower and the
+    embedding, layers 2-3 with the norm and the head."""
+    import copy
+
+    from parallel.pp import build_stage
+    from pretrain.model.mllama import LAYOUT
+
+    return [build_stage(copy.deepcopy(model), LAYOUT, k, 2) for k in range(2)]
+
+
+def test_pipeline_stages_pass_positions_and_document_ids_on():
+    """Two stages equal the whole model with (positions, doc_ids), positions alone, and
+    neither (the triple of before). The first stage passes on exactly what it received:
+    (h, images, mask[, positions[, doc_ids]]), positions and ids int64 and contiguous. A
+    later stage clamps positions to its RoPE tables (pipelining infers its shapes on
+    uninitialised tensors); the first does not."""
+    model = open_gates_model()
+    first, last = stages(model)
+    assert first.vision is not None and first.norm is None and last.vision is None and last.norm is not None
+    assert sorted(first.layers) == ["0", "1"] and sorted(last.layers) == ["2", "3"]
+    g = torch.Generator().manual_seed(5)
+    packed, positions, doc_ids = pack([sample(PACK, g, 7, 2, 1), sample(PACK, g, 5, 1, 2)])
+    # A second row: the same images and masks, the text reversed.
+    packed = (torch.cat([packed[0], packed[0].flip(1)]), *(torch.cat([x, x]) for x in packed[1:]))
+    positions, doc_ids = positions.expand(2, -1).contiguous(), doc_ids.expand(2, -1).contiguous()
+    with torch.no_grad():
+        for extra in ((positions, doc_ids), (positions,), ()):
+            mid = first(*packed, *extra)
+            assert len(mid) == 3 + len(extra)
+            assert mid[2].is_floating_point() and torch.equal(mid[2], packed[4])
+            for got, want in zip(mid[3:], extra):
+                assert got.dtype == torch.int64 and got.is_contiguous() and torch.equal(got, want)
+            whole = model(*packed, *extra)
+            assert (last(*mid) - whole).abs().max().item() <= 1e-5
+        # Shape inference on a later stage: positions past the tables are clamped, not an error.
+        h, images, mask = first(*packed)
+        assert tuple(last(h, images, mask, positions + 1000, doc_ids).shape) == (2, 12, PACK.vocab_size)
+        with pytest.raises(IndexError):
+            first(*packed, positions + 1000, doc_ids)
+
+
+def test_inputs_with_document_masking():
+    """A batch with ``positions`` (data.document_masking) gets (positions, doc_ids) after the
+    five image inputs, int64 and contiguous, with images or without (zero fallback); without
+    positions the five inputs alone, as before. The family takes data.document_masking."""
+    from conftest import compose_job
+    from pretrain.model.mllama import FAMILY, inputs
+    from pretrain.validate import validate_job
+
+    args = PACK
+    cpu = torch.device("cpu")
+    tokens = torch.randint(0, 300, (3, 12))
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).int().expand(3, -1)  # int32, not contiguous
+    doc_ids = torch.cat([torch.zeros(5, dtype=torch.long), torch.ones(7, dtype=torch.long)]).expand(3, -1)
+    assert not positions.is_contiguous() and not doc_ids.is_contiguous()
+    batch = {"input_ids": tokens, "positions": positions, "doc_ids": doc_ids}
+    images = dict(zip(("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
+                      (t[:3] for t in rule_batch(args, torch.Generator().manual_seed(3))[0][1:])))
+    for extra in ({}, images):
+        got = inputs({**batch, **extra}, cpu, args)
+        assert len(got) == 7
+        for x, want in zip(got[5:], (positions, doc_ids)):
+            assert x.dtype == torch.int64 and x.is_contiguous() and torch.equal(x, want.long())
+        assert len(inputs({"input_ids": tokens, **extra, "positions": None, "doc_ids": doc_ids}, cpu, args)) == 5
+    with pytest.raises(ValueError, match=r"batch\['doc_ids'\] has shape \(3, 11\), expected \(3, 12\)"):
+        inputs({**batch, "doc_ids": doc_ids[:, :11]}, cpu, args)
+    assert FAMILY.document_masking
+    validate_job(compose_job("model=mllama_debug", "data.document_masking=true"), 1)

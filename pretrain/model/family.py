@@ -91,6 +91,10 @@ class ModelFamily:
     image_towers: Tuple[str, ...] = ()
     # train.loss_chunk: switch the module to returning hidden states before the head.
     hidden_output: Optional[Callable[[nn.Module, bool], None]] = None
+    # image_spec(args) -> what the data loader needs to feed images, as plain data (the
+    # fields of data_pipeline.images.ImageSpec but max_pixels: the image token id, tile
+    # size, max tiles, aspect ratios, max images per row, normalisation); None: text only.
+    image_spec: Optional[Callable[[Any], dict]] = None
 
 
 def count_parameters(model: nn.Module) -> int:

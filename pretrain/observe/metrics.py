@@ -184,32 +184,37 @@ class MetricsSink:
 class DataCounts:
     """Cumulative over the run (this process): tokens per source, skipped records,
     documents cut to data.max_doc_bytes and chat conversations cut to data.max_length,
-    as each loader batch reports them."""
+    and for image-text data the samples dropped (too long, too many images) and the images
+    trained on, as each loader batch reports them."""
 
     def __init__(self, n_sources: int):
         self.src_tokens = torch.zeros(n_sources, dtype=torch.float64)
-        self.skipped = torch.zeros(1, dtype=torch.float64)
-        self.truncated_docs = torch.zeros(1, dtype=torch.float64)
-        self.truncated = torch.zeros(1, dtype=torch.float64)
+        # images, dropped, truncated_docs, truncated, skipped
+        self.counts = torch.zeros(5, dtype=torch.float64)
+        self.images_seen = False  # this process's batches held an image
 
     def add(self, batch: dict) -> None:
         self.src_tokens += batch["source_tokens"]
-        self.skipped += batch["skipped"]
-        self.truncated_docs += batch.get("truncated_docs", 0)
-        self.truncated += batch.get("truncated", 0)
+        ids = batch.get("aspect_ratio_ids")
+        images = int((ids != 0).sum()) if ids is not None else 0  # a loader batch: on the host
+        self.images_seen |= images > 0
+        self.counts += torch.tensor([images, batch.get("dropped", 0), batch.get("truncated_docs", 0),
+                                     batch.get("truncated", 0), batch["skipped"]], dtype=torch.float64)
 
     def global_metrics(self, device: torch.device, replicas: int, source_names, listing_skipped: float,
-                       chat: bool) -> Dict[str, float]:
+                       chat: bool, images: bool = False) -> Dict[str, float]:
         """Summed over ranks, each DP group counted once (its ``replicas`` TP/PP ranks
         counted the same batches)."""
-        counts = pdist.all_reduce_sum(torch.cat([self.src_tokens, self.truncated_docs, self.truncated,
-                                                 self.skipped]).to(device)).cpu()
+        counts = pdist.all_reduce_sum(torch.cat([self.src_tokens, self.counts]).to(device)).cpu()
         counts /= replicas
         out = {"data/skipped": counts[-1].item() + listing_skipped,
                "data/truncated_docs": counts[-3].item()}  # documents cut to data.max_doc_bytes
-        if chat:
-            out["data/truncated"] = counts[-2].item()  # conversations cut to data.max_length
-        src = counts[:-3]
+        if chat or images:
+            out["data/truncated"] = counts[-2].item()  # conversations (text samples) cut to data.max_length
+        if images:
+            out["data/dropped"] = counts[-4].item()  # image samples too long or with too many images
+            out["data/images"] = counts[-5].item()
+        src = counts[:-5]
         total = max(src.sum().item(), 1.0)
         for name, n in zip(source_names, src.tolist()):
             out[f"data/tokens/{name}"] = n
@@ -292,7 +297,8 @@ def training_row(timing: Dict[str, float], data: Dict[str, float], *, lr: float,
     row = {"loss": timing.pop("loss"), "lr": lr, "grad_norm": grad_norm,
            "tokens_per_s": timing.pop("tokens_per_s"), "tokens_per_s_per_device": timing.pop("tokens_per_s_per_device"),
            "tokens_seen": float(tokens_seen), **timing,
-           **{k: data.pop(k) for k in ("data/skipped", "data/truncated_docs", "data/truncated") if k in data}}
+           **{k: data.pop(k) for k in ("data/skipped", "data/truncated_docs", "data/truncated", "data/dropped",
+                                       "data/images") if k in data}}
     if val_loss is not None:
         row["val/loss"], row["val/ppl"] = val_loss, math.exp(val_loss)
     row.update(data)

@@ -1,7 +1,13 @@
 """Llama 3.2 Vision (Mllama): a vision encoder and projector feeding the gated
 cross-attention layers of a Llama 3.1-style decoder (``model.py``), its hyperparameters
 (``args.py``), FLOPs (``flops.py``), the Hugging Face converter (``hf.py``) and, here, its
-parallel layout, inputs and LoRA targets."""
+parallel layout, inputs and LoRA targets.
+
+The model's inputs (``inputs``): token ids, the images (pixels, aspect-ratio ids, tile
+mask) and the per-token ``cross_attention_mask``, then, under ``data.document_masking``,
+each token's position (restarting per document) and document id: several samples packed
+in a row attend within their own document, each reading its own images through the
+mask."""
 from __future__ import annotations
 
 from typing import Iterable, List, Tuple
@@ -77,22 +83,35 @@ def build(args: MllamaArgs, seq_len: int) -> Mllama:
 
 
 def inputs(batch: dict, device: torch.device, args: MllamaArgs) -> Tuple[torch.Tensor, ...]:
-    """(tokens, pixels, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask), shaped
-    by the config alone: a batch without images (no ``pixel_values`` key) gets zero pixels,
-    ids and masks, so every rank and every pipeline stage sees the same shapes.
-    Shapes: pixels (B, max_images, max_num_tiles, num_channels, image_size, image_size),
-    ids (B, max_images), aspect_ratio_mask (B, max_images, max_num_tiles),
-    cross_attention_mask (B, seq, max_images, max_num_tiles) as float."""
+    """(tokens, pixels, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask) or, with
+    document masking (the batch holds ``positions``), those and (positions restarting per
+    document, document ids), shaped by the config alone: a batch without images (no
+    ``pixel_values`` key) gets zero pixels, ids and masks, so every rank and every pipeline
+    stage sees the same shapes.
+    Shapes: tokens (B, seq), pixels (B, max_images, max_num_tiles, num_channels, image_size,
+    image_size), ids (B, max_images), aspect_ratio_mask (B, max_images, max_num_tiles),
+    cross_attention_mask (B, seq, max_images, max_num_tiles) as float (per token: packed,
+    each token sees its own document's images only), positions and doc_ids (B, seq) int64,
+    contiguous."""
     tokens = batch["input_ids"].to(device, non_blocking=True)
     b, s = tokens.shape
     i, t, c, px = args.max_images, args.max_num_tiles, args.num_channels, args.image_size
     want = {"pixel_values": (b, i, t, c, px, px), "aspect_ratio_ids": (b, i), "aspect_ratio_mask": (b, i, t),
             "cross_attention_mask": (b, s, i, t)}
+    documents = ()
+    if batch.get("positions") is not None:
+        for key in ("positions", "doc_ids"):
+            if tuple(batch[key].shape) != (b, s):
+                raise ValueError(f"batch[{key!r}] has shape {tuple(batch[key].shape)}, expected {(b, s)} (as "
+                                 "input_ids)")
+        # Contiguous: a pipeline stage sends them on to the next.
+        documents = tuple(batch[key].to(device, non_blocking=True).long().contiguous()
+                          for key in ("positions", "doc_ids"))
     if batch.get("pixel_values") is None:
         return (tokens, torch.zeros(want["pixel_values"], device=device),
                 torch.zeros(want["aspect_ratio_ids"], dtype=torch.long, device=device),
                 torch.zeros(want["aspect_ratio_mask"], dtype=torch.long, device=device),
-                torch.zeros(want["cross_attention_mask"], device=device))
+                torch.zeros(want["cross_attention_mask"], device=device), *documents)
     out = [tokens]
     for key, shape in want.items():
         x = batch[key]
@@ -105,7 +124,21 @@ def inputs(batch: dict, device: torch.device, args: MllamaArgs) -> Tuple[torch.T
                              f"image) to {len(args.supported_aspect_ratios)} (model.supported_aspect_ratios)")
         x = x.to(device, non_blocking=True)
         out.append(x.float() if key in ("pixel_values", "cross_attention_mask") else x.long())
-    return tuple(out)
+    return (*out, *documents)
+
+
+# The published preprocessor_config.json's normalisation (OpenAI CLIP's mean and std).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_spec(args: MllamaArgs) -> dict:
+    """What the data loader needs to feed this model images (data_pipeline.images.ImageSpec
+    fields): tiles of ``image_size`` pixels, up to ``max_num_tiles`` per image in one of
+    the supported aspect ratios, ``max_images`` per row, ``<|image|>`` = ``vocab_size``."""
+    return {"image_token_id": args.image_token_id, "tile_size": args.image_size, "max_tiles": args.max_num_tiles,
+            "aspect_ratios": tuple(tuple(int(x) for x in r) for r in args.supported_aspect_ratios),
+            "max_images": args.max_images, "mean": IMAGE_MEAN, "std": IMAGE_STD, "channels": args.num_channels}
 
 
 def check(m: MllamaArgs) -> Iterable[Problem]:
@@ -140,10 +173,10 @@ def tp_divisible(m: MllamaArgs) -> List[Tuple[str, int]]:
 FAMILY = ModelFamily(
     name="mllama", args=MllamaArgs, build=build, inputs=inputs, layout=LAYOUT, lora=LORA,
     flops_per_token=flops_per_token, check=check, tp_divisible=tp_divisible,
-    depth=lambda m: ("model.n_layers", m.n_layers), hf=hf, document_masking=False,
+    depth=lambda m: ("model.n_layers", m.n_layers), hf=hf, document_masking=True,
     hidden_output=lambda model, on: setattr(model, "hidden_only", on),
     model_files=("mllama_debug", "llama3_2_11b_vision", "llama3_2_90b_vision"),
-    towers=("text", "vision"), tower_of=tower_of, image_towers=("vision",),
+    towers=("text", "vision"), tower_of=tower_of, image_towers=("vision",), image_spec=image_spec,
 )
 
 __all__ = ["FAMILY", "LAYOUT", "LORA", "Mllama", "MllamaArgs", "build_mllama", "inputs", "tower_of"]

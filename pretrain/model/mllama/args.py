@@ -37,6 +37,11 @@ class MllamaArgs(LlamaArgs):
     intermediate_layers: List[int] = knob(default_factory=lambda: [3, 7, 15, 23, 30], ge=0, le=1023, each=True)
     # Images per sample (padded): shapes never depend on the data.
     max_images: int = knob(1, ge=1, le=64, resume=False)
+    # Initial weight of every tanh gate (cross-attention layers, vision tiles and global
+    # layers). 0 is the published init: a pretrained text model is unchanged until the
+    # gates open, which takes many steps; a model trained from scratch learns from its
+    # images sooner with open gates (make demo-vision uses 1).
+    gate_init: float = knob(0.0, ge=-20, le=20)
 
     @property
     def patches_per_tile(self) -> int:

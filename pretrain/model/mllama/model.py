@@ -8,6 +8,11 @@ Inputs of one batch (shapes fixed by the config, never by the data):
 - ``aspect_ratio_ids`` (B, I): 1 + the index of the image's tiling in
   ``supported_aspect_ratios``, 0 for no image; ``aspect_ratio_mask`` (B, I, T): 1 for a real tile.
 - ``cross_attention_mask`` (B, S, I, T): 1 where token s may read tile t of image i.
+- optionally ``positions`` (B, S) int64: each token's RoPE position (0..S-1 when absent),
+  and then ``doc_ids`` (B, S) int64 (document masking): several samples packed in a row,
+  positions restarting at each, self-attention block-causal per document. Cross-attention
+  needs nothing more: the mask is per token, so a packed row's mask lets each token see
+  only its own document's images (the data side's job).
 A token that sees no tile (text before its image, a text-only sample) passes every
 cross-attention layer unchanged, as in Meta's reference (llama-models,
 ``models/llama3/multimodal/model.py``): its logits do not depend on the pixels. A
@@ -272,8 +277,8 @@ class Mllama(nn.Module):
 
     def init_weights(self, seed: int = 0, init_fn: Optional[InitFn] = None) -> None:
         """Truncated normal for matrices and embeddings (output projections depth-scaled as
-        Llama's), ones/zeros for norms and biases, every tanh gate at 0 (the published init:
-        the pretrained text model is unchanged until the gates open)."""
+        Llama's), ones/zeros for norms and biases, every tanh gate at ``args.gate_init`` (0,
+        the published init: the pretrained text model is unchanged until the gates open)."""
         if init_fn is None:
             init_fn = lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, seed)  # noqa: E731
         self.init_buffers()
@@ -283,7 +288,7 @@ class Mllama(nn.Module):
             for fqn, p in self.named_parameters():
                 leaf = fqn.rsplit(".", 1)[-1]
                 if "gate" in fqn.rsplit(".", 2)[-2] or leaf.endswith("gate"):
-                    p.zero_()
+                    p.fill_(a.gate_init)
                 elif "norm" in fqn.rsplit(".", 2)[-2] or fqn.startswith("vision.ln_"):
                     p.fill_(1.0) if leaf == "weight" else p.zero_()
                 elif leaf == "bias":
@@ -303,26 +308,58 @@ class Mllama(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         """The whole model: (tokens, pixels, aspect_ratio_ids, aspect_ratio_mask,
-        cross_attention_mask) -> logits. A pipeline stage is this module with parts
-        removed: the first (with ``vision``) takes those five inputs, a later one the
-        previous stage's (hidden states, image states, cross_attention_mask); a stage
-        without ``norm`` returns that triple for the next. The mask crosses as float (a
-        stage boundary carries floating tensors); the image states carry the gradient of
-        every later cross-attention layer back to the vision tower."""
-        if self.vision is not None:
-            tokens, pixels, aspect_ratio_ids, aspect_ratio_mask, mask = inputs
+        cross_attention_mask[, positions[, doc_ids]]) -> logits. ``positions`` (B, S) each
+        token's RoPE position (0..S-1 by default; restarting per document under document
+        masking); ``doc_ids`` (B, S): self-attention stays within a document (None: one per
+        row). Cross-attention needs neither: ``cross_attention_mask`` is per token (the data
+        side lets a packed token see its own document's images only).
+
+        A pipeline stage is this module with parts removed: the first (with ``vision``)
+        takes those inputs, a later one the previous stage's (hidden states, image states,
+        cross_attention_mask[, positions[, doc_ids]]); a stage without ``norm`` returns
+        (hidden states, image states, cross_attention_mask[, positions[, doc_ids]]) for the
+        next: what it was given, positions included once a stage received them (int64,
+        contiguous). The mask crosses as float (a stage boundary carries floating tensors);
+        the image states carry the gradient of every later cross-attention layer back to the
+        vision tower. Positions index the RoPE tables whatever the local length (no stage
+        assumes a prefix of the window)."""
+        first = self.vision is not None
+        if first:
+            tokens, pixels, aspect_ratio_ids, aspect_ratio_mask, mask, *rest = inputs
             images = self.image_states(pixels, aspect_ratio_ids, aspect_ratio_mask)
             h = self.tok_embeddings(tokens)
         else:
-            h, images, mask = inputs
+            h, images, mask, *rest = inputs
+        if len(rest) > 2:
+            raise TypeError(f"Mllama takes at most 2 inputs after cross_attention_mask (positions, doc_ids), got "
+                            f"{len(rest)}")
+        positions, doc_ids = (list(rest) + [None, None])[:2]
+        if positions is None and doc_ids is not None:
+            raise ValueError("doc_ids need the positions (restarting per document) beside them")
         attend, sees = cross_attention_mask(mask, self.args.patches_per_tile)
         sees = sees.to(h.dtype)
-        s = mask.shape[1]  # the full length, also when sequence parallel splits h
-        cos, sin = self.rope_cos[None, :s], self.rope_sin[None, :s]
+        if positions is None:
+            # 0..S-1, S the full length (the mask's: also when sequence parallel splits h).
+            rope_pos = torch.arange(mask.shape[1], device=mask.device)[None]
+        else:
+            positions = positions.long().contiguous()  # (B, S), the full length; a stage sends them on
+            # A later pipeline stage infers its shapes by running once on uninitialised
+            # inputs (torch.distributed.pipelining): clamped there. The first stage indexes
+            # what it was given (out of range: an IndexError).
+            rope_pos = positions if first else positions.clamp(0, self.rope_cache_len - 1)
+        if doc_ids is not None:
+            doc_ids = doc_ids.long().contiguous()
+        cos, sin = self.rope_cos[rope_pos], self.rope_sin[rope_pos]
         for layer in self.layers.values():
-            h = layer(h, images, attend, sees) if isinstance(layer, CrossAttentionBlock) else layer(h, cos, sin)
+            if isinstance(layer, CrossAttentionBlock):
+                h = layer(h, images, attend, sees)
+            else:
+                h = layer(h, cos, sin, doc_ids)
         if self.norm is None:
-            return h, images, mask.to(h.dtype) if not mask.is_floating_point() else mask
+            out = (h, images, mask.to(h.dtype) if not mask.is_floating_point() else mask)
+            if positions is not None:
+                out += (positions,) if doc_ids is None else (positions, doc_ids)
+            return out
         h = self.norm(h)
         return h if getattr(self, "hidden_only", False) else self.output(h)
 
