@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -26,13 +26,14 @@ SHAPES = ("circle", "square", "triangle")
 SIZE = 28  # mllama_debug's tile: one tile per picture
 
 
-def draw(rng: np.random.Generator, blank: bool = False):
-    """(PIL image, caption): one or two shapes, never of the same colour and kind."""
+def draw(rng: np.random.Generator, blank: bool = False, max_shapes: int = 2):
+    """(PIL image, caption): one or two shapes (at most ``max_shapes``), never of the same
+    colour and kind."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (SIZE, SIZE), (128, 128, 128) if blank else (255, 255, 255))
     d = ImageDraw.Draw(img)
-    n = int(rng.integers(1, 3))
+    n = int(rng.integers(1, max_shapes + 1))
     picked: List[Tuple[str, str]] = []
     while len(picked) < n:
         c, s = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
@@ -56,7 +57,7 @@ def draw(rng: np.random.Generator, blank: bool = False):
     return img, " and ".join(f"a {c} {s}" for c, s in picked)
 
 
-def write_split(root: Path, name: str, n: int, seed: int, blank: bool = False) -> Path:
+def write_split(root: Path, name: str, n: int, seed: int, blank: bool = False, max_shapes: int = 2) -> Path:
     """``root/<name>/records.jsonl`` with ``n`` pictures in ``root/<name>/img/`` (paths
     relative to the records' file, as a user's data would be)."""
     out = root / name
@@ -64,17 +65,18 @@ def write_split(root: Path, name: str, n: int, seed: int, blank: bool = False) -
     rng = np.random.default_rng(seed)
     with open(out / "records.jsonl", "w") as f:
         for i in range(n):
-            img, caption = draw(rng, blank)
+            img, caption = draw(rng, blank, max_shapes)
             rel = f"img/{i:05d}.png"
             img.save(out / rel)
             f.write(json.dumps({"image": rel, "text": caption}) + "\n")
     return out / "records.jsonl"
 
 
-def train_command(run_dir: Path, train: Path, held_out: Path, steps: int, tok_cache: Path) -> List[str]:
+def train_command(run_dir: Path, train: Path, held_out: Path, steps: int, tok_cache: Path,
+                  overrides: Sequence[str] = ()) -> List[str]:
     return [sys.executable, "-m", "pretrain", "experiment=demo_vision", f"hydra.run.dir={run_dir}",
             f"data.path={train}", f"eval.data.path={held_out}", f"train.steps={steps}",
-            f"data.tokenizer.cache_dir={tok_cache}"]
+            f"data.tokenizer.cache_dir={tok_cache}", *overrides]
 
 
 def caption_losses(run_dir: Path, records: Path, rows: int = 64) -> Dict[int, float]:
@@ -128,16 +130,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--train", type=int, default=3000, help="training pictures")
     p.add_argument("--held-out", type=int, default=128, help="held-out pictures")
+    p.add_argument("--max-shapes", type=int, default=2, choices=(1, 2), help="shapes per picture, at most")
     p.add_argument("--min-gain", type=float, default=0.25,
                    help="the real-image caption loss must end this fraction below the blanked one")
+    p.add_argument("overrides", nargs="*", help="more Hydra overrides for the training run (key=value)")
     a = p.parse_args(argv)
     root = Path(a.out).resolve()
-    train = write_split(root / "data", "train", a.train, seed=1)
-    held = write_split(root / "data", "held_out", a.held_out, seed=2)
-    blank = write_split(root / "data", "held_out_blank", a.held_out, seed=2, blank=True)
+    train = write_split(root / "data", "train", a.train, seed=1, max_shapes=a.max_shapes)
+    held = write_split(root / "data", "held_out", a.held_out, seed=2, max_shapes=a.max_shapes)
+    blank = write_split(root / "data", "held_out_blank", a.held_out, seed=2, blank=True, max_shapes=a.max_shapes)
     run_dir = root / "run"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    subprocess.run(train_command(run_dir, train, held, a.steps, root / "tok"), check=True, env=env)
+    subprocess.run(train_command(run_dir, train, held, a.steps, root / "tok", a.overrides), check=True, env=env)
     real, blanked = caption_losses(run_dir, held, a.held_out), caption_losses(run_dir, blank, a.held_out)
     print("held-out caption loss per checkpoint (nats/token): step | real images | images blanked")
     for step in sorted(real):

@@ -1,7 +1,8 @@
 """Llama 3.2 Vision (Mllama) on every parallel layout: a tiny Mllama whose every tanh
-gate starts at a random non-zero value (``tests/mllama_images.py``; the published init is 0,
-which leaves the vision tower and the cross-attention layers without gradient), fed
-batches that mix text-only samples with samples of 1 or 2 images of 1 or 2 tiles, trains 5
+gate starts open (``model.gate_init=0.5``; the published init is 0, which leaves the vision
+tower and the cross-attention layers without gradient), fed real image-text data (caption
+records with pictures drawn by the test, ``datagen.write_image_records``: text-only samples
+and samples of 1 or 2 images of 1 or 2 tiles, packed with document masking), trains 5
 fp32 AdamW steps to the single-process losses, grad norms (1e-5 relative) and final
 weights, vision weights included (1e-5 absolute), under FSDP2 2, TP 2 + SP, FSDP2 2 x TP 2,
 PP 2 with each of the five schedules and FSDP2 2 x TP 2 x PP 2. Tolerances and their
@@ -18,16 +19,25 @@ import pytest
 import torch
 
 from conftest import compose_job, losses, read_metrics, run_job
+from datagen import write_image_records
 from test_parallel_parity import RTOL, assert_parity, final_weights
 
-MLLAMA = ["model=mllama_debug", "model.family=tests.mllama_images:FAMILY", "model.n_layers=4",
-          "model.max_images=2", "logging.every=1"]
+MLLAMA = ["model=mllama_debug", "model.gate_init=0.5", "model.n_layers=4", "model.max_images=2", "logging.every=1"]
 CKPT = ["checkpoint.interval=5"]
 PP = ["parallel.pp=2", "train.local_batch_size=4"]
+DATA: list = []  # the image-text data's overrides (vision_data)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vision_data(tmp_path_factory):
+    path = write_image_records(tmp_path_factory.mktemp("vision_data"), 60)
+    DATA[:] = ["data=jsonl", f"data.path={path}", "data.glob=null", "data.document_masking=true",
+               "data.tokenizer.kind=bpe"]
+    return path
 
 
 def job(run: Path, overrides, tok_cache, nproc: int = 1, **kw):
-    return run_job(run, [*MLLAMA, *overrides], tok_cache=tok_cache, nproc=nproc,
+    return run_job(run, [*MLLAMA, *DATA, *overrides], tok_cache=tok_cache, nproc=nproc,
                    launcher="torchrun" if nproc > 1 else "single", timeout=600, **kw)
 
 
@@ -35,11 +45,11 @@ def initial_weights(run: Path) -> dict:
     """The weights the run started from: its config, built and seeded as the trainer does."""
     from pretrain.config import load_job_config
     from pretrain.model.family import seeded_trunc_normal_
-    from tests.mllama_images import OpenGates
+    from pretrain.model.mllama import Mllama
 
     cfg = load_job_config(run / ".hydra" / "config.yaml")
     with torch.device("meta"):
-        model = OpenGates(cfg.model, rope_cache_len=cfg.train.seq_len)
+        model = Mllama(cfg.model, rope_cache_len=cfg.train.seq_len)
     model.to_empty(device="cpu")
     model.init_weights(init_fn=lambda t, std, fqn: seeded_trunc_normal_(t, std, fqn, cfg.train.seed))
     return {k: v.detach() for k, v in model.state_dict().items()}
@@ -48,14 +58,16 @@ def initial_weights(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tok_cache):
     d = tmp_path_factory.mktemp("mllama_single")
-    job(d, ["train.local_batch_size=4", *CKPT], tok_cache)
+    proc = job(d, ["train.local_batch_size=4", *CKPT], tok_cache)
+    (d / "job.log").write_text(proc.stdout + proc.stderr)
     return d
 
 
 def test_reference_trains_every_part(reference):
     """The single-process reference is a real test of the vision path: every weight moved
     in 5 steps (vision encoder, projector, cross-attention layers and their gates, text),
-    the gates started non-zero, and the loss fell."""
+    the gates started non-zero, and the loss fell; its batches held images (no "no image"
+    warning)."""
     start, end = initial_weights(reference), final_weights(reference)
     assert start.keys() == end.keys()
     still = [k for k in start if (end[k] - start[k]).abs().max().item() < 1e-7]
@@ -65,22 +77,41 @@ def test_reference_trains_every_part(reference):
     assert all(start[k].abs().min().item() > 1e-3 for k in gates)
     got = losses(reference)
     assert got[-1] < got[0]
+    assert "no image in the first step" not in (reference / "job.log").read_text()
+    rows = read_metrics(reference)
+    assert sum(r["data/images"] for r in rows[-1:]) >= 10 and rows[-1]["data/skipped"] == 0
 
 
-def test_batches_mix_text_only_and_image_samples():
-    """The test images: over a batch's worth of samples, some are text-only, some hold one
-    image and some two, of 1 and 2 tiles; each image is seen from its own position on."""
-    from tests.mllama_images import synthetic_images
+def test_batches_mix_text_only_and_image_samples(vision_data):
+    """The test data: over the reference's first batches, some samples are text-only, some
+    hold one image and some two, of 1 and 2 tiles; a text-only sample sees no image."""
+    from data_pipeline.images import ImageSpec
+    from data_pipeline.loader import LoaderSpec, RankLoader
+    from data_pipeline.sources import SourceSpec, build_source
+    from data_pipeline.tokenizer import Llama3Tokenizer
+    from pretrain.model.mllama import image_spec
 
     args = compose_job(*MLLAMA).model
-    tokens = torch.randint(0, 512, (64, 32), generator=torch.Generator().manual_seed(0))
-    im = synthetic_images(tokens, args)
-    n_images = (im["aspect_ratio_ids"] > 0).sum(1)
-    assert {0, 1, 2} <= set(n_images.tolist())
-    assert {1, 2} <= set(im["aspect_ratio_mask"].sum(-1)[im["aspect_ratio_ids"] > 0].tolist())
-    text_only = n_images == 0
-    assert im["cross_attention_mask"][text_only].sum() == 0 and im["pixel_values"][text_only].abs().sum() == 0
-    assert torch.equal(synthetic_images(tokens, args)["pixel_values"], im["pixel_values"])  # a function of the tokens
+    spec = ImageSpec(**{**image_spec(args), "image_token_id": 128256})  # past the llama3 vocabulary
+    src = build_source(SourceSpec("jsonl", str(vision_data), image_field="image"))
+    ld = RankLoader([src], [1.0], Llama3Tokenizer(), LoaderSpec(seq_len=32, local_batch_size=4, dp_rank=0,
+                                                                 dp_world=1, num_workers=0, seed=0, shuffle=True,
+                                                                 positions=True, image=spec))
+    batches = [next(ld) for _ in range(5)]
+    ld.close()
+    per_doc, tiles = [], set()
+    for b in batches:
+        for q in range(4):
+            docs = b["doc_ids"][q]
+            for d in docs.unique().tolist():
+                if d >= 0:
+                    at = docs == d
+                    per_doc.append(int((b["input_ids"][q][at] == 128256).sum()))
+                    if per_doc[-1] == 0:
+                        assert b["cross_attention_mask"][q][at].sum() == 0
+        real = b["aspect_ratio_ids"] > 0
+        tiles |= set(b["aspect_ratio_mask"].sum(-1)[real].tolist())
+    assert {0, 1, 2} <= set(per_doc) and {1, 2} <= tiles
 
 
 LAYOUTS = [
@@ -258,15 +289,16 @@ def test_compile_per_block(reference, tmp_path, tok_cache):
 
 
 def test_text_only_data_decays_the_vision_tower_and_warns(tmp_path, tok_cache):
-    """The real family on today's text-only data: the vision tower gets zero gradients, so
+    """The real family on text-only data: the vision tower gets zero gradients, so
     AdamW moves it by weight decay alone (each step x (1 - lr x weight_decay), exactly as the
     log warns); with ``finetune.freeze=[vision]`` it stays as it started and no warning."""
     plain = ["model=mllama_debug", "model.n_layers=4", "train.local_batch_size=2", "train.steps=3",
              "checkpoint.interval=3", "optim.weight_decay=0.5", "optim.lr=5e-2", "optim.warmup_steps=0"]
     warned = run_job(tmp_path / "a", plain, tok_cache=tok_cache)
     kept = run_job(tmp_path / "b", [*plain, "finetune.freeze=[vision]"], tok_cache=tok_cache)
-    assert "the data has no images: the vision tower(s) get zero gradients" in warned.stderr + warned.stdout
-    assert "the data has no images" not in kept.stderr + kept.stdout
+    assert "no image in the first step's batches (data.image_field='image'): if the data has none, the vision " \
+           "tower(s) get zero gradients" in warned.stderr + warned.stdout
+    assert "no image in the first step" not in kept.stderr + kept.stdout
     start = initial_weights(tmp_path / "a")
     factor = 1.0
     for row in read_metrics(tmp_path / "a"):
