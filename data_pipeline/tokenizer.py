@@ -13,7 +13,10 @@ packer wraps every document as ``<|begin_of_text|> ... <|end_of_text|>``.
 
 The fingerprint of a rank-table tokenizer (llama3, tiktoken) is a hash of its token bytes
 in rank order and its special tokens, so quicktok and Meta's file agree on it and shards
-pretokenized with one load with the other."""
+pretokenized with one load with the other.
+
+``export_hf_tokenizer`` writes any of them as a Hugging Face tokenizer folder (an exported
+model's), encoding as it does."""
 from __future__ import annotations
 
 import base64
@@ -340,6 +343,228 @@ def write_tiktoken_model(tok: Llama3Tokenizer, out_path: str | os.PathLike) -> P
              for i in range(LLAMA3_NUM_BASE)]
     out_path.write_bytes(b"\n".join(lines) + b"\n")
     return out_path
+
+
+# --- Hugging Face export ----------------------------------------------------------------
+
+# The Llama 3 chat format as a Jinja template (transformers' ``apply_chat_template``): the
+# rendering of ``chat.ChatRenderer``, which is Meta's reference ChatFormat: ``<|begin_of_text|>``,
+# per message a header (``tool`` as ``ipython``), "\n\n", the content stripped, ``<|eot_id|>``.
+# A content may also be a list of ``{"type": "text", "text": ...}`` and ``{"type": "image"}``
+# items (transformers' multimodal messages): an image is ``<|image|>`` where it stands.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- '<|begin_of_text|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set ns = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + '<|image|>' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set content = ns.text -%}{%- endif -%}"
+    "{{- '<|start_header_id|>' + ('ipython' if message['role'] == 'tool' else message['role']) "
+    "+ '<|end_header_id|>\\n\\n' + content | trim + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+IMAGE_TOKEN = "<|image|>"
+# Texts the exported tokenizer must encode as the run's does before it is written: words,
+# code, whitespace runs, CRLF, contractions, digits, scripts without spaces, emoji.
+_PROBES = (
+    "Hello world! It's a test, isn't it? We'll see; they'd've said 'no'.",
+    "def f(x):\n    return x ** 2  # squared\n\n\n\tif x >= 10_000: pass\r\n",
+    "Numbers 1234567890 3.14159 -42 1e-5 0x1F; dates 2024-09-25.",
+    "Ünïcödé — naïve café, Straße, Ελληνικά, русский, עברית, العربية",
+    "日本語のテキスト、中文文本，한국어 텍스트。",
+    "emoji 🤖🎉 👩‍👩‍👧‍👦 flags 🇫🇷 ✔︎ combining e\u0301 zero\u200bwidth",
+    "   leading and trailing spaces   \n\n  \n",
+)
+
+
+def _byte_chars() -> List[str]:
+    """GPT-2's byte -> printable character table (the ``ByteLevel`` pre-tokenizer's):
+    printable Latin-1 bytes stand for themselves, the others for 256 + their order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _rank_table(tok) -> Tuple[List[bytes], List[Tuple[str, int]]]:
+    """(the tokens' bytes by rank, [(special token, id)]) of a rank-table tokenizer
+    (``llama3``: quicktok; ``tiktoken``: Meta's file). Its ranks must be 0..n-1, each
+    once (a tokenizer.model is data: anything else is refused)."""
+    n = tok.bos_id  # the specials follow the ranks
+    try:
+        ranks = [tok._enc.decode_single_token_bytes(i) for i in range(n)]
+    except KeyError as e:
+        raise ValueError(f"tokenizer {tok.path}: no token of rank {e.args[0] if e.args else '?'} below its "
+                         f"{n} ranks (ranks must be 0..{n - 1}, each once)") from None
+    if len(set(ranks)) != n:
+        raise ValueError(f"tokenizer {tok.path}: {n - len(set(ranks))} byte strings have two ranks")
+    if isinstance(tok, Llama3Tokenizer):
+        specials = [(tok._enc.decode_single_token_bytes(i).decode(), i) for i in range(n, tok.vocab_size)]
+    else:
+        specials = sorted(tok._specials.items(), key=lambda kv: kv[1])
+    return ranks, specials
+
+
+def _bpe_from_ranks(ranks: List[bytes]):
+    """A byte-level ``tokenizers`` BPE that encodes as the rank table does. Rank-table
+    BPE (tiktoken's) emits a pretoken found whole in the table, else merges, again and
+    again, the adjacent pair whose concatenation has the lowest rank. Hence ``ignore_merges``
+    (whole pretokens first) and a merge (a, b) for every way a token of rank r splits into
+    two tokens, ordered by r: the pair merged first is then the one of lowest rank. Splits
+    of one token are ordered by their parts' ranks; which of them merges first does not
+    matter (two pairs forming the same token cannot overlap, and nothing formed later has
+    a lower rank)."""
+    from tokenizers import models
+
+    chars = _byte_chars()
+    text = [("".join(chars[b] for b in r)) for r in ranks]
+    rank_of = {r: i for i, r in enumerate(ranks)}
+    merges = []
+    for r in ranks:
+        if len(r) > 1:
+            splits = sorted((rank_of[r[:k]], rank_of[r[k:]]) for k in range(1, len(r))
+                            if r[:k] in rank_of and r[k:] in rank_of)
+            merges.extend((text[a], text[b]) for a, b in splits)
+    return models.BPE(vocab={t: i for i, t in enumerate(text)}, merges=merges, ignore_merges=True, fuse_unk=False)
+
+
+def _from_ranks(tok) -> dict:
+    """A rank-table tokenizer as a ``tokenizer.json`` (as a dict): Llama 3's split pattern,
+    then byte-level BPE; its special tokens at their ids; ``<|begin_of_text|>`` added in
+    front of a text as Meta's published Llama 3 tokenizer.json does."""
+    from tokenizers import AddedToken, Regex
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, pre_tokenizers, processors
+
+    ranks, specials = _rank_table(tok)
+    out = _Tok(_bpe_from_ranks(ranks))
+    out.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    out.decoder = decoders.ByteLevel()
+    out.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
+    out.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1",
+                                      special_tokens=[(BOS, tok.bos_id)])])
+    return json.loads(out.to_str())
+
+
+def _add_tokens(spec: dict, where: str, image_token_id: Optional[int]) -> dict:
+    """``spec`` with ``<|image|>`` at ``image_token_id`` (when given and absent). A
+    tokenizer.json cannot skip ids (``tokenizers`` renumbers an added token that would
+    leave a gap), so ids between the vocabulary's end and the image token are filled with
+    special tokens ``<|reserved_N|>`` (N: the id) that no text produces."""
+    from tokenizers import Tokenizer as _Tok
+
+    if image_token_id is None:
+        return spec
+    tok = _Tok.from_str(json.dumps(spec))
+    have = tok.token_to_id(IMAGE_TOKEN)
+    if have is not None:
+        if have != image_token_id:
+            raise ValueError(f"{where} has {IMAGE_TOKEN} at id {have}, the model's image token is id {image_token_id}")
+        return spec
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > image_token_id:
+        raise ValueError(f"{where} has {size} tokens: id {image_token_id} (the model's {IMAGE_TOKEN}) is its token "
+                         f"{tok.id_to_token(image_token_id)!r}")
+    added = []
+    for i in range(size, image_token_id + 1):
+        name = IMAGE_TOKEN if i == image_token_id else f"<|reserved_{i}|>"
+        if tok.token_to_id(name) is not None:
+            raise ValueError(f"{where} already has a token {name!r}: cannot pad its ids up to {image_token_id}")
+        added.append({"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": True})
+    return {**spec, "added_tokens": [*(spec.get("added_tokens") or []), *added]}
+
+
+def _check_same(tok, spec: dict, where: str, image_token_id: Optional[int]) -> None:
+    """The exported tokenizer encodes the probe texts as ``tok`` does, has ``tok``'s
+    special tokens at their ids and the image token at its id; ValueError otherwise."""
+    from tokenizers import Tokenizer as _Tok
+
+    out = _Tok.from_str(json.dumps(spec))
+    for text in _PROBES:
+        want, got = list(tok.encode(text)), out.encode(text, add_special_tokens=False).ids
+        if want != got:
+            raise ValueError(f"{where}: encodes {text[:40]!r} as {got[:12]} but the run's tokenizer as {want[:12]}")
+    for name in (BOS, EOS, *_CHAT_TOKENS):
+        if tok.special_id(name) is not None and out.token_to_id(name) != tok.special_id(name):
+            raise ValueError(f"{where}: {name} is id {out.token_to_id(name)}, the run's tokenizer has it at "
+                             f"{tok.special_id(name)}")
+    if image_token_id is not None and out.token_to_id(IMAGE_TOKEN) != image_token_id:
+        raise ValueError(f"{where}: {IMAGE_TOKEN} is id {out.token_to_id(IMAGE_TOKEN)}, not {image_token_id}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def export_hf_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, *, image_token_id: Optional[int] = None,
+                        chat: bool = False, model_max_length: Optional[int] = None) -> dict:
+    """Write ``tok`` as a Hugging Face tokenizer into the folder ``out_dir``:
+    ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``, which
+    ``transformers.AutoTokenizer`` loads and which encode every text to ``tok``'s ids
+    (plain text, ``add_special_tokens=False``; checked on a few texts before anything is
+    written). Returns the ``tokenizer_config.json`` written.
+
+    - ``llama3``/``tiktoken`` (rank tables): converted to a byte-level BPE (``_bpe_from_ranks``)
+      with Llama 3's split pattern and 256 special tokens; it adds ``<|begin_of_text|>``
+      in front of a text unless ``add_special_tokens=False``, as Meta's does.
+    - ``hf``/``bpe`` (a ``tokenizer.json``): that file, as it is.
+    - ``image_token_id``: an image-text model's ``<|image|>`` (a special token; ids up to
+      it padded, see ``_add_tokens``). ValueError if the tokenizer has another token there.
+    - The Llama 3 chat template (``LLAMA3_CHAT_TEMPLATE``, the rendering of ``chat.py``)
+      when the vocabulary has its special tokens; eos is ``<|eot_id|>`` for a chat model
+      (``chat``), else ``<|end_of_text|>``, as Meta's Instruct and base configs.
+    Decoding keeps spaces as they are (``clean_up_tokenization_spaces`` false)."""
+    out_dir = Path(out_dir)
+    if isinstance(tok, HFTokenizer):
+        where = tok.path
+        raw = Path(tok.path).read_text(encoding="utf-8")
+        spec = json.loads(raw)
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: not a tokenizer.json (a JSON {type(spec).__name__})")
+    elif isinstance(tok, (Llama3Tokenizer, TiktokenTokenizer)):
+        where, raw = f"the tokenizer.json converted from {tok.path}", None
+        spec = _from_ranks(tok)
+    else:
+        raise TypeError(f"export_hf_tokenizer takes a Llama3Tokenizer, TiktokenTokenizer or HFTokenizer, not "
+                        f"{type(tok).__name__}")
+    padded = _add_tokens(spec, where, image_token_id)
+    _check_same(tok, padded, where, image_token_id)
+    has_chat = all(tok.special_id(t) is not None for t in _CHAT_TOKENS)
+    eos = "<|eot_id|>" if chat and has_chat else EOS
+    decoder = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+                              if k in t} for t in padded.get("added_tokens") or ()}
+    config = {"added_tokens_decoder": decoder, "bos_token": BOS, "eos_token": eos,
+              "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
+              "model_max_length": model_max_length or 131072, "tokenizer_class": "PreTrainedTokenizerFast"}
+    if has_chat:
+        config["chat_template"] = LLAMA3_CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "tokenizer.json", raw if padded is spec and raw is not None else
+                  json.dumps(padded, ensure_ascii=False, indent=2))
+    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))
+    _write_atomic(out_dir / "special_tokens_map.json", json.dumps({"bos_token": BOS, "eos_token": eos}, indent=2))
+    return config
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int, out_path: str | os.PathLike) -> HFTokenizer:

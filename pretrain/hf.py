@@ -12,14 +12,19 @@ this trainer (model weights only); start a run from it with ``checkpoint.load_pa
 checkpoint.load_weights_only=true`` under any layout. ``model.init_from=<hf dir>`` skips the
 intermediate checkpoint: every rank reads the safetensors files lazily and the weights are
 scattered into the run's layout in chunks, so no rank holds more than a chunk plus its
-shard.
+shard. An Mllama may also start from a Llama 3.1 text folder, as Meta started the 11B's
+adapter from 8B's: its layers fill the decoder's self-attention layers, the cross-attention
+layers, the projector and the vision tower keep their init (``_text_start``).
 
 ``export`` writes ``config.json`` (the family converter's: rope, tied embeddings, head_dim;
 Mllama's nested text and vision configs), ``generation_config.json`` and safetensors shards
 of at most ``--max-shard-size`` with an index, loadable by transformers' ``from_pretrained``
-of the family's class; one shard's tensors are in memory at a time. Both commands write
-into ``<out>.partial`` and rename it when done (removing it on failure), and show progress
-in bytes.
+of the family's class; one shard's tensors are in memory at a time. Beside them, the run's
+tokenizer (``tokenizer.json``, ``tokenizer_config.json``: ``AutoTokenizer`` loads it) and, for
+Mllama, ``preprocessor_config.json`` (``AutoProcessor`` gives an ``MllamaProcessor``):
+``export_processor_files``; a tokenizer the run dir no longer holds is a warning, not an
+error. Both commands write into ``<out>.partial`` and rename it when done (removing it on
+failure), and show progress in bytes.
 
 Errors (exit code 4) name the file: a folder without config.json or weights, a shard the
 index lists but that is missing, a corrupt file, a weight of the wrong shape (with both
@@ -252,34 +257,103 @@ def _read_converted(hf: HFWeights, name: str, shape: Tuple[int, ...], dtype: tor
     return conv.to_ours(name, hf.get(key), args).to(dtype).contiguous()
 
 
+def _text_start(args: LlamaArgs, hf: HFWeights) -> Optional[Tuple[LlamaArgs, Dict[str, str]]]:
+    """None for a folder of the configured model's own family (every weight from it). For a
+    folder of a text model that starts part of it (the converter's ``text_families``:
+    Mllama from a Llama 3.1 text folder): (the text model's args, our parameter -> its
+    parameter), after checking that the text model fits, naming both values. Any other
+    folder is refused (``check_args_match``)."""
+    conv = family_of(args).hf
+    if hf.family is family_of(args) or hf.family.name not in getattr(conv, "text_families", ()):
+        return None
+    text = hf.args()
+    problems = conv.text_model_problems(args, text)
+    if problems:
+        raise CheckpointError(f"{hf.path / 'config.json'}: a {hf.family.name} text model that cannot start this "
+                              f"{family_of(args).name} model's self-attention layers: " + "; ".join(problems))
+    return text, conv.from_text_model(args, text)
+
+
+def partial_init_family(args: LlamaArgs, path) -> Optional[str]:
+    """The family of the Hugging Face folder ``path`` when it starts only part of the model
+    ``args`` (a text folder for an image-text model, see ``_text_start``); None for a
+    folder of the model's own family, or one whose config.json cannot be read (loading it
+    reports why)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        family = family_for_hf(cfg.get("model_type", "llama"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    own = family_of(args)
+    return family.name if family is not own and family.name in getattr(own.hf, "text_families", ()) else None
+
+
+def _full_value(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole current value on the CPU (gathered from its shards: every rank
+    that holds a part of it calls this, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t.detach()).cpu().clone()
+
+
 def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_bytes: int = 1 << 30,
                     progress: bool = False) -> None:
     """Copy a HF folder's weights into ``model`` under any layout (plain, FSDP2 DTensors, TP,
     a pipeline stage's part: each rank reads only the weights it holds). Called by every
-    rank; reads tensors lazily and loads them ``chunk_bytes`` at a time."""
+    rank; reads tensors lazily and loads them ``chunk_bytes`` at a time. A text model's
+    folder (``_text_start``) fills the parameters it has (a weight with fewer rows, the
+    embedding, its first rows); the others keep their init."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          set_model_state_dict)
 
     hf = HFWeights(hf_dir)
-    check_args_match(args, hf.args(), hf.path)
+    start = _text_start(args, hf)
+    if start is None:
+        check_args_match(args, hf.args(), hf.path)
     from .lora import is_lora_param
 
     targets = {k: v for k, v in get_model_state_dict(model).items() if not is_lora_param(k)}  # base weights only
     # The folder must fit the whole model; ``model`` may be a part of it (a pipeline stage).
-    _check_keys(hf, (family_of(args).hf.hf_name(n) for n in _model_param_shapes(args)), args)
+    if start is None:
+        _check_keys(hf, (family_of(args).hf.hf_name(n) for n in _model_param_shapes(args)), args)
+    else:
+        text, names = start
+        theirs = _model_param_shapes(text)
+        _check_keys(hf, (family_of(text).hf.hf_name(n) for n in theirs), text)
+        ours = _model_param_shapes(args)
+        for name, src in names.items():  # every mapped shape, before any weight moves
+            a, b = ours[name], theirs[src]
+            if a != b and not (len(a) == len(b) == 2 and a[1] == b[1] and b[0] < a[0]):
+                raise CheckpointError(f"{hf.path}: {family_of(text).hf.hf_name(src)} has shape {list(b)}, which "
+                                      f"does not fit our {name} of shape {list(a)}")
+        n_all = len(targets)
+        targets = {k: v for k, v in targets.items() if k in names}
     total = sum(t.numel() * t.element_size() for t in targets.values())
     opts = StateDictOptions(full_state_dict=True, strict=False)
     batch: Dict[str, torch.Tensor] = {}
     size = 0
     with _progress(total, f"loading {hf.path.name}", progress) as bar:
         for i, (name, t) in enumerate(targets.items()):
-            batch[name] = _read_converted(hf, name, tuple(t.shape), t.dtype, args)
+            if start is None:
+                batch[name] = _read_converted(hf, name, tuple(t.shape), t.dtype, args)
+            else:
+                src = start[1][name]
+                w = _read_converted(hf, src, theirs[src], t.dtype, text)
+                if tuple(w.shape) != tuple(t.shape):  # the embedding: rows past the text model's keep their init
+                    full = _full_value(t)
+                    full[: w.shape[0]] = w
+                    w = full
+                batch[name] = w
             size += batch[name].numel() * batch[name].element_size()
             if size >= chunk_bytes or i == len(targets) - 1:
                 set_model_state_dict(model, batch, options=opts)
                 bar.update(size)
                 batch, size = {}, 0
-    log.info("initialized weights from Hugging Face folder %s", hf.path)
+    if start is None:
+        log.info("initialized weights from Hugging Face folder %s", hf.path)
+    else:
+        log.info("initialized weights from Hugging Face folder %s (a %s text model: %d of %d parameters here; the "
+                 "others keep their init)", hf.path, hf.family.name, len(targets), n_all)
 
 
 # -- import -------------------------------------------------------------------------------
@@ -471,6 +545,11 @@ def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base)
         raise CheckpointError(f"{ckpt} holds LoRA adapters only and its run had no model.init_from: "
                               "give the base model's HF folder with --base")
     hf = HFWeights(base)
+    if partial_init_family(args, hf.path):
+        name = family_of(args).name
+        raise CheckpointError(f"{hf.path / 'config.json'}: a {hf.family.name} text model, which holds only part of "
+                              f"this {name} model: a LoRA base must hold every weight (give the whole {name} folder "
+                              "with --base)")
     check_args_match(args, hf.args(), hf.path)
     state = {n: _read_converted(hf, n, shape, torch.float32, args) for n, shape in _model_param_shapes(args).items()}
     state.update(_load_model_tensors(ckpt, saved))  # the adapters: all the checkpoint holds
@@ -543,11 +622,93 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         (partial / "config.json").write_text(json.dumps(cfg, indent=2))
         (partial / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        export_processor_files(ckpt, partial, args)
     except BaseException:  # nothing half-written stays behind (a full disk, a corrupt checkpoint file, ^C)
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _finish(partial, out)
     return out
+
+
+# The tokenizer files ``export_hf_tokenizer`` writes (removed again if it fails midway).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _run_tokenizer(cfg):
+    """The tokenizer of a run, rebuilt from its config as ``build_job`` built it, never
+    trained anew: the BPE a run trained (``data.tokenizer.kind=bpe`` without a path) is the
+    file of ``data.tokenizer.cache_dir`` keyed by the corpus's first ``train_bytes``, which
+    are read again to find it."""
+    from data_pipeline.tokenizer import bpe_cache_path, build_tokenizer, sample_texts
+
+    from .tokenizers import build_sources, family_takes_images
+
+    tc = cfg.data.tokenizer
+    if tc.kind == "bpe" and not tc.path:
+        sources = build_sources(cfg.data, images=family_takes_images(cfg))[0]
+        texts = sample_texts((t for s in sources if not s.tokenized for t in s.iter_texts()), tc.train_bytes)
+        path = bpe_cache_path(tc.cache_dir, texts, tc.vocab_size)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (the {tc.vocab_size}-token BPE the run trained on its corpus, "
+                                    "cached in data.tokenizer.cache_dir)")
+        return build_tokenizer("hf", str(path))
+    return build_tokenizer(tc.kind, tc.path)
+
+
+def export_processor_files(ckpt: Path, out: Path, args: LlamaArgs) -> List[str]:
+    """Beside the weights in ``out``: the run's tokenizer (``tokenizer.json``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``: ``export_hf_tokenizer``) and,
+    for an image-text family, ``preprocessor_config.json`` (its image spec) and the chat
+    template as ``chat_template.json``: transformers' ``AutoTokenizer`` /
+    ``AutoProcessor`` load the folder. The tokenizer is the one in the run's
+    ``.hydra/config.yaml`` (``<run>/checkpoints/step-N``'s run); one that cannot be
+    reproduced (no run config, a tokenizer file gone, a BPE cache deleted) is a warning
+    naming the file: the weights are exported all the same. Returns the files written."""
+    from data_pipeline.tokenizer import export_hf_tokenizer
+
+    family = family_of(args)
+    written: List[str] = []
+    spec = None
+    if family.image_spec is not None:
+        from data_pipeline.images import ImageSpec, preprocessor_config
+
+        spec = ImageSpec(**family.image_spec(args))
+        try:
+            pre = preprocessor_config(spec)
+        except ValueError as e:
+            log.warning("%s: no preprocessor_config.json written (transformers cannot express this model's images: "
+                        "%s)", ckpt / "meta.json", e)
+        else:
+            (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+            written.append("preprocessor_config.json")
+    config_file = ckpt.parent.parent / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        log.warning("%s: missing, so the run's tokenizer is unknown: no tokenizer files written beside the weights "
+                    "(a checkpoint outside its run dir: copy the tokenizer's files beside them)", config_file)
+        return written
+    try:
+        from .build import check_vocabulary
+        from .config import load_job_config
+
+        cfg = load_job_config(config_file)
+        if cfg.model.vocab_size != args.vocab_size:
+            raise ValueError(f"{config_file}: model.vocab_size={cfg.model.vocab_size}, but the checkpoint's model has "
+                             f"{args.vocab_size} (the config of another run?)")
+        tok = _run_tokenizer(cfg)
+        check_vocabulary(tok, args.vocab_size, spec)
+        tok_config = export_hf_tokenizer(tok, out, image_token_id=None if spec is None else spec.image_token_id,
+                                         chat=cfg.data.format == "chat", model_max_length=args.max_position_embeddings)
+    except Exception as e:  # noqa: BLE001 (the run's files are data: whatever fails, the weights stand)
+        for name in _TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
+        log.warning("no tokenizer files written beside the weights: the run's tokenizer (%s) cannot be reproduced: "
+                    "%s", config_file, e)
+        return written
+    written += list(_TOKENIZER_FILES)
+    if spec is not None and tok_config.get("chat_template"):  # what AutoProcessor reads its template from
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": tok_config["chat_template"]}, indent=2))
+        written.append("chat_template.json")
+    return written
 
 
 def export_adapter(checkpoint, out, *, force: bool = False) -> Path:

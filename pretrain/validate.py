@@ -65,6 +65,14 @@ def _check_model(cfg: JobConfig) -> None:
         raise ConfigError(key, value, expected)
     if getattr(m, "init_from", None) and family.hf is None:
         raise ConfigError("model.init_from", m.init_from, f"model family {m.family!r} has no Hugging Face converter")
+    if getattr(m, "init_from", None) and cfg.finetune.lora.rank > 0:
+        from .hf import partial_init_family
+
+        text = partial_init_family(m, m.init_from)  # a text model for an image-text one (Mllama from Llama 3.1)
+        _require(text is None, "model.init_from", m.init_from,
+                 f"a {text} text model's folder, which holds only part of a {m.family} model: LoRA (finetune.lora."
+                 "rank > 0) keeps every base weight frozen, so the weights it does not hold would stay at their "
+                 f"random init; train those first (finetune.freeze=[text]), export, and start LoRA from that folder")
     if cfg.data.document_masking and not family.document_masking:
         raise ConfigError("data.document_masking", True, f"model family {m.family!r} does not support it (its "
                           "inputs take no document ids)")

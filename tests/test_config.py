@@ -143,8 +143,10 @@ def test_every_config_file_composes_and_validates():
                 extra = ["model=llama3_2_1b", "data.path=/tmp", "data.mixture.0.path=/tmp", "data.mixture.1.path=/tmp"]
                 if f.stem != "mixture":
                     extra = extra[:2]
-            if group == "experiment" and f.stem.startswith("finetune_"):  # user weights and chat data
+            if group == "experiment" and f.stem.startswith(("finetune_", "pretrain_")):  # user weights and data
                 extra = ["model.init_from=/models/llama", "data.path=/tmp"]
+            if group == "experiment" and f.stem == "demo_vision":  # the demo writes its pictures first
+                extra = ["data.path=/tmp", "eval.data.path=/tmp"]
             cfg = compose_job(f"{group}={f.stem}", *extra)
             world = {"hsdp": 4, "fsdp_tp": 4, "pp": 4}.get(f.stem, 1)
             validate_job(cfg, world)

@@ -209,3 +209,29 @@ def test_image_batches_resume_exactly_and_reshard_to_another_dp_degree(tmp_path,
     n_units = len(build_source(SourceSpec("jsonl", str(tmp_path / "records.jsonl"), chunk_bytes=300)).units)
     epoch = [s for s in before + after if s[0] < n_units]  # units g < N: the first epoch
     assert n_units > 4 and before and len(epoch) == len(set(epoch)) == 30
+
+
+def test_a_tokenizer_may_count_the_image_token_at_its_id_only(tmp_path):
+    """The published 11B tokenizer.json counts 128,257 tokens: its <|image|> is id
+    model.vocab_size. Such a tokenizer is accepted for an image-text model; one with
+    <|image|> at another id, or more tokens than that, is refused naming both."""
+    from tokenizers import Tokenizer
+
+    from data_pipeline.tokenizer import HFTokenizer, train_bpe
+    from pretrain.build import check_vocabulary
+
+    base = train_bpe([f"caption {i} of a picture" for i in range(50)], 300, tmp_path / "bpe.json")
+    n = base.vocab_size
+    raw = Tokenizer.from_file(str(tmp_path / "bpe.json"))
+    raw.add_special_tokens(["<|image|>"])
+    raw.save(str(tmp_path / "with_image.json"))
+    tok = HFTokenizer(tmp_path / "with_image.json")
+    assert tok.vocab_size == n + 1 and tok.special_id("<|image|>") == n
+    spec = ImageSpec(**{**SPEC.to_dict(), "image_token_id": n})
+    check_vocabulary(tok, n, spec)  # 128,256 + <|image|> at 128,256, in small
+    with pytest.raises(ValueError, match=f"has {n + 1} tokens but model.vocab_size={n}"):
+        check_vocabulary(tok, n, None)  # a text model does not count it
+    other = ImageSpec(**{**SPEC.to_dict(), "image_token_id": n + 1})
+    with pytest.raises(ValueError, match=f"<\\|image\\|> at id {n}, but the model's image token is model.vocab_size={n + 1}"):
+        check_vocabulary(tok, n + 1, other)
+    check_vocabulary(base, n, spec)  # a tokenizer without it: the id past its vocabulary

@@ -194,39 +194,48 @@ def test_transformers4_config_and_weight_names(hf_folder, imported, tmp_path):
         assert torch.equal(mine[k], theirs[k]), k
 
 
-def test_init_from_starts_at_transformers_loss_and_the_run_exports(hf_folder, imported, tmp_path, tok_cache):
-    """A run of the imported model.yaml (``model=`` from a config dir) with
-    model.init_from=<folder>: its first loss is transformers' on the same first batch (a
+@pytest.fixture(scope="module")
+def mllama_run(hf_folder, imported, tmp_path_factory, tok_cache):
+    """(run dir, process): one step of the imported model.yaml (``model=`` from a config
+    dir) with model.init_from=<folder>, on text with a 300-token BPE, a checkpoint at step 1."""
+    tmp = tmp_path_factory.mktemp("mllama_run")
+    conf = tmp / "conf" / "model"
+    conf.mkdir(parents=True)
+    shutil.copy(imported[0] / "model.yaml", conf / "imported_mllama.yaml")
+    run = tmp / "run"
+    proc = run_job(run, [f"hydra.searchpath=[file://{tmp / 'conf'}]", "model=imported_mllama",
+                         f"model.init_from={hf_folder[0]}", "data.glob=json/*.py", "data.tokenizer.vocab_size=300",
+                         "data.num_workers=0", "train.seq_len=32", "train.local_batch_size=2", "train.steps=1",
+                         "logging.every=1", "logging.tensorboard=false", "checkpoint.interval=1"],
+                   tok_cache=tok_cache, tiny=False)
+    return run, proc
+
+
+def test_init_from_starts_at_transformers_loss_and_the_run_exports(hf_folder, mllama_run, tmp_path):
+    """The run of ``mllama_run``: its first loss is transformers' on the same first batch (a
     text batch: no images, so every cross-attention layer adds nothing, as in
     transformers); its checkpoint exports back to transformers."""
     import torch.nn.functional as F
 
     from data_pipeline.loader import LoaderSpec, RankLoader
     from parallel.env import LaunchEnv
-    from pretrain.tokenizers import build_sources, load_tokenizer
+    from pretrain.tokenizers import build_sources, image_spec, load_tokenizer
 
     path, hf = hf_folder
-    conf = tmp_path / "conf" / "model"
-    conf.mkdir(parents=True)
-    shutil.copy(imported[0] / "model.yaml", conf / "imported_mllama.yaml")
-    run = tmp_path / "run"
-    proc = run_job(run, [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=imported_mllama",
-                         f"model.init_from={path}", "data.glob=json/*.py", "data.tokenizer.vocab_size=300",
-                         "data.num_workers=0", "train.seq_len=32", "train.local_batch_size=2", "train.steps=1",
-                         "logging.every=1", "logging.tensorboard=false", "checkpoint.interval=1"],
-                   tok_cache=tok_cache, tiny=False)
+    run, proc = mllama_run
     assert "initialized weights from Hugging Face folder" in proc.stderr + proc.stdout
     (row,) = read_metrics(run)
     # The run's first batch, rebuilt from its saved config as build_job builds its loader.
     cfg = load_job_config(run / ".hydra" / "config.yaml")
     assert cfg.model.family == "mllama" and cfg.model.init_from == str(path)
     t, d = cfg.train, cfg.data
-    sources, weights, _ = build_sources(d)
+    sources, weights, _ = build_sources(d, images=True)  # as build_job: an image-text family
     tok = load_tokenizer(d, sources, LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
     loader = RankLoader(sources, weights, tok, LoaderSpec(
         seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=0, dp_world=1, num_workers=d.num_workers,
         seed=t.seed, shuffle=d.shuffle, grad_accum_steps=t.grad_accum_steps, streams_per_row=d.streams_per_row,
-        positions=d.document_masking, sft_packing=d.sft_packing, max_length=d.max_length))
+        positions=d.document_masking, sft_packing=d.sft_packing, max_length=d.max_length,
+        image=image_spec(cfg)))
     try:
         batch = next(loader)
     finally:
@@ -239,6 +248,89 @@ def test_init_from_starts_at_transformers_loss_and_the_run_exports(hf_folder, im
     assert hf_main(["export", str(run), str(tmp_path / "out"), "--no-progress"]) == 0
     back = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert back.dtype == torch.bfloat16 and back.config.text_config.num_hidden_layers == 5
+
+
+def test_the_export_loads_as_an_mllama_processor(mllama_run, tmp_path):
+    """The export of an Mllama run holds the run's tokenizer (its 300-token BPE, <|image|>
+    at model.vocab_size) and preprocessor_config.json: ``AutoProcessor`` gives an
+    MllamaProcessor whose pixels, aspect ratio, tokens and cross-attention mask on a
+    picture and a caption are those of data_pipeline.images and the run's tokenizer."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline.images import ImageSpec, cross_attention_mask, load_image, normalize_tiles, tile_image
+    from parallel.env import LaunchEnv
+    from pretrain.model.mllama import image_spec
+    from pretrain.tokenizers import build_sources, load_tokenizer
+
+    run = mllama_run[0]
+    out = tmp_path / "out"
+    assert hf_main(["export", str(run), str(out), "--no-progress"]) == 0
+    assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "MllamaProcessor"
+    cfg = load_job_config(run / ".hydra" / "config.yaml")
+    assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == processor.image_token_id == cfg.model.vocab_size
+    ours = load_tokenizer(cfg.data, build_sources(cfg.data)[0], LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
+    spec = ImageSpec(**image_spec(cfg.model))
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (33, 45, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    caption = " A picture of noise, 12 pixels wide?"
+    got = processor(images=[[picture]], text=["<|image|>" + caption], return_tensors="np")
+    item = tile_image(load_image(buf.getvalue(), spec), spec)
+    n = int(item["n_tiles"])
+    assert n == 2 and got["pixel_values"].shape == (1, 1, spec.max_tiles, 3, spec.tile_size, spec.tile_size)
+    assert np.array_equal(got["pixel_values"][0, 0], normalize_tiles(item["tiles"], n, spec))
+    assert got["aspect_ratio_ids"].tolist() == [[int(item["ratio_id"])]]
+    assert got["aspect_ratio_mask"].tolist() == [[[1] * n + [0] * (spec.max_tiles - n)]]
+    ids = [spec.image_token_id, ours.bos_id, *ours.encode(caption)]  # the processor puts bos after the image
+    assert got["input_ids"].tolist() == [ids]
+    mask = cross_attention_mask(np.array([ids]), np.zeros((1, len(ids)), dtype=np.int64), np.array([[n]]), spec)
+    assert np.array_equal(got["cross_attention_mask"], mask)
+
+
+def test_a_chat_run_exports_the_processor_chat_template(tmp_path):
+    """An Mllama chat run with a Llama 3 rank table (Meta's tokenizer.model form; its first
+    344 ranks and 256 special tokens: 600 ids, <|image|> at 600): the export's processor
+    renders a conversation with a picture as the trainer's chat rendering does
+    (data_pipeline.chat, ``<|image|>`` where the picture stands), its eos is <|eot_id|>.
+    The run dir is made by hand (its config and an imported checkpoint): no training."""
+    import yaml
+
+    from data_pipeline.chat import ChatRenderer
+    from data_pipeline.tokenizer import Llama3Tokenizer, TiktokenTokenizer, write_tiktoken_model
+
+    table = tmp_path / "tokenizer.model"
+    write_tiktoken_model(Llama3Tokenizer(), table)
+    table.write_bytes(b"".join(table.read_bytes().splitlines(keepends=True)[:344]))
+    ours = TiktokenTokenizer(table)
+    cfg = tiny_hf()
+    cfg.text_config.vocab_size = cfg.image_token_index = 600
+    hf = tmp_path / "hf"
+    transformers.MllamaForConditionalGeneration(cfg).save_pretrained(hf)
+    run = tmp_path / "run"
+    import_hf(hf, run / "checkpoints" / "step-1", progress=False)
+    model = yaml.safe_load((run / "checkpoints" / "step-1" / "model.yaml").read_text())
+    del model["defaults"]
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({
+        "model": model, "data": {"source": "jsonl", "path": "chat.jsonl", "format": "chat",
+                                 "tokenizer": {"kind": "tiktoken", "path": str(table)}}}))
+    assert hf_main(["export", str(run), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "chat_template.json").is_file()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "out")
+    assert type(processor).__name__ == "MllamaProcessor" and processor.image_token_id == 600
+    assert processor.tokenizer.eos_token == "<|eot_id|>"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is this? "}]},
+                {"role": "assistant", "content": "A cat, 2 years old."}]
+    text = processor.apply_chat_template(messages)
+    got = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    want = ChatRenderer(ours).render_batch([(("user", "<|image|> What is this? "),
+                                             ("assistant", "A cat, 2 years old."))], marker_id=600)[0][0]
+    assert got == want.tolist()
 
 
 @pytest.mark.parametrize("family", ["llama", "mllama"])
@@ -402,3 +494,171 @@ def test_init_from_a_folder_of_another_model_names_both_values(hf_folder):
                                               r"layers=1 but config.json has vision_config.num_global_layers=2"):
         load_hf_weights(model, hf_folder[0], args)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items() if not k.startswith("rope_"))
+
+
+# -- model.init_from a Llama 3.1 text folder: the decoder's self-attention layers from it
+def _text_config(**over):
+    """transformers' LlamaConfig of TINY's text part: its 3 self-attention layers (5 less the
+    cross-attention layers 1 and 3), its dims, heads, vocabulary and rope."""
+    cfg = dict(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+               intermediate_size=96, max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5,
+               rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    return transformers.LlamaConfig(**{**cfg, **over})
+
+
+def _save_text_model(path: Path, **over):
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(_text_config(**over)).float().eval()
+    with torch.no_grad():  # norms off 1, so a norm left at its init shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, max_shard_size="200KB")
+    return model
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory):
+    """(folder, model): a random LlamaForCausalLM of TINY's text part, saved sharded."""
+    path = tmp_path_factory.mktemp("llama_text") / "hf"
+    return path, _save_text_model(path)
+
+
+def test_init_from_a_llama_text_folder_fills_the_self_attention_layers(text_folder):
+    """Text layer j -> the j-th self-attention layer (0, 2, 4 of TINY), q/k rows permuted as
+    the Llama converter does; the embedding's first 300 rows, the norm and the head are the
+    text model's; the cross-attention layers, the projector, the vision tower and the 8
+    image rows of the embedding keep the seeded init. With the gates shut (their init), the
+    model computes the text model's logits on text."""
+    from pretrain.model.llama.hf import args_from_hf_config as llama_args
+    from pretrain.model.llama.hf import hf_to_ours as llama_to_ours
+
+    path, hf = text_folder
+    model = build_mllama(TINY, rope_cache_len=64, device="cpu")
+    model.init_weights(seed=0)
+    fresh = {k: v.clone() for k, v in model.named_parameters()}
+    load_hf_weights(model, path, TINY, chunk_bytes=50_000)  # several chunks
+    text = llama_to_ours(hf.state_dict(), llama_args(hf.config.to_dict()))
+    got = dict(model.named_parameters())
+    layer_of = {0: 0, 2: 1, 4: 2}  # ours -> the text model's
+    for name, p in got.items():
+        parts = name.split(".")
+        if name == "tok_embeddings.weight":
+            assert torch.equal(p[:300], text[name]) and torch.equal(p[300:], fresh[name][300:]), name
+        elif name in ("norm.weight", "output.weight"):
+            assert torch.equal(p, text[name]), name
+        elif parts[0] == "layers" and int(parts[1]) in layer_of:
+            assert torch.equal(p, text[".".join(["layers", str(layer_of[int(parts[1])]), *parts[2:]])]), name
+        else:  # cross-attention layers 1 and 3, vision.*, projector.*
+            assert parts[0] in ("vision", "projector") or int(parts[1]) in (1, 3), name
+            assert torch.equal(p, fresh[name]), name
+    tokens = image_batch()[0][2:3]
+    with torch.no_grad():
+        ours = model(tokens, *(torch.zeros(1, *x.shape[1:], dtype=x.dtype) for x in image_batch()[1:]))
+        want = hf(input_ids=tokens).logits
+    assert (ours - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"num_hidden_layers": 4}, "model.n_layers=5 less 2 model.cross_attention_layers leaves 3 self-attention layers "
+                               "but config.json has num_hidden_layers=4"),
+    ({"hidden_size": 32, "intermediate_size": 48}, "model.dim=64 but config.json has hidden_size=32"),
+    ({"vocab_size": 320}, "model.vocab_size=300 but config.json has vocab_size=320"),
+], ids=["layers", "dim", "vocab"])
+def test_init_from_a_text_folder_that_does_not_fit_names_both_values(tmp_path, over, message):
+    """Refused before any weight moves, naming the folder's config.json and both values."""
+    path = tmp_path / "hf"
+    _save_text_model(path, **over)
+    model = build_mllama(TINY, rope_cache_len=64, device="cpu")
+    model.init_weights(seed=0)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    with pytest.raises(CheckpointError) as e:
+        load_hf_weights(model, path, TINY)
+    assert f"{path / 'config.json'}: a llama text model that cannot start this mllama model" in str(e.value)
+    assert message in str(e.value), str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+
+
+def test_a_text_folder_is_no_lora_base(text_folder, tmp_path):
+    """LoRA keeps every base weight frozen, so a text folder would leave the image side at
+    its random init: validation refuses it as model.init_from (an 11B folder is fine), and
+    export refuses it as --base."""
+    from pretrain.validate import ConfigError, validate_job
+    from tests.conftest import compose_job
+
+    lora = ["model=mllama_debug", "finetune.lora.rank=4", "finetune.lora.target_modules=[attention]"]
+    with pytest.raises(ConfigError, match=r"model.init_from=.*: a llama text model's folder, which holds only part "
+                                          r"of a mllama model: LoRA"):
+        validate_job(compose_job(*lora, f"model.init_from={text_folder[0]}"), 1)
+    validate_job(compose_job("model=mllama_debug", f"model.init_from={text_folder[0]}"), 1)  # without LoRA: fine
+    from pretrain.hf import _lora_checkpoint
+
+    with pytest.raises(CheckpointError, match="a llama text model, which holds only part of this mllama model"):
+        _lora_checkpoint(tmp_path, {"lora": {"base": str(text_folder[0])}}, {}, TINY, None)
+
+
+def test_the_adapter_recipe_from_a_text_folder_on_two_fsdp_ranks(text_folder, imported, tmp_path, tok_cache):
+    """Meta's adapter recipe (``model.init_from=<Llama 3.1 folder>``, the text tower frozen)
+    on two FSDP ranks: the first loss is the text model's on the same two batches (the
+    gates shut, the image side adds nothing); the step-1 checkpoint holds the text model's
+    weights in the self-attention layers and the embedding's first rows, and the seeded
+    init in the embedding's image rows (kept through the gathered shards)."""
+    import torch.distributed.checkpoint as dcp
+    import torch.nn.functional as F
+
+    from data_pipeline.loader import LoaderSpec, RankLoader
+    from parallel.env import LaunchEnv
+    from pretrain.model.llama.hf import args_from_hf_config as llama_args
+    from pretrain.model.llama.hf import hf_to_ours as llama_to_ours
+    from pretrain.tokenizers import build_sources, image_spec, load_tokenizer
+
+    path, hf = text_folder
+    conf = tmp_path / "conf" / "model"
+    conf.mkdir(parents=True)
+    shutil.copy(imported[0] / "model.yaml", conf / "imported_mllama.yaml")
+    run = tmp_path / "run"
+    proc = run_job(run, [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=imported_mllama",
+                         f"model.init_from={path}", "finetune.freeze=[text]", "data.glob=json/*.py",
+                         "data.tokenizer.vocab_size=300", "data.num_workers=0", "train.seq_len=32",
+                         "train.local_batch_size=1", "train.steps=1", "logging.every=1", "logging.tensorboard=false",
+                         "checkpoint.interval=1"], tok_cache=tok_cache, tiny=False, nproc=2, launcher="torchrun")
+    assert "(a llama text model: " in proc.stderr + proc.stdout
+    (row,) = read_metrics(run)
+    cfg = load_job_config(run / ".hydra" / "config.yaml")
+    t, d = cfg.train, cfg.data
+    sources, weights, _ = build_sources(d, images=True)  # as build_job: an image-text family
+    tok = load_tokenizer(d, sources, LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "single"))
+    batches = []
+    for rank in range(2):
+        loader = RankLoader(sources, weights, tok, LoaderSpec(
+            seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=rank, dp_world=2,
+            num_workers=d.num_workers, seed=t.seed, shuffle=d.shuffle, grad_accum_steps=t.grad_accum_steps,
+            streams_per_row=d.streams_per_row, positions=d.document_masking, sft_packing=d.sft_packing,
+            max_length=d.max_length, image=image_spec(cfg)))
+        try:
+            batches.append(next(loader))
+        finally:
+            loader.close()
+    tokens = torch.cat([b["input_ids"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    with torch.no_grad():
+        want = F.cross_entropy(hf(input_ids=tokens).logits.flatten(0, 1), labels.flatten()).item()
+    assert math.isclose(row["loss"], want, rel_tol=1e-5), (row["loss"], want)
+    # The frozen text tower as loaded, read back from the sharded checkpoint.
+    ck = run / "checkpoints" / "step-1"
+    names = ["tok_embeddings.weight", "layers.2.attention.wq.weight", "layers.4.feed_forward.w2.weight",
+             "norm.weight", "output.weight"]
+    meta = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata
+    state = {"model": {n: torch.empty(tuple(meta[f"model.{n}"].size)) for n in names}}
+    dcp.load(state, checkpoint_id=str(ck), no_dist=True)
+    saved = state["model"]
+    text = llama_to_ours(hf.state_dict(), llama_args(hf.config.to_dict()))
+    fresh = build_mllama(TINY, rope_cache_len=64, device="cpu")
+    fresh.init_weights(seed=t.seed)
+    assert torch.equal(saved["tok_embeddings.weight"][:300], text["tok_embeddings.weight"])
+    assert torch.equal(saved["tok_embeddings.weight"][300:], fresh.tok_embeddings.weight[300:].detach())
+    for ours, theirs in (("layers.2.attention.wq.weight", "layers.1.attention.wq.weight"),
+                         ("layers.4.feed_forward.w2.weight", "layers.2.feed_forward.w2.weight"),
+                         ("norm.weight", "norm.weight"), ("output.weight", "output.weight")):
+        assert torch.equal(saved[ours], text[theirs]), ours

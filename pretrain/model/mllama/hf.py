@@ -8,9 +8,11 @@ Llama 3.2 Vision checkpoints: ``language_model.model.*``, ``vision_model.*``, ..
 5's ``save_pretrained`` still writes them) are read through ``canonical_hf_key``, the renaming
 transformers 5 applies when it loads them; export writes them back (``stored_hf_key``), as
 ``save_pretrained`` does. ``hf_name`` and ``ours_name`` speak the transformers 5 names
-(module paths, as PEFT adapters use them)."""
+(module paths, as PEFT adapters use them). A Llama 3.1 text model's folder starts the
+decoder's self-attention layers (``from_text_model``)."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Dict, List, Optional
 
@@ -352,3 +354,57 @@ config_keys = (
     ("intermediate_layers", "vision_config.intermediate_layers_indices"),
 )
 
+
+# -- model.init_from a text model ---------------------------------------------------------
+# Meta trained the 11B's adapter (vision encoder, projector, cross-attention layers) on top
+# of Llama 3.1 8B's text weights: ``model.init_from`` may also name a folder of a text
+# model of these families. Its layer j is the decoder's j-th self-attention layer; the
+# embedding's first vocab_size rows, the final norm and the head are its own (a tied head:
+# its embedding); the cross-attention layers, the projector, the vision encoder and the
+# embedding's 8 image rows keep their init.
+text_families = ("llama",)
+
+
+def self_attention_layers(args: MllamaArgs) -> List[int]:
+    """The decoder layers that are self-attention layers, in order."""
+    cross = set(args.cross_attention_layers)
+    return [i for i in range(args.n_layers) if i not in cross]
+
+
+def text_model_problems(args: MllamaArgs, text) -> List[str]:
+    """What keeps a text model (LlamaArgs, read from a folder's config.json) from starting
+    this model, each naming both values: its layers must be the self-attention layers, its
+    dims, heads, vocabulary, norm and rope this model's."""
+    problems = []
+    n_self = len(self_attention_layers(args))
+    if text.n_layers != n_self:
+        problems.append(f"model.n_layers={args.n_layers} less {len(args.cross_attention_layers)} "
+                        f"model.cross_attention_layers leaves {n_self} self-attention layers but config.json has "
+                        f"num_hidden_layers={text.n_layers}")
+    for field, key in (("dim", "hidden_size"), ("n_heads", "num_attention_heads"),
+                       ("n_kv_heads", "num_key_value_heads"), ("resolved_head_dim", "head_dim"),
+                       ("ffn_hidden_dim", "intermediate_size"), ("vocab_size", "vocab_size"),
+                       ("norm_eps", "rms_norm_eps"), ("rope_theta", "rope_theta"), ("rope_scaling", "rope_scaling")):
+        ours, theirs = _plain(getattr(args, field)), _plain(getattr(text, field))
+        if ours != theirs:
+            problems.append(f"model.{'head_dim' if field == 'resolved_head_dim' else field}={ours!r} but "
+                            f"config.json has {key}={theirs!r}")
+    return problems
+
+
+def _plain(x):
+    """A config value as plain data (a dataclass, such as RopeScaling, as its dict)."""
+    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
+
+
+def from_text_model(args: MllamaArgs, text) -> Dict[str, str]:
+    """Our parameter -> the text model's parameter (our Llama names) that starts it, for
+    every parameter the text model holds; the others are absent (they keep their init).
+    ``tok_embeddings.weight`` has 8 rows more than the text model's: its first rows."""
+    names = {"tok_embeddings.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
+             "output.weight": "tok_embeddings.weight" if text.tie_embeddings else "output.weight"}
+    for j, i in enumerate(self_attention_layers(args)):
+        for sub in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                    "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"):
+            names[f"layers.{i}.{sub}.weight"] = f"layers.{j}.{sub}.weight"
+    return names
