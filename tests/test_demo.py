@@ -23,3 +23,29 @@ def test_demo_trains_and_says_where_its_logs_are(tmp_path):
     assert f"metrics {run_dir / 'metrics.jsonl'}" in out
     assert f"tensorboard {run_dir / 'tb'}" in out
     assert "world 2 (torchrun)" in out and "dp_shard=2" in out
+
+
+def test_demo_vision_learns_to_read_its_pictures(tmp_path):
+    """`make demo-vision` shortened to 200 of its 300 steps on 2,000 pictures (the suite's
+    version): the held-out caption loss with the real pictures ends at least 15% below the
+    loss with the pictures blanked. Measured 2026-12-07 (nats/token, real | blanked):
+    step 50 0.960 | 0.951, 100 0.769 | 0.819, 150 0.669 | 0.892, 200 0.583 | 0.867 (32.8%
+    lower); the full demo's 300 steps end 70% lower (README). A model that ignores its
+    pictures gives the same loss for both (0.0% at step 80 of a run cut short)."""
+    import re
+    import subprocess
+
+    from conftest import REPO, _env
+
+    proc = subprocess.run([sys.executable, "-m", "pretrain.demo_vision", "--out", str(tmp_path), "--steps", "200",
+                           "--train", "2000", "--held-out", "64", "--min-gain", "0.15", "checkpoint.interval=50",
+                           "eval.interval=0", "logging.every=50"], cwd=REPO, env=_env({"OMP_NUM_THREADS": "2"}),
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    print(out[-1500:], file=sys.stderr)
+    last = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())
+    real, blank = float(last["real_loss"]), float(last["blank_loss"])
+    assert proc.returncode == 0 and real <= 0.85 * blank, (real, blank)
+    steps = [int(m) for m in re.findall(r"^\s+(\d+) \| ", proc.stdout, re.M)]
+    assert steps == [50, 100, 150, 200]
+    assert (tmp_path / "run" / "checkpoints" / "step-200").is_dir()
