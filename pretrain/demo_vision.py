@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     print(f"the pictures lower the caption loss by {100 * gain:.1f}% (at least {100 * a.min_gain:.0f}% expected; "
           f"chance over {len(COLOURS) * len(SHAPES)} colour-shapes is ln {len(COLOURS) * len(SHAPES)} = "
           f"{math.log(len(COLOURS) * len(SHAPES)):.2f} per shape)")
-    print(f"real_loss={real[last]:.4f} blank_loss={blanked[last]:.4f} gain={gain:.4f} steps={last}")
+    print(f"real_loss={real[last]:.6f} blank_loss={blanked[last]:.6f} gain={gain:.4f} steps={last}")
     return 0 if gain >= a.min_gain else 1
 
 
