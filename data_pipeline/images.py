@@ -128,6 +128,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+# The formats a picture may have: the common raster ones (a phone camera's MPO opens as JPEG). Not
+# every format Pillow knows: EPS would run Ghostscript, and rarer decoders are more attack
+# surface than data.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+
 def load_image(data: bytes, spec: ImageSpec) -> Image.Image:
     """Bytes -> a fully decoded RGB image, or ``BadImage`` saying why not. The size is
     checked against ``spec.max_pixels`` from the header alone, before any pixel is
@@ -141,7 +147,7 @@ def load_image(data: bytes, spec: ImageSpec) -> Image.Image:
     try:
         # Reads the header only. Pillow's global bomb check may fire here first: it raises
         # DecompressionBombError, or DecompressionBombWarning where warnings are errors.
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (cannot identify image file)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

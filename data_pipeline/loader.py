@@ -103,6 +103,15 @@ class RankLoader:
         self.n_workers = spec.num_workers
         self.num_slots = spec.dp_world * b * lanes
         self.first = spec.dp_rank * b * lanes  # this rank's first slot
+        if spec.dp_rank == 0:
+            for s in self.sources:
+                if len(s.units) < self.num_slots:
+                    log.warning(
+                        "%spath=%r has %d unit(s) for %d loader streams: streams read the units of later epochs "
+                        "in the same order, so rows repeat each other's documents; more units (a smaller %s, or "
+                        "more files) or fewer streams (data.streams_per_row, rows) avoid it", s.spec.key,
+                        s.spec.path, len(s.units), self.num_slots,
+                        f"{s.spec.key}chunk_bytes" if s.spec.kind == "jsonl" else f"{s.spec.key}rows_per_unit")
         self.states = [{"slots": [fresh_slot_state(self.first + q * lanes + j, self.num_slots, len(sources))
                                   for j in range(lanes)], "next": 0} for q in range(b)]
         self._it = self._loader = self._root = self._node = None

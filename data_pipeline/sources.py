@@ -731,18 +731,24 @@ class _Images:
         return text_with_images(text, refs, where, on_skip)
 
 
+def _whole_files(spec: SourceSpec):
+    """Units of a file source whose every file is one document: the file, or a reason to
+    skip it (larger than max_file_bytes)."""
+
+    def units(f, size):
+        if size > spec.max_file_bytes:
+            return f"larger than {spec.key}max_file_bytes={spec.max_file_bytes}"
+        return [(f,)]
+
+    return units
+
+
 class TextFolderSource(Source):
     """One document per file."""
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
-
-        def units(f, size):
-            if size > spec.max_file_bytes:
-                return f"larger than {spec.key}max_file_bytes={spec.max_file_bytes}"
-            return [(f,)]
-
-        self._list_file_units(units, "every matched file is empty or too large")
+        self._list_file_units(_whole_files(spec), "every matched file is empty or too large")
 
     def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         if cursor > 0:
@@ -1074,13 +1080,7 @@ class ImageFolderSource(Source):
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
-
-        def units(f, size):
-            if size > spec.max_file_bytes:
-                return f"larger than {spec.key}max_file_bytes={spec.max_file_bytes}"
-            return [(f,)]
-
-        self._list_file_units(units, f"no matched file is a non-empty image ({' '.join(IMAGE_EXTENSIONS)}) of at "
+        self._list_file_units(_whole_files(spec), f"no matched file is a non-empty image ({' '.join(IMAGE_EXTENSIONS)}) of at "
                                      f"most {spec.key}max_file_bytes={spec.max_file_bytes} bytes",
                               keep=lambda f: f.lower().endswith(IMAGE_EXTENSIONS))
 

@@ -28,6 +28,7 @@ epoch, and training would hang."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,7 +36,7 @@ import numpy as np
 from .chat import ChatPacker, ChatRenderer, pad_id
 from .packing import Packer, wrap
 from .records import ChatRecord, ImageRef, Record
-from .runs import NoDocumentRun
+from .runs import DataError, NoDocumentRun
 from .sources import Source
 
 log = logging.getLogger("data_pipeline")
@@ -169,6 +170,10 @@ class Unusable:
 
 # An image file or URL read for decoding is at most this large (a larger one is skipped).
 MAX_IMAGE_BYTES = 256 << 20
+# A slot stops with DataError after this many samples in a row that the encoder could not
+# use (every picture missing or broken, every sample too long): a wrong image root or
+# image field would otherwise read on forever without a batch.
+UNUSABLE_LIMIT = 1000
 
 
 def read_image_bytes(ref: ImageRef) -> bytes:
@@ -176,9 +181,15 @@ def read_image_bytes(ref: ImageRef) -> bytes:
     one past ``MAX_IMAGE_BYTES``)."""
     if ref.data is not None:
         return ref.data
-    from .sources import _fs, open_binary
+    from .sources import _fs, _is_local, open_binary
 
     fs, path = _fs(ref.path)
+    if _is_local(fs):  # a device, FIFO or directory would block or be read whole
+        import stat
+
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path} is not a regular file")
     with open_binary(fs, path) as f:
         data = f.read(MAX_IMAGE_BYTES + 1)
     if len(data) > MAX_IMAGE_BYTES:
@@ -264,14 +275,17 @@ class Encoder:
             elif isinstance(p, Record):
                 texts.extend(p.texts)
         flat, off = self.tok.encode_batch(texts) if texts else (None, None)
-        convs = [p.messages if isinstance(p, ChatRecord) else p for p in payloads
-                 if isinstance(p, (ChatRecord, tuple))]
-        rendered = iter(self.renderer.render_batch(convs, -1, self.marker_id) if convs else [])
+        # "<|image|>" is a picture's place only in a record that has pictures: a text-only
+        # conversation keeps it as text.
+        with_images = [p.messages for p in payloads if isinstance(p, ChatRecord)]
+        text_only = [p for p in payloads if isinstance(p, tuple)]
+        rendered_images = iter(self.renderer.render_batch(with_images, -1, self.marker_id) if with_images else [])
+        rendered_text = iter(self.renderer.render_batch(text_only, -1) if text_only else [])
         out, j = [], 0
         for p in payloads:
             refs, where = [], ""
             if isinstance(p, (ChatRecord, tuple)):
-                tokens, mask, _ = next(rendered)
+                tokens, mask, _ = next(rendered_images if isinstance(p, ChatRecord) else rendered_text)
                 if isinstance(p, ChatRecord):
                     refs, where = p.items, p.where
             else:
@@ -300,12 +314,12 @@ class Encoder:
             if truncated:
                 tokens, mask = tokens[:cap], mask[:cap]
             return (tokens, mask), len(tokens), [], truncated
-        if n > cap:
-            return self._unusable(where, f"{n} tokens with its images, more than a window's {cap} (data.max_length "
-                                         "or train.seq_len+1): an image sample is never cut", skipped=False)
         if len(refs) > self.image.max_images:
             return self._unusable(where, f"{len(refs)} images, more than a window holds (model.max_images="
                                          f"{self.image.max_images})", skipped=False)
+        if n > cap:
+            return self._unusable(where, f"{n} tokens with its images, more than a window's {cap} (data.max_length "
+                                         "or train.seq_len+1): an image sample is never cut", skipped=False)
         from .images import BadImage, load_image, tile_image
 
         items = []
@@ -315,8 +329,10 @@ class Encoder:
                 continue
             try:
                 items.append(tile_image(load_image(read_image_bytes(ref), self.image), self.image))
-            except (BadImage, OSError) as e:
-                return self._unusable(ref.where or where, f"image {ref.path or '(bytes)'}: {e}", skipped=True)
+            except Exception as e:  # noqa: BLE001 - a hostile path or URL (unknown protocol, NUL byte,
+                # no credentials, a filesystem package not installed) skips its record, never the loader
+                why = str(e) if isinstance(e, (BadImage, OSError)) else f"{type(e).__name__}: {e}"
+                return self._unusable(ref.where or where, f"image {ref.path or '(bytes)'}: {why}", skipped=True)
         return (tokens, mask), n, items, False
 
     def _unusable(self, where: str, reason: str, skipped: bool) -> tuple:
@@ -396,6 +412,7 @@ class SlotStream:
         self._cuts_reported = 0
         self._truncated = 0  # chat: conversations cut to max_length, packed since the last take
         self._unusable = [0, 0]  # documents the encoder could not use since the last take: skipped, dropped
+        self._unusable_run = 0  # ... in a row
         self.consumed = 0  # tokens (chat pad: documents) handed to the packer so far
         if feed is None:
             on_skip = SkipLog()
@@ -458,10 +475,18 @@ class SlotStream:
             self._truncated += truncated
             if isinstance(packed, Unusable):
                 self._unusable[0 if packed.skipped else 1] += 1
+                self._unusable_run += 1
+                if self._unusable_run >= UNUSABLE_LIMIT:  # the data is wrong, not a few records
+                    raise DataError(
+                        f"{self._unusable_run} samples in a row could not be used (the last: {packed.where}: "
+                        f"{packed.reason}): check data.path, data.image_field and the pictures' paths (relative to "
+                        "the records' file), train.seq_len and model.max_images")
             elif self.whole:
                 self.packer.add(key, packed, ref, items)
             else:
                 self.packer.add(key, packed, ref, 0, items)
+            if not isinstance(packed, Unusable):
+                self._unusable_run = 0
             self.reader_states[i] = snap
             self._skips_committed[i], self._cuts_committed[i] = counts
             self.mix_tokens[i] += n_tokens

@@ -148,7 +148,7 @@ class DataConfig(SourceConfig):
     sft_packing: str = "pack"
     # Image-text models: images with more pixels (width x height) are skipped unread
     # (data/skipped), before decoding: a decompression bomb cannot exhaust a worker.
-    max_image_pixels: int = knob(89_478_485, ge=1, le=1 << 40)
+    max_image_pixels: int = knob(89_478_485, ge=1, le=178_956_970)  # Pillow refuses more (its bomb bound)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 

@@ -125,9 +125,10 @@ def caption_losses(run_dir: Path, records: Path, rows: int = 64) -> Dict[int, fl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="outputs/demo_vision", help="data, run dir and tokenizer cache go here")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="training steps (train.steps)")
     p.add_argument("--train", type=int, default=3000, help="training pictures")
     p.add_argument("--held-out", type=int, default=128, help="held-out pictures")
     p.add_argument("--max-shapes", type=int, default=2, choices=(1, 2), help="shapes per picture, at most")

@@ -126,6 +126,16 @@ def _check_data(cfg: JobConfig) -> None:
         _require(d.path is not None, "data.path", d.path, f"a path for data.source={d.source}")
     _one_of("data.format", d.format, ("text", "chat"))
     _one_of("data.sft_packing", d.sft_packing, ("pack", "pad"))
+    takes_images = get_family(m.family).image_spec is not None
+    entries = [(f"data.mixture.{i}.", e) for i, e in enumerate(d.mixture)] if d.source == "mixture" else [("data.", d)]
+    for key, e in entries + ([("eval.data.", cfg.eval.data)] if cfg.eval.interval > 0 else []):
+        if takes_images and e.source != "image_folder":
+            # The caption itself would be read as a picture's path: every record skipped.
+            _require(e.image_field != e.field, f"{key}image_field", e.image_field,
+                     f"a field other than {key}field={e.field!r} (the text)")
+        if e.source == "image_folder":
+            _require(takes_images, f"{key}source", e.source,
+                     f"an image-text model (model.family={m.family!r} takes no images)")
     _require(d.max_length == -1 or 1 <= d.max_length <= t.seq_len + 1, "data.max_length", d.max_length,
              f"must be in [1, train.seq_len+1={t.seq_len + 1}] or -1 (= train.seq_len+1)")
     if d.format == "chat":

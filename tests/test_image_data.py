@@ -235,3 +235,54 @@ def test_a_tokenizer_may_count_the_image_token_at_its_id_only(tmp_path):
     with pytest.raises(ValueError, match=f"<\\|image\\|> at id {n}, but the model's image token is model.vocab_size={n + 1}"):
         check_vocabulary(tok, n + 1, other)
     check_vocabulary(base, n, spec)  # a tokenizer without it: the id past its vocabulary
+
+
+def test_hostile_paths_skip_their_record_and_a_corpus_of_none_stops(tmp_path, llama3):
+    """A picture path with an unknown protocol, a NUL byte, a data: URL or a device is
+    skipped like a missing file (never the loader's end); a corpus where no picture can be
+    used stops with a DataError naming the last one instead of reading forever."""
+    from data_pipeline import stream
+    from data_pipeline.runs import DataError
+
+    write_records(tmp_path, 8)
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    for i, bad in ((1, "foo://bar/x.png"), (3, "img\u0000.png"), (5, "data:image/png;base64,AAAA"),
+                   (7, "/dev/zero")):
+        rec = json.loads(lines[i])
+        rec["image"] = bad
+        lines[i] = json.dumps(rec)
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
+    ld = loader(tmp_path, llama3, workers=2, rows=1)
+    got = take(ld, 2)
+    ld.close()
+    assert sum(b["skipped"] for b in got) == 4 and sum(int((b["aspect_ratio_ids"] != 0).sum()) for b in got) == 4
+
+    none = tmp_path / "none"
+    none.mkdir()
+    (none / "records.jsonl").write_text("".join(json.dumps({"image": f"missing/{i}.png", "text": "x"}) + "\n"
+                                                for i in range(30)))
+    old, stream.UNUSABLE_LIMIT = stream.UNUSABLE_LIMIT, 50
+    try:
+        ld = loader(none, llama3, rows=1)
+        with pytest.raises(DataError, match="50 samples in a row could not be used .*missing/.*data.image_field"):
+            next(ld)
+        ld.close()
+    finally:
+        stream.UNUSABLE_LIMIT = old
+
+
+def test_text_only_conversations_keep_the_image_text_and_validation_refuses_a_caption_as_path(tmp_path, llama3):
+    from conftest import compose_job
+
+    from data_pipeline.stream import Encoder, Unusable
+    from pretrain.validate import ConfigError, validate_job
+
+    enc = Encoder(llama3, SEQ + 1, chat=True, image=SPEC)
+    (packed, n, items, _), = enc.encode([(("user", "what is <|image|>?"), ("assistant", "a tag: <|image|>"))])
+    assert not isinstance(packed, Unusable) and items == [] and IMAGE_ID not in packed[0]
+    assert "<|image|>" in llama3.decode(packed[0].tolist())
+    with pytest.raises(ConfigError, match="data.image_field='text'"):
+        validate_job(compose_job("model=mllama_debug", "data=jsonl", "data.path=/tmp", "data.image_field=text",
+                                 "data.tokenizer.kind=bpe"), 1)
+    with pytest.raises(ConfigError, match="data.source='image_folder'"):
+        validate_job(compose_job("data=image_folder", "data.path=/tmp", "model=llama3_2_1b"), 1)

@@ -194,20 +194,27 @@ def test_transformers4_config_and_weight_names(hf_folder, imported, tmp_path):
         assert torch.equal(mine[k], theirs[k]), k
 
 
+def _imported_model_run(tmp: Path, imported, overrides, tok_cache, **kw):
+    """(run dir, process): one step of the imported model.yaml (``model=`` from a config dir
+    under ``tmp``) on text with a 300-token BPE, a checkpoint at step 1."""
+    conf = tmp / "conf" / "model"
+    conf.mkdir(parents=True)
+    shutil.copy(imported[0] / "model.yaml", conf / "imported_mllama.yaml")
+    run = tmp / "run"
+    proc = run_job(run, [f"hydra.searchpath=[file://{tmp / 'conf'}]", "model=imported_mllama", *overrides,
+                         "data.glob=json/*.py", "data.tokenizer.vocab_size=300", "data.num_workers=0",
+                         "train.seq_len=32", "train.steps=1", "logging.every=1", "logging.tensorboard=false",
+                         "checkpoint.interval=1"], tok_cache=tok_cache, tiny=False, **kw)
+    return run, proc
+
+
 @pytest.fixture(scope="module")
 def mllama_run(hf_folder, imported, tmp_path_factory, tok_cache):
     """(run dir, process): one step of the imported model.yaml (``model=`` from a config
     dir) with model.init_from=<folder>, on text with a 300-token BPE, a checkpoint at step 1."""
     tmp = tmp_path_factory.mktemp("mllama_run")
-    conf = tmp / "conf" / "model"
-    conf.mkdir(parents=True)
-    shutil.copy(imported[0] / "model.yaml", conf / "imported_mllama.yaml")
-    run = tmp / "run"
-    proc = run_job(run, [f"hydra.searchpath=[file://{tmp / 'conf'}]", "model=imported_mllama",
-                         f"model.init_from={hf_folder[0]}", "data.glob=json/*.py", "data.tokenizer.vocab_size=300",
-                         "data.num_workers=0", "train.seq_len=32", "train.local_batch_size=2", "train.steps=1",
-                         "logging.every=1", "logging.tensorboard=false", "checkpoint.interval=1"],
-                   tok_cache=tok_cache, tiny=False)
+    run, proc = _imported_model_run(tmp, imported, [f"model.init_from={hf_folder[0]}", "train.local_batch_size=2"],
+                                    tok_cache)
     return run, proc
 
 
@@ -614,15 +621,9 @@ def test_the_adapter_recipe_from_a_text_folder_on_two_fsdp_ranks(text_folder, im
     from pretrain.tokenizers import build_sources, image_spec, load_tokenizer
 
     path, hf = text_folder
-    conf = tmp_path / "conf" / "model"
-    conf.mkdir(parents=True)
-    shutil.copy(imported[0] / "model.yaml", conf / "imported_mllama.yaml")
-    run = tmp_path / "run"
-    proc = run_job(run, [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=imported_mllama",
-                         f"model.init_from={path}", "finetune.freeze=[text]", "data.glob=json/*.py",
-                         "data.tokenizer.vocab_size=300", "data.num_workers=0", "train.seq_len=32",
-                         "train.local_batch_size=1", "train.steps=1", "logging.every=1", "logging.tensorboard=false",
-                         "checkpoint.interval=1"], tok_cache=tok_cache, tiny=False, nproc=2, launcher="torchrun")
+    run, proc = _imported_model_run(tmp_path, imported, [f"model.init_from={path}", "finetune.freeze=[text]",
+                                                         "train.local_batch_size=1"], tok_cache, nproc=2,
+                                    launcher="torchrun")
     assert "(a llama text model: " in proc.stderr + proc.stdout
     (row,) = read_metrics(run)
     cfg = load_job_config(run / ".hydra" / "config.yaml")
