@@ -291,9 +291,9 @@ def partial_init_family(args: LlamaArgs, path) -> Optional[str]:
 def _full_value(t: torch.Tensor) -> torch.Tensor:
     """A parameter's whole current value on the CPU (gathered from its shards: every rank
     that holds a part of it calls this, in the same order)."""
-    from torch.distributed.tensor import DTensor
+    from parallel.tensors import full_value
 
-    return (t.full_tensor() if isinstance(t, DTensor) else t.detach()).cpu().clone()
+    return full_value(t).detach().cpu().clone()
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_bytes: int = 1 << 30,
