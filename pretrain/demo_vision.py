@@ -128,8 +128,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="outputs/demo_vision", help="data, run dir and tokenizer cache go here")
-    p.add_argument("--steps", type=int, default=300, help="training steps (train.steps)")
-    p.add_argument("--train", type=int, default=3000, help="training pictures")
+    p.add_argument("--steps", type=int, default=200, help="training steps (train.steps)")
+    p.add_argument("--train", type=int, default=2000, help="training pictures")
     p.add_argument("--held-out", type=int, default=128, help="held-out pictures")
     p.add_argument("--max-shapes", type=int, default=2, choices=(1, 2), help="shapes per picture, at most")
     p.add_argument("--min-gain", type=float, default=0.25,
@@ -143,7 +143,9 @@ def main(argv=None) -> int:
     run_dir = root / "run"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     subprocess.run(train_command(run_dir, train, held, a.steps, root / "tok", a.overrides), check=True, env=env)
-    real, blanked = caption_losses(run_dir, held, a.held_out), caption_losses(run_dir, blank, a.held_out)
+    # Half as many rows as pictures: every row's stream has units of its own (loader.py).
+    rows = max(1, a.held_out // 2)
+    real, blanked = caption_losses(run_dir, held, rows), caption_losses(run_dir, blank, rows)
     print("held-out caption loss per checkpoint (nats/token): step | real images | images blanked")
     for step in sorted(real):
         print(f"  {step:5d} | {real[step]:.3f} | {blanked[step]:.3f}")

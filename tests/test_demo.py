@@ -26,33 +26,32 @@ def test_demo_trains_and_says_where_its_logs_are(tmp_path):
 
 
 def test_demo_vision_learns_to_read_its_pictures(tmp_path):
-    """`make demo-vision` shortened to 200 of its 300 steps on 2,000 pictures (the suite's
-    version): the held-out caption loss with the real pictures ends at least 15% below the
-    loss with the pictures blanked. Measured 2026-12-07 (nats/token, real | blanked):
-    step 50 0.960 | 0.951, 100 0.769 | 0.819, 150 0.669 | 0.892, 200 0.583 | 0.867 (32.8%
-    lower); the full demo's 300 steps end 70% lower (README). A model that ignores its
-    pictures gives the same loss for both (0.0% at step 80 of a run cut short). The trainer's
-    validation on the held-out pictures equals the demo's own evaluation of the last
-    checkpoint."""
+    """`make demo-vision` shortened to 50 of its 200 steps on 800 of its 2,000 pictures (the
+    suite's version, 30 s): the held-out caption loss with the real pictures ends at least 30%
+    below the loss with the pictures blanked. Measured 2026-12-07 (nats/token, real |
+    blanked): step 25 1.907 | 1.999, step 50 0.562 | 1.304 (56.9% lower); the whole demo ends
+    92% lower (README). A model that ignores its pictures gives the same loss for both (0.0%
+    with rows that repeat one sample, before data.chunk_bytes gave each row its own). The
+    trainer's validation on the held-out pictures equals the demo's own evaluation of the
+    last checkpoint."""
     import re
     import subprocess
 
     from conftest import REPO, _env
 
-    proc = subprocess.run([sys.executable, "-m", "pretrain.demo_vision", "--out", str(tmp_path), "--steps", "200",
-                           "--train", "2000", "--held-out", "64", "--min-gain", "0.15", "checkpoint.interval=50",
-                           "eval.interval=200", "eval.local_batch_size=64", "logging.every=50"], cwd=REPO,
-                          env=_env({"OMP_NUM_THREADS": "2"}),
+    proc = subprocess.run([sys.executable, "-m", "pretrain.demo_vision", "--out", str(tmp_path), "--steps", "50",
+                           "--train", "800", "--held-out", "64", "--min-gain", "0.3", "checkpoint.interval=25",
+                           "eval.interval=50", "eval.local_batch_size=32", "logging.every=25",
+                           "optim.warmup_steps=10"], cwd=REPO, env=_env({"OMP_NUM_THREADS": "2"}),
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     print(out[-1500:], file=sys.stderr)
     last = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())
     real, blank = float(last["real_loss"]), float(last["blank_loss"])
-    assert proc.returncode == 0 and real <= 0.85 * blank, (real, blank)
+    assert proc.returncode == 0 and real <= 0.7 * blank, (real, blank)
     steps = [int(m) for m in re.findall(r"^\s+(\d+) \| ", proc.stdout, re.M)]
-    assert steps == [50, 100, 150, 200]
-    assert (tmp_path / "run" / "checkpoints" / "step-200").is_dir()
-    # The trainer's own evaluation on the held-out pictures (eval.data, 64 rows) is the
+    assert steps == [25, 50]
+    # The trainer's own evaluation on the held-out pictures (eval.data, 32 rows) is the
     # demo's caption loss with real pictures, computed apart from the rebuilt checkpoint.
     (row,) = [r for r in read_metrics(tmp_path / "run") if "val/loss" in r]
     assert abs(row["val/loss"] - real) <= 1e-5 * real + 1e-6, (row["val/loss"], real)
