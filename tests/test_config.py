@@ -143,6 +143,8 @@ def test_every_config_file_composes_and_validates():
                 extra = ["model=llama3_2_1b", "data.path=/tmp", "data.mixture.0.path=/tmp", "data.mixture.1.path=/tmp"]
                 if f.stem != "mixture":
                     extra = extra[:2]
+                if f.stem == "image_folder":  # pictures: an image-text model
+                    extra[0] = "model=llama3_2_11b_vision"
             if group == "experiment" and f.stem.startswith(("finetune_", "pretrain_")):  # user weights and data
                 extra = ["model.init_from=/models/llama", "data.path=/tmp"]
             if group == "experiment" and f.stem == "demo_vision":  # the demo writes its pictures first
