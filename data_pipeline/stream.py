@@ -37,7 +37,7 @@ from .chat import ChatPacker, ChatRenderer, pad_id
 from .packing import Packer, wrap
 from .records import ChatRecord, ImageRef, Record
 from .runs import DataError, NoDocumentRun
-from .sources import Source
+from .sources import Source, _fs, _is_local, open_binary
 
 log = logging.getLogger("data_pipeline")
 
@@ -181,8 +181,6 @@ def read_image_bytes(ref: ImageRef) -> bytes:
     one past ``MAX_IMAGE_BYTES``)."""
     if ref.data is not None:
         return ref.data
-    from .sources import _fs, _is_local, open_binary
-
     fs, path = _fs(ref.path)
     if _is_local(fs):  # a device, FIFO or directory would block or be read whole
         import stat
@@ -232,28 +230,35 @@ class Encoder:
             return self._encode_whole(payloads)
         if self.chat:
             return [((t, m), len(t), [], tr) for t, m, tr in self.renderer.render_batch(payloads, self.max_length)]
+        if self.marker_id is None and any(isinstance(p, Record) for p in payloads):
+            raise ValueError("a source yields records with items (payloads), but the loader has no "
+                             "marker token for them (LoaderSpec.marker_id)")
+        return [(w, len(w), p.items if isinstance(p, Record) else [], False)
+                for p, w in zip(payloads, self._wrapped(payloads))]
+
+    def _wrapped(self, payloads: Sequence) -> List[Optional[np.ndarray]]:
+        """Per payload its wrapped tokens: texts and records (their texts around marker
+        tokens) tokenized in one batch call, pretokenized arrays as they are; None for a
+        conversation (rendered instead)."""
         texts = []
         for p in payloads:
             if isinstance(p, str):
                 texts.append(p)
             elif isinstance(p, Record):
-                if self.marker_id is None:
-                    raise ValueError("a source yields records with items (payloads), but the loader has no "
-                                     "marker token for them (LoaderSpec.marker_id)")
                 texts.extend(p.texts)
         flat, off = self.tok.encode_batch(texts) if texts else (None, None)
         out, j = [], 0
         for p in payloads:
             if isinstance(p, np.ndarray):
-                w, items = self._wrap([p]), []
+                out.append(self._wrap([p]))
             elif isinstance(p, str):
-                w, items = self._wrap([flat[off[j]:off[j + 1]]]), []
+                out.append(self._wrap([flat[off[j]:off[j + 1]]]))
                 j += 1
-            else:
-                w = self._wrap(self._parts(flat, off, j, len(p.texts)))
+            elif isinstance(p, Record):
+                out.append(self._wrap(self._parts(flat, off, j, len(p.texts))))
                 j += len(p.texts)
-                items = p.items
-            out.append((w, len(w), items, False))
+            else:
+                out.append(None)
         return out
 
     def _parts(self, flat, off, j: int, n: int) -> list:
@@ -268,36 +273,18 @@ class Encoder:
 
     def _encode_whole(self, payloads: Sequence) -> List[tuple]:
         """Image mode: every document as ((tokens, loss mask), n, items, truncated)."""
-        texts = []
-        for p in payloads:
-            if isinstance(p, str):
-                texts.append(p)
-            elif isinstance(p, Record):
-                texts.extend(p.texts)
-        flat, off = self.tok.encode_batch(texts) if texts else (None, None)
         # "<|image|>" is a picture's place only in a record that has pictures: a text-only
         # conversation keeps it as text.
         with_images = [p.messages for p in payloads if isinstance(p, ChatRecord)]
         text_only = [p for p in payloads if isinstance(p, tuple)]
         rendered_images = iter(self.renderer.render_batch(with_images, -1, self.marker_id) if with_images else [])
         rendered_text = iter(self.renderer.render_batch(text_only, -1) if text_only else [])
-        out, j = [], 0
-        for p in payloads:
-            refs, where = [], ""
-            if isinstance(p, (ChatRecord, tuple)):
+        out = []
+        for p, tokens in zip(payloads, self._wrapped(payloads)):
+            refs, where = (p.items, p.where) if isinstance(p, (Record, ChatRecord)) else ([], "")
+            if tokens is None:  # a conversation
                 tokens, mask, _ = next(rendered_images if isinstance(p, ChatRecord) else rendered_text)
-                if isinstance(p, ChatRecord):
-                    refs, where = p.items, p.where
             else:
-                if isinstance(p, np.ndarray):
-                    tokens = self._wrap([p])
-                elif isinstance(p, str):
-                    tokens = self._wrap([flat[off[j]:off[j + 1]]])
-                    j += 1
-                else:
-                    tokens = self._wrap(self._parts(flat, off, j, len(p.texts)))
-                    j += len(p.texts)
-                    refs, where = p.items, p.where
                 mask = tokens != self.marker_id
                 mask[0] = False  # <|begin_of_text|> starts a sample: never a target
             out.append(self._finish(tokens, mask, refs, where))
