@@ -731,6 +731,17 @@ class _Images:
         return text_with_images(text, refs, where, on_skip)
 
 
+def _read_prefix(fs, path: str, limit: int, where: str, on_truncate: TruncateFn) -> bytes:
+    """A whole file of at most ``limit`` bytes; a longer one cut to it at a UTF-8 character
+    boundary, reported as ``on_truncate(where)``. Never reads more than ``limit + 1``."""
+    with open_binary(fs, path) as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raw = _utf8_prefix(raw, limit)
+        on_truncate(where)
+    return raw
+
+
 def _whole_files(spec: SourceSpec):
     """Units of a file source whose every file is one document: the file, or a reason to
     skip it (larger than max_file_bytes)."""
@@ -754,12 +765,7 @@ class TextFolderSource(Source):
         if cursor > 0:
             return
         (path,) = unit
-        limit = self.spec.max_doc_bytes
-        with open_binary(self.fs, path) as f:
-            raw = f.read(limit + 1)
-        if len(raw) > limit:
-            raw = _utf8_prefix(raw, limit)
-            on_truncate(path)
+        raw = _read_prefix(self.fs, path, self.spec.max_doc_bytes, path, on_truncate)
         text = _decode(raw, path, on_skip)
         if text is not None:
             yield 0, 1, text
@@ -826,7 +832,7 @@ class JsonlSource(Source):
 
     def _iter_docs(self, unit, cursor, on_skip, on_truncate):
         path, a, b = unit
-        images = None if self.spec.image_field is None else self._images(file_dir(self.fs, path))
+        images = self._images(file_dir(self.fs, path))
         if b < 0:
             yield from self._iter_compressed(path, cursor, on_skip, images)
             return
@@ -1092,16 +1098,11 @@ class ImageFolderSource(Source):
             return
         (path,) = unit
         caption = posixpath.splitext(path)[0] + ".txt"
-        limit = self.spec.max_doc_bytes
         try:
-            with open_binary(self.fs, caption) as f:
-                raw = f.read(limit + 1)
+            raw = _read_prefix(self.fs, caption, self.spec.max_doc_bytes, path, on_truncate)
         except FileNotFoundError:
             on_skip(path, f"no caption file ({caption})")
             return
-        if len(raw) > limit:
-            raw = _utf8_prefix(raw, limit)
-            on_truncate(path)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
