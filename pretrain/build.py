@@ -26,7 +26,7 @@ from .model.family import ModelFamily, count_parameters, seeded_trunc_normal_
 from .optim import OptimizerParts, build_optimizer
 from .loss import resolve_loss_chunk
 from .step import TrainStep, resolve_dtypes
-from .tokenizers import build_sources, image_spec, load_tokenizer, masked_labels
+from .tokenizers import build_sources, image_spec, load_tokenizer
 
 
 @dataclass
@@ -133,7 +133,9 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
     model = build_model(cfg, dims, device)
     optimizer = OptimizerParts([build_optimizer(part, cfg.optim) for part in model.parts])
     step = TrainStep(model.family, model.parts, optimizer, dims=dims, pc=cfg.parallel,
-                     grad_accum_steps=t.grad_accum_steps, max_norm=t.max_norm, chat=masked_labels(cfg),
+                     grad_accum_steps=t.grad_accum_steps, max_norm=t.max_norm,
+                     # labels hold -100 (chat: outside assistant turns; pictures: image tokens, padding)
+                     chat=cfg.data.format == "chat" or images is not None,
                      device=device, param_dtype=model.param_dtype, mesh=model.mesh, stage_ids=model.stage_ids,
                      num_stages=model.num_stages, tied=model.tied, model_args=cfg.model,
                      loss_chunk=_loss_chunk(cfg, dims, model.family))

@@ -639,15 +639,13 @@ def _run_tokenizer(cfg):
     trained anew: the BPE a run trained (``data.tokenizer.kind=bpe`` without a path) is the
     file of ``data.tokenizer.cache_dir`` keyed by the corpus's first ``train_bytes``, which
     are read again to find it."""
-    from data_pipeline.tokenizer import bpe_cache_path, build_tokenizer, sample_texts
+    from data_pipeline.tokenizer import build_tokenizer
 
-    from .tokenizers import build_sources, family_takes_images
+    from .tokenizers import bpe_corpus, build_sources
 
     tc = cfg.data.tokenizer
     if tc.kind == "bpe" and not tc.path:
-        sources = build_sources(cfg.data, images=family_takes_images(cfg))[0]
-        texts = sample_texts((t for s in sources if not s.tokenized for t in s.iter_texts()), tc.train_bytes)
-        path = bpe_cache_path(tc.cache_dir, texts, tc.vocab_size)
+        _, path = bpe_corpus(tc, build_sources(cfg.data, images=family_of(cfg.model).image_spec is not None)[0])
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (the {tc.vocab_size}-token BPE the run trained on its corpus, "
                                     "cached in data.tokenizer.cache_dir)")

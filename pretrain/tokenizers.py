@@ -4,6 +4,7 @@ against pretokenized shards."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from data_pipeline.sources import Source, SourceSpec, build_source
@@ -24,18 +25,6 @@ def image_spec(cfg):
     from data_pipeline.images import ImageSpec
 
     return ImageSpec(**family.image_spec(cfg.model), max_pixels=cfg.data.max_image_pixels)
-
-
-def masked_labels(cfg) -> bool:
-    """Labels hold -100 (chat: outside assistant turns; image-text data: image tokens and
-    padding): the loss is the mean over the trained tokens."""
-    return cfg.data.format == "chat" or family_takes_images(cfg)
-
-
-def family_takes_images(cfg) -> bool:
-    from .model import family_of
-
-    return family_of(cfg.model).image_spec is not None
 
 
 _SPEC_KEYS = ("path", "glob", "field", "split", "max_file_bytes", "chunk_bytes", "rows_per_unit", "max_doc_bytes")
@@ -64,19 +53,25 @@ def build_sources(data_cfg, prefix: str = "data.", fmt: Optional[str] = None, im
     return sources, weights, names
 
 
+def bpe_corpus(tc, sources: Sequence[Source]) -> Tuple[List[str], Path]:
+    """(the texts a data.tokenizer.kind=bpe without a path trains on, the cache file they
+    key): the first ``train_bytes`` of the text sources, in listing order."""
+    text_sources = [s for s in sources if not s.tokenized]
+    if not text_sources:
+        raise ValueError("data.tokenizer.kind=bpe without data.tokenizer.path needs a text source to train on")
+    texts = sample_texts((t for s in text_sources for t in s.iter_texts()), tc.train_bytes)
+    if not texts:  # every record skipped: nothing to train on (and nothing to cache)
+        keys = " / ".join(f"{s.spec.key}field={s.spec.field!r} {s.spec.key}path={s.spec.path!r}"
+                          for s in text_sources)
+        raise ValueError(f"data.tokenizer.kind=bpe: no document to train the tokenizer on in {keys}: every "
+                         "record was skipped (check the field and the path)")
+    return texts, bpe_cache_path(tc.cache_dir, texts, tc.vocab_size)
+
+
 def load_tokenizer(data_cfg, sources: Sequence[Source], env: LaunchEnv) -> Tokenizer:
     tc = data_cfg.tokenizer
     if tc.kind == "bpe" and not tc.path:
-        text_sources = [s for s in sources if not s.tokenized]
-        if not text_sources:
-            raise ValueError("data.tokenizer.kind=bpe without data.tokenizer.path needs a text source to train on")
-        texts = sample_texts((t for s in text_sources for t in s.iter_texts()), tc.train_bytes)
-        if not texts:  # every record skipped: nothing to train on (and nothing to cache)
-            keys = " / ".join(f"{s.spec.key}field={s.spec.field!r} {s.spec.key}path={s.spec.path!r}"
-                              for s in text_sources)
-            raise ValueError(f"data.tokenizer.kind=bpe: no document to train the tokenizer on in {keys}: every "
-                             "record was skipped (check the field and the path)")
-        path = bpe_cache_path(tc.cache_dir, texts, tc.vocab_size)
+        texts, path = bpe_corpus(tc, sources)
         if env.local_rank == 0 and not path.exists():
             log.info("training a %d-token BPE on %d documents (%.1f MB) -> %s", tc.vocab_size, len(texts),
                      sum(map(len, texts)) / 1e6, path)

@@ -25,7 +25,6 @@ from .build import Job, build_job
 from .checkpoint import CheckpointError, Checkpointer, complete_checkpoints, read_meta
 from .config import JobConfig
 from .evaluate import Evaluator
-from .tokenizers import family_takes_images
 from .observe.audit import DataAudit
 from .observe.flops import peak_flops_and_source
 from .observe.metrics import DataCounts, LogWindow, MetricsSink, log_every, training_row
@@ -257,7 +256,7 @@ def _log_row(cfg: JobConfig, env: LaunchEnv, job: Job, window: LogWindow, counts
     timing = window.metrics(step, loss, world_size=env.world_size, flops_per_token=fpt, peak=peak)
     data = counts.global_metrics(loss.device, job.step.dims.batch_replicas, job.source_names,
                                  job.listing_skipped, chat=cfg.data.format == "chat",
-                                 images=family_takes_images(cfg))
+                                 images=job.model.family.image_spec is not None)
     return training_row(timing, data, lr=lr, grad_norm=out.grad_norm.item(), tokens_seen=tokens_seen,
                         val_loss=val_loss)
 
