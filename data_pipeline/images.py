@@ -1,5 +1,6 @@
-"""Images for Mllama (Llama 3.2 Vision): bytes -> checked RGB image -> uint8 tiles, and a
-batch's tiles and marker tokens -> the model's pixel values, aspect ratios and masks.
+"""Images for image-text models that read tiled pictures (``ImageSpec``, given by the model
+family): bytes -> checked RGB image -> uint8 tiles, and a batch's tiles and marker tokens
+-> the model's pixel values, aspect ratios and masks.
 
 The rules are transformers' (``MllamaImageProcessor`` with its PIL backend, and
 ``MllamaProcessor``'s cross-attention mask), reproduced here without importing it: the
@@ -70,7 +71,7 @@ class ImageSpec:
         for name in ("tile_size", "max_tiles", "max_images", "max_pixels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ImageSpec.{name}={getattr(self, name)} must be >= 1")
-        if self.channels != 3:  # load_image always makes RGB, the only layout Mllama reads
+        if self.channels != 3:  # load_image always makes RGB
             raise ValueError(f"ImageSpec.channels={self.channels}: only 3 (RGB) is supported")
         if not self.aspect_ratios:
             raise ValueError("ImageSpec.aspect_ratios is empty: at least one (rows, cols) grid is needed")
@@ -332,7 +333,7 @@ def cross_attention_mask(tokens: np.ndarray, doc_ids: np.ndarray, n_tiles: np.nd
 # --- the batch --------------------------------------------------------------------------
 
 def collate(batch: dict, spec: ImageSpec) -> dict:
-    """The loader's numpy batch -> Mllama's image inputs, all numpy:
+    """The loader's numpy batch -> the model's image inputs (the batch contract), all numpy:
     ``pixel_values`` float32 (B, I, T, C, H, W), ``aspect_ratio_ids`` int64 (B, I),
     ``aspect_ratio_mask`` int64 (B, I, T), ``cross_attention_mask`` int64 (B, S, I, T),
     with I = ``spec.max_images``, T = ``spec.max_tiles``, S = the window - 1 (the mask is
@@ -390,31 +391,4 @@ def collate(batch: dict, spec: ImageSpec) -> dict:
         "aspect_ratio_ids": ratio_ids,
         "aspect_ratio_mask": (np.arange(t_max)[None, None, :] < n_tiles[:, :, None]).astype(np.int64),
         "cross_attention_mask": cross_attention_mask(tokens[:, :-1], doc_ids[:, :-1], n_tiles, spec),
-    }
-
-
-# --- export -----------------------------------------------------------------------------
-
-def preprocessor_config(spec: ImageSpec) -> dict:
-    """``preprocessor_config.json`` for transformers' ``MllamaImageProcessor`` (and
-    ``AutoProcessor``), which then preprocesses images as this module does."""
-    if spec.aspect_ratios != aspect_ratios_for(spec.max_tiles):
-        # transformers has no key for the grids: it derives them from max_image_tiles.
-        raise ValueError(f"aspect_ratios {[list(r) for r in spec.aspect_ratios]} are not the grids transformers "
-                         f"derives from max_image_tiles={spec.max_tiles}: "
-                         f"{[list(r) for r in aspect_ratios_for(spec.max_tiles)]}")
-    return {
-        "image_processor_type": "MllamaImageProcessor",
-        "processor_class": "MllamaProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"height": spec.tile_size, "width": spec.tile_size},
-        "resample": BILINEAR,
-        "do_rescale": True,
-        "rescale_factor": RESCALE_FACTOR,
-        "do_normalize": True,
-        "image_mean": list(spec.mean),
-        "image_std": list(spec.std),
-        "do_pad": True,
-        "max_image_tiles": spec.max_tiles,
     }

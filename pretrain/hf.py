@@ -668,11 +668,11 @@ def export_processor_files(ckpt: Path, out: Path, args: LlamaArgs) -> List[str]:
     written: List[str] = []
     spec = None
     if family.image_spec is not None:
-        from data_pipeline.images import ImageSpec, preprocessor_config
+        from data_pipeline.images import ImageSpec
 
         spec = ImageSpec(**family.image_spec(args))
         try:
-            pre = preprocessor_config(spec)
+            pre = family.hf.preprocessor_config(spec)
         except ValueError as e:
             log.warning("%s: no preprocessor_config.json written (transformers cannot express this model's images: "
                         "%s)", ckpt / "meta.json", e)

@@ -19,8 +19,8 @@ from transformers.models.mllama.processing_mllama import (convert_sparse_cross_a
 
 from data_pipeline.graph import stack_items
 from data_pipeline.images import (BadImage, ImageSpec, aspect_ratios_for, best_canvas, collate,
-                                  cross_attention_mask, fit_to_canvas, load_image, normalize_tiles,
-                                  preprocessor_config, tile_image)
+                                  cross_attention_mask, fit_to_canvas, load_image, normalize_tiles, tile_image)
+from pretrain.model.mllama.hf import preprocessor_config  # the family's converter writes it
 
 IMG = 99  # the image marker in these token rows; text tokens are below it
 T = 4  # max tiles

@@ -408,3 +408,31 @@ def from_text_model(args: MllamaArgs, text) -> Dict[str, str]:
                     "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"):
             names[f"layers.{i}.{sub}.weight"] = f"layers.{j}.{sub}.weight"
     return names
+
+
+def preprocessor_config(spec) -> dict:
+    """``preprocessor_config.json`` for transformers' ``MllamaImageProcessor`` (and
+    ``AutoProcessor``) from the loader's ``data_pipeline.images.ImageSpec``: transformers
+    then preprocesses images as our loader does."""
+    from data_pipeline.images import BILINEAR, RESCALE_FACTOR, aspect_ratios_for
+
+    if spec.aspect_ratios != aspect_ratios_for(spec.max_tiles):
+        # transformers has no key for the grids: it derives them from max_image_tiles.
+        raise ValueError(f"aspect_ratios {[list(r) for r in spec.aspect_ratios]} are not the grids transformers "
+                         f"derives from max_image_tiles={spec.max_tiles}: "
+                         f"{[list(r) for r in aspect_ratios_for(spec.max_tiles)]}")
+    return {
+        "image_processor_type": "MllamaImageProcessor",
+        "processor_class": "MllamaProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": spec.tile_size, "width": spec.tile_size},
+        "resample": BILINEAR,
+        "do_rescale": True,
+        "rescale_factor": RESCALE_FACTOR,
+        "do_normalize": True,
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
+        "do_pad": True,
+        "max_image_tiles": spec.max_tiles,
+    }
