@@ -173,8 +173,12 @@ class SignalHandler:
         if self.report is not None:
             try:
                 self.report("failed", code, step=None, error=f"Interrupted: {msg}")
-            except Exception:  # noqa: BLE001 (exiting anyway)
-                pass
+            except Exception as e:  # noqa: BLE001 (exiting anyway, but say the status is stale)
+                try:
+                    print(f"stopped: could not report the failure ({type(e).__name__}: {e})", file=sys.stderr,
+                          flush=True)
+                except Exception:  # noqa: BLE001
+                    pass
         os._exit(code)
 
     def __getstate__(self) -> dict:
