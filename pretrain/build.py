@@ -190,7 +190,7 @@ def _lora_meta(cfg: JobConfig, family: ModelFamily) -> Optional[dict]:
     lora = cfg.finetune.lora
     if lora.rank <= 0:
         return None
-    from .hf import folder_fingerprint
+    from .interop.hf import folder_fingerprint
     from .lora import resolve_targets
 
     base = cfg.model.init_from
@@ -204,7 +204,7 @@ def _start_weights(cfg: JobConfig, model: BuiltModel, loader_states, *, progress
     checkpoints hold the adapters only: their base comes from init_from every start."""
     lora = cfg.finetune.lora.rank > 0
     if (loader_states is None or lora) and not cfg.checkpoint.load_path and cfg.model.init_from:
-        from .hf import load_hf_weights
+        from .interop.hf import load_hf_weights
 
         for part in model.parts:
             load_hf_weights(part, cfg.model.init_from, cfg.model, progress=progress)

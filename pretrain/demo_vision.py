@@ -89,7 +89,7 @@ def caption_losses(run_dir: Path, records: Path, rows: int = 64) -> Dict[int, fl
     from data_pipeline.loader import LoaderSpec, RankLoader
     from pretrain.checkpoint import complete_checkpoints
     from pretrain.checkpoint.files import read_json
-    from pretrain.hf import _checkpoint_args, _load_model_tensors, _saved_metadata
+    from pretrain.interop.hf import _checkpoint_args, _load_model_tensors, _saved_metadata
     from pretrain.model import family_of
     from pretrain.tokenizers import build_sources, load_tokenizer
     from data_pipeline.images import ImageSpec

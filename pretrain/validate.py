@@ -66,7 +66,7 @@ def _check_model(cfg: JobConfig) -> None:
     if getattr(m, "init_from", None) and family.hf is None:
         raise ConfigError("model.init_from", m.init_from, f"model family {m.family!r} has no Hugging Face converter")
     if getattr(m, "init_from", None) and cfg.finetune.lora.rank > 0:
-        from .hf import partial_init_family
+        from .interop.hf import partial_init_family
 
         text = partial_init_family(m, m.init_from)  # a text model for an image-text one (Mllama from Llama 3.1)
         _require(text is None, "model.init_from", m.init_from,

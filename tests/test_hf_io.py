@@ -16,8 +16,8 @@ from tests.conftest import REPO, _env, died_after, losses, read_metrics, run_job
 transformers = pytest.importorskip("transformers")
 
 from pretrain.checkpoint import CheckpointError  # noqa: E402
-from pretrain.hf import HFWeights, import_hf, parse_size  # noqa: E402
-from pretrain.hf import main as hf_main  # noqa: E402
+from pretrain.interop.hf import HFWeights, import_hf, parse_size  # noqa: E402
+from pretrain.interop.hf import main as hf_main  # noqa: E402
 from pretrain.model.llama.args import LlamaArgs, RopeScaling  # noqa: E402
 from pretrain.model.llama.hf import args_from_hf_config, hf_config_from_args  # noqa: E402
 

@@ -1,5 +1,5 @@
 """The tokenizer beside an exported model (``data_pipeline.tokenizer.export_hf_tokenizer``,
-``pretrain.hf.export_processor_files``): what ``transformers.AutoTokenizer`` loads from the
+``pretrain.interop.hf.export_processor_files``): what ``transformers.AutoTokenizer`` loads from the
 folder encodes text to the run's ids. Llama 3's bundled vocabulary converted whole (its
 ranks as a byte-level BPE; a few hundred texts, the 256 special tokens, the chat
 template against the trainer's chat rendering), a tiktoken rank table, a tokenizer.json
@@ -180,7 +180,7 @@ def text_run(tmp_path):
 
     from parallel.env import LaunchEnv
     from pretrain.config import load_job_config
-    from pretrain.hf import import_hf
+    from pretrain.interop.hf import import_hf
     from pretrain.tokenizers import build_sources, load_tokenizer
     from tests.test_hf_io import save_hf
 
@@ -204,7 +204,7 @@ def text_run(tmp_path):
 
 
 def test_a_text_run_exports_its_tokenizer_beside_the_weights(text_run, tmp_path, caplog):
-    from pretrain.hf import export_hf
+    from pretrain.interop.hf import export_hf
 
     run, ours = text_run
     export_hf(run, tmp_path / "out", progress=False)
@@ -237,7 +237,7 @@ def test_a_run_with_a_tokenizer_json_that_is_gone_warns_naming_it(text_run, tmp_
     warning names the path."""
     import yaml
 
-    from pretrain.hf import export_hf
+    from pretrain.interop.hf import export_hf
 
     run = text_run[0]
     cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())

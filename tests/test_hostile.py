@@ -406,7 +406,7 @@ def test_sigterm_while_waiting_for_a_missing_peer_ends_within_seconds(tmp_path, 
 
 def test_hf_index_naming_files_outside_the_folder_is_refused(tmp_path):
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import HFWeights
+    from pretrain.interop.hf import HFWeights
 
     outside = tmp_path / "secret.safetensors"
     outside.write_bytes(b"x")
@@ -670,7 +670,7 @@ def test_signal_exceptions_survive_dcp_and_the_zip_writer():
 
 def test_hf_export_never_replaces_its_own_input(ckpt_run, tmp_path):
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import export_hf
+    from pretrain.interop.hf import export_hf
 
     run = tmp_path / "run"
     shutil.copytree(ckpt_run, run, ignore=shutil.ignore_patterns(".lock"))
@@ -735,7 +735,7 @@ def test_a_folder_of_another_family_is_named_not_a_traceback():
     of a Llama folder for a vision model) compared the folder's config field by field with
     the vision model's: AttributeError. Now a CheckpointError naming both families."""
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import check_args_match
+    from pretrain.interop.hf import check_args_match
     from tests.conftest import compose_job
 
     vision, text = compose_job("model=mllama_debug").model, compose_job("model=debug").model
@@ -750,7 +750,7 @@ def test_a_safetensors_header_that_relabels_a_weight_is_refused(tmp_path):
     as integers cast to float, without a word; a weight of a dtype the family does not store
     is refused naming the file, the weight and the dtype."""
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import HFWeights, import_hf
+    from pretrain.interop.hf import HFWeights, import_hf
     from tests.test_hf_io import save_hf
 
     save_hf(tmp_path / "hf", tied=True, seed=0)

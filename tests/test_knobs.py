@@ -143,7 +143,7 @@ def edited(src, dst, field: str, raw: str):
 ])
 def test_hf_config_values_out_of_range_are_refused_naming_the_key(hf_folder, tmp_path, field, raw, named):
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import HFWeights
+    from pretrain.interop.hf import HFWeights
 
     folder = edited(hf_folder, tmp_path / "hf", field, raw)
     with pytest.raises(CheckpointError, match=r"config.json: ") as e:
@@ -155,7 +155,7 @@ def test_two_rope_bases_in_one_hf_config_are_refused(hf_folder, tmp_path):
     """rope_theta at the top and in rope_parameters disagreeing: the top one was taken,
     silently. Which the weights were trained with is not known: refused naming both."""
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import HFWeights
+    from pretrain.interop.hf import HFWeights
 
     import shutil
 

@@ -19,8 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.config import load_job_config, load_model_file  # noqa: E402
-from pretrain.hf import import_hf, load_hf_weights  # noqa: E402
-from pretrain.hf import main as hf_main  # noqa: E402
+from pretrain.interop.hf import import_hf, load_hf_weights  # noqa: E402
+from pretrain.interop.hf import main as hf_main  # noqa: E402
 from pretrain.model.mllama.hf import args_from_hf_config, hf_config_from_args  # noqa: E402
 from pretrain.model.mllama.model import build_mllama  # noqa: E402
 from tests.test_hf_io import cli  # noqa: E402
@@ -138,7 +138,7 @@ def test_the_published_11b_config_is_the_11b_model_file():
     keys): read, they describe configs/model/llama3_2_11b_vision.yaml exactly, so
     ``model=llama3_2_11b_vision model.init_from=<that folder>`` passes the config check;
     written back, transformers reads them with Llama 3's special tokens."""
-    from pretrain.hf import check_args_match
+    from pretrain.interop.hf import check_args_match
     from tests.conftest import compose_job
 
     ours = compose_job("model=llama3_2_11b_vision").model
@@ -365,7 +365,7 @@ def test_an_export_that_fails_midway_leaves_nothing(imported, tmp_path, monkeypa
     """A disk that fills on the second shard: the error propagates, no folder and no .partial."""
     import safetensors.torch
 
-    from pretrain.hf import export_hf
+    from pretrain.interop.hf import export_hf
 
     real, calls = safetensors.torch.save_file, []
 
@@ -599,7 +599,7 @@ def test_a_text_folder_is_no_lora_base(text_folder, tmp_path):
                                           r"of a mllama model: LoRA"):
         validate_job(compose_job(*lora, f"model.init_from={text_folder[0]}"), 1)
     validate_job(compose_job("model=mllama_debug", f"model.init_from={text_folder[0]}"), 1)  # without LoRA: fine
-    from pretrain.hf import _lora_checkpoint
+    from pretrain.interop.hf import _lora_checkpoint
 
     with pytest.raises(CheckpointError, match="a llama text model, which holds only part of this mllama model"):
         _lora_checkpoint(tmp_path, {"lora": {"base": str(text_folder[0])}}, {}, TINY, None)

@@ -73,7 +73,7 @@ def test_vision_recipes_sft_export_lora_and_adapter(data, tmp_path, tok_cache):
     assert cfg.parallel.activation_checkpoint == "none" and cfg.model.name == "mllama_debug"
     # 2. Its HF export loads as transformers' processor and model.
     out = tmp_path / "hf"
-    from pretrain.hf import main as hf_main
+    from pretrain.interop.hf import main as hf_main
 
     assert hf_main(["export", str(sft), str(out), "--no-progress", "--dtype", "fp32"]) == 0
     proc = transformers.AutoProcessor.from_pretrained(out)
