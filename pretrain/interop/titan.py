@@ -1,0 +1,452 @@
+"""torchtitan interop: ``python -m pretrain.titan import|export``.
+
+    python -m pretrain.titan import <torchtitan step dir> <checkpoint dir> [--model llama3_2_1b] [key=value ...]
+    python -m pretrain.titan export <checkpoint or run dir> <torchtitan step dir>
+
+torchtitan (0.3.0, its ``llama3`` model) keeps a checkpoint as DCP under
+``<dump>/checkpoint/step-<N>/`` with flat model keys, its optimizer state keyed by
+parameter (q/k/v fused per KV-head group), ``lr_scheduler``, ``train_state.{step,
+ntokens_seen}`` and a pickled data loader state. Names and layouts:
+``pretrain/model/llama/titan.py``.
+
+``import`` writes a checkpoint of this trainer: the weights, AdamW's moments and step
+counts (the fused q/k/v moments split exactly), the step and tokens seen. A torchtitan
+step dir records no model config, so the import takes ours (``--model`` and Hydra-style
+overrides, ``model.*`` and ``optim.*``) and checks every tensor's shape against it; the
+RoPE settings default to torchtitan's (``scaling_factor`` 8, see ``TITAN_ROPE``) unless
+an override sets them or the folder is one our ``export`` wrote (it records them). The
+data loader's state is never unpickled (it is code as much as data) and cannot be
+carried: resume the import with ``checkpoint.load_path=<dir> checkpoint.resume_data=false``
+(the data starts afresh at the imported step). A step dir with weights only (torchtitan
+saves its last step model-only by default) gives a weights-only checkpoint:
+``checkpoint.load_weights_only=true`` or ``model.init_from=titan:<dir>``.
+
+``export`` writes a torchtitan step dir: model, optimizer (moments merged into the fused
+layout; every parameter's hyperparameters those of our decayed group: torchtitan keeps
+one group), ``lr_scheduler.last_epoch`` and ``train_state`` at our step, no data loader
+state. torchtitan loads it with ``checkpoint.initial_load_path=<dir>`` (model only, its
+default), or fully with ``checkpoint.initial_load_model_only=false`` and
+``checkpoint.exclude_from_loading=["dataloader"]``; its model needs the RoPE settings and
+weight tying ``pretrain_export.json`` records (printed by the command).
+
+Text families only (Llama 3.x): ``model.family=mllama`` is refused. Both commands write
+``<out>.partial`` and rename it when done, show progress in bytes, and exit 4 naming the
+key and both shapes when a tensor does not fit."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..checkpoint import CheckpointError, read_meta
+from ..checkpoint.files import CrcWriter, file_crc, load_dcp, meta_text, read_dcp_metadata
+from ..model import family_of
+from ..model.llama import titan as names
+from .hf import (EXIT_CHECKPOINT_ERROR, _checkpoint_args, _finish, _fresh_out, _model_param_shapes, _progress,
+                 _saved_metadata, resolve_checkpoint)
+
+log = logging.getLogger("pretrain")
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+EXPORT_NOTE = "pretrain_export.json"  # beside an export: what torchtitan's model config must say
+# The hyperparameters torchtitan 0.3.0's AdamW keeps per parameter in its flat optimizer state
+# (``optimizer.param_groups.<fqn>.<key>``); its full load needs every one.
+_TITAN_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+                     "differentiable", "fused", "decoupled_weight_decay", "initial_lr")
+_STATE_PREFIXES = ("optimizer.", "lr_scheduler.", "train_state.", "dataloader")
+
+
+def _text_family(args, where: str) -> None:
+    fam = family_of(args)
+    if fam.name != "llama":
+        raise CheckpointError(f"{where}: model.family={fam.name!r}: torchtitan interop carries text models of the "
+                              "llama family only (torchtitan has no Llama 3.2 Vision)")
+
+
+class TitanStep:
+    """A torchtitan step dir, read as data: its DCP metadata through the safe unpickler,
+    tensors one key at a time, plain values (step counts) with ``weights_only``."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a folder (expected a torchtitan step dir, "
+                                  "<dump>/checkpoint/step-<N>)")
+        self.entries = read_dcp_metadata(self.path).state_dict_metadata
+        if any(k.startswith("model.") for k in self.entries):
+            raise CheckpointError(f"{self.path}: a checkpoint of this trainer (model.* keys), not torchtitan's: "
+                                  "use it as it is")
+        if "tok_embeddings.weight" not in self.entries:
+            raise CheckpointError(f"{self.path}: no tok_embeddings.weight: not a torchtitan Llama checkpoint (it has "
+                                  f"e.g. {sorted(self.entries)[:3]})")
+
+    def shape(self, key: str):
+        e = self.entries.get(key)
+        return tuple(e.size) if e is not None and hasattr(e, "size") else None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        state = {key: torch.empty(tuple(e.size), dtype=e.properties.dtype)}
+        load_dcp(state, self.path, no_dist=True)
+        return state[key]
+
+    def value(self, key: str):
+        state = {key: None}
+        load_dcp(state, self.path, no_dist=True)
+        return state[key]
+
+    @property
+    def has_optimizer(self) -> bool:
+        return any(k.startswith("optimizer.state.") for k in self.entries)
+
+
+def _check_shape(where, key: str, have, want) -> None:
+    if have is None:
+        raise CheckpointError(f"{where}: no {key} (expected shape {list(want)}): the model config differs, or the "
+                              "checkpoint is not of this model")
+    if tuple(have) != tuple(want):
+        raise CheckpointError(f"{where}: {key} has shape {list(have)} in the checkpoint but {list(want)} in this "
+                              "model: the model config differs")
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+# -- import --------------------------------------------------------------------------------
+def import_titan(step_dir, out, args, optim_cfg, *, force: bool = False, progress: bool = True) -> dict:
+    """torchtitan step dir -> a checkpoint of this trainer at ``out`` (model, optimizer
+    moments and step counts, step, tokens seen; or weights only) for the model ``args``
+    and optimizer config ``optim_cfg`` (its hyperparameters go into the optimizer state as
+    our loader expects them). Returns what it wrote: step, tokens_seen, weights_only."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    out = Path(out)
+    src = TitanStep(step_dir)
+    _text_family(args, str(src.path))
+    ours = _model_param_shapes(args)
+    tied = "output.weight" not in ours
+    for n, shape in ours.items():
+        _check_shape(src.path, names.titan_name(n), src.shape(names.titan_name(n)), shape)
+    if tied and src.shape("lm_head.weight") is not None:
+        _check_shape(src.path, "lm_head.weight", src.shape("lm_head.weight"), ours["tok_embeddings.weight"])
+    known = {names.titan_name(n) for n in ours} | {"lm_head.weight"}
+    extra = sorted(k for k in src.entries if not k.startswith(_STATE_PREFIXES) and k not in known)
+    if extra:
+        raise CheckpointError(f"{src.path} holds {len(extra)} model tensor(s) this model lacks (e.g. "
+                              f"{', '.join(extra[:3])}): the model config differs (model.n_layers?)")
+    full = src.has_optimizer and "train_state.step" in src.entries
+    if full:
+        head_state = any(k.startswith("optimizer.state.lm_head.weight.") for k in src.entries)
+        if tied and head_state:
+            raise CheckpointError(f"{src.path}: its optimizer trains lm_head.weight apart from tok_embeddings.weight "
+                                  "(torchtitan's enable_weight_tying=false), but model.tie_embeddings=true here: "
+                                  "set model.tie_embeddings=false")
+        if not tied and not head_state:
+            raise CheckpointError(f"{src.path}: its optimizer has no state for lm_head.weight (torchtitan's "
+                                  "enable_weight_tying=true), but model.tie_embeddings=false here: set "
+                                  "model.tie_embeddings=true")
+
+    model: Dict[str, torch.Tensor] = {}
+    optim: Dict[str, object] = {}
+    total = sum(math.prod(s) * 4 for s in ours.values()) * (3 if full else 1)
+    with _progress(total, f"reading {src.path.name}", progress) as bar:
+        for n in ours:
+            model[n] = src.tensor(names.titan_name(n))
+            bar.update(_nbytes(model[n]))
+        if tied and src.shape("lm_head.weight") is not None:
+            head = src.tensor("lm_head.weight")
+            if not torch.equal(head, model["tok_embeddings.weight"]):
+                raise CheckpointError(f"{src.path}: lm_head.weight differs from tok_embeddings.weight, but "
+                                      "model.tie_embeddings=true here: set model.tie_embeddings=false")
+        if full:
+            fused: Dict[str, dict] = {}  # one fused q/k/v moment read once for its three parts
+            for n, shape in ours.items():
+                param, part = names.titan_param(n)
+                for k in MOMENTS:
+                    key = f"optimizer.state.{param}.{k}"
+                    if part is None:
+                        _check_shape(src.path, key, src.shape(key), shape)
+                        t = src.tensor(key)
+                    else:
+                        _check_shape(src.path, key, src.shape(key), names.fused_shape(args))
+                        if key not in fused:
+                            fused = {key: names.split_qkv(src.tensor(key), args)}
+                        t = fused[key][part]
+                    optim[f"state.{n}.{k}"] = t
+                    bar.update(_nbytes(t))
+                key = f"optimizer.state.{param}.step"
+                _check_shape(src.path, key, src.shape(key), ())
+                optim[f"state.{n}.step"] = src.tensor(key)
+            optim.update(_our_param_groups(args, optim_cfg))
+    step = tokens = 0
+    if full:
+        step, tokens = src.value("train_state.step"), src.value("train_state.ntokens_seen") \
+            if "train_state.ntokens_seen" in src.entries else 0
+        for key, v in (("train_state.step", step), ("train_state.ntokens_seen", tokens)):
+            if type(v) is not int or v < 0:
+                raise CheckpointError(f"{src.path}: {key}={v!r}, expected an integer >= 0")
+
+    partial = _fresh_out(out, force, src.path)
+    try:
+        writer = CrcWriter(partial)
+        state = {"model": model, **({"optim": optim} if full else {})}
+        dcp.save(state, storage_writer=writer, no_dist=True)
+        files = {**{k: list(v) for k, v in writer.files.items()}, ".metadata": list(file_crc(partial / ".metadata"))}
+        meta = {"step": step, "tokens_seen": tokens, "world_size": 1, "model": dataclasses.asdict(args),
+                "freeze": [], "source": str(src.path.resolve()), "imported_from": "torchtitan", "files": files}
+        if not full:
+            meta["weights_only"] = True
+        model_cfg = {"defaults": [f"{args.family}_schema", "_self_"],
+                     **{k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}}
+        (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
+                                            + yaml.safe_dump(model_cfg, sort_keys=False))
+        (partial / "meta.json").write_text(meta_text(meta))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _finish(partial, out)
+    return {"step": step, "tokens_seen": tokens, "weights_only": not full}
+
+
+def _our_param_groups(args, optim_cfg) -> Dict[str, object]:
+    """Our optimizer's flat ``param_groups.<name>.<key>`` entries, as a run of ``args`` and
+    ``optim_cfg`` builds them (on the meta device: no memory): a full load reads them."""
+    from ..optim import build_optimizer
+
+    with torch.device("meta"):
+        model = family_of(args).build(args, 1)
+    opt = build_optimizer(model, optim_cfg)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    out: Dict[str, object] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in group.items():
+                if k != "params":
+                    # foreach: the resuming run's device decides (the meta device is not one).
+                    out[f"param_groups.{name_of[id(p)]}.{k}"] = None if k == "foreach" else v
+    return out
+
+
+def titan_weights(step_dir, args) -> Dict[str, torch.Tensor]:
+    """A torchtitan step dir's weights by our names, checked against ``args`` (every shape,
+    tied heads equal): ``model.init_from=titan:<dir>``."""
+    src = TitanStep(step_dir)
+    _text_family(args, str(src.path))
+    ours = _model_param_shapes(args)
+    for n, shape in ours.items():
+        _check_shape(src.path, names.titan_name(n), src.shape(names.titan_name(n)), shape)
+    return {n: src.tensor(names.titan_name(n)) for n in ours}
+
+
+# -- export --------------------------------------------------------------------------------
+def export_titan(checkpoint, out, *, force: bool = False, progress: bool = True) -> dict:
+    """A checkpoint of this trainer (or a run dir: its newest) -> a torchtitan step dir.
+    Returns the torchtitan model settings it needs (``pretrain_export.json``)."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    args = _checkpoint_args(ckpt, meta)
+    _text_family(args, str(ckpt / "meta.json"))
+    if meta.get("lora"):
+        raise CheckpointError(f"{ckpt}: a LoRA checkpoint (adapters only): torchtitan has no adapters; export it to "
+                              "Hugging Face (python -m pretrain.hf export merges it) and import that into torchtitan")
+    saved = _saved_metadata(ckpt, meta)
+    ours = _model_param_shapes(args)
+    tied = "output.weight" not in ours
+    for n, shape in ours.items():
+        have = saved.get(f"model.{n}")
+        _check_shape(ckpt, f"model.{n}", tuple(have.size) if have is not None else None, shape)
+    full = not meta.get("weights_only") and any(k.startswith("optim.state.") for k in saved)
+    if full and meta.get("freeze"):
+        full = False
+        log.warning("%s: finetune.freeze=%s left those parameters without optimizer state: exporting the weights "
+                    "only", ckpt, meta["freeze"])
+
+    def read(key: str) -> torch.Tensor:
+        e = saved[key]
+        state = {key: torch.empty(tuple(e.size), dtype=e.properties.dtype)}
+        load_dcp(state, ckpt, no_dist=True)
+        return state[key]
+
+    def value(key: str):
+        if key not in saved:
+            raise CheckpointError(f"{ckpt}: no {key}")
+        state = {key: None}
+        load_dcp(state, ckpt, no_dist=True)
+        return state[key]
+
+    flat: Dict[str, object] = {}
+    total = sum(math.prod(s) * 4 for s in ours.values()) * (3 if full else 1)
+    with _progress(total, f"reading {ckpt.name}", progress) as bar:
+        for n in ours:
+            t = read(f"model.{n}")
+            flat[names.titan_name(n)] = t
+            bar.update(_nbytes(t))
+        if tied:
+            flat["lm_head.weight"] = flat["tok_embeddings.weight"]
+        if full:
+            decayed = next(n for n, s in ours.items() if len(s) >= 2)
+            hyper = {k: value(f"optim.param_groups.{decayed}.{k}") for k in ("lr", "betas", "eps", "weight_decay")}
+            hyper.update(amsgrad=False, maximize=False, foreach=False, capturable=False, differentiable=False,
+                         fused=False, decoupled_weight_decay=True, initial_lr=hyper["lr"])
+            parts: Dict[str, dict] = {}
+            for n, shape in ours.items():
+                param, part = names.titan_param(n)
+                for k in (*MOMENTS, "step"):
+                    key = f"optim.state.{n}.{k}"
+                    if key not in saved:
+                        raise CheckpointError(f"{ckpt}: no optimizer state {key}")
+                    t = read(key)
+                    bar.update(_nbytes(t) if k != "step" else 0)
+                    if part is None:
+                        flat[f"optimizer.state.{param}.{k}"] = t
+                    else:
+                        parts.setdefault((param, k), {})[part] = t
+                for k in _TITAN_GROUP_KEYS:
+                    flat[f"optimizer.param_groups.{param}.{k}"] = hyper[k]
+            for (param, k), qkv in parts.items():
+                if k == "step":
+                    if not (torch.equal(qkv["wq"], qkv["wk"]) and torch.equal(qkv["wq"], qkv["wv"])):
+                        raise CheckpointError(f"{ckpt}: {param}'s q/k/v took different numbers of optimizer steps "
+                                              f"({[float(qkv[p]) for p in ('wq', 'wk', 'wv')]}): they cannot share "
+                                              "torchtitan's fused parameter")
+                    flat[f"optimizer.state.{param}.step"] = qkv["wq"]
+                else:
+                    flat[f"optimizer.state.{param}.{k}"] = names.merge_qkv(qkv["wq"], qkv["wk"], qkv["wv"], args)
+            step = int(meta["step"])
+            flat["lr_scheduler.last_epoch"] = step
+            flat["train_state.step"] = step
+            flat["train_state.ntokens_seen"] = int(meta.get("tokens_seen", 0))
+    note = {"model": dataclasses.asdict(args), "enable_weight_tying": tied, "rope": names.rope_of(args),
+            "step": int(meta.get("step", 0)), "tokens_seen": int(meta.get("tokens_seen", 0)),
+            "optimizer": full, "source": str(ckpt.resolve())}
+    out = Path(out)
+    partial = _fresh_out(out, force, ckpt)
+    try:
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        dcp.save(flat, storage_writer=FileSystemWriter(str(partial)), no_dist=True)
+        (partial / EXPORT_NOTE).write_text(json.dumps(note, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _finish(partial, out)
+    return note
+
+
+def _recorded_rope(step_dir: Path) -> Optional[dict]:
+    """The RoPE settings our export recorded beside a step dir (``pretrain_export.json``),
+    read as JSON data; None when absent or not such a record."""
+    f = Path(step_dir) / EXPORT_NOTE
+    if not f.is_file() or f.stat().st_size > 1 << 20:
+        return None
+    try:
+        rope = json.loads(f.read_text()).get("rope")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return rope if isinstance(rope, dict) else None
+
+
+def _rope_overrides(rope: dict) -> List[str]:
+    if rope.get("scaling") == "none":
+        return [f"model.rope_theta={rope['theta']}", "model.rope_scaling=null"]
+    return [f"model.rope_theta={rope['theta']}", f"model.rope_scaling.factor={rope['scaling_factor']}",
+            f"model.rope_scaling.low_freq_factor={rope['low_freq_factor']}",
+            f"model.rope_scaling.high_freq_factor={rope['high_freq_factor']}",
+            f"model.rope_scaling.original_max_position_embeddings={rope['original_max_position_embeddings']}"]
+
+
+def compose_import_config(step_dir, model: str, overrides: List[str]):
+    """The job config an import writes for: ``model=<model>`` and the overrides, with the
+    RoPE settings of the step dir (our export's record, else torchtitan's defaults) unless
+    an override names them."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ..config import register_configs
+
+    rope = _recorded_rope(Path(step_dir)) or {**names.TITAN_ROPE, "scaling": "llama"}
+    told = any(o.lstrip("+~").startswith(("model.rope_scaling", "model.rope_theta")) for o in overrides)
+    register_configs()
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    with initialize_config_dir(str(configs), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", *([] if told else _rope_overrides(rope)), *overrides])
+    return OmegaConf.to_object(cfg), (None if told else rope)
+
+
+# -- CLI ----------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.titan", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="torchtitan step dir -> checkpoint of this trainer")
+    imp.add_argument("step_dir")
+    imp.add_argument("out", help="checkpoint directory to write")
+    imp.add_argument("--model", default="llama3_2_1b", help="configs/model/<name> the weights are (default "
+                                                             "llama3_2_1b)")
+    imp.add_argument("overrides", nargs="*", help="Hydra overrides of the model and optimizer: model.n_layers=2 "
+                                                  "optim.weight_decay=0.1 ...")
+    exp = sub.add_parser("export", help="checkpoint (or run dir: its newest) -> torchtitan step dir")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out", help="torchtitan step dir to write (<dump>/checkpoint/step-<N>)")
+    for sp in (imp, exp):
+        sp.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a, rest = p.parse_known_args(argv)  # overrides may follow the options
+    unknown = [r for r in rest if a.cmd != "import" or r.startswith("-") or "=" not in r]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if a.cmd == "import":
+        a.overrides = [*a.overrides, *rest]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if a.cmd == "import":
+            bad = [o for o in a.overrides if not o.lstrip("+~").startswith(("model.", "optim."))]
+            if bad:
+                p.error(f"{bad[0]}: only model.* and optim.* overrides shape an import")
+            try:
+                cfg, rope = compose_import_config(a.step_dir, a.model, a.overrides)
+            except Exception as e:  # noqa: BLE001 (Hydra's errors name the key)
+                p.error(f"the model config: {type(e).__name__}: {e}")
+            if rope is not None:
+                print(f"RoPE as the step dir records it or torchtitan's llama3 flavors build it (theta "
+                      f"{rope['theta']:g}, scaling_factor {rope.get('scaling_factor', 'none')}); override "
+                      "model.rope_scaling.* if the torchtitan run used others", file=sys.stderr)
+            done = import_titan(a.step_dir, a.out, cfg.model, cfg.optim, force=a.force, progress=not a.no_progress)
+            if done["weights_only"]:
+                print(f"wrote {a.out}: weights only (the step dir has no optimizer state). Start from it with "
+                      f"checkpoint.load_path={a.out} checkpoint.load_weights_only=true, or model.init_from=titan:"
+                      f"{a.step_dir}")
+            else:
+                print(f"wrote {a.out}: step {done['step']}, {done['tokens_seen']} tokens seen, AdamW moments. The "
+                      "data loader's state is torchtitan's pickle and is not carried: resume with "
+                      f"checkpoint.load_path={a.out} checkpoint.resume_data=false and model={a.model} "
+                      f"(+ the same overrides; {a.out}/model.yaml is the model config)")
+        else:
+            note = export_titan(a.checkpoint, a.out, force=a.force, progress=not a.no_progress)
+            r = note["rope"]
+            print(f"wrote {a.out} ({'model, optimizer, step ' + str(note['step']) if note['optimizer'] else 'weights only'})."
+                  f" torchtitan's model needs enable_weight_tying={note['enable_weight_tying']} and RoPE "
+                  f"theta={r['theta']:g}, scaling={r['scaling']!r}"
+                  + (f", scaling_factor={r['scaling_factor']:g}" if r["scaling"] == "llama" else "")
+                  + (" (its llama3 flavors build 8)" if r.get("scaling_factor", 8.0) != 8.0 else "")
+                  + "; load the optimizer too with checkpoint.initial_load_model_only=false and "
+                  "checkpoint.exclude_from_loading=['dataloader'] (see pretrain_export.json)")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
