@@ -4,7 +4,9 @@ folder encodes text to the run's ids. Llama 3's bundled vocabulary converted who
 ranks as a byte-level BPE; a few hundred texts, the 256 special tokens, the chat
 template against the trainer's chat rendering), a tiktoken rank table, a tokenizer.json
 copied with ``<|image|>`` (ids padded up to it), and a text run's export that writes its
-BPE, or warns naming the file it cannot find and writes the weights all the same."""
+BPE, or warns naming the file it cannot find and writes the weights all the same; a
+checkpoint saved by a training run carries its own copy of the BPE (exported without its
+run dir), and ``pipeline("text-generation")`` generates from the export."""
 import importlib
 import json
 import logging
@@ -204,9 +206,13 @@ def text_run(tmp_path):
 
 
 def test_a_text_run_exports_its_tokenizer_beside_the_weights(text_run, tmp_path, caplog):
+    """A checkpoint that holds no tokenizer of its own (imported, or of an earlier version):
+    the run dir's config and BPE cache give it; with them gone, a warning."""
+    from pretrain.checkpoint import read_meta
     from pretrain.interop.hf import export_hf
 
     run, ours = text_run
+    assert "tokenizer" not in read_meta(run / "checkpoints" / "step-1")
     export_hf(run, tmp_path / "out", progress=False)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     for text in _texts(50):
@@ -247,3 +253,89 @@ def test_a_run_with_a_tokenizer_json_that_is_gone_warns_naming_it(text_run, tmp_
         export_hf(run, tmp_path / "out", progress=False)
     assert str(tmp_path / "gone" / "tokenizer.json") in caplog.text
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+# -- a checkpoint saved by a training run carries its tokenizer -------------------------
+@pytest.fixture(scope="module")
+def trained(shared_run, tmp_path_factory):
+    """test_hf_io's short training run (shared; its BPE trained into the session's cache):
+    (its newest checkpoint, the export of a copy of that checkpoint alone, with no run dir
+    around it (as on another machine), the run's tokenizer)."""
+    from data_pipeline.tokenizer import HFTokenizer
+    from pretrain.checkpoint import read_meta
+    from pretrain.interop.hf import export_hf
+    from tests.test_hf_io import EXPORT_RUN
+
+    step = sorted((shared_run(EXPORT_RUN)[0] / "checkpoints").glob("step-*"))[-1]
+    ours = HFTokenizer(read_meta(step)["tokenizer"]["source"])  # the BPE the run trained, in its cache
+    alone = tmp_path_factory.mktemp("elsewhere") / step.name
+    shutil.copytree(step, alone)
+    out = tmp_path_factory.mktemp("trained_export") / "hf"
+    export_hf(alone, out, progress=False)
+    return step, out, ours
+
+
+def test_a_trained_checkpoint_carries_its_tokenizer_to_the_export(trained, tmp_path, caplog):
+    """A checkpoint holds a copy of the run's BPE (``tokenizer/tokenizer.json``, in the manifest
+    with its size and CRC32) and meta.json records it: the checkpoint copied alone exports
+    with its tokenizer, and so does its run dir with the BPE cache gone. A copy that is not
+    the one written, or a meta.json that names another file, is refused."""
+    import yaml
+
+    from pretrain.checkpoint import CheckpointError, read_meta
+    from pretrain.checkpoint.files import meta_text
+    from pretrain.interop.hf import export_hf
+
+    step, out, ours = trained
+    meta = read_meta(step)
+    assert meta["tokenizer"] == {"kind": "hf", "fingerprint": ours.fingerprint, "source": ours.path,
+                                 "file": "tokenizer/tokenizer.json", "chat": False}
+    assert (step / "tokenizer" / "tokenizer.json").read_bytes() == Path(ours.path).read_bytes()
+    assert "tokenizer/tokenizer.json" in meta["files"]
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    for text in _texts(50):
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+    assert (out / "tokenizer.json").read_bytes() == Path(ours.path).read_bytes()
+    # The run dir, its config naming a BPE cache that is gone: the checkpoint's copy is used.
+    run = tmp_path / "run"
+    shutil.copytree(step.parent.parent, run)
+    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    cfg["data"]["tokenizer"]["cache_dir"] = str(tmp_path / "empty_cache")
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ck = run / "checkpoints" / step.name
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        export_hf(run, tmp_path / "out", progress=False)
+    assert "tokenizer" not in caplog.text
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == Path(ours.path).read_bytes()
+    # A damaged copy: the export is refused, naming it (its CRC32, checked with the other files').
+    copy = ck / "tokenizer" / "tokenizer.json"
+    good = copy.read_bytes()
+    copy.write_bytes(good.replace(b'"hello"', b'"hellO"') if b'"hello"' in good else good[:-2] + b" }")
+    with pytest.raises(CheckpointError, match=f"{copy}: CRC32 differs"):
+        export_hf(ck, tmp_path / "bad", progress=False)
+    copy.write_bytes(good)
+    # meta.json (its own CRC32 made right) naming a file outside the checkpoint: refused.
+    for bad in ({"file": "../../../etc/hostname"}, {"kind": "bpe"}):
+        (ck / "meta.json").write_text(meta_text({**meta, "tokenizer": {**meta["tokenizer"], **bad}}))
+        with pytest.raises(CheckpointError, match="'tokenizer' is not a tokenizer record"):
+            export_hf(ck, tmp_path / "bad", progress=False)
+
+
+def test_a_text_generation_pipeline_generates_from_the_export(trained):
+    """``pipeline("text-generation")`` loads the exported folder alone (model and tokenizer)
+    and its greedy continuation is the model's own argmax, token after token, in our ids."""
+    import torch
+
+    _, out, ours = trained
+    prompt = "def dumps(obj, *, skipkeys=False"
+    gen = transformers.pipeline("text-generation", model=str(out), dtype=torch.float32, device="cpu")
+    text = gen(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith(prompt) and len(text) > len(prompt), text
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = ours.encode(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == ours.eos_id:
+                break
+    assert text == ours.decode(ids)

@@ -397,7 +397,11 @@ def write_file(path: Path, data: bytes) -> Tuple[int, int]:
     return len(data), zlib.crc32(data)
 
 
-_MANIFEST_NAME = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|rng/rank-\d+\.pt|loader/dp-\d+\.json)$")
+# The run's tokenizer file, copied into each checkpoint by kind of vocabulary (the bundled
+# llama3 one is no file): what an export made anywhere else writes beside the weights.
+TOKENIZER_FILES = {"hf": "tokenizer/tokenizer.json", "tiktoken": "tokenizer/tokenizer.model"}
+_MANIFEST_NAME = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|rng/rank-\d+\.pt|loader/dp-\d+\.json"
+                            r"|tokenizer/tokenizer\.json|tokenizer/tokenizer\.model)$")
 
 
 def check_manifest_names(ckpt: Path, files: Dict[str, list]) -> None:
@@ -405,7 +409,8 @@ def check_manifest_names(ckpt: Path, files: Dict[str, list]) -> None:
     for rel in files:
         if not _MANIFEST_NAME.match(rel):
             raise CheckpointError(f"{ckpt / 'meta.json'}: 'files' lists {rel!r}, not a file of a checkpoint "
-                                  "(.metadata, __<r>_<n>.distcp, rng/rank-<r>.pt, loader/dp-<r>.json); refused")
+                                  "(.metadata, __<r>_<n>.distcp, rng/rank-<r>.pt, loader/dp-<r>.json, "
+                                  "tokenizer/tokenizer.json|.model); refused")
 
 
 def verify_files(ckpt: Path, files: Dict[str, list], mine: Iterable[str]) -> None:

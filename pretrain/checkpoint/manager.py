@@ -6,7 +6,11 @@ A checkpoint ``<run dir>/checkpoints/step-<N>/`` holds:
   load when the global batch changed);
 - ``rng/rank-<r>.pt``: Python, numpy, torch (and this device's CUDA) RNG states of each
   rank, as tensors and numbers;
-- ``meta.json``: step, tokens seen, world size, the model's shape (``model`` args) and
+- ``tokenizer/tokenizer.json`` (or ``.model``): a copy of the run's tokenizer file, written
+  by rank 0, so that an export anywhere has it (``tokenizer_record``; none for the bundled
+  Llama 3 vocabulary);
+- ``meta.json``: step, tokens seen, world size, the model's shape (``model`` args), the
+  tokenizer (``tokenizer``: kind, fingerprint, its file here) and
   ``files``: the size and CRC32 of every other file, each computed by the rank that
   wrote it while writing; written last.
 The LR schedule is a pure function of the step and needs no state.
@@ -48,9 +52,9 @@ from data_pipeline.loader import LoaderStateMismatch
 from parallel import distributed as pdist
 
 from .fit import check_fits
-from .files import (CheckpointError, CheckpointMismatch, CrcWriter, check_meta_crc, describe_error, file_crc, load_dcp,
-                    load_rng, meta_text, read_dcp_metadata, read_json, reraise_interrupt, save_rng, verify_files,
-                    write_file)
+from .files import (TOKENIZER_FILES, CheckpointError, CheckpointMismatch, CrcWriter, check_meta_crc, describe_error,
+                    file_crc, load_dcp, load_rng, meta_text, read_dcp_metadata, read_json, reraise_interrupt, save_rng,
+                    verify_files, write_file)
 
 log = logging.getLogger("pretrain")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -65,6 +69,29 @@ def loader_states_of(path: Path) -> List[dict]:
                               "checkpoint.resume_data=false resumes it with the data started afresh; or start a "
                               "new run dir")
     return [read_json(f, "a data loader state") for f in loader_files]
+
+
+def tokenizer_record(tok, chat: bool, *, read: bool = True) -> Tuple[dict, Optional[bytes]]:
+    """(what meta.json records of the run's tokenizer under ``tokenizer``: its kind, its
+    fingerprint, the file it was read from, the checkpoint's copy of that file (``file``) and
+    whether the run trained on chats; that file's bytes when ``read``). A vocabulary that is a
+    file (a trained BPE or a tokenizer.json: ``hf``; Meta's tokenizer.model: ``tiktoken``) is
+    copied into every checkpoint: the trained BPE lives under a hash-named file of
+    data.tokenizer.cache_dir, gone on another machine or after a cache cleanup, and an export
+    needs it. The bundled Llama 3 vocabulary (``llama3``, in a package) is not copied. Read
+    once, when the run starts (the bytes it encodes with, whatever later becomes of the file);
+    a tokenizer.json is a few MB (Llama 3's: 9 MB) per checkpoint, beside weights of hundreds
+    of MB or more: a whole copy in each, no link between checkpoints that prune separately."""
+    rel = TOKENIZER_FILES.get(tok.kind)
+    record = {"kind": tok.kind, "fingerprint": tok.fingerprint, "source": str(tok.path), "file": rel,
+              "chat": bool(chat)}
+    return record, Path(tok.path).read_bytes() if rel is not None and read else None
+
+
+def _is_tokenizer_record(tok) -> bool:
+    return (isinstance(tok, dict) and tok.get("kind") in ("llama3", "tiktoken", "hf")
+            and tok.get("file") == TOKENIZER_FILES.get(tok["kind"]) and isinstance(tok.get("fingerprint"), str)
+            and isinstance(tok.get("chat"), bool) and isinstance(tok.get("source", ""), str))
 
 
 def complete_checkpoints(root: Path) -> list[Tuple[int, Path]]:
@@ -101,6 +128,10 @@ def read_meta(path: Path) -> dict:
     if files is not None and not (isinstance(files, dict) and all(
             isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) for v in files.values())):
         raise CheckpointError(f"{meta}: 'files' is not a map of name -> [size, crc32]")
+    tok = data.get("tokenizer")
+    if tok is not None and not _is_tokenizer_record(tok):
+        raise CheckpointError(f"{meta}: 'tokenizer' is not a tokenizer record (kind llama3, tiktoken or hf, its "
+                              "file tokenizer/tokenizer.model, tokenizer/tokenizer.json or none, fingerprint, chat)")
     return data
 
 
@@ -235,11 +266,16 @@ def _own(part, model_sd: dict) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None, lora=None, freeze=()):
+    def __init__(self, root: Path, cfg, *, rank: int, world_size: int, model_args=None, lora=None, freeze=(),
+                 tokenizer=None, chat: bool = False):
         """``model_args``, ``lora`` and ``freeze`` (the towers of finetune.freeze): what the
-        checkpoints record of the run, and what a resume compares with (``fit.py``)."""
+        checkpoints record of the run, and what a resume compares with (``fit.py``).
+        ``tokenizer`` (the run's) and ``chat`` (data.format=chat): recorded in meta.json,
+        the tokenizer's file copied into each checkpoint (``tokenizer_record``)."""
         self.root, self.cfg, self.rank, self.world_size = root, cfg, rank, world_size
         self.is_rank0 = rank == 0
+        self.tokenizer, self._tokenizer_bytes = (None, None) if tokenizer is None else \
+            tokenizer_record(tokenizer, chat, read=self.is_rank0)
         self.args = model_args
         self.model_args = dataclasses.asdict(model_args) if model_args is not None else None
         # LoRA: the adapters' settings and the base they adapt (export needs both).
@@ -290,6 +326,8 @@ class Checkpointer:
                 meta["loss"] = loss
             if self.lora:
                 meta["lora"] = self.lora
+            if self.tokenizer is not None:
+                meta["tokenizer"] = self.tokenizer
             writer = CrcWriter(partial)
             if self.cfg.async_save and not blocking:
                 fut = dcp.async_save(state, storage_writer=writer, process_group=self._pg,
@@ -335,6 +373,10 @@ class Checkpointer:
         if loader_state is not None:
             rel = f"loader/dp-{loader_state['dp_rank']}.json"
             files[rel] = write_file(partial / rel, json.dumps(loader_state).encode())
+        if self._tokenizer_bytes is not None:  # rank 0 only: the run's tokenizer file, in the manifest
+            rel = self.tokenizer["file"]
+            (partial / rel).parent.mkdir(exist_ok=True)
+            files[rel] = write_file(partial / rel, self._tokenizer_bytes)
         return files
 
     def _save_failed(self, partial: Path, e: BaseException) -> None:
