@@ -147,7 +147,8 @@ def build_job(cfg: JobConfig, env: LaunchEnv, dims: ParallelDims, device: torch.
         sft_packing=cfg.data.sft_packing, max_length=cfg.data.max_length, image=images))
     listing_skipped = listing_skips(sources) if env.rank == 0 else 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank=env.rank, world_size=env.world_size,
-                        model_args=cfg.model, lora=_lora_meta(cfg, model.family), freeze=cfg.finetune.freeze)
+                        model_args=cfg.model, lora=_lora_meta(cfg, model.family), freeze=cfg.finetune.freeze,
+                        tokenizer=tokenizer, chat=cfg.data.format == "chat")
     start_step, tokens_seen, loader_states = ckpt.maybe_resume(model.state_model, optimizer,
                                                                loader.load_rank_states)
     if start_step < cfg.optim.schedule_start:
@@ -191,20 +192,29 @@ def _lora_meta(cfg: JobConfig, family: ModelFamily) -> Optional[dict]:
     if lora.rank <= 0:
         return None
     from .interop.hf import folder_fingerprint
+    from .interop.titan import titan_dir, titan_fingerprint
     from .lora import resolve_targets
 
     base = cfg.model.init_from
+    step_dir = titan_dir(base)
+    fingerprint = titan_fingerprint(step_dir) if step_dir else folder_fingerprint(base) if base else None
     return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
             "targets": resolve_targets(list(lora.target_modules), family.lora), "base": base,
-            "base_fingerprint": folder_fingerprint(base) if base else None, "seed": cfg.train.seed}
+            "base_fingerprint": fingerprint, "seed": cfg.train.seed}
 
 
 def _start_weights(cfg: JobConfig, model: BuiltModel, loader_states, *, progress: bool) -> None:
-    """``model.init_from``: the Hugging Face weights a fresh run starts from. LoRA
-    checkpoints hold the adapters only: their base comes from init_from every start."""
+    """``model.init_from``: the Hugging Face weights (or ``titan:<torchtitan step dir>``) a
+    fresh run starts from. LoRA checkpoints hold the adapters only: their base comes from
+    init_from every start."""
     lora = cfg.finetune.lora.rank > 0
     if (loader_states is None or lora) and not cfg.checkpoint.load_path and cfg.model.init_from:
         from .interop.hf import load_hf_weights
+        from .interop.titan import load_titan_weights, titan_dir
 
+        step_dir = titan_dir(cfg.model.init_from)
         for part in model.parts:
-            load_hf_weights(part, cfg.model.init_from, cfg.model, progress=progress)
+            if step_dir is not None:
+                load_titan_weights(part, step_dir, cfg.model, progress=progress)
+            else:
+                load_hf_weights(part, cfg.model.init_from, cfg.model, family=model.family, progress=progress)

@@ -3,6 +3,7 @@ Each failure names the key, the value and what would be valid."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from parallel import knobs
 from parallel.ac import AC_MODES
@@ -10,7 +11,7 @@ from parallel.dims import CP_IMPLS, LayoutError, ParallelDims, resolve_parallel_
 
 from .config import JobConfig, eval_format
 from .observe.metrics import WANDB_MODES
-from .model import UnknownFamily, canonical_family_name, get_family
+from .model import ModelFamily, UnknownFamily, canonical_family_name, get_family
 from .optim import SCHEDULES
 
 
@@ -29,16 +30,23 @@ def _one_of(key: str, value, choices) -> None:
     _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
 
 
-def _check_schema(cfg: JobConfig) -> None:
-    """The model file gave a schema and the family ``model.family`` names takes it."""
+def _check_schema(cfg: JobConfig) -> ModelFamily:
+    """The model file gave a schema and the family ``model.family`` names takes it: that
+    family, which every other rule is given (looked up once). A family outside the tree has
+    no ``<name>_schema`` Hydra knows: its model file picks none and names the family
+    (``family: package.module:NAME``), and its fields are typed here by the family's args."""
     m = cfg.model
-    if not dataclasses.is_dataclass(m):
+    named = m.get("family") if isinstance(m, Mapping) else getattr(m, "family", None)
+    if not dataclasses.is_dataclass(m) and (not isinstance(m, Mapping) or named is None):
         raise ConfigError("model", "(no schema)", "the model file must pick its family's schema first in its "
-                          "defaults list, e.g. defaults: [llama_schema, _self_]")
+                          "defaults list, e.g. defaults: [llama_schema, _self_] (a family outside the tree: "
+                          "name it, family: package.module:NAME)")
     try:
-        family = get_family(m.family)
+        family = get_family(named)
     except UnknownFamily as e:
-        raise ConfigError("model.family", m.family, e.expected) from None
+        raise ConfigError("model.family", named, e.expected) from None
+    if not dataclasses.is_dataclass(m):
+        m = cfg.model = _typed_model(m, family)
     # An import path naming a tree family is that family: the run records its name (its
     # checkpoints then export and resume as the family's own).
     m.family = canonical_family_name(m.family)
@@ -48,27 +56,46 @@ def _check_schema(cfg: JobConfig) -> None:
                           f"the model file gives a {type(m).__name__} config ({m.name}), family {m.family!r} takes "
                           f"{family.args.__name__}: pick a model file of that family{files} instead of overriding "
                           "model.family alone")
+    return family
 
 
-def _check_ranges(cfg: JobConfig) -> None:
+def _typed_model(m: Mapping, family: ModelFamily):
+    """A model file that picked no schema, as ``family``'s args (each field of its type)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(family.args), dict(m)))
+    except OmegaConfBaseException as e:  # an unknown key, a value of the wrong type
+        key = str(getattr(e, "full_key", None) or "")
+        raise ConfigError(f"model.{key}" if key else "model", m.get(key.split(".")[0]) if key else dict(m),
+                          f"{getattr(e, 'msg', e)} (model.family={m['family']!r} takes {family.args.__name__})"
+                          ) from None
+
+
+def _check_ranges(cfg: JobConfig, family: ModelFamily) -> None:
     """Every field of every group within the range declared beside it (``parallel.knobs``;
     the model's by its family's args)."""
     for key, value, expected in knobs.problems(cfg):
         raise ConfigError(key, value, expected)
 
 
-def _check_model(cfg: JobConfig) -> None:
+def _check_model(cfg: JobConfig, family: ModelFamily) -> None:
     """The family's own checks (relations between its fields)."""
     m = cfg.model
-    family = get_family(m.family)
     for key, value, expected in family.check(m):
         raise ConfigError(key, value, expected)
-    if getattr(m, "init_from", None) and family.hf is None:
+    from .interop.titan import titan_dir
+
+    titan = titan_dir(m.init_from) is not None  # titan:<torchtitan step dir>
+    if m.init_from and titan and family.titan is None:
+        raise ConfigError("model.init_from", m.init_from, f"model family {m.family!r} has no torchtitan counterpart")
+    if m.init_from and not titan and family.hf is None:
         raise ConfigError("model.init_from", m.init_from, f"model family {m.family!r} has no Hugging Face converter")
-    if getattr(m, "init_from", None) and cfg.finetune.lora.rank > 0:
+    if m.init_from and not titan and cfg.finetune.lora.rank > 0:
         from .interop.hf import partial_init_family
 
-        text = partial_init_family(m, m.init_from)  # a text model for an image-text one (Mllama from Llama 3.1)
+        text = partial_init_family(m, m.init_from, family)  # a text model for an image-text one (Mllama from Llama 3.1)
         _require(text is None, "model.init_from", m.init_from,
                  f"a {text} text model's folder, which holds only part of a {m.family} model: LoRA (finetune.lora."
                  "rank > 0) keeps every base weight frozen, so the weights it does not hold would stay at their "
@@ -78,7 +105,7 @@ def _check_model(cfg: JobConfig) -> None:
                           "inputs take no document ids)")
 
 
-def _check_train(cfg: JobConfig) -> None:
+def _check_train(cfg: JobConfig, family: ModelFamily) -> None:
     m, t = cfg.model, cfg.train
     _require(t.seq_len <= m.max_position_embeddings, "train.seq_len", t.seq_len,
              f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
@@ -86,7 +113,7 @@ def _check_train(cfg: JobConfig) -> None:
     _one_of("train.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
 
 
-def _check_optim(cfg: JobConfig) -> None:
+def _check_optim(cfg: JobConfig, family: ModelFamily) -> None:
     o = cfg.optim
     _one_of("optim.name", o.name, ("adamw",))
     _one_of("optim.schedule", o.schedule, SCHEDULES)
@@ -106,7 +133,7 @@ def _check_optim(cfg: JobConfig) -> None:
 MAX_STREAMS_PER_RANK = 1 << 18
 
 
-def _check_data(cfg: JobConfig) -> None:
+def _check_data(cfg: JobConfig, family: ModelFamily) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
     streams = t.local_batch_size * t.grad_accum_steps * d.streams_per_row
     _require(streams <= MAX_STREAMS_PER_RANK, "train.local_batch_size", t.local_batch_size,
@@ -126,7 +153,7 @@ def _check_data(cfg: JobConfig) -> None:
         _require(d.path is not None, "data.path", d.path, f"a path for data.source={d.source}")
     _one_of("data.format", d.format, ("text", "chat"))
     _one_of("data.sft_packing", d.sft_packing, ("pack", "pad"))
-    takes_images = get_family(m.family).image_spec is not None
+    takes_images = family.image_spec is not None
     entries = [(f"data.mixture.{i}.", e) for i, e in enumerate(d.mixture)] if d.source == "mixture" else [("data.", d)]
     for key, e in entries + ([("eval.data.", cfg.eval.data)] if cfg.eval.interval > 0 else []):
         if takes_images and e.source != "image_folder":
@@ -162,7 +189,7 @@ def _check_data(cfg: JobConfig) -> None:
                  f"must be <= model.vocab_size={m.vocab_size}")
 
 
-def _check_lora(cfg: JobConfig) -> None:
+def _check_lora(cfg: JobConfig, family: ModelFamily) -> None:
     lora = cfg.finetune.lora
     if lora.rank > 0:
         _require(len(lora.target_modules) > 0, "finetune.lora.target_modules", [], "at least one target (e.g. "
@@ -173,17 +200,17 @@ def _check_lora(cfg: JobConfig) -> None:
         from .lora import resolve_targets
 
         try:
-            resolve_targets(list(lora.target_modules), get_family(cfg.model.family).lora)
+            resolve_targets(list(lora.target_modules), family.lora)
         except ValueError as e:
             raise ConfigError("finetune.lora.target_modules", list(lora.target_modules),
                               str(e).split(": ", 1)[1]) from None
 
 
-def _check_freeze(cfg: JobConfig) -> None:
+def _check_freeze(cfg: JobConfig, family: ModelFamily) -> None:
     freeze = list(cfg.finetune.freeze)
     if not freeze:
         return
-    towers = get_family(cfg.model.family).towers
+    towers = family.towers
     for name in freeze:
         _require(name in towers, "finetune.freeze", freeze,
                  f"{name!r} is not a tower of family {cfg.model.family!r}: expected a subset of "
@@ -194,7 +221,7 @@ def _check_freeze(cfg: JobConfig) -> None:
              "cannot combine with LoRA (finetune.lora.rank > 0 already freezes every base weight)")
 
 
-def _check_eval(cfg: JobConfig) -> None:
+def _check_eval(cfg: JobConfig, family: ModelFamily) -> None:
     from data_pipeline.sources import SOURCE_KINDS
 
     d = cfg.data
@@ -211,7 +238,7 @@ def _check_eval(cfg: JobConfig) -> None:
                  "the held-out data (a path) when eval.interval > 0")
 
 
-def _check_run(cfg: JobConfig) -> None:
+def _check_run(cfg: JobConfig, family: ModelFamily) -> None:
     """logging, checkpoint and profiling."""
     m = cfg.model
     if cfg.logging.wandb_mode is not None:
@@ -229,7 +256,7 @@ def _on_cuda(t) -> bool:
     return t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
 
 
-def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
+def _check_parallel(cfg: JobConfig, world_size: int, family: ModelFamily) -> ParallelDims:
     m, t = cfg.model, cfg.train
     p = cfg.parallel
     try:
@@ -237,7 +264,6 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
                                      pp_schedule=p.pp_schedule, world_size=world_size)
     except LayoutError as e:
         raise ConfigError(e.key, e.value, e.expected) from None
-    family = get_family(m.family)
     _one_of("parallel.cp_impl", p.cp_impl, CP_IMPLS)
     if p.cp_impl == "ring":
         _require(False, "parallel.cp_impl", "ring",
@@ -274,14 +300,13 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
 
         per = stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
         stages = dims.pp * per
-        key, depth = get_family(m.family).depth(m)
+        key, depth = family.depth(m)
         _require(depth % stages == 0, key, depth,
                  f"must divide into parallel.pp={dims.pp} x {per} stage(s) per rank = {stages} equal stages")
         if cfg.finetune.freeze:
             from .freeze import stages_with_nothing_to_train
 
-            empty = stages_with_nothing_to_train(get_family(m.family), m, t.seq_len, list(cfg.finetune.freeze),
-                                                 stages)
+            empty = stages_with_nothing_to_train(family, m, t.seq_len, list(cfg.finetune.freeze), stages)
             _require(not empty, "finetune.freeze", list(cfg.finetune.freeze),
                      f"leaves pipeline stage(s) {empty} of {stages} with nothing to train: pick another "
                      f"parallel.pp / parallel.pp_schedule, or freeze less")
@@ -302,9 +327,10 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
     return dims
 
 
-# Rules per config group, in the order errors are reported.
-RULES = (_check_schema, _check_ranges, _check_model, _check_train, _check_optim, _check_data, _check_lora,
-         _check_freeze, _check_eval, _check_run)
+# Rules per config group, in the order errors are reported, after _check_schema: each is given
+# the job config and its model family.
+RULES = (_check_ranges, _check_model, _check_train, _check_optim, _check_data, _check_lora, _check_freeze,
+         _check_eval, _check_run)
 
 
 def config_warnings(cfg: JobConfig) -> list:
@@ -315,7 +341,9 @@ def config_warnings(cfg: JobConfig) -> list:
 
 def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     """Every rule; the first failure raises ``ConfigError`` naming the key. Returns the
-    resolved parallel degrees."""
+    resolved parallel degrees. The model family is looked up once (``_check_schema``) and
+    given to every rule."""
+    family = _check_schema(cfg)
     for rule in RULES:
-        rule(cfg)
-    return _check_parallel(cfg, world_size)
+        rule(cfg, family)
+    return _check_parallel(cfg, world_size, family)

@@ -11,25 +11,30 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, compose_job, run_job
+from conftest import REPO, TINY, compose_job, run_job
 from test_parallel_parity import CKPT, assert_parity
+from tests.toy_family import TOY_MODEL
 
-TOY = ["model.family=tests.toy_family:FAMILY", "model.tie_embeddings=false", *CKPT]
+# The toy's model file, and conftest's tiny job but the Llama fields the toy has not.
+TOY = [*TOY_MODEL, *[o for o in TINY if not o.startswith(("model.n_heads=", "model.n_kv_heads="))],
+       "model.tie_embeddings=false", *CKPT]
 
 
 @pytest.fixture(scope="module")
 def toy_reference(tmp_path_factory, tok_cache):
     d = tmp_path_factory.mktemp("toy-single")
-    proc = run_job(d, [*TOY, "train.local_batch_size=4"], tok_cache=tok_cache)
+    proc = run_job(d, [*TOY, "train.local_batch_size=4"], tok_cache=tok_cache, tiny=False)
     return d, proc
 
 
 def toy_params() -> int:
     from pretrain.model.family import count_parameters
+    from pretrain.validate import validate_job
     from tests.toy_family import FAMILY
 
     cfg = compose_job(*[o for o in TOY if not o.startswith(("checkpoint.", "logging."))],
                       "model.dim=64", "model.n_layers=2", "model.ffn_hidden_dim=128", "model.vocab_size=512")
+    validate_job(cfg, 1)  # types the toy's model file by ToyArgs
     with torch.device("meta"):
         return count_parameters(FAMILY.build(cfg.model, 32))
 
@@ -46,7 +51,7 @@ def test_toy_family_trains_under_every_layout_like_one_process(name, overrides, 
     assert n == 2 * (2 * 64 * 128 + 64) + 2 * 512 * 64 + 64 == 98_496
     assert f"| {n:,} params |" in ref_proc.stderr + ref_proc.stdout
     run = tmp_path / name
-    run_job(run, [*TOY, *overrides], tok_cache=tok_cache, nproc=nproc, launcher="torchrun")
+    run_job(run, [*TOY, *overrides], tok_cache=tok_cache, nproc=nproc, launcher="torchrun", tiny=False)
     assert_parity(run, ref)
 
 
@@ -60,8 +65,11 @@ def test_overriding_model_family_alone_names_the_model_file(tmp_path):
     assert "LlamaArgs" in str(e.value) and "pick a model file" in str(e.value) and "model=other_tiny" in str(e.value)
     with pytest.raises(ConfigError, match="cannot import"):
         validate_job(compose_job("model.family=tests.nowhere:FAMILY"), 1)
-    with pytest.raises(ConfigError, match="untied head"):  # the family's own checks run
+    with pytest.raises(ConfigError) as e:  # the toy's args are not Llama's: its own model file feeds it
         validate_job(compose_job("model.family=tests.toy_family:FAMILY"), 1)
+    assert all(s in str(e.value) for s in ("gives a LlamaArgs config", "takes ToyArgs", "model=toy")), str(e.value)
+    with pytest.raises(ConfigError, match="untied head"):  # the family's own checks run
+        validate_job(compose_job(*TOY_MODEL, "model.tie_embeddings=true"), 1)
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -93,11 +101,10 @@ def test_a_bad_model_family_is_a_config_error(value, expected, tmp_path, monkeyp
 def test_family_settings_it_cannot_take_are_config_errors():
     from pretrain.validate import ConfigError, validate_job
 
-    cfg = compose_job("model.family=tests.toy_family:FAMILY", "model.tie_embeddings=false", "model.init_from=/hf")
+    cfg = compose_job(*TOY_MODEL, "model.init_from=/hf")
     with pytest.raises(ConfigError, match="no Hugging Face converter"):
         validate_job(cfg, 1)
-    cfg = compose_job("model.family=tests.toy_family:FAMILY", "model.tie_embeddings=false",
-                      "data.document_masking=true")
+    cfg = compose_job(*TOY_MODEL, "data.document_masking=true")
     with pytest.raises(ConfigError, match="does not support it"):
         validate_job(cfg, 1)
     cfg = compose_job()
@@ -105,6 +112,55 @@ def test_family_settings_it_cannot_take_are_config_errors():
     with pytest.raises(ConfigError) as e:
         validate_job(cfg, 1)
     assert e.value.key == "model" and "defaults: [llama_schema, _self_]" in str(e.value)
+
+
+def test_a_family_takes_args_of_its_own_and_the_shared_fields_are_checked():
+    """The contract (``FamilyArgs``): the toy's args share no base with Llama's, its model
+    file (no schema: Hydra knows none for a family outside the tree) is typed by them at
+    validation, naming a bad key; a family whose args lack a shared field is refused."""
+    import dataclasses
+
+    from pretrain.model.family import FAMILY_ARGS_FIELDS, ModelFamily
+    from pretrain.model.llama.args import LlamaArgs
+    from pretrain.validate import ConfigError, validate_job
+    from tests.toy_family import FAMILY, ToyArgs
+
+    assert set(ToyArgs.__mro__) & set(LlamaArgs.__mro__) == {object}
+    cfg = compose_job(*TOY_MODEL, "model.dim=32", "model.max_position_embeddings=64", "train.seq_len=64")
+    validate_job(cfg, 1)
+    assert type(cfg.model) is ToyArgs and (cfg.model.dim, cfg.model.max_position_embeddings) == (32, 64)
+    with pytest.raises(ConfigError) as e:  # typed: a field's type, then the shared fields' meaning
+        validate_job(compose_job(*TOY_MODEL, "model.dim=wide"), 1)
+    assert e.value.key == "model.dim" and "takes ToyArgs" in str(e.value)
+    with pytest.raises(ConfigError, match="must be <= model.max_position_embeddings=16"):
+        validate_job(compose_job(*TOY_MODEL, "model.max_position_embeddings=16", "train.seq_len=32"), 1)
+
+    @dataclasses.dataclass
+    class NoVocab:
+        family: str = "x"
+        name: str = "x"
+        max_position_embeddings: int = 8
+        init_from: str = None
+
+    with pytest.raises(TypeError, match=r"NoVocab.*missing: vocab_size"):
+        dataclasses.replace(FAMILY, args=NoVocab)
+    assert set(FAMILY_ARGS_FIELDS) <= {f.name for f in dataclasses.fields(ToyArgs)}
+    assert isinstance(dataclasses.replace(FAMILY, args=ToyArgs), ModelFamily)
+
+
+def test_code_outside_the_families_names_no_familys_args():
+    """What shared code reads from a model config is ``FamilyArgs``: no file of pretrain/
+    outside a family's folder names a family's args class (``LlamaArgs``...)."""
+    families = REPO / "pretrain" / "model"
+    names = {"LlamaArgs", "MllamaArgs", "RopeScaling"}
+    for path in sorted((REPO / "pretrain").rglob("*.py")):
+        if families in path.parents and path.parent != families:
+            continue  # a family's folder
+        imported = {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in n.names}
+        used = (_code_names(path) | imported) & names
+        assert not used, f"{path.relative_to(REPO)} names {sorted(used)}: read the FamilyArgs fields, or move " \
+                         "the code into the family"
 
 
 def test_a_helper_package_among_the_families_is_not_one(tmp_path, monkeypatch):
@@ -174,6 +230,6 @@ def test_an_import_path_naming_a_tree_family_is_that_family():
     cfg = compose_job("model.family=pretrain.model.llama:FAMILY")
     validate_job(cfg, 1)
     assert cfg.model.family == "llama"
-    cfg = compose_job("model.family=tests.toy_family:FAMILY", "model.tie_embeddings=false")
+    cfg = compose_job(*TOY_MODEL)
     validate_job(cfg, 1)
     assert cfg.model.family == "tests.toy_family:FAMILY"  # a family outside the tree keeps its path

@@ -304,3 +304,27 @@ def test_parameter_and_flop_counts_match_torchtitans(flavor, ours):
     norms = (2 * args.n_layers + 1) * args.dim
     assert fam.flops_per_token(args, seq, 0) + 6 * norms == flops
     assert cfg.enable_weight_tying == args.tie_embeddings
+
+
+def test_init_from_titan_under_tp_trains_as_the_imported_weights(titan_run, tmp_path, tok_cache):
+    """``model.init_from=titan:<step dir>`` on 2 TP ranks gives the losses of 1 process
+    started from the import's weights (and so torchtitan's weights, not a random init); a
+    family without a torchtitan counterpart is refused before any process starts."""
+    from tests.conftest import compose_job, read_metrics, run_job
+    from pretrain.validate import ConfigError, validate_job
+
+    step_dir = titan_run[False][0]
+    assert titan_main(["import", str(step_dir), str(tmp_path / "ck"), "--model", "debug", *OURS,
+                       "model.tie_embeddings=false", "--no-progress"]) == 0
+    common = ["model.tie_embeddings=false", "model.rope_scaling.factor=8", "train.steps=2", "logging.every=1",
+              "train.deterministic=true", "optim.warmup_steps=0", "optim.schedule=constant"]
+    a = run_job(tmp_path / "a", [*common, "parallel.tp=2", f"model.init_from=titan:{step_dir}"], tok_cache=tok_cache,
+                nproc=2, launcher="torchrun")
+    assert "initialized weights from torchtitan step dir" in a.stderr + a.stdout
+    run_job(tmp_path / "b", [*common, f"checkpoint.load_path={tmp_path / 'ck'}", "checkpoint.load_weights_only=true"],
+            tok_cache=tok_cache)
+    la = [m["loss"] for m in read_metrics(tmp_path / "a") if "loss" in m]
+    lb = [m["loss"] for m in read_metrics(tmp_path / "b") if "loss" in m]
+    assert len(la) == len(lb) == 2 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(la, lb)), (la, lb)
+    with pytest.raises(ConfigError, match="model.init_from.*has no torchtitan counterpart"):
+        validate_job(compose_job("model=mllama_debug", f"model.init_from=titan:{step_dir}"), 1)

@@ -2,21 +2,47 @@
 ``model.family=tests.toy_family:FAMILY``: a residual MLP stack with renamed parts
 (``embed``, ``stack``, ``mixer.fc_in``/``fc_out``, ``final_norm``, ``lm_head``) and an extra
 tensor across pipeline stages (a per-token ``scale`` the first stage derives from the
-token ids; later stages cannot rebuild it and refuse to run without it). It takes the
-Llama schema's fields it needs (dim, n_layers, ffn_hidden_dim, vocab_size, norm_eps,
-init_std): a family may reuse another's args dataclass."""
+token ids; later stages cannot rebuild it and refuse to run without it). Its args
+(``ToyArgs``) are its own, sharing no base with Llama's: the fields every family's args
+have (``pretrain.model.family.FamilyArgs``) plus its own. Hydra knows no ``toy_schema``:
+its model file, ``tests/configs/model/toy.yaml`` (``TOY_MODEL``: the search path and
+``model=toy``), picks no schema and names the family, and validation types it by
+``ToyArgs``."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.knobs import knob
 from parallel.layout import BlockPlan, ModelLayout
 from pretrain.model.family import LoRASpec, ModelFamily
-from pretrain.model.llama.args import LlamaArgs
+
+# The overrides that pick the toy's model file (a job's, or conftest.compose_job's).
+TOY_MODEL = [f"hydra.searchpath=[file://{Path(__file__).resolve().parent / 'configs'}]", "model=toy"]
+
+
+@dataclass
+class ToyArgs:
+    # FamilyArgs: what code outside the family reads.
+    family: str = "tests.toy_family:FAMILY"
+    name: str = field(default="toy", metadata={"resume": False})
+    vocab_size: int = knob(4096, ge=1, le=1 << 24)
+    max_position_embeddings: int = knob(4096, ge=1, le=1 << 31, resume=False)
+    init_from: Optional[str] = field(default=None, metadata={"resume": False})
+    # The toy's own.
+    dim: int = knob(64, ge=1, le=1 << 16)
+    n_layers: int = knob(2, ge=1, le=1024)
+    ffn_hidden_dim: int = knob(128, ge=1, le=1 << 18)
+    norm_eps: float = knob(1e-5, gt=0, le=1)
+    init_std: float = knob(0.02, gt=0, le=1e3, resume=False)
+    # The head is its own weight: true (the embedding's) is refused by the family's check.
+    tie_embeddings: bool = False
 
 
 class Norm(nn.Module):
@@ -39,7 +65,7 @@ class Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, a: ToyArgs):
         super().__init__()
         self.norm = Norm(a.dim, a.norm_eps)
         self.mixer = Mixer(a.dim, a.ffn_hidden_dim)
@@ -49,7 +75,7 @@ class Block(nn.Module):
 
 
 class Toy(nn.Module):
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, a: ToyArgs):
         super().__init__()
         self.args = a
         self.embed = nn.Embedding(a.vocab_size, a.dim)
@@ -90,24 +116,29 @@ LAYOUT = ModelLayout(block_plan=lambda block: PLAN, blocks=("stack",), pipeline_
                      norm="final_norm", head="lm_head")
 
 
-def matmul_params(a: LlamaArgs) -> int:
+def matmul_params(a: ToyArgs) -> int:
     return a.n_layers * 2 * a.dim * a.ffn_hidden_dim + a.dim * a.vocab_size
 
 
 FAMILY = ModelFamily(
-    name="toy", args=LlamaArgs, build=lambda a, seq_len: Toy(a),
+    name="toy", args=ToyArgs, build=lambda a, seq_len: Toy(a),
     inputs=lambda batch, device, args=None: (batch["input_ids"].to(device),),
     layout=LAYOUT, lora=LoRASpec(groups={"mlp": ("fc_in", "fc_out")}),
     flops_per_token=lambda a, seq_len, lora_params=0: 6.0 * matmul_params(a),
     check=lambda a: [("model.tie_embeddings", True, "false: the toy family has an untied head")]
     if a.tie_embeddings else [],
     tp_divisible=lambda a: [("model.ffn_hidden_dim", a.ffn_hidden_dim), ("model.vocab_size", a.vocab_size)],
-    depth=lambda a: ("model.n_layers", a.n_layers), document_masking=False,
+    depth=lambda a: ("model.n_layers", a.n_layers), document_masking=False, model_files=("toy",),
 )
 
 
+@dataclass
 class OtherArgs:  # a schema of another family: a model file of the Llama schema cannot feed it
-    pass
+    family: str = "tests.toy_family:OTHER"
+    name: str = "other"
+    vocab_size: int = 512
+    max_position_embeddings: int = 4096
+    init_from: Optional[str] = None
 
 
 OTHER = ModelFamily(name="other", args=OtherArgs, build=None, inputs=None, layout=LAYOUT, lora=LoRASpec(groups={}),

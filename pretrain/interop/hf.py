@@ -22,8 +22,9 @@ of at most ``--max-shard-size`` with an index, loadable by transformers' ``from_
 of the family's class; one shard's tensors are in memory at a time. Beside them, the run's
 tokenizer (``tokenizer.json``, ``tokenizer_config.json``: ``AutoTokenizer`` loads it) and, for
 Mllama, ``preprocessor_config.json`` (``AutoProcessor`` gives an ``MllamaProcessor``):
-``export_processor_files``; a tokenizer the run dir no longer holds is a warning, not an
-error. Both commands write into ``<out>.partial`` and rename it when done (removing it on
+``export_processor_files``: the checkpoint's own copy of the run's tokenizer (a checkpoint
+without one: the run dir's; a tokenizer it no longer holds is a warning, not an error).
+Both commands write into ``<out>.partial`` and rename it when done (removing it on
 failure), and show progress in bytes.
 
 Errors (exit code 4) name the file: a folder without config.json or weights, a shard the
@@ -52,7 +53,7 @@ from ..checkpoint import CheckpointError, complete_checkpoints, read_meta
 from ..checkpoint.fit import plain
 from ..checkpoint.files import CrcWriter, file_crc, load_dcp, meta_text, read_dcp_metadata, verify_files
 from ..model import family_for_hf, family_names, family_of, get_family
-from ..model.llama.args import LlamaArgs
+from ..model.family import FamilyArgs, ModelFamily
 
 log = logging.getLogger("pretrain")
 EXIT_CHECKPOINT_ERROR = 4
@@ -167,14 +168,15 @@ class HFWeights:
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
         return self._handles[f]
 
-    def args(self) -> LlamaArgs:
-        """The folder's model, as its family's args (LlamaArgs or a subclass)."""
+    def args(self) -> FamilyArgs:
+        """The folder's model, as its family's (``self.family``) args."""
         try:
             args = self.family.hf.args_from_hf_config(self.config, name=self.path.name)
         except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as e:  # 1e400 is inf in JSON
             raise CheckpointError(f"{self.path / 'config.json'}: not a supported {self.family.name} config "
                                   f"({type(e).__name__}: {e})") from e
-        return check_model_args(args, self.path / "config.json", keys=dict(getattr(self.family.hf, "config_keys", ())))
+        return check_model_args(args, self.path / "config.json", keys=dict(getattr(self.family.hf, "config_keys", ())),
+                                family=self.family)
 
     def shape(self, key: str) -> Tuple[int, ...]:
         f = self._file(key)
@@ -210,16 +212,21 @@ class HFWeights:
         return t
 
 
-def check_args_match(ours: LlamaArgs, theirs: LlamaArgs, where: Path) -> None:
+def check_args_match(ours: FamilyArgs, theirs: FamilyArgs, where: Path, *, family: Optional[ModelFamily] = None,
+                     theirs_family: Optional[ModelFamily] = None) -> None:
     """The configured model must be the one in the folder: name each disagreement, on the
     fields of the family converter's ``config_keys`` (our field, config.json key; without
-    them, every field but the name and the init)."""
-    if family_of(theirs) is not family_of(ours):  # another family's fields: nothing to compare
-        raise CheckpointError(f"{where / 'config.json'}: a model of family {family_of(theirs).name!r}, the model here "
+    them, every field that changes the trained function: not ``resume=False``).
+    ``family`` / ``theirs_family``: the families of ``ours`` / ``theirs`` where the caller
+    has them (else looked up by their ``family`` field)."""
+    family = family or family_of(ours)
+    theirs_family = theirs_family or family_of(theirs)
+    if theirs_family is not family:  # another family's fields: nothing to compare
+        raise CheckpointError(f"{where / 'config.json'}: a model of family {theirs_family.name!r}, the model here "
                               f"is family {ours.family!r}: give a folder of that family")
     diffs: List[str] = []
-    pairs = getattr(family_of(ours).hf, "config_keys", None) or [
-        (f.name, f.name) for f in dataclasses.fields(ours) if f.name not in ("name", "init_from", "init_std")]
+    pairs = getattr(family.hf, "config_keys", None) or [
+        (f.name, f.name) for f in dataclasses.fields(ours) if f.metadata.get("resume", True) and f.name != "family"]
     for field, hf_key in pairs:
         a, b = plain(getattr(ours, field)), plain(getattr(theirs, field))
         if a != b:
@@ -229,25 +236,25 @@ def check_args_match(ours: LlamaArgs, theirs: LlamaArgs, where: Path) -> None:
         raise CheckpointError(f"{where / 'config.json'} describes another model: " + "; ".join(diffs))
 
 
-def _tied_extra(key: str, args: LlamaArgs) -> bool:
-    return key == "lm_head.weight" and args.tie_embeddings
-
-
-def _check_keys(hf: HFWeights, wanted: Iterable[str], args: LlamaArgs) -> None:
-    wanted = set(wanted)
+def _check_keys(hf: HFWeights, wanted: Iterable[str], args: FamilyArgs, family: ModelFamily) -> None:
+    """Every weight of the folder is one of ``wanted`` (HF names), one the converter reads
+    as a derived buffer (``ours_name``: None) or one it says the model does not use
+    (``unused_hf_keys``: a tied head)."""
+    conv = family.hf
+    wanted = {*wanted, *getattr(conv, "unused_hf_keys", lambda a: ())(args)}
     for key in sorted(hf.files):
         try:
-            name = family_of(args).hf.ours_name(key)
+            name = conv.ours_name(key)
         except KeyError:
             raise CheckpointError(f"{hf.files[key]}: unexpected weight {key!r} (not a parameter of a "
-                                  f"{family_of(args).name} model)") from None
-        if name is not None and key not in wanted and not _tied_extra(key, args):
+                                  f"{family.name} model)") from None
+        if name is not None and key not in wanted:
             raise CheckpointError(f"{hf.files[key]}: weight {key!r} has no place in this model")
 
 
 def _read_converted(hf: HFWeights, name: str, shape: Tuple[int, ...], dtype: torch.dtype,
-                    args: LlamaArgs) -> torch.Tensor:
-    conv = family_of(args).hf
+                    args: FamilyArgs, family: ModelFamily) -> torch.Tensor:
+    conv = family.hf
     key = conv.hf_name(name)
     have = hf.shape(key)
     want = tuple(conv.to_hf(name, torch.empty(shape, device="meta"), args).shape)  # the HF layout's shape
@@ -257,35 +264,35 @@ def _read_converted(hf: HFWeights, name: str, shape: Tuple[int, ...], dtype: tor
     return conv.to_ours(name, hf.get(key), args).to(dtype).contiguous()
 
 
-def _text_start(args: LlamaArgs, hf: HFWeights) -> Optional[Tuple[LlamaArgs, Dict[str, str]]]:
+def _text_start(args: FamilyArgs, hf: HFWeights, family: ModelFamily) -> Optional[Tuple[FamilyArgs, Dict[str, str]]]:
     """None for a folder of the configured model's own family (every weight from it). For a
     folder of a text model that starts part of it (the converter's ``text_families``:
     Mllama from a Llama 3.1 text folder): (the text model's args, our parameter -> its
     parameter), after checking that the text model fits, naming both values. Any other
-    folder is refused (``check_args_match``)."""
-    conv = family_of(args).hf
-    if hf.family is family_of(args) or hf.family.name not in getattr(conv, "text_families", ()):
+    folder is refused (``check_args_match``). The text model's family is ``hf.family``."""
+    conv = family.hf
+    if hf.family is family or hf.family.name not in getattr(conv, "text_families", ()):
         return None
     text = hf.args()
     problems = conv.text_model_problems(args, text)
     if problems:
         raise CheckpointError(f"{hf.path / 'config.json'}: a {hf.family.name} text model that cannot start this "
-                              f"{family_of(args).name} model's self-attention layers: " + "; ".join(problems))
+                              f"{family.name} model's self-attention layers: " + "; ".join(problems))
     return text, conv.from_text_model(args, text)
 
 
-def partial_init_family(args: LlamaArgs, path) -> Optional[str]:
+def partial_init_family(args: FamilyArgs, path, family: Optional[ModelFamily] = None) -> Optional[str]:
     """The family of the Hugging Face folder ``path`` when it starts only part of the model
-    ``args`` (a text folder for an image-text model, see ``_text_start``); None for a
-    folder of the model's own family, or one whose config.json cannot be read (loading it
-    reports why)."""
+    ``args`` (of ``family``; else looked up) (a text folder for an image-text model, see
+    ``_text_start``); None for a folder of the model's own family, or one whose config.json
+    cannot be read (loading it reports why)."""
     try:
         cfg = json.loads((Path(path) / "config.json").read_text())
-        family = family_for_hf(cfg.get("model_type", "llama"))
+        theirs = family_for_hf(cfg.get("model_type", "llama"))
     except (OSError, ValueError, AttributeError, TypeError):
         return None
-    own = family_of(args)
-    return family.name if family is not own and family.name in getattr(own.hf, "text_families", ()) else None
+    own = family or family_of(args)
+    return theirs.name if theirs is not own and theirs.name in getattr(own.hf, "text_families", ()) else None
 
 
 def _full_value(t: torch.Tensor) -> torch.Tensor:
@@ -296,35 +303,37 @@ def _full_value(t: torch.Tensor) -> torch.Tensor:
     return full_value(t).detach().cpu().clone()
 
 
-def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_bytes: int = 1 << 30,
-                    progress: bool = False) -> None:
+def load_hf_weights(model: torch.nn.Module, hf_dir, args: FamilyArgs, *, family: Optional[ModelFamily] = None,
+                    chunk_bytes: int = 1 << 30, progress: bool = False) -> None:
     """Copy a HF folder's weights into ``model`` under any layout (plain, FSDP2 DTensors, TP,
     a pipeline stage's part: each rank reads only the weights it holds). Called by every
     rank; reads tensors lazily and loads them ``chunk_bytes`` at a time. A text model's
     folder (``_text_start``) fills the parameters it has (a weight with fewer rows, the
-    embedding, its first rows); the others keep their init."""
+    embedding, its first rows); the others keep their init. ``family``: the family of
+    ``args`` (looked up when not given)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          set_model_state_dict)
 
+    family = family or family_of(args)
     hf = HFWeights(hf_dir)
-    start = _text_start(args, hf)
+    start = _text_start(args, hf, family)
     if start is None:
-        check_args_match(args, hf.args(), hf.path)
+        check_args_match(args, hf.args(), hf.path, family=family, theirs_family=hf.family)
     from ..lora import is_lora_param
 
     targets = {k: v for k, v in get_model_state_dict(model).items() if not is_lora_param(k)}  # base weights only
     # The folder must fit the whole model; ``model`` may be a part of it (a pipeline stage).
     if start is None:
-        _check_keys(hf, (family_of(args).hf.hf_name(n) for n in _model_param_shapes(args)), args)
+        _check_keys(hf, (family.hf.hf_name(n) for n in _model_param_shapes(args, family)), args, family)
     else:
         text, names = start
-        theirs = _model_param_shapes(text)
-        _check_keys(hf, (family_of(text).hf.hf_name(n) for n in theirs), text)
-        ours = _model_param_shapes(args)
+        theirs = _model_param_shapes(text, hf.family)
+        _check_keys(hf, (hf.family.hf.hf_name(n) for n in theirs), text, hf.family)
+        ours = _model_param_shapes(args, family)
         for name, src in names.items():  # every mapped shape, before any weight moves
             a, b = ours[name], theirs[src]
             if a != b and not (len(a) == len(b) == 2 and a[1] == b[1] and b[0] < a[0]):
-                raise CheckpointError(f"{hf.path}: {family_of(text).hf.hf_name(src)} has shape {list(b)}, which "
+                raise CheckpointError(f"{hf.path}: {hf.family.hf.hf_name(src)} has shape {list(b)}, which "
                                       f"does not fit our {name} of shape {list(a)}")
         n_all = len(targets)
         targets = {k: v for k, v in targets.items() if k in names}
@@ -335,10 +344,10 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, args: LlamaArgs, *, chunk_by
     with _progress(total, f"loading {hf.path.name}", progress) as bar:
         for i, (name, t) in enumerate(targets.items()):
             if start is None:
-                batch[name] = _read_converted(hf, name, tuple(t.shape), t.dtype, args)
+                batch[name] = _read_converted(hf, name, tuple(t.shape), t.dtype, args, family)
             else:
                 src = start[1][name]
-                w = _read_converted(hf, src, theirs[src], t.dtype, text)
+                w = _read_converted(hf, src, theirs[src], t.dtype, text, hf.family)
                 if tuple(w.shape) != tuple(t.shape):  # the embedding: rows past the text model's keep their init
                     full = _full_value(t)
                     full[: w.shape[0]] = w
@@ -380,22 +389,22 @@ def _finish(partial: Path, out: Path) -> None:
 
 
 def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = False,
-              progress: bool = True) -> LlamaArgs:
+              progress: bool = True) -> FamilyArgs:
     """HF folder -> a weights-only DCP checkpoint at ``out`` (plus ``model.yaml``, the
-    Hydra model config of these weights)."""
+    Hydra model config of these weights); returns the model's args."""
     import torch.distributed.checkpoint as dcp
     import yaml
 
     hf = HFWeights(hf_dir)
-    args = hf.args()
+    args, family = hf.args(), hf.family
     out = Path(out)
-    shapes = _model_param_shapes(args)
-    _check_keys(hf, (family_of(args).hf.hf_name(n) for n in shapes), args)
+    shapes = _model_param_shapes(args, family)
+    _check_keys(hf, (family.hf.hf_name(n) for n in shapes), args, family)
     sd: Dict[str, torch.Tensor] = {}
     total = sum(_numel(s) * dtype.itemsize for s in shapes.values())
     with _progress(total, f"reading {hf.path.name}", progress) as bar:
         for name, shape in shapes.items():
-            sd[name] = _read_converted(hf, name, shape, dtype, args)
+            sd[name] = _read_converted(hf, name, shape, dtype, args, family)
             bar.update(sd[name].numel() * dtype.itemsize)
     partial = _fresh_out(out, force, hf.path)
     try:
@@ -423,11 +432,12 @@ def _numel(shape) -> int:
     return n
 
 
-def _model_param_shapes(args: LlamaArgs) -> Dict[str, Tuple[int, ...]]:
-    """Our parameters in model order with their shapes (built on the meta device)."""
+def _model_param_shapes(args: FamilyArgs, family: Optional[ModelFamily] = None) -> Dict[str, Tuple[int, ...]]:
+    """Our parameters in model order with their shapes (built on the meta device by
+    ``family``, the family of ``args``: looked up when not given)."""
 
     with torch.device("meta"):
-        model = family_of(args).build(args, 1)
+        model = (family or family_of(args)).build(args, 1)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
@@ -467,13 +477,14 @@ def _plan_shards(entries: List[Tuple[str, Tuple[int, ...]]], itemsize: int, limi
     return shards
 
 
-def check_model_args(args: LlamaArgs, where, keys: Optional[Dict[str, str]] = None) -> LlamaArgs:
+def check_model_args(args: FamilyArgs, where, keys: Optional[Dict[str, str]] = None, *,
+                     family: Optional[ModelFamily] = None) -> FamilyArgs:
     """A model config read from a file (config.json, meta.json): every field of the
     family's args of its type and within the range declared beside it (``parallel.knobs``:
     far past published sizes, so nothing is built from a crafted one; finite numbers), then
     the family's own checks. ``keys``: our field -> the file's key, to name the key a reader
-    of the file knows."""
-    family = family_of(args)
+    of the file knows. ``family``: the family of ``args`` (looked up when not given)."""
+    family = family or family_of(args)
 
     def name(field: str) -> str:
         top = field.split(".", 1)[0]
@@ -514,7 +525,7 @@ def _checkpoint_args(ckpt: Path, meta: dict):
                                                    {k: v for k, v in margs.items() if k in fields}))
     except Exception as e:  # a wrong type or value: OmegaConf's validation errors
         raise CheckpointError(f"{where}: 'model' is not a {family.args.__name__} config ({e})") from None
-    return check_model_args(args, where)
+    return check_model_args(args, where, family=family)
 
 
 def _load_model_tensors(ckpt: Path, saved: dict) -> Dict[str, torch.Tensor]:
@@ -533,9 +544,11 @@ def _saved_metadata(ckpt: Path, meta: dict) -> dict:
     return read_dcp_metadata(ckpt).state_dict_metadata
 
 
-def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base) -> Dict[str, torch.Tensor]:
+def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: FamilyArgs, base,
+                     family: Optional[ModelFamily] = None) -> Dict[str, torch.Tensor]:
     """A LoRA run's checkpoint (adapters only) merged into its base: W + (alpha/r) B A,
-    every weight in memory (fine-tuning sizes), in our names and layout."""
+    every weight in memory (fine-tuning sizes), in our names and layout. ``family``: the
+    family of ``args`` (looked up when not given)."""
 
     from ..lora import merge_lora_state
 
@@ -544,14 +557,22 @@ def _lora_checkpoint(ckpt: Path, meta: dict, saved: dict, args: LlamaArgs, base)
     if not base:
         raise CheckpointError(f"{ckpt} holds LoRA adapters only and its run had no model.init_from: "
                               "give the base model's HF folder with --base")
+    family = family or family_of(args)
+    from .titan import read_titan_weights, titan_dir
+
+    if titan_dir(base) is not None:  # a run started from model.init_from=titan:<step dir>
+        state = read_titan_weights(titan_dir(base), args)
+        state.update(_load_model_tensors(ckpt, saved))
+        return merge_lora_state(state, alpha=lora["alpha"], rank=lora["rank"])
     hf = HFWeights(base)
-    if partial_init_family(args, hf.path):
-        name = family_of(args).name
+    if partial_init_family(args, hf.path, family):
+        name = family.name
         raise CheckpointError(f"{hf.path / 'config.json'}: a {hf.family.name} text model, which holds only part of "
                               f"this {name} model: a LoRA base must hold every weight (give the whole {name} folder "
                               "with --base)")
-    check_args_match(args, hf.args(), hf.path)
-    state = {n: _read_converted(hf, n, shape, torch.float32, args) for n, shape in _model_param_shapes(args).items()}
+    check_args_match(args, hf.args(), hf.path, family=family, theirs_family=hf.family)
+    state = {n: _read_converted(hf, n, shape, torch.float32, args, family)
+             for n, shape in _model_param_shapes(args, family).items()}
     state.update(_load_model_tensors(ckpt, saved))  # the adapters: all the checkpoint holds
     return merge_lora_state(state, alpha=lora["alpha"], rank=lora["rank"])
 
@@ -566,8 +587,9 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
     args = _checkpoint_args(ckpt, meta)
+    family = family_of(args)
     saved = _saved_metadata(ckpt, meta)
-    merged = _lora_checkpoint(ckpt, meta, saved, args, base) if meta.get("lora") else None
+    merged = _lora_checkpoint(ckpt, meta, saved, args, base, family) if meta.get("lora") else None
     if merged is not None:
         entries = [(n, tuple(t.shape)) for n, t in merged.items()]
     else:
@@ -575,7 +597,7 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
                    if k.startswith("model.") and hasattr(v, "size")]
     if not entries:
         raise CheckpointError(f"{ckpt}: holds no model weights")
-    expected = _model_param_shapes(args)
+    expected = _model_param_shapes(args, family)
     order = {n: i for i, n in enumerate(expected)}
     for name, shape in entries:
         if name not in expected:
@@ -587,11 +609,11 @@ def export_hf(checkpoint, out, *, dtype: torch.dtype = torch.bfloat16, max_shard
     if missing:
         raise CheckpointError(f"{ckpt}: no tensor model.{missing[0]}")
     entries.sort(key=lambda e: order[e[0]])
-    conv = family_of(args).hf
+    conv = family.hf
     try:  # before anything is written: a model transformers cannot express is refused here
         cfg = conv.hf_config_from_args(args)
     except ValueError as e:
-        raise CheckpointError(f"{ckpt / 'meta.json'}: cannot be a Hugging Face {family_of(args).name} model ({e})")
+        raise CheckpointError(f"{ckpt / 'meta.json'}: cannot be a Hugging Face {family.name} model ({e})")
     cfg["torch_dtype"] = cfg["dtype"] = _HF_DTYPE_NAMES[dtype]
     gen = getattr(conv, "generation_config", lambda a: {})(args)
     # The names transformers' save_pretrained writes (an older spelling, for some families).
@@ -653,12 +675,37 @@ def _run_tokenizer(cfg):
     return build_tokenizer(tc.kind, tc.path)
 
 
-def export_processor_files(ckpt: Path, out: Path, args: LlamaArgs) -> List[str]:
+def _checkpoint_tokenizer(ckpt: Path):
+    """(tokenizer, chat) as the checkpoint records them (meta.json's ``tokenizer``; its copy
+    of the tokenizer's file under ``tokenizer/``, checked against the size and CRC32 of the
+    manifest and the recorded fingerprint before use: a checkpoint is data), or None for a
+    checkpoint that records none (an import, an earlier version)."""
+    from data_pipeline.tokenizer import build_tokenizer
+
+    meta = read_meta(ckpt)
+    rec = meta.get("tokenizer")
+    if rec is None:
+        return None
+    if rec["file"] is not None:
+        if rec["file"] not in (meta.get("files") or {}):
+            raise CheckpointError(f"{ckpt / 'meta.json'}: 'tokenizer' names {rec['file']}, which 'files' does not "
+                                  "list (nothing to check the copy against)")
+        verify_files(ckpt, meta["files"], [rec["file"]])
+    tok = build_tokenizer(rec["kind"], None if rec["file"] is None else str(ckpt / rec["file"]))
+    if tok.fingerprint != rec["fingerprint"]:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: the tokenizer has fingerprint {tok.fingerprint}, the one "
+                              f"recorded when the checkpoint was written is {rec['fingerprint']}")
+    return tok, rec["chat"]
+
+
+def export_processor_files(ckpt: Path, out: Path, args: FamilyArgs) -> List[str]:
     """Beside the weights in ``out``: the run's tokenizer (``tokenizer.json``,
     ``tokenizer_config.json``, ``special_tokens_map.json``: ``export_hf_tokenizer``) and,
     for an image-text family, ``preprocessor_config.json`` (its image spec) and the chat
     template as ``chat_template.json``: transformers' ``AutoTokenizer`` /
-    ``AutoProcessor`` load the folder. The tokenizer is the one in the run's
+    ``AutoProcessor`` load the folder. The tokenizer is the one the checkpoint records
+    (``_checkpoint_tokenizer``: its own copy of the file), else, for a checkpoint that
+    records none (an import, an earlier version), the one in the run's
     ``.hydra/config.yaml`` (``<run>/checkpoints/step-N``'s run); one that cannot be
     reproduced (no run config, a tokenizer file gone, a BPE cache deleted) is a warning
     naming the file: the weights are exported all the same. Returns the files written."""
@@ -680,27 +727,34 @@ def export_processor_files(ckpt: Path, out: Path, args: LlamaArgs) -> List[str]:
             (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
             written.append("preprocessor_config.json")
     config_file = ckpt.parent.parent / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        log.warning("%s: missing, so the run's tokenizer is unknown: no tokenizer files written beside the weights "
-                    "(a checkpoint outside its run dir: copy the tokenizer's files beside them)", config_file)
-        return written
+    source = ckpt / "meta.json"
     try:
         from ..build import check_vocabulary
-        from ..config import load_job_config
 
-        cfg = load_job_config(config_file)
-        if cfg.model.vocab_size != args.vocab_size:
-            raise ValueError(f"{config_file}: model.vocab_size={cfg.model.vocab_size}, but the checkpoint's model has "
-                             f"{args.vocab_size} (the config of another run?)")
-        tok = _run_tokenizer(cfg)
+        found = _checkpoint_tokenizer(ckpt)
+        if found is None:
+            source = config_file
+            if not config_file.is_file():
+                log.warning("%s: missing, so the run's tokenizer is unknown: no tokenizer files written beside the "
+                            "weights (a checkpoint outside its run dir, of a version that did not copy the tokenizer "
+                            "into it: copy the tokenizer's files beside them)", config_file)
+                return written
+            from ..config import load_job_config
+
+            cfg = load_job_config(config_file)
+            if cfg.model.vocab_size != args.vocab_size:
+                raise ValueError(f"{config_file}: model.vocab_size={cfg.model.vocab_size}, but the checkpoint's model "
+                                 f"has {args.vocab_size} (the config of another run?)")
+            found = _run_tokenizer(cfg), cfg.data.format == "chat"
+        tok, chat = found
         check_vocabulary(tok, args.vocab_size, spec)
         tok_config = export_hf_tokenizer(tok, out, image_token_id=None if spec is None else spec.image_token_id,
-                                         chat=cfg.data.format == "chat", model_max_length=args.max_position_embeddings)
+                                         chat=chat, model_max_length=args.max_position_embeddings)
     except Exception as e:  # noqa: BLE001 (the run's files are data: whatever fails, the weights stand)
         for name in _TOKENIZER_FILES:
             (out / name).unlink(missing_ok=True)
         log.warning("no tokenizer files written beside the weights: the run's tokenizer (%s) cannot be reproduced: "
-                    "%s", config_file, e)
+                    "%s", source, e)
         return written
     written += list(_TOKENIZER_FILES)
     if spec is not None and tok_config.get("chat_template"):  # what AutoProcessor reads its template from
@@ -772,8 +826,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if a.cmd == "import":
             args = import_hf(a.hf_dir, a.out, dtype=_DTYPES[a.dtype], force=a.force, progress=not a.no_progress)
-            print(f"wrote {a.out}: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, "
-                  f"tied={args.tie_embeddings}. Train from it with checkpoint.load_path={a.out} "
+            print(f"wrote {a.out}: a {args.family} model ({args.name}), vocab {args.vocab_size}. Train from it "
+                  f"with checkpoint.load_path={a.out} "
                   f"checkpoint.load_weights_only=true and a model config equal to {a.out}/model.yaml")
         elif a.cmd == "export-adapter":
             export_adapter(a.checkpoint, a.out, force=a.force)

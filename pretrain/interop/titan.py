@@ -49,7 +49,6 @@ import torch
 from ..checkpoint import CheckpointError, read_meta
 from ..checkpoint.files import CrcWriter, file_crc, load_dcp, meta_text, read_dcp_metadata
 from ..model import family_of
-from ..model.llama import titan as names
 from .hf import (EXIT_CHECKPOINT_ERROR, _checkpoint_args, _finish, _fresh_out, _model_param_shapes, _progress,
                  _saved_metadata, resolve_checkpoint)
 
@@ -64,11 +63,14 @@ _TITAN_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"
 _STATE_PREFIXES = ("optimizer.", "lr_scheduler.", "train_state.", "dataloader")
 
 
-def _text_family(args, where: str) -> None:
+def _converter(args, where: str):
+    """The family's torchtitan converter (``ModelFamily.titan``); refused naming
+    model.family when it has none."""
     fam = family_of(args)
-    if fam.name != "llama":
-        raise CheckpointError(f"{where}: model.family={fam.name!r}: torchtitan interop carries text models of the "
-                              "llama family only (torchtitan has no Llama 3.2 Vision)")
+    if fam.titan is None:
+        raise CheckpointError(f"{where}: model.family={fam.name!r} has no torchtitan counterpart: torchtitan interop "
+                              "carries text models of the llama family only (torchtitan has no Llama 3.2 Vision)")
+    return fam.titan
 
 
 class TitanStep:
@@ -127,13 +129,31 @@ def import_titan(step_dir, out, args, optim_cfg, *, force: bool = False, progres
     moments and step counts, step, tokens seen; or weights only) for the model ``args``
     and optimizer config ``optim_cfg`` (its hyperparameters go into the optimizer state as
     our loader expects them). Returns what it wrote: step, tokens_seen, weights_only."""
-    import torch.distributed.checkpoint as dcp
-    import yaml
-
     out = Path(out)
     src = TitanStep(step_dir)
-    _text_family(args, str(src.path))
+    names = _converter(args, str(src.path))
     ours = _model_param_shapes(args)
+    full = _check_import(src, args, ours, names)
+    model, optim = _read_import(src, args, ours, full, progress, names)
+    step = tokens = 0
+    if full:
+        optim.update(_our_param_groups(args, optim_cfg))
+        step = src.value("train_state.step")
+        tokens = src.value("train_state.ntokens_seen") if "train_state.ntokens_seen" in src.entries else 0
+        for key, v in (("train_state.step", step), ("train_state.ntokens_seen", tokens)):
+            if type(v) is not int or v < 0:
+                raise CheckpointError(f"{src.path}: {key}={v!r}, expected an integer >= 0")
+    meta = {"step": step, "tokens_seen": tokens, "world_size": 1, "model": dataclasses.asdict(args), "freeze": [],
+            "source": str(src.path.resolve()), "imported_from": "torchtitan"}
+    if not full:
+        meta["weights_only"] = True
+    _write_ours(out, force, src.path, {"model": model, **({"optim": optim} if full else {})}, meta, args)
+    return {"step": step, "tokens_seen": tokens, "weights_only": not full}
+
+
+def _check_import(src: TitanStep, args, ours: Dict[str, tuple], names) -> bool:
+    """Every tensor of ``src`` against our model ``ours`` (shapes, no extra layers, the
+    tie); True when it holds an optimizer and a train state (a full checkpoint)."""
     tied = "output.weight" not in ours
     for n, shape in ours.items():
         _check_shape(src.path, names.titan_name(n), src.shape(names.titan_name(n)), shape)
@@ -155,7 +175,13 @@ def import_titan(step_dir, out, args, optim_cfg, *, force: bool = False, progres
             raise CheckpointError(f"{src.path}: its optimizer has no state for lm_head.weight (torchtitan's "
                                   "enable_weight_tying=true), but model.tie_embeddings=false here: set "
                                   "model.tie_embeddings=true")
+    return full
 
+
+def _read_import(src: TitanStep, args, ours: Dict[str, tuple], full: bool, progress: bool, names):
+    """(our model tensors, our flat optimizer state) from ``src``, key by key; the fused
+    q/k/v moments split per KV group."""
+    tied = "output.weight" not in ours
     model: Dict[str, torch.Tensor] = {}
     optim: Dict[str, object] = {}
     total = sum(math.prod(s) * 4 for s in ours.values()) * (3 if full else 1)
@@ -164,48 +190,44 @@ def import_titan(step_dir, out, args, optim_cfg, *, force: bool = False, progres
             model[n] = src.tensor(names.titan_name(n))
             bar.update(_nbytes(model[n]))
         if tied and src.shape("lm_head.weight") is not None:
-            head = src.tensor("lm_head.weight")
-            if not torch.equal(head, model["tok_embeddings.weight"]):
+            if not torch.equal(src.tensor("lm_head.weight"), model["tok_embeddings.weight"]):
                 raise CheckpointError(f"{src.path}: lm_head.weight differs from tok_embeddings.weight, but "
                                       "model.tie_embeddings=true here: set model.tie_embeddings=false")
-        if full:
-            fused: Dict[str, dict] = {}  # one fused q/k/v moment read once for its three parts
-            for n, shape in ours.items():
-                param, part = names.titan_param(n)
-                for k in MOMENTS:
-                    key = f"optimizer.state.{param}.{k}"
-                    if part is None:
-                        _check_shape(src.path, key, src.shape(key), shape)
-                        t = src.tensor(key)
-                    else:
-                        _check_shape(src.path, key, src.shape(key), names.fused_shape(args))
-                        if key not in fused:
-                            fused = {key: names.split_qkv(src.tensor(key), args)}
-                        t = fused[key][part]
-                    optim[f"state.{n}.{k}"] = t
-                    bar.update(_nbytes(t))
-                key = f"optimizer.state.{param}.step"
-                _check_shape(src.path, key, src.shape(key), ())
-                optim[f"state.{n}.step"] = src.tensor(key)
-            optim.update(_our_param_groups(args, optim_cfg))
-    step = tokens = 0
-    if full:
-        step, tokens = src.value("train_state.step"), src.value("train_state.ntokens_seen") \
-            if "train_state.ntokens_seen" in src.entries else 0
-        for key, v in (("train_state.step", step), ("train_state.ntokens_seen", tokens)):
-            if type(v) is not int or v < 0:
-                raise CheckpointError(f"{src.path}: {key}={v!r}, expected an integer >= 0")
+        if not full:
+            return model, optim
+        fused: Dict[str, dict] = {}  # one fused q/k/v moment read once for its three parts
+        for n, shape in ours.items():
+            param, part = names.titan_param(n)
+            for k in MOMENTS:
+                key = f"optimizer.state.{param}.{k}"
+                if part is None:
+                    _check_shape(src.path, key, src.shape(key), shape)
+                    t = src.tensor(key)
+                else:
+                    _check_shape(src.path, key, src.shape(key), names.fused_shape(args))
+                    if key not in fused:
+                        fused = {key: names.split_qkv(src.tensor(key), args)}
+                    t = fused[key][part]
+                optim[f"state.{n}.{k}"] = t
+                bar.update(_nbytes(t))
+            key = f"optimizer.state.{param}.step"
+            _check_shape(src.path, key, src.shape(key), ())
+            optim[f"state.{n}.step"] = src.tensor(key)
+    return model, optim
 
-    partial = _fresh_out(out, force, src.path)
+
+def _write_ours(out: Path, force: bool, source: Path, state: dict, meta: dict, args) -> None:
+    """``state`` as a checkpoint of this trainer at ``out`` (DCP, meta.json with every
+    file's size and CRC32, model.yaml), through ``<out>.partial``."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    partial = _fresh_out(out, force, source)
     try:
         writer = CrcWriter(partial)
-        state = {"model": model, **({"optim": optim} if full else {})}
         dcp.save(state, storage_writer=writer, no_dist=True)
-        files = {**{k: list(v) for k, v in writer.files.items()}, ".metadata": list(file_crc(partial / ".metadata"))}
-        meta = {"step": step, "tokens_seen": tokens, "world_size": 1, "model": dataclasses.asdict(args),
-                "freeze": [], "source": str(src.path.resolve()), "imported_from": "torchtitan", "files": files}
-        if not full:
-            meta["weights_only"] = True
+        meta["files"] = {**{k: list(v) for k, v in writer.files.items()},
+                         ".metadata": list(file_crc(partial / ".metadata"))}
         model_cfg = {"defaults": [f"{args.family}_schema", "_self_"],
                      **{k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}}
         (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
@@ -215,7 +237,6 @@ def import_titan(step_dir, out, args, optim_cfg, *, force: bool = False, progres
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _finish(partial, out)
-    return {"step": step, "tokens_seen": tokens, "weights_only": not full}
 
 
 def _our_param_groups(args, optim_cfg) -> Dict[str, object]:
@@ -237,15 +258,73 @@ def _our_param_groups(args, optim_cfg) -> Dict[str, object]:
     return out
 
 
-def titan_weights(step_dir, args) -> Dict[str, torch.Tensor]:
-    """A torchtitan step dir's weights by our names, checked against ``args`` (every shape,
-    tied heads equal): ``model.init_from=titan:<dir>``."""
+TITAN_PREFIX = "titan:"  # model.init_from=titan:<torchtitan step dir>
+
+
+def titan_dir(init_from) -> Optional[str]:
+    """The step dir of ``model.init_from=titan:<dir>``; None for any other value."""
+    if isinstance(init_from, str) and init_from.startswith(TITAN_PREFIX):
+        return init_from[len(TITAN_PREFIX):]
+    return None
+
+
+def titan_fingerprint(step_dir) -> Optional[str]:
+    """A step dir's identity by content (its DCP metadata: every key, shape and offset), so
+    a LoRA run records the base it adapted; None when unreadable."""
+    import hashlib
+
+    f = Path(step_dir) / ".metadata"
+    try:
+        if f.stat().st_size > 256 << 20:
+            return None
+        return hashlib.sha256(f.read_bytes()).hexdigest()[:32]
+    except OSError:
+        return None
+
+
+def read_titan_weights(step_dir, args) -> Dict[str, torch.Tensor]:
+    """Every weight of a torchtitan step dir by our name, in fp32, checked against ``args``
+    (a LoRA run's base, merged into its adapters on export)."""
     src = TitanStep(step_dir)
-    _text_family(args, str(src.path))
+    names = _converter(args, str(src.path))
     ours = _model_param_shapes(args)
     for n, shape in ours.items():
         _check_shape(src.path, names.titan_name(n), src.shape(names.titan_name(n)), shape)
-    return {n: src.tensor(names.titan_name(n)) for n in ours}
+    return {n: src.tensor(names.titan_name(n)).float() for n in ours}
+
+
+def load_titan_weights(model: torch.nn.Module, step_dir, args, *, chunk_bytes: int = 1 << 30,
+                       progress: bool = False) -> None:
+    """A torchtitan step dir's weights into ``model`` under any layout (plain, FSDP2
+    DTensors, TP, a pipeline stage's part: each rank reads the tensors its part holds, whole,
+    and keeps its shard), ``chunk_bytes`` at a time. Called by every rank."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    from ..lora import is_lora_param
+
+    src = TitanStep(step_dir)
+    names = _converter(args, str(src.path))
+    ours = _model_param_shapes(args)
+    for n, shape in ours.items():
+        _check_shape(src.path, names.titan_name(n), src.shape(names.titan_name(n)), shape)
+    targets = [k for k in get_model_state_dict(model) if not is_lora_param(k)]  # base weights only
+    unknown = [k for k in targets if k not in ours]
+    if unknown:
+        raise CheckpointError(f"{src.path}: this model's {unknown[0]} has no torchtitan counterpart")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    total = sum(math.prod(ours[k]) * 4 for k in targets)
+    batch: Dict[str, torch.Tensor] = {}
+    size = 0
+    with _progress(total, f"loading {src.path.name}", progress) as bar:
+        for i, name in enumerate(targets):
+            batch[name] = src.tensor(names.titan_name(name)).float()
+            size += _nbytes(batch[name])
+            if size >= chunk_bytes or i == len(targets) - 1:
+                set_model_state_dict(model, batch, options=opts)
+                bar.update(size)
+                batch, size = {}, 0
+    log.info("initialized weights from torchtitan step dir %s", src.path)
 
 
 # -- export --------------------------------------------------------------------------------
@@ -253,17 +332,17 @@ def export_titan(checkpoint, out, *, force: bool = False, progress: bool = True)
     """A checkpoint of this trainer (or a run dir: its newest) -> a torchtitan step dir.
     Returns the torchtitan model settings it needs (``pretrain_export.json``)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
 
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
     args = _checkpoint_args(ckpt, meta)
-    _text_family(args, str(ckpt / "meta.json"))
+    names = _converter(args, str(ckpt / "meta.json"))
     if meta.get("lora"):
         raise CheckpointError(f"{ckpt}: a LoRA checkpoint (adapters only): torchtitan has no adapters; export it to "
                               "Hugging Face (python -m pretrain.hf export merges it) and import that into torchtitan")
     saved = _saved_metadata(ckpt, meta)
     ours = _model_param_shapes(args)
-    tied = "output.weight" not in ours
     for n, shape in ours.items():
         have = saved.get(f"model.{n}")
         _check_shape(ckpt, f"model.{n}", tuple(have.size) if have is not None else None, shape)
@@ -272,70 +351,14 @@ def export_titan(checkpoint, out, *, force: bool = False, progress: bool = True)
         full = False
         log.warning("%s: finetune.freeze=%s left those parameters without optimizer state: exporting the weights "
                     "only", ckpt, meta["freeze"])
-
-    def read(key: str) -> torch.Tensor:
-        e = saved[key]
-        state = {key: torch.empty(tuple(e.size), dtype=e.properties.dtype)}
-        load_dcp(state, ckpt, no_dist=True)
-        return state[key]
-
-    def value(key: str):
-        if key not in saved:
-            raise CheckpointError(f"{ckpt}: no {key}")
-        state = {key: None}
-        load_dcp(state, ckpt, no_dist=True)
-        return state[key]
-
-    flat: Dict[str, object] = {}
-    total = sum(math.prod(s) * 4 for s in ours.values()) * (3 if full else 1)
-    with _progress(total, f"reading {ckpt.name}", progress) as bar:
-        for n in ours:
-            t = read(f"model.{n}")
-            flat[names.titan_name(n)] = t
-            bar.update(_nbytes(t))
-        if tied:
-            flat["lm_head.weight"] = flat["tok_embeddings.weight"]
-        if full:
-            decayed = next(n for n, s in ours.items() if len(s) >= 2)
-            hyper = {k: value(f"optim.param_groups.{decayed}.{k}") for k in ("lr", "betas", "eps", "weight_decay")}
-            hyper.update(amsgrad=False, maximize=False, foreach=False, capturable=False, differentiable=False,
-                         fused=False, decoupled_weight_decay=True, initial_lr=hyper["lr"])
-            parts: Dict[str, dict] = {}
-            for n, shape in ours.items():
-                param, part = names.titan_param(n)
-                for k in (*MOMENTS, "step"):
-                    key = f"optim.state.{n}.{k}"
-                    if key not in saved:
-                        raise CheckpointError(f"{ckpt}: no optimizer state {key}")
-                    t = read(key)
-                    bar.update(_nbytes(t) if k != "step" else 0)
-                    if part is None:
-                        flat[f"optimizer.state.{param}.{k}"] = t
-                    else:
-                        parts.setdefault((param, k), {})[part] = t
-                for k in _TITAN_GROUP_KEYS:
-                    flat[f"optimizer.param_groups.{param}.{k}"] = hyper[k]
-            for (param, k), qkv in parts.items():
-                if k == "step":
-                    if not (torch.equal(qkv["wq"], qkv["wk"]) and torch.equal(qkv["wq"], qkv["wv"])):
-                        raise CheckpointError(f"{ckpt}: {param}'s q/k/v took different numbers of optimizer steps "
-                                              f"({[float(qkv[p]) for p in ('wq', 'wk', 'wv')]}): they cannot share "
-                                              "torchtitan's fused parameter")
-                    flat[f"optimizer.state.{param}.step"] = qkv["wq"]
-                else:
-                    flat[f"optimizer.state.{param}.{k}"] = names.merge_qkv(qkv["wq"], qkv["wk"], qkv["wv"], args)
-            step = int(meta["step"])
-            flat["lr_scheduler.last_epoch"] = step
-            flat["train_state.step"] = step
-            flat["train_state.ntokens_seen"] = int(meta.get("tokens_seen", 0))
-    note = {"model": dataclasses.asdict(args), "enable_weight_tying": tied, "rope": names.rope_of(args),
-            "step": int(meta.get("step", 0)), "tokens_seen": int(meta.get("tokens_seen", 0)),
-            "optimizer": full, "source": str(ckpt.resolve())}
+    flat = _read_export(_OurStep(ckpt, saved), args, ours, full, int(meta.get("step", 0)),
+                        int(meta.get("tokens_seen", 0)), progress, names)
+    note = {"model": dataclasses.asdict(args), "enable_weight_tying": "output.weight" not in ours,
+            "rope": names.rope_of(args), "step": int(meta.get("step", 0)),
+            "tokens_seen": int(meta.get("tokens_seen", 0)), "optimizer": full, "source": str(ckpt.resolve())}
     out = Path(out)
     partial = _fresh_out(out, force, ckpt)
     try:
-        from torch.distributed.checkpoint import FileSystemWriter
-
         dcp.save(flat, storage_writer=FileSystemWriter(str(partial)), no_dist=True)
         (partial / EXPORT_NOTE).write_text(json.dumps(note, indent=2) + "\n")
     except BaseException:
@@ -343,6 +366,71 @@ def export_titan(checkpoint, out, *, force: bool = False, progress: bool = True)
         raise
     _finish(partial, out)
     return note
+
+
+class _OurStep:
+    """A checkpoint of ours read key by key (its files already checked against meta.json)."""
+
+    def __init__(self, path: Path, saved: dict):
+        self.path, self.saved = path, saved
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self.saved:
+            raise CheckpointError(f"{self.path}: no {key}")
+        e = self.saved[key]
+        state = {key: torch.empty(tuple(e.size), dtype=e.properties.dtype)}
+        load_dcp(state, self.path, no_dist=True)
+        return state[key]
+
+    def value(self, key: str):
+        if key not in self.saved:
+            raise CheckpointError(f"{self.path}: no {key}")
+        state = {key: None}
+        load_dcp(state, self.path, no_dist=True)
+        return state[key]
+
+
+def _read_export(src: _OurStep, args, ours: Dict[str, tuple], full: bool, step: int, tokens: int,
+                 progress: bool, names) -> Dict[str, object]:
+    """torchtitan's flat state from ours: model (a tied head under both names), and when
+    ``full`` the optimizer (q/k/v moments merged per KV group), schedule and train state."""
+    flat: Dict[str, object] = {}
+    total = sum(math.prod(s) * 4 for s in ours.values()) * (3 if full else 1)
+    with _progress(total, f"reading {src.path.name}", progress) as bar:
+        for n in ours:
+            flat[names.titan_name(n)] = t = src.tensor(f"model.{n}")
+            bar.update(_nbytes(t))
+        if "output.weight" not in ours:
+            flat["lm_head.weight"] = flat["tok_embeddings.weight"]
+        if not full:
+            return flat
+        decayed = next(n for n, s in ours.items() if len(s) >= 2)
+        hyper = {k: src.value(f"optim.param_groups.{decayed}.{k}") for k in ("lr", "betas", "eps", "weight_decay")}
+        hyper.update(amsgrad=False, maximize=False, foreach=False, capturable=False, differentiable=False,
+                     fused=False, decoupled_weight_decay=True, initial_lr=hyper["lr"])
+        parts: Dict[tuple, dict] = {}
+        for n in ours:
+            param, part = names.titan_param(n)
+            for k in (*MOMENTS, "step"):
+                t = src.tensor(f"optim.state.{n}.{k}")
+                bar.update(_nbytes(t) if k != "step" else 0)
+                if part is None:
+                    flat[f"optimizer.state.{param}.{k}"] = t
+                else:
+                    parts.setdefault((param, k), {})[part] = t
+            for k in _TITAN_GROUP_KEYS:
+                flat[f"optimizer.param_groups.{param}.{k}"] = hyper[k]
+    for (param, k), qkv in parts.items():
+        if k != "step":
+            flat[f"optimizer.state.{param}.{k}"] = names.merge_qkv(qkv["wq"], qkv["wk"], qkv["wv"], args)
+        elif torch.equal(qkv["wq"], qkv["wk"]) and torch.equal(qkv["wq"], qkv["wv"]):
+            flat[f"optimizer.state.{param}.step"] = qkv["wq"]
+        else:
+            raise CheckpointError(f"{src.path}: {param}'s q/k/v took different numbers of optimizer steps "
+                                  f"({[float(qkv[p]) for p in ('wq', 'wk', 'wv')]}): they cannot share torchtitan's "
+                                  "fused parameter")
+    flat.update({"lr_scheduler.last_epoch": step, "train_state.step": step, "train_state.ntokens_seen": tokens})
+    return flat
 
 
 def _recorded_rope(step_dir: Path) -> Optional[dict]:
@@ -369,20 +457,25 @@ def _rope_overrides(rope: dict) -> List[str]:
 
 def compose_import_config(step_dir, model: str, overrides: List[str]):
     """The job config an import writes for: ``model=<model>`` and the overrides, with the
-    RoPE settings of the step dir (our export's record, else torchtitan's defaults) unless
-    an override names them."""
+    RoPE settings of the step dir (our export's record, else torchtitan's defaults: the
+    family's ``TITAN_ROPE``) unless an override names them. Returns (config, the RoPE
+    settings it assumed or None)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from ..config import register_configs
 
-    rope = _recorded_rope(Path(step_dir)) or {**names.TITAN_ROPE, "scaling": "llama"}
     told = any(o.lstrip("+~").startswith(("model.rope_scaling", "model.rope_theta")) for o in overrides)
     register_configs()
     configs = Path(__file__).resolve().parents[2] / "configs"
     with initialize_config_dir(str(configs), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}", *([] if told else _rope_overrides(rope)), *overrides])
-    return OmegaConf.to_object(cfg), (None if told else rope)
+        cfg = OmegaConf.to_object(compose("config", overrides=[f"model={model}", *overrides]))
+        conv = family_of(cfg.model).titan
+        if told or conv is None:  # a family without a converter: the import refuses it, naming it
+            return cfg, None
+        rope = _recorded_rope(Path(step_dir)) or {**conv.TITAN_ROPE, "scaling": "llama"}
+        cfg = compose("config", overrides=[f"model={model}", *_rope_overrides(rope), *overrides])
+    return OmegaConf.to_object(cfg), rope
 
 
 # -- CLI ----------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ a ``FAMILY`` plus its ``configs/model/*.yaml`` files.
 family outside the tree, such as a test's, reaches torchrun workers by its name alone)."""
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -39,10 +40,44 @@ class LoRASpec:
         return tuple(out)
 
 
+class FamilyArgs(Protocol):
+    """What code outside a family's folder (``validate``, ``build``, the loop, checkpoints,
+    ``interop.hf``) reads from a model config, whatever its family: a family's ``args`` is a
+    dataclass (the Hydra schema of ``model``; checkpoints record it field by field, and
+    ``parallel.knobs`` checks each field's declared range) with at least these fields, under
+    these names and meanings. Nothing else of it is read outside the family: the family's own
+    functions (``build``, ``check``, ``depth``, ...) and converter read the rest. A family
+    need not share a base class with any other (``tests/toy_family.py`` does not)."""
+
+    # The family (``model.family``): its folder name, or an import path ``package.module:NAME``.
+    family: str
+    # A label (checkpoints record it; ``hf import`` names the model by its folder).
+    name: str
+    # Token ids the model embeds (the tokenizer's must fit; the loss's width).
+    vocab_size: int
+    # The longest sequence it takes: ``train.seq_len`` must be at most this.
+    max_position_embeddings: int
+    # A Hugging Face folder (or ``titan:<torchtitan step dir>``) whose weights start the run
+    # (None: the seeded init); a family without that converter (``ModelFamily.hf`` /
+    # ``ModelFamily.titan``) refuses it.
+    init_from: Optional[str]
+
+
+# The fields of ``FamilyArgs``: every family's args dataclass has them (``ModelFamily`` checks).
+FAMILY_ARGS_FIELDS = ("family", "name", "vocab_size", "max_position_embeddings", "init_from")
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """``args``: the dataclass that is the Hydra schema of ``model`` for this family (its
-    ``family`` field holds the name). ``build(args, seq_len)``: the model, on the current
+    ``family`` field holds the name): its own fields plus ``FamilyArgs``'s (family, name,
+    vocab_size, max_position_embeddings, init_from), the only ones code outside the family
+    reads (checked when the family is made); it may subclass another family's args or
+    nothing. Shared code looks the family up once per entry point (``validate_job``,
+    ``build_model``, each ``hf`` command) and passes it along. A family outside the tree has
+    no ``<name>_schema`` in Hydra's model group: its model file picks no schema and names it
+    (``family: package.module:NAME``), and ``validate_job`` types the fields by its ``args``
+    (``tests/configs/model/toy.yaml``). ``build(args, seq_len)``: the model, on the current
     default device (the trainer builds on meta); the module has ``init_weights(init_fn)``
     (``init_fn(tensor, std, name)`` fills a tensor, layout-invariantly). ``inputs(batch,
     device, args)``: a loader batch -> the model's (first stage's) positional inputs, whose
@@ -58,8 +93,10 @@ class ModelFamily:
     ``hf_config_from_args``, ``ours_name``, ``hf_name``, ``to_ours``, ``to_hf``,
     ``hf_to_ours``, ``ours_to_hf``, ``lora_names``; optionally ``config_keys`` (the args fields
     compared with a folder's config.json, by their config.json names), ``canonical_hf_key`` /
-    ``stored_hf_key`` (weight names as files store them vs module paths) and
-    ``generation_config``), or None. ``document_masking``: whether ``inputs`` honours positions
+    ``stored_hf_key`` (weight names as files store them vs module paths),
+    ``unused_hf_keys(args)`` (weights a folder may hold that the model has no parameter for:
+    Llama's ``lm_head.weight`` beside a tied embedding) and ``generation_config``), or None.
+    ``document_masking``: whether ``inputs`` honours positions
     and document ids (data.document_masking is refused if not).
     ``towers`` / ``tower_of(args, name)``: the parts ``finetune.freeze`` may freeze.
     ``hidden_output(module, on)``: makes the module (or a last pipeline stage) return the
@@ -78,6 +115,11 @@ class ModelFamily:
     tp_divisible: Callable[[Any], Iterable[Tuple[str, int]]]
     depth: Callable[[Any], Tuple[str, int]]
     hf: Optional[Any] = None
+    # The torchtitan converter (a module with ``titan_name``, ``titan_param``, ``split_qkv``,
+    # ``merge_qkv``, ``fused_shape``, ``rope_of``, ``TITAN_ROPE``: ``pretrain.interop.titan``),
+    # or None: the family has no torchtitan counterpart (import, export and
+    # ``model.init_from=titan:`` refuse it).
+    titan: Optional[Any] = None
     # Whether ``inputs`` honours data.document_masking (positions and document ids).
     document_masking: bool = True
     # Extra documentation shown by errors: the model files of this family.
@@ -95,6 +137,14 @@ class ModelFamily:
     # fields of data_pipeline.images.ImageSpec but max_pixels: the image token id, tile
     # size, max tiles, aspect ratios, max images per row, normalisation); None: text only.
     image_spec: Optional[Callable[[Any], dict]] = None
+
+    def __post_init__(self) -> None:
+        have = {f.name for f in dataclasses.fields(self.args)} if dataclasses.is_dataclass(self.args) else set()
+        missing = [f for f in FAMILY_ARGS_FIELDS if f not in have]
+        if missing:
+            raise TypeError(f"model family {self.name!r}: its args ({getattr(self.args, '__name__', self.args)}) "
+                            f"must be a dataclass with the fields code outside the family reads (FamilyArgs: "
+                            f"{', '.join(FAMILY_ARGS_FIELDS)}); missing: {', '.join(missing)}")
 
 
 def count_parameters(model: nn.Module) -> int:

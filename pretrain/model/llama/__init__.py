@@ -10,7 +10,7 @@ import torch
 from parallel.layout import BlockPlan, ModelLayout
 
 from ..family import LoRASpec, ModelFamily, Problem, count_parameters, param_seed, seeded_trunc_normal_
-from . import hf
+from . import hf, titan
 from .args import LlamaArgs, RopeScaling
 from .flops import flops_per_token, matmul_params
 from .model import Llama, build_llama, llama3_inv_freq
@@ -102,7 +102,7 @@ def lora_param_count(args: LlamaArgs, rank: int, targets: Sequence[str]) -> int:
 FAMILY = ModelFamily(
     name="llama", args=LlamaArgs, build=build, inputs=inputs, layout=LAYOUT, lora=LORA,
     flops_per_token=flops_per_token, check=check, tp_divisible=tp_divisible,
-    depth=lambda m: ("model.n_layers", m.n_layers), hf=hf, hidden_output=hidden_output,
+    depth=lambda m: ("model.n_layers", m.n_layers), hf=hf, titan=titan, hidden_output=hidden_output,
     model_files=("debug", "llama3_2_1b", "llama3_2_3b", "llama3_1_8b", "llama3_1_70b"),
 )
 

@@ -26,8 +26,9 @@ class RopeScaling:
 
 @dataclass
 class LlamaArgs:
-    # The model family (pretrain/model/): set by the model file's schema. A dotted import
-    # path (package.module:NAME) picks a family outside the tree that takes these args.
+    # The model family (pretrain/model/): set by the model file's schema. family, name,
+    # vocab_size, max_position_embeddings and init_from are the fields every family's args
+    # have (pretrain.model.family.FamilyArgs): code outside the family reads only those.
     family: str = "llama"
     name: str = field(default="debug", metadata={"resume": False})
     dim: int = knob(256, ge=1, le=1 << 20)

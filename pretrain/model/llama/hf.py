@@ -114,6 +114,12 @@ def ours_to_hf(sd: Dict[str, torch.Tensor], args: LlamaArgs) -> Dict[str, torch.
     return out
 
 
+def unused_hf_keys(args: LlamaArgs) -> Tuple[str, ...]:
+    """Weights a folder may hold that this model has no parameter for: the head of a tied
+    model (transformers may save it beside the embedding it equals)."""
+    return ("lm_head.weight",) if args.tie_embeddings else ()
+
+
 class ConfigReader:
     """Typed reads of one (sub)config, naming ``<where><key>`` in every error."""
 
