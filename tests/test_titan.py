@@ -328,3 +328,31 @@ def test_init_from_titan_under_tp_trains_as_the_imported_weights(titan_run, tmp_
     assert len(la) == len(lb) == 2 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(la, lb)), (la, lb)
     with pytest.raises(ConfigError, match="model.init_from.*has no torchtitan counterpart"):
         validate_job(compose_job("model=mllama_debug", f"model.init_from=titan:{step_dir}"), 1)
+
+
+def test_a_lora_run_on_a_titan_base_resumes_and_exports_merged(titan_run, tmp_path, tok_cache):
+    """LoRA checkpoints hold the adapters only; the base comes from model.init_from at every
+    start and on export: a torchtitan step dir is such a base (by content: its DCP metadata)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import read_metrics, run_job
+    from pretrain.interop.hf import main as hf_main
+
+    step_dir = titan_run[False][0]
+    common = ["model.tie_embeddings=false", "model.rope_scaling.factor=8", "finetune.lora.rank=4",
+              "finetune.lora.target_modules=[wq,wv]", "logging.every=1", "checkpoint.interval=2",
+              f"model.init_from=titan:{step_dir}"]
+    run_job(tmp_path / "run", [*common, "train.steps=2"], tok_cache=tok_cache)
+    again = run_job(tmp_path / "run", [*common, "train.steps=3"], tok_cache=tok_cache)
+    assert "resumed from step 2" in again.stderr + again.stdout
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "meta.json").read_text())
+    assert meta["lora"]["base"] == f"titan:{step_dir}" and meta["lora"]["base_fingerprint"]
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3]
+    assert hf_main(["export", str(tmp_path / "run"), str(tmp_path / "hf"), "--dtype", "fp32", "--no-progress"]) == 0
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    base = titan_run[False][1].state_dict()
+    # Not adapted: the base's weights exactly (HF's names); adapted: the base plus B A.
+    assert torch.equal(exported["model.embed_tokens.weight"], base["tok_embeddings.weight"])
+    assert torch.equal(exported["model.layers.0.mlp.down_proj.weight"], base["layers.0.feed_forward.w2.weight"])
+    assert not torch.equal(exported["model.layers.0.self_attn.v_proj.weight"],
+                           base["layers.0.attention.qkv_linear.wv.weight"])
