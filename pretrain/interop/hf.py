@@ -392,9 +392,6 @@ def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = 
               progress: bool = True) -> FamilyArgs:
     """HF folder -> a weights-only DCP checkpoint at ``out`` (plus ``model.yaml``, the
     Hydra model config of these weights); returns the model's args."""
-    import torch.distributed.checkpoint as dcp
-    import yaml
-
     hf = HFWeights(hf_dir)
     args, family = hf.args(), hf.family
     out = Path(out)
@@ -406,23 +403,35 @@ def import_hf(hf_dir, out, *, dtype: torch.dtype = torch.float32, force: bool = 
         for name, shape in shapes.items():
             sd[name] = _read_converted(hf, name, shape, dtype, args, family)
             bar.update(sd[name].numel() * dtype.itemsize)
-    partial = _fresh_out(out, force, hf.path)
+    write_checkpoint(out, force, hf.path, {"model": sd}, {
+        "step": 0, "tokens_seen": 0, "world_size": 1, "model": dataclasses.asdict(args), "weights_only": True,
+        "source": str(hf.path.resolve())}, args)
+    return args
+
+
+def write_checkpoint(out: Path, force: bool, source: Path, state: dict, meta: dict, args) -> None:
+    """``state`` (``{"model": ...}``, with ``"optim"`` for a full checkpoint) as a checkpoint
+    of this trainer at ``out``: DCP, ``meta.json`` (``meta`` plus every file's size and
+    CRC32) and ``model.yaml`` (the Hydra model config of these weights), written into
+    ``<out>.partial`` and renamed when done; nothing half-written stays behind."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    partial = _fresh_out(out, force, source)
     try:
         writer = CrcWriter(partial)
-        dcp.save({"model": sd}, storage_writer=writer, no_dist=True)
-        files = {**{k: list(v) for k, v in writer.files.items()}, ".metadata": list(file_crc(partial / ".metadata"))}
-        meta = {"step": 0, "tokens_seen": 0, "world_size": 1, "model": dataclasses.asdict(args),
-                "weights_only": True, "source": str(hf.path.resolve()), "files": files}
+        dcp.save(state, storage_writer=writer, no_dist=True)
+        meta = {**meta, "files": {**{k: list(v) for k, v in writer.files.items()},
+                                  ".metadata": list(file_crc(partial / ".metadata"))}}
         model_cfg = {"defaults": [f"{args.family}_schema", "_self_"],
                      **{k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}}
         (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
                                             + yaml.safe_dump(model_cfg, sort_keys=False))
         (partial / "meta.json").write_text(meta_text(meta))
-    except BaseException:  # nothing half-written stays behind
+    except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _finish(partial, out)
-    return args
 
 
 def _numel(shape) -> int:

@@ -47,10 +47,10 @@ from typing import Dict, List, Optional
 import torch
 
 from ..checkpoint import CheckpointError, read_meta
-from ..checkpoint.files import CrcWriter, file_crc, load_dcp, meta_text, read_dcp_metadata
+from ..checkpoint.files import load_dcp, read_dcp_metadata
 from ..model import family_of
 from .hf import (EXIT_CHECKPOINT_ERROR, _checkpoint_args, _finish, _fresh_out, _model_param_shapes, _progress,
-                 _saved_metadata, resolve_checkpoint)
+                 _saved_metadata, resolve_checkpoint, write_checkpoint)
 
 log = logging.getLogger("pretrain")
 
@@ -147,7 +147,7 @@ def import_titan(step_dir, out, args, optim_cfg, *, force: bool = False, progres
             "source": str(src.path.resolve()), "imported_from": "torchtitan"}
     if not full:
         meta["weights_only"] = True
-    _write_ours(out, force, src.path, {"model": model, **({"optim": optim} if full else {})}, meta, args)
+    write_checkpoint(out, force, src.path, {"model": model, **({"optim": optim} if full else {})}, meta, args)
     return {"step": step, "tokens_seen": tokens, "weights_only": not full}
 
 
@@ -214,29 +214,6 @@ def _read_import(src: TitanStep, args, ours: Dict[str, tuple], full: bool, progr
             _check_shape(src.path, key, src.shape(key), ())
             optim[f"state.{n}.step"] = src.tensor(key)
     return model, optim
-
-
-def _write_ours(out: Path, force: bool, source: Path, state: dict, meta: dict, args) -> None:
-    """``state`` as a checkpoint of this trainer at ``out`` (DCP, meta.json with every
-    file's size and CRC32, model.yaml), through ``<out>.partial``."""
-    import torch.distributed.checkpoint as dcp
-    import yaml
-
-    partial = _fresh_out(out, force, source)
-    try:
-        writer = CrcWriter(partial)
-        dcp.save(state, storage_writer=writer, no_dist=True)
-        meta["files"] = {**{k: list(v) for k, v in writer.files.items()},
-                         ".metadata": list(file_crc(partial / ".metadata"))}
-        model_cfg = {"defaults": [f"{args.family}_schema", "_self_"],
-                     **{k: v for k, v in dataclasses.asdict(args).items() if k != "init_from"}}
-        (partial / "model.yaml").write_text("# Hydra model config of these weights (copy to configs/model/)\n"
-                                            + yaml.safe_dump(model_cfg, sort_keys=False))
-        (partial / "meta.json").write_text(meta_text(meta))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _finish(partial, out)
 
 
 def _our_param_groups(args, optim_cfg) -> Dict[str, object]:
