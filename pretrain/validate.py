@@ -347,3 +347,14 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
     for rule in RULES:
         rule(cfg, family)
     return _check_parallel(cfg, world_size, family)
+
+
+def validate_model_and_optim(cfg: JobConfig) -> ModelFamily:
+    """The rules of the model and optimizer groups alone (schema, every range, the family's
+    own checks, AdamW's settings): a converter that writes a checkpoint for a model config
+    (``python -m pretrain.titan import``) checks what the checkpoint will record."""
+    family = _check_schema(cfg)
+    _check_ranges(cfg, family)
+    _check_model(cfg, family)
+    _check_optim(cfg, family)
+    return family

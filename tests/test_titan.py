@@ -278,7 +278,48 @@ def test_refusals_name_the_key_and_both_shapes(titan_run, tmp_path, capsys):
     assert rc == 4 and "this model lacks (e.g. layers.1." in capsys.readouterr().err
     rc = titan_main(["import", str(step_dir), str(out), "--model", "mllama_debug", "--no-progress"])
     assert rc == 4 and "model.family='mllama'" in capsys.readouterr().err
-    assert not out.exists()
+    # The composed config is checked as a run's model and optimizer: exit 2 naming the key.
+    rc = titan_main(["import", str(step_dir), str(out), "--model", "debug", *OURS, "model.norm_eps=-1",
+                     "model.tie_embeddings=false", "--no-progress"])
+    assert rc == 2 and "model.norm_eps=-1" in capsys.readouterr().err
+    # A forgotten output dir: the first override is not taken for it.
+    with pytest.raises(SystemExit) as e:
+        titan_main(["import", str(step_dir), "model.dim=64", *OURS, "--no-progress"])
+    assert e.value.code == 2 and "looks like an override" in capsys.readouterr().err
+    assert not out.exists() and not Path("model.dim=64").exists()
+    # Our export's RoPE record beside a step dir is data: one that is not is refused, named.
+    forged = tmp_path / "forged"
+    import shutil
+    shutil.copytree(step_dir, forged)
+    (forged / "pretrain_export.json").write_text('{"rope": {"theta": "abc", "scaling": "none"}}')
+    rc = titan_main(["import", str(forged), str(out), "--model", "debug", *OURS, "model.tie_embeddings=false",
+                     "--no-progress"])
+    assert rc == 4 and f"{forged / 'pretrain_export.json'}: not the RoPE record" in capsys.readouterr().err
+    # Only the RoPE keys an override names are the user's: theta alone keeps torchtitan's factor 8.
+    assert titan_main(["import", str(step_dir), str(out), "--model", "debug", *OURS, "model.rope_theta=500000",
+                       "model.tie_embeddings=false", "--no-progress"]) == 0
+    assert json.loads((out / "meta.json").read_text())["model"]["rope_scaling"]["factor"] == 8.0
+
+
+def test_a_start_point_that_would_drop_a_trained_head_is_refused(titan_run):
+    """model.init_from=titan: (and a LoRA base on export) with model.tie_embeddings=true
+    from an untied torchtitan run would take tok_embeddings for the head and drop lm_head."""
+    from tests.conftest import compose_job
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.interop.titan import read_titan_weights
+
+    args = compose_job("model=debug", *OURS, "model.rope_scaling.factor=8").model
+    assert args.tie_embeddings
+    with pytest.raises(CheckpointError, match="set model.tie_embeddings=false"):
+        read_titan_weights(titan_run[False][0], args)
+    assert set(read_titan_weights(titan_run[True][0], args)) == {n for n, _ in our_names(args)}
+
+
+def our_names(args):
+    from pretrain.model import family_of
+
+    with torch.device("meta"):
+        return list(family_of(args).build(args, 1).named_parameters())
 
 
 @pytest.mark.parametrize("flavor,ours", [("1B", "llama3_2_1b"), ("3B", "llama3_2_3b"), ("8B", "llama3_1_8b")])

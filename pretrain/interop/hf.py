@@ -366,16 +366,27 @@ def load_hf_weights(model: torch.nn.Module, hf_dir, args: FamilyArgs, *, family:
 
 
 # -- import -------------------------------------------------------------------------------
-def _fresh_out(out: Path, force: bool, source: Optional[Path] = None) -> Path:
-    """``<out>.partial``, made empty; ``out`` must be empty or absent (or ``force``), a
-    folder (not a file), and not hold ``source`` (what is being converted)."""
-    if source is not None and Path(os.path.realpath(source)).is_relative_to(os.path.realpath(out)):
+def check_out(out: Path, force: bool, source: Optional[Path] = None) -> None:
+    """An output folder a converter may write: empty or absent (or ``force``), a folder (not
+    a file), not the working directory or one above it, and neither holding ``source`` (what
+    is being converted) nor inside it. Checked before any reading, and again when writing."""
+    real, cwd = Path(os.path.realpath(out)), Path(os.path.realpath(os.getcwd()))
+    if cwd.is_relative_to(real):
+        raise CheckpointError(f"{out}: the working directory or a folder above it: refusing to write there")
+    if source is not None and Path(os.path.realpath(source)).is_relative_to(real):
         raise CheckpointError(f"{out} holds the input {source}: refusing to replace it with the output")
+    if source is not None and real.is_relative_to(os.path.realpath(source)):
+        raise CheckpointError(f"{out} is inside the input {source}: write the output elsewhere")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
     nonempty = any(out.iterdir()) if out.is_dir() else False
     if nonempty and not force:
         raise CheckpointError(f"{out} exists and is not empty (pass --force to replace it)")
+
+
+def _fresh_out(out: Path, force: bool, source: Optional[Path] = None) -> Path:
+    """``<out>.partial``, made empty, after ``check_out``."""
+    check_out(out, force, source)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

@@ -47,10 +47,10 @@ from typing import Dict, List, Optional
 import torch
 
 from ..checkpoint import CheckpointError, read_meta
-from ..checkpoint.files import load_dcp, read_dcp_metadata
+from ..checkpoint.files import checked_file, load_dcp, read_dcp_metadata
 from ..model import family_of
 from .hf import (EXIT_CHECKPOINT_ERROR, _checkpoint_args, _finish, _fresh_out, _model_param_shapes, _progress,
-                 _saved_metadata, resolve_checkpoint, write_checkpoint)
+                 _saved_metadata, check_out, resolve_checkpoint, write_checkpoint)
 
 log = logging.getLogger("pretrain")
 
@@ -70,6 +70,9 @@ def _converter(args, where: str):
     if fam.titan is None:
         raise CheckpointError(f"{where}: model.family={fam.name!r} has no torchtitan counterpart: torchtitan interop "
                               "carries text models of the llama family only (torchtitan has no Llama 3.2 Vision)")
+    why = fam.titan.unsupported(args)
+    if why:
+        raise CheckpointError(f"{where}: {why}")
     return fam.titan
 
 
@@ -94,11 +97,20 @@ class TitanStep:
         e = self.entries.get(key)
         return tuple(e.size) if e is not None and hasattr(e, "size") else None
 
+    def tensors(self, keys) -> Dict[str, torch.Tensor]:
+        """Several tensors in one DCP read (its metadata parsed once, not once per key)."""
+        state = {}
+        for key in keys:
+            e = self.entries[key]
+            if not e.properties.dtype.is_floating_point:
+                raise CheckpointError(f"{self.path}: {key} is stored as {e.properties.dtype}, expected floating point")
+            state[key] = torch.empty(tuple(e.size), dtype=e.properties.dtype)
+        if state:
+            load_dcp(state, self.path, no_dist=True)
+        return state
+
     def tensor(self, key: str) -> torch.Tensor:
-        e = self.entries[key]
-        state = {key: torch.empty(tuple(e.size), dtype=e.properties.dtype)}
-        load_dcp(state, self.path, no_dist=True)
-        return state[key]
+        return self.tensors([key])[key]
 
     def value(self, key: str):
         state = {key: None}
@@ -123,6 +135,36 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def _by_block(names_in_order) -> List[List[str]]:
+    """Our parameter names grouped by block (``layers.<i>.``; everything else alone), in
+    order: the unit of one batched read."""
+    groups: List[List[str]] = []
+    last = None
+    for n in names_in_order:
+        block = ".".join(n.split(".")[:2]) if n.startswith("layers.") else n
+        if block != last:
+            groups.append([])
+            last = block
+        groups[-1].append(n)
+    return groups
+
+
+def _check_tie(src: "TitanStep", tied: bool, head_state: Optional[bool], tok: Optional[torch.Tensor] = None) -> None:
+    """The tie of ``src`` against ``model.tie_embeddings``: its optimizer's state for
+    lm_head.weight (``head_state``) when it has one, else the two weights' equality."""
+    if tied and head_state is None and src.shape("lm_head.weight") is not None:
+        head_state = not torch.equal(src.tensor("lm_head.weight"),
+                                     tok if tok is not None else src.tensor("tok_embeddings.weight"))
+    if tied and head_state:
+        raise CheckpointError(f"{src.path}: its lm_head.weight is trained apart from tok_embeddings.weight "
+                              "(torchtitan's enable_weight_tying=false), but model.tie_embeddings=true here: "
+                              "set model.tie_embeddings=false")
+    if not tied and head_state is False:
+        raise CheckpointError(f"{src.path}: its optimizer has no state for lm_head.weight (torchtitan's "
+                              "enable_weight_tying=true), but model.tie_embeddings=false here: set "
+                              "model.tie_embeddings=true")
+
+
 # -- import --------------------------------------------------------------------------------
 def import_titan(step_dir, out, args, optim_cfg, *, force: bool = False, progress: bool = True) -> dict:
     """torchtitan step dir -> a checkpoint of this trainer at ``out`` (model, optimizer
@@ -131,6 +173,7 @@ def import_titan(step_dir, out, args, optim_cfg, *, force: bool = False, progres
     our loader expects them). Returns what it wrote: step, tokens_seen, weights_only."""
     out = Path(out)
     src = TitanStep(step_dir)
+    check_out(out, force, src.path)
     names = _converter(args, str(src.path))
     ours = _model_param_shapes(args)
     full = _check_import(src, args, ours, names)
@@ -164,17 +207,12 @@ def _check_import(src: TitanStep, args, ours: Dict[str, tuple], names) -> bool:
     if extra:
         raise CheckpointError(f"{src.path} holds {len(extra)} model tensor(s) this model lacks (e.g. "
                               f"{', '.join(extra[:3])}): the model config differs (model.n_layers?)")
-    full = src.has_optimizer and "train_state.step" in src.entries
+    full = src.has_optimizer
+    if full and "train_state.step" not in src.entries:
+        raise CheckpointError(f"{src.path}: optimizer state but no train_state.step: not a checkpoint torchtitan's "
+                              "CheckpointManager wrote whole")
     if full:
-        head_state = any(k.startswith("optimizer.state.lm_head.weight.") for k in src.entries)
-        if tied and head_state:
-            raise CheckpointError(f"{src.path}: its optimizer trains lm_head.weight apart from tok_embeddings.weight "
-                                  "(torchtitan's enable_weight_tying=false), but model.tie_embeddings=true here: "
-                                  "set model.tie_embeddings=false")
-        if not tied and not head_state:
-            raise CheckpointError(f"{src.path}: its optimizer has no state for lm_head.weight (torchtitan's "
-                                  "enable_weight_tying=true), but model.tie_embeddings=false here: set "
-                                  "model.tie_embeddings=true")
+        _check_tie(src, tied, any(k.startswith("optimizer.state.lm_head.weight.") for k in src.entries))
     return full
 
 
@@ -186,33 +224,31 @@ def _read_import(src: TitanStep, args, ours: Dict[str, tuple], full: bool, progr
     optim: Dict[str, object] = {}
     total = sum(math.prod(s) * 4 for s in ours.values()) * (3 if full else 1)
     with _progress(total, f"reading {src.path.name}", progress) as bar:
-        for n in ours:
-            model[n] = src.tensor(names.titan_name(n))
-            bar.update(_nbytes(model[n]))
-        if tied and src.shape("lm_head.weight") is not None:
-            if not torch.equal(src.tensor("lm_head.weight"), model["tok_embeddings.weight"]):
-                raise CheckpointError(f"{src.path}: lm_head.weight differs from tok_embeddings.weight, but "
-                                      "model.tie_embeddings=true here: set model.tie_embeddings=false")
-        if not full:
-            return model, optim
-        fused: Dict[str, dict] = {}  # one fused q/k/v moment read once for its three parts
-        for n, shape in ours.items():
-            param, part = names.titan_param(n)
-            for k in MOMENTS:
-                key = f"optimizer.state.{param}.{k}"
-                if part is None:
-                    _check_shape(src.path, key, src.shape(key), shape)
-                    t = src.tensor(key)
-                else:
-                    _check_shape(src.path, key, src.shape(key), names.fused_shape(args))
-                    if key not in fused:
-                        fused = {key: names.split_qkv(src.tensor(key), args)}
-                    t = fused[key][part]
-                optim[f"state.{n}.{k}"] = t
-                bar.update(_nbytes(t))
-            key = f"optimizer.state.{param}.step"
-            _check_shape(src.path, key, src.shape(key), ())
-            optim[f"state.{n}.step"] = src.tensor(key)
+        for group in _by_block(ours):
+            keys = {n: [names.titan_name(n)] for n in group}
+            if full:
+                for n in group:
+                    param, part = names.titan_param(n)
+                    moment = names.fused_shape(args) if part else ours[n]
+                    for k, want in ((MOMENTS[0], moment), (MOMENTS[1], moment), ("step", ())):
+                        keys[n].append(f"optimizer.state.{param}.{k}")
+                        _check_shape(src.path, keys[n][-1], src.shape(keys[n][-1]), want)
+            got = src.tensors(sorted({k for ks in keys.values() for k in ks}))
+            splits: Dict[str, dict] = {}  # a fused q/k/v moment split once for its three parts
+            for n in group:
+                model[n] = got[keys[n][0]]
+                bar.update(_nbytes(model[n]))
+                if not full:
+                    continue
+                part = names.titan_param(n)[1]
+                for k, key in zip((*MOMENTS, "step"), keys[n][1:]):
+                    if part is not None and k != "step" and key not in splits:
+                        splits[key] = names.split_qkv(got[key], args)
+                    t = splits[key][part] if part is not None and k != "step" else got[key]
+                    optim[f"state.{n}.{k}"] = t
+                    bar.update(_nbytes(t) if k != "step" else 0)
+        if tied and not full:
+            _check_tie(src, tied, None, model["tok_embeddings.weight"])
     return model, optim
 
 
@@ -252,22 +288,34 @@ def titan_fingerprint(step_dir) -> Optional[str]:
 
     f = Path(step_dir) / ".metadata"
     try:
+        checked_file(f)  # a regular file inside the dir: not a FIFO, not /dev/zero
         if f.stat().st_size > 256 << 20:
             return None
         return hashlib.sha256(f.read_bytes()).hexdigest()[:32]
-    except OSError:
+    except (OSError, CheckpointError):
         return None
 
 
-def read_titan_weights(step_dir, args) -> Dict[str, torch.Tensor]:
-    """Every weight of a torchtitan step dir by our name, in fp32, checked against ``args``
-    (a LoRA run's base, merged into its adapters on export)."""
+def _start_point(step_dir, args):
+    """A torchtitan step dir as a start point for ``args``: (dir, converter, our shapes),
+    every weight's shape and the tie checked."""
     src = TitanStep(step_dir)
     names = _converter(args, str(src.path))
     ours = _model_param_shapes(args)
     for n, shape in ours.items():
         _check_shape(src.path, names.titan_name(n), src.shape(names.titan_name(n)), shape)
-    return {n: src.tensor(names.titan_name(n)).float() for n in ours}
+    if "output.weight" not in ours:  # tied here: an untied head there would be dropped
+        _check_tie(src, True, any(k.startswith("optimizer.state.lm_head.weight.") for k in src.entries)
+                   if src.has_optimizer else None)
+    return src, names, ours
+
+
+def read_titan_weights(step_dir, args) -> Dict[str, torch.Tensor]:
+    """Every weight of a torchtitan step dir by our name, in fp32, checked against ``args``
+    (a LoRA run's base, merged into its adapters on export)."""
+    src, names, ours = _start_point(step_dir, args)
+    got = src.tensors([names.titan_name(n) for n in ours])
+    return {n: got[names.titan_name(n)].float() for n in ours}
 
 
 def load_titan_weights(model: torch.nn.Module, step_dir, args, *, chunk_bytes: int = 1 << 30,
@@ -280,27 +328,26 @@ def load_titan_weights(model: torch.nn.Module, step_dir, args, *, chunk_bytes: i
 
     from ..lora import is_lora_param
 
-    src = TitanStep(step_dir)
-    names = _converter(args, str(src.path))
-    ours = _model_param_shapes(args)
-    for n, shape in ours.items():
-        _check_shape(src.path, names.titan_name(n), src.shape(names.titan_name(n)), shape)
+    src, names, ours = _start_point(step_dir, args)
     targets = [k for k in get_model_state_dict(model) if not is_lora_param(k)]  # base weights only
     unknown = [k for k in targets if k not in ours]
     if unknown:
         raise CheckpointError(f"{src.path}: this model's {unknown[0]} has no torchtitan counterpart")
     opts = StateDictOptions(full_state_dict=True, strict=False)
-    total = sum(math.prod(ours[k]) * 4 for k in targets)
-    batch: Dict[str, torch.Tensor] = {}
+    chunks: List[List[str]] = [[]]
     size = 0
-    with _progress(total, f"loading {src.path.name}", progress) as bar:
-        for i, name in enumerate(targets):
-            batch[name] = src.tensor(names.titan_name(name)).float()
-            size += _nbytes(batch[name])
-            if size >= chunk_bytes or i == len(targets) - 1:
-                set_model_state_dict(model, batch, options=opts)
-                bar.update(size)
-                batch, size = {}, 0
+    for name in targets:
+        if chunks[-1] and size + math.prod(ours[name]) * 4 > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += math.prod(ours[name]) * 4
+    with _progress(sum(math.prod(ours[k]) * 4 for k in targets), f"loading {src.path.name}", progress) as bar:
+        for chunk in chunks:
+            got = src.tensors([names.titan_name(n) for n in chunk])
+            batch = {n: got[names.titan_name(n)].float() for n in chunk}
+            set_model_state_dict(model, batch, options=opts)
+            bar.update(sum(_nbytes(t) for t in batch.values()))
     log.info("initialized weights from torchtitan step dir %s", src.path)
 
 
@@ -318,6 +365,7 @@ def export_titan(checkpoint, out, *, force: bool = False, progress: bool = True)
     if meta.get("lora"):
         raise CheckpointError(f"{ckpt}: a LoRA checkpoint (adapters only): torchtitan has no adapters; export it to "
                               "Hugging Face (python -m pretrain.hf export merges it) and import that into torchtitan")
+    check_out(Path(out), force, ckpt)
     saved = _saved_metadata(ckpt, meta)
     ours = _model_param_shapes(args)
     for n, shape in ours.items():
@@ -410,53 +458,94 @@ def _read_export(src: _OurStep, args, ours: Dict[str, tuple], full: bool, step: 
     return flat
 
 
+_ROPE_NUMBERS = ("theta", "scaling_factor", "low_freq_factor", "high_freq_factor",
+                 "original_max_position_embeddings")
+
+
 def _recorded_rope(step_dir: Path) -> Optional[dict]:
     """The RoPE settings our export recorded beside a step dir (``pretrain_export.json``),
-    read as JSON data; None when absent or not such a record."""
+    read as JSON data; None when there is none. A record that is not one (not JSON, a
+    setting missing, not a positive finite number) is a CheckpointError naming the file."""
     f = Path(step_dir) / EXPORT_NOTE
-    if not f.is_file() or f.stat().st_size > 1 << 20:
+    if not f.exists():
         return None
     try:
-        rope = json.loads(f.read_text()).get("rope")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return rope if isinstance(rope, dict) else None
+        checked_file(f)
+        if f.stat().st_size > 1 << 20:
+            raise ValueError("larger than 1 MiB")
+        rope = json.loads(f.read_text())["rope"]
+        scaled = rope["scaling"] == "llama"
+        if rope["scaling"] not in ("llama", "none"):
+            raise ValueError(f"scaling={rope['scaling']!r}, expected 'llama' or 'none'")
+        for key in _ROPE_NUMBERS if scaled else ("theta",):
+            v = rope[key]
+            if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{key}={v!r}, expected a positive number")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not the RoPE record our export writes ({type(e).__name__}: {e})") from None
+    return rope
 
 
-def _rope_overrides(rope: dict) -> List[str]:
+def _rope_overrides(rope: dict, told: List[str]) -> List[str]:
+    """Overrides that set ``rope``, less those the user's overrides (``told``: their keys)
+    set themselves (Hydra refuses a key given twice)."""
     if rope.get("scaling") == "none":
-        return [f"model.rope_theta={rope['theta']}", "model.rope_scaling=null"]
-    return [f"model.rope_theta={rope['theta']}", f"model.rope_scaling.factor={rope['scaling_factor']}",
-            f"model.rope_scaling.low_freq_factor={rope['low_freq_factor']}",
-            f"model.rope_scaling.high_freq_factor={rope['high_freq_factor']}",
-            f"model.rope_scaling.original_max_position_embeddings={rope['original_max_position_embeddings']}"]
+        out = {"model.rope_theta": rope["theta"], "model.rope_scaling": "null"}
+    else:
+        out = {"model.rope_theta": rope["theta"], **{f"model.rope_scaling.{k}": rope[v] for k, v in (
+            ("factor", "scaling_factor"), ("low_freq_factor", "low_freq_factor"),
+            ("high_freq_factor", "high_freq_factor"),
+            ("original_max_position_embeddings", "original_max_position_embeddings"))}}
+    whole = "model.rope_scaling" in told  # the node set (or deleted) as a whole
+    return [f"{k}={v}" for k, v in out.items()
+            if k not in told and not (whole and k.startswith("model.rope_scaling"))]
 
 
 def compose_import_config(step_dir, model: str, overrides: List[str]):
     """The job config an import writes for: ``model=<model>`` and the overrides, with the
     RoPE settings of the step dir (our export's record, else torchtitan's defaults: the
-    family's ``TITAN_ROPE``) unless an override names them. Returns (config, the RoPE
-    settings it assumed or None)."""
+    family's ``TITAN_ROPE``) where an override does not set them, validated as a run's
+    (model and optimizer rules: ``ConfigError`` naming the key). Returns (config, the RoPE settings assumed)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from ..config import register_configs
+    from ..validate import validate_model_and_optim
 
-    told = any(o.lstrip("+~").startswith(("model.rope_scaling", "model.rope_theta")) for o in overrides)
+    told = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     register_configs()
     configs = Path(__file__).resolve().parents[2] / "configs"
     with initialize_config_dir(str(configs), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=[f"model={model}", *overrides]))
         conv = family_of(cfg.model).titan
-        if told or conv is None:  # a family without a converter: the import refuses it, naming it
-            return cfg, None
-        rope = _recorded_rope(Path(step_dir)) or {**conv.TITAN_ROPE, "scaling": "llama"}
-        cfg = compose("config", overrides=[f"model={model}", *_rope_overrides(rope), *overrides])
-    return OmegaConf.to_object(cfg), rope
+        rope = None
+        if conv is not None:  # a family without a converter: the import refuses it, naming it
+            rope = _recorded_rope(Path(step_dir)) or {**conv.TITAN_ROPE, "scaling": "llama"}
+            cfg = OmegaConf.to_object(compose("config", overrides=[
+                f"model={model}", *_rope_overrides(rope, told), *overrides]))
+    validate_model_and_optim(cfg)
+    return cfg, rope
 
 
 # -- CLI ----------------------------------------------------------------------------------
-def main(argv: Optional[List[str]] = None) -> int:
+class _Terminated(BaseException):
+    """SIGTERM while converting: unwinds like Ctrl-C, so ``<out>.partial`` is removed."""
+
+
+def _interrupt_code(e: BaseException) -> Optional[int]:
+    """130 (Ctrl-C) or 143 (SIGTERM) when ``e`` is, or wraps (DCP wraps what its writer
+    raised), an interrupt; else None."""
+    from ..checkpoint.files import _chain
+
+    for x in _chain(e):
+        if isinstance(x, KeyboardInterrupt):
+            return 130
+        if isinstance(x, _Terminated):
+            return 143
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pretrain.titan", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="torchtitan step dir -> checkpoint of this trainer")
@@ -472,49 +561,88 @@ def main(argv: Optional[List[str]] = None) -> int:
     for sp in (imp, exp):
         sp.add_argument("--force", action="store_true", help="replace a non-empty output directory")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _run_import(a, p: argparse.ArgumentParser) -> None:
+    bad = [o for o in a.overrides if not o.lstrip("+~").startswith(("model.", "optim."))]
+    if bad:
+        p.error(f"{bad[0]}: only model.* and optim.* overrides shape an import")
+    if "=" in Path(a.out).name:
+        p.error(f"{a.out}: the output folder looks like an override (give the checkpoint dir to write first)")
+    from ..validate import ConfigError
+
+    try:
+        cfg, rope = compose_import_config(a.step_dir, a.model, a.overrides)
+    except (CheckpointError, ConfigError):
+        raise
+    except Exception as e:  # noqa: BLE001 (Hydra's errors name the key)
+        p.error(f"the model config: {type(e).__name__}: {e}")
+    if rope is not None:
+        print(f"RoPE as the step dir records it or torchtitan's llama3 flavors build it (theta {rope['theta']:g}, "
+              f"scaling_factor {rope.get('scaling_factor', 'none')}) where no override sets it; override "
+              "model.rope_scaling.* if the torchtitan run used others", file=sys.stderr)
+    done = import_titan(a.step_dir, a.out, cfg.model, cfg.optim, force=a.force, progress=not a.no_progress)
+    if done["weights_only"]:
+        print(f"wrote {a.out}: weights only (the step dir has no optimizer state). Start from it with "
+              f"checkpoint.load_path={a.out} checkpoint.load_weights_only=true, or model.init_from=titan:{a.step_dir}")
+    else:
+        print(f"wrote {a.out}: step {done['step']}, {done['tokens_seen']} tokens seen, AdamW moments. The data "
+              "loader's state is torchtitan's pickle and is not carried: resume with "
+              f"checkpoint.load_path={a.out} checkpoint.resume_data=false and model={a.model} (+ the same "
+              f"overrides; {a.out}/model.yaml is the model config)")
+
+
+def _run_export(a) -> None:
+    note = export_titan(a.checkpoint, a.out, force=a.force, progress=not a.no_progress)
+    r = note["rope"]
+    rope = f"theta={r['theta']:g}, scaling={r['scaling']!r}" + (
+        f", scaling_factor={r['scaling_factor']:g}" if r["scaling"] == "llama" else "") + (
+        " (its llama3 flavors build 8)" if r.get("scaling_factor", 8.0) != 8.0 else "")
+    what = f"model, optimizer, step {note['step']}" if note["optimizer"] else "weights only"
+    load = ("load it with checkpoint.initial_load_path (model only), or fully with "
+            "checkpoint.initial_load_model_only=false and checkpoint.exclude_from_loading=['dataloader']"
+            if note["optimizer"] else "load it with checkpoint.initial_load_path")
+    print(f"wrote {a.out} ({what}). torchtitan's model needs enable_weight_tying={note['enable_weight_tying']} "
+          f"and RoPE {rope}; {load} (see {EXPORT_NOTE})")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import signal
+    import threading
+
+    from ..validate import ConfigError
+
+    p = _parser()
     a, rest = p.parse_known_args(argv)  # overrides may follow the options
-    unknown = [r for r in rest if a.cmd != "import" or r.startswith("-") or "=" not in r]
+    unknown = [r for r in rest if a.cmd != "import" or r.startswith("-") or ("=" not in r and r[:1] != "~")]
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if a.cmd == "import":
         a.overrides = [*a.overrides, *rest]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise _Terminated()
+        old = signal.signal(signal.SIGTERM, _term)
     try:
-        if a.cmd == "import":
-            bad = [o for o in a.overrides if not o.lstrip("+~").startswith(("model.", "optim."))]
-            if bad:
-                p.error(f"{bad[0]}: only model.* and optim.* overrides shape an import")
-            try:
-                cfg, rope = compose_import_config(a.step_dir, a.model, a.overrides)
-            except Exception as e:  # noqa: BLE001 (Hydra's errors name the key)
-                p.error(f"the model config: {type(e).__name__}: {e}")
-            if rope is not None:
-                print(f"RoPE as the step dir records it or torchtitan's llama3 flavors build it (theta "
-                      f"{rope['theta']:g}, scaling_factor {rope.get('scaling_factor', 'none')}); override "
-                      "model.rope_scaling.* if the torchtitan run used others", file=sys.stderr)
-            done = import_titan(a.step_dir, a.out, cfg.model, cfg.optim, force=a.force, progress=not a.no_progress)
-            if done["weights_only"]:
-                print(f"wrote {a.out}: weights only (the step dir has no optimizer state). Start from it with "
-                      f"checkpoint.load_path={a.out} checkpoint.load_weights_only=true, or model.init_from=titan:"
-                      f"{a.step_dir}")
-            else:
-                print(f"wrote {a.out}: step {done['step']}, {done['tokens_seen']} tokens seen, AdamW moments. The "
-                      "data loader's state is torchtitan's pickle and is not carried: resume with "
-                      f"checkpoint.load_path={a.out} checkpoint.resume_data=false and model={a.model} "
-                      f"(+ the same overrides; {a.out}/model.yaml is the model config)")
-        else:
-            note = export_titan(a.checkpoint, a.out, force=a.force, progress=not a.no_progress)
-            r = note["rope"]
-            print(f"wrote {a.out} ({'model, optimizer, step ' + str(note['step']) if note['optimizer'] else 'weights only'})."
-                  f" torchtitan's model needs enable_weight_tying={note['enable_weight_tying']} and RoPE "
-                  f"theta={r['theta']:g}, scaling={r['scaling']!r}"
-                  + (f", scaling_factor={r['scaling_factor']:g}" if r["scaling"] == "llama" else "")
-                  + (" (its llama3 flavors build 8)" if r.get("scaling_factor", 8.0) != 8.0 else "")
-                  + "; load the optimizer too with checkpoint.initial_load_model_only=false and "
-                  "checkpoint.exclude_from_loading=['dataloader'] (see pretrain_export.json)")
+        _run_import(a, p) if a.cmd == "import" else _run_export(a)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BaseException as e:  # noqa: BLE001 (an interrupt, perhaps wrapped by DCP)
+        code = _interrupt_code(e)
+        if code is None:
+            raise
+        print(f"interrupted: {a.out} not written (nothing half-written left)", file=sys.stderr)
+        return code
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     return 0
 
 

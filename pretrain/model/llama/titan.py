@@ -34,6 +34,14 @@ _QKV = re.compile(r"(layers\.\d+\.attention\.)(w[qkv])\.weight")
 _TITAN_QKV = re.compile(r"(layers\.\d+\.attention\.)qkv_linear\.(w[qkv])\.weight")
 
 
+def unsupported(args) -> Optional[str]:
+    """Why torchtitan's llama3 cannot be this model (None: it can)."""
+    if args.head_dim is not None and args.head_dim * args.n_heads != args.dim:
+        return (f"model.head_dim={args.head_dim} with n_heads={args.n_heads} is not dim={args.dim}: torchtitan's "
+                "llama3 derives head_dim from dim / n_heads and cannot build this model")
+    return None
+
+
 def titan_name(ours: str) -> str:
     """Our parameter name -> torchtitan's model-state key."""
     if ours == "output.weight":
