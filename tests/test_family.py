@@ -179,6 +179,13 @@ def _code_names(path) -> set:
     docs = {id(n.body[0].value) for n in ast.walk(tree)
             if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
             and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    # A config field's description (knob(..., doc=...), doc_field(default, doc)) is prose too.
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call):
+            prose = [k.value for k in n.keywords if k.arg == "doc"]
+            if getattr(n.func, "id", getattr(n.func, "attr", None)) == "doc_field" and len(n.args) > 1:
+                prose.append(n.args[1])
+            docs |= {id(c) for v in prose for c in ast.walk(v) if isinstance(c, ast.Constant)}
     out = set()
     for n in ast.walk(tree):
         if isinstance(n, ast.Name):
