@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-AC_MODES = ("none", "full", "every_n", "selective_op")
+from .config import AC_MODES  # declared beside its field
 
 _aten = torch.ops.aten
 # Outputs kept by selective_op: matrix products and attention (the costly recomputations).

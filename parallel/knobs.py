@@ -6,8 +6,11 @@ allowed outside them (``-1`` for "the rest" / "auto"), and where a legal value i
 probably a mistake (a warning, not an error). ``problems`` walks nested dataclasses and
 lists of them, naming each field by its dotted key (``data.mixture.0.weight``).
 Relations between fields (``train.seq_len <= model.max_position_embeddings``) stay rules
-of their group. ``parallel/`` is the lowest layer with a config group of its own, so the
-helper lives here; it imports nothing but the standard library."""
+of their group. Every field also carries a one-line description (``doc=``; ``doc_field``
+for a field without a range, with its ``choices`` where it takes a fixed set of words):
+``python -m pretrain.docs`` writes docs/config.md from them. ``parallel/`` is the lowest
+layer with a config group of its own, so the helper lives here; it imports nothing but
+the standard library."""
 from __future__ import annotations
 
 import dataclasses
@@ -81,16 +84,45 @@ class Range:
 
 
 def knob(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, ge=None, gt=None, le=None, lt=None,
-         special: Optional[dict] = None, each: bool = False, warn_above=None, warn_below=None, resume: bool = True):
+         special: Optional[dict] = None, each: bool = False, warn_above=None, warn_below=None, resume: bool = True,
+         doc: str = ""):
     """A dataclass field with its valid range (an ``int`` field, by its annotation, takes
-    integers only). ``resume=False``: a model field whose value does not change the
-    trained function (a label, the init, a length limit), so a resume may change it."""
+    integers only) and its one-line description ``doc``. ``resume=False``: a model field
+    whose value does not change the trained function (a label, the init, a length limit),
+    so a resume may change it."""
     rng = Range(ge=ge, gt=gt, le=le, lt=lt, special=tuple((special or {}).items()), each=each,
                 warn_above=warn_above, warn_below=warn_below)
-    meta = {"range": rng, "resume": resume}
+    meta = {"range": rng, "resume": resume, "doc": doc}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def doc_field(default=dataclasses.MISSING, doc: str = "", *, default_factory=dataclasses.MISSING,
+              choices: Optional[Tuple[str, ...]] = None, resume: bool = True):
+    """A dataclass field without a range (a word, a path, a flag, a list, a nested group)
+    and its one-line description. ``choices``: the words it takes (null too when the field
+    is Optional), which the group's rules check (``choices_of``) and the reference lists."""
+    meta = {"resume": resume, "doc": doc}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def doc_of(f: dataclasses.Field) -> str:
+    """The field's one-line description ("" when it has none)."""
+    return f.metadata.get("doc", "")
+
+
+def choices_of(obj, name: str) -> Tuple[str, ...]:
+    """The words field ``name`` of dataclass ``obj`` (an instance or the class) takes, as
+    declared beside it; KeyError when it declares none."""
+    for f in dataclasses.fields(obj):
+        if f.name == name:
+            return f.metadata["choices"]
+    raise KeyError(f"{type(obj).__name__ if not isinstance(obj, type) else obj.__name__} has no field {name!r}")
 
 
 def range_of(f: dataclasses.Field) -> Optional[Range]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from parallel.tensors import is_distributed
 
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
+from .config import SCHEDULES  # declared beside optim.schedule
 
 
 def lr_multiplier(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float,

@@ -6,13 +6,10 @@ import dataclasses
 from collections.abc import Mapping
 
 from parallel import knobs
-from parallel.ac import AC_MODES
-from parallel.dims import CP_IMPLS, LayoutError, ParallelDims, resolve_parallel_dims, sequence_problem
+from parallel.dims import LayoutError, ParallelDims, resolve_parallel_dims, sequence_problem
 
 from .config import JobConfig, eval_format
-from .observe.metrics import WANDB_MODES
 from .model import ModelFamily, UnknownFamily, canonical_family_name, get_family
-from .optim import SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -28,6 +25,11 @@ def _require(ok: bool, key: str, value, expected: str) -> None:
 
 def _one_of(key: str, value, choices) -> None:
     _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
+
+
+def _choice(key: str, group, name: str) -> None:
+    """``group.<name>`` is one of the words declared beside its field (``choices``)."""
+    _one_of(key, getattr(group, name), knobs.choices_of(group, name))
 
 
 def _check_schema(cfg: JobConfig) -> ModelFamily:
@@ -109,14 +111,14 @@ def _check_train(cfg: JobConfig, family: ModelFamily) -> None:
     m, t = cfg.model, cfg.train
     _require(t.seq_len <= m.max_position_embeddings, "train.seq_len", t.seq_len,
              f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
-    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
-    _one_of("train.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
+    _choice("train.device", t, "device")
+    _choice("train.mixed_precision", t, "mixed_precision")
 
 
 def _check_optim(cfg: JobConfig, family: ModelFamily) -> None:
     o = cfg.optim
-    _one_of("optim.name", o.name, ("adamw",))
-    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.name", o, "name")
+    _choice("optim.schedule", o, "schedule")
     _require(len(o.betas) == 2, "optim.betas", list(o.betas), "two values in [0, 1)")
     _require(o.schedule_start < cfg.train.steps, "optim.schedule_start", o.schedule_start,
              f"must be < train.steps={cfg.train.steps}: the schedule runs from step schedule_start + 1 to "
@@ -140,19 +142,17 @@ def _check_data(cfg: JobConfig, family: ModelFamily) -> None:
              f"x train.grad_accum_steps={t.grad_accum_steps} x data.streams_per_row={d.streams_per_row} = {streams} "
              f"loader streams per rank: at most {MAX_STREAMS_PER_RANK}")
     eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
-    from data_pipeline.sources import SOURCE_KINDS
-
-    _one_of("data.source", d.source, (*SOURCE_KINDS, "mixture"))
+    _choice("data.source", d, "source")
     if d.source == "mixture":
         _require(len(d.mixture) > 0, "data.mixture", list(d.mixture), "at least one source when data.source=mixture")
         _require(len(d.mixture) <= 16, "data.mixture", len(d.mixture), "at most 16 sources")
         for i, e in enumerate(d.mixture):
-            _one_of(f"data.mixture.{i}.source", e.source, SOURCE_KINDS)
+            _choice(f"data.mixture.{i}.source", e, "source")
             _require(e.path is not None, f"data.mixture.{i}.path", e.path, "a path")
     else:
         _require(d.path is not None, "data.path", d.path, f"a path for data.source={d.source}")
-    _one_of("data.format", d.format, ("text", "chat"))
-    _one_of("data.sft_packing", d.sft_packing, ("pack", "pad"))
+    _choice("data.format", d, "format")
+    _choice("data.sft_packing", d, "sft_packing")
     takes_images = family.image_spec is not None
     entries = [(f"data.mixture.{i}.", e) for i, e in enumerate(d.mixture)] if d.source == "mixture" else [("data.", d)]
     for key, e in entries + ([("eval.data.", cfg.eval.data)] if cfg.eval.interval > 0 else []):
@@ -176,7 +176,7 @@ def _check_data(cfg: JobConfig, family: ModelFamily) -> None:
         _require(d.tokenizer.kind != "bpe" or d.tokenizer.path is not None, "data.tokenizer.kind", "bpe",
                  "has no chat special tokens: chat data (data.format or eval.format) needs llama3, tiktoken "
                  "or a Llama 3 tokenizer.json")
-    _one_of("data.tokenizer.kind", d.tokenizer.kind, ("llama3", "tiktoken", "hf", "bpe"))
+    _choice("data.tokenizer.kind", d.tokenizer, "kind")
     if d.tokenizer.kind in ("tiktoken", "hf"):
         _require(d.tokenizer.path is not None, "data.tokenizer.path", d.tokenizer.path,
                  f"a tokenizer file for data.tokenizer.kind={d.tokenizer.kind}")
@@ -222,15 +222,13 @@ def _check_freeze(cfg: JobConfig, family: ModelFamily) -> None:
 
 
 def _check_eval(cfg: JobConfig, family: ModelFamily) -> None:
-    from data_pipeline.sources import SOURCE_KINDS
-
     d = cfg.data
     eval_chat = cfg.eval.interval > 0 and eval_format(cfg) == "chat"
     ev = cfg.eval
     if ev.interval > 0:
-        _one_of("eval.data.source", ev.data.source, SOURCE_KINDS)
+        _choice("eval.data.source", ev.data, "source")
         if ev.format is not None:
-            _one_of("eval.format", ev.format, ("text", "chat"))
+            _choice("eval.format", ev, "format")
         if eval_chat:
             _require(ev.data.source == "jsonl", "eval.data.source", ev.data.source,
                      f"jsonl: the held-out data is chat (eval.format={ev.format or 'null'}, data.format={d.format})")
@@ -242,7 +240,7 @@ def _check_run(cfg: JobConfig, family: ModelFamily) -> None:
     """logging, checkpoint and profiling."""
     m = cfg.model
     if cfg.logging.wandb_mode is not None:
-        _one_of("logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
+        _choice("logging.wandb_mode", cfg.logging, "wandb_mode")
     _require(not cfg.checkpoint.load_weights_only or cfg.checkpoint.load_path is not None,
              "checkpoint.load_weights_only", True, "needs checkpoint.load_path")
     _require(not (m.init_from and cfg.checkpoint.load_path), "model.init_from", m.init_from,
@@ -264,7 +262,7 @@ def _check_parallel(cfg: JobConfig, world_size: int, family: ModelFamily) -> Par
                                      pp_schedule=p.pp_schedule, world_size=world_size)
     except LayoutError as e:
         raise ConfigError(e.key, e.value, e.expected) from None
-    _one_of("parallel.cp_impl", p.cp_impl, CP_IMPLS)
+    _choice("parallel.cp_impl", p, "cp_impl")
     if p.cp_impl == "ring":
         _require(False, "parallel.cp_impl", "ring",
                  "allgather: torch's ring context_parallel has handlers for CUDA attention kernels only"
@@ -281,7 +279,7 @@ def _check_parallel(cfg: JobConfig, world_size: int, family: ModelFamily) -> Par
     if t.loss_chunk > 0:
         _require(family.hidden_output is not None, "train.loss_chunk", t.loss_chunk,
                  f"0: model family {m.family!r} cannot return its hidden states before the head")
-    _one_of("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
+    _choice("parallel.activation_checkpoint", p, "activation_checkpoint")
     if p.compile:
         from parallel.compile import missing_prerequisites
 

@@ -20,8 +20,6 @@ from parallel import distributed as pdist
 
 log = logging.getLogger("pretrain")
 
-WANDB_MODES = ("online", "offline", "disabled")
-
 
 def peak_memory_gb(device: torch.device) -> float:
     """CUDA max allocated, else this process's peak RSS."""
