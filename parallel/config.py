@@ -41,7 +41,7 @@ class ParallelConfig:
     reshard_after_forward: bool = doc_field(True, "FSDP2: free the gathered parameters after forward (less memory, "
                                                   "one more all-gather in backward).")
     sequence_parallel: bool = doc_field(True, "With tp > 1: shard the residual stream and the norms along the "
-                                              "sequence; train.seq_len must divide by tp.")
+                                              "sequence; train.seq_len / cp must divide by tp.")
     loss_parallel: bool = doc_field(False, "With tp > 1: keep the logits sharded over the vocabulary into a "
                                            "vocabulary-parallel cross-entropy.")
     activation_checkpoint: str = doc_field(

@@ -95,3 +95,35 @@ def test_help_points_to_the_reference(monkeypatch, capsys):
     assert e.value.code in (0, None)
     out = capsys.readouterr().out
     assert "docs/config.md" in out and "== Configuration groups ==" in out
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    text = heading.strip().lower()
+    text = "".join(ch for ch in text if ch.isalnum() or ch in " -_")
+    return text.replace(" ", "-")
+
+
+def test_every_relative_link_and_anchor_resolves():
+    """README.md and docs/*.md link each other by path and #anchor: a moved section or a
+    renamed heading leaves a dead link no other test sees."""
+    import re
+
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    anchors = {}
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        anchors[page.resolve()] = {_anchor(h) for h in re.findall(r"^#+\s+(.*)$", text, flags=re.M)}
+    dead = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page.resolve()
+            if not dest.exists():
+                dead.append(f"{page.name}: {target} (no {path})")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors.get(dest, set()):
+                dead.append(f"{page.name}: {target} (no heading #{anchor})")
+    assert not dead, dead
