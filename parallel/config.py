@@ -10,6 +10,8 @@ from .knobs import doc_field, knob
 REST = {-1: "the rest of the world size"}
 # parallel.activation_checkpoint (parallel/ac.py applies them).
 AC_MODES = ("none", "full", "every_n", "selective_op")
+# parallel.attention_kernel (parallel/attention_core.py).
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
 
 
 @dataclass
@@ -48,6 +50,11 @@ class ParallelConfig:
         "none", "Recompute activations in backward: full (every block), every_n (blocks 0, n, 2n, ...), "
         "selective_op (keep matmul and attention outputs).", choices=AC_MODES)
     ac_every_n: int = knob(2, ge=1, doc="The n of activation_checkpoint=every_n.")
+    # parallel/attention_core.py: which kernel computes masked (document or context-parallel) attention.
+    attention_kernel: str = doc_field(
+        "auto", "Masked attention (document masking, CP): auto = flex attention with a block mask on CUDA, SDPA "
+        "(dense or blockwise) on CPU; sdpa; flex (CUDA only). Unmasked causal attention is always SDPA.",
+        choices=ATTENTION_KERNELS)
     compile: bool = doc_field(False, "torch.compile each transformer block (composes with TP, AC and FSDP2); needs "
                                      "a C/C++ compiler and the Python headers on every node.")
     # NCCL's watchdog, gloo's timeout, for every group the trainer makes: raise it when a

@@ -14,6 +14,7 @@ from .ac import apply_activation_checkpointing, checkpointed_mode
 from .compile import apply_compile
 from .config import ParallelConfig
 from .dims import ParallelDims
+from .float8 import convert_float8, converted
 from .fsdp import apply_fsdp
 from .layout import ModelLayout
 from .tp import apply_tp
@@ -24,17 +25,22 @@ def _own_output(module, args, output):
 
 
 def parallelize(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, dims: ParallelDims, pc: ParallelConfig, *,
-                param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> nn.Module:
+                param_dtype: torch.dtype, reduce_dtype: torch.dtype, float8: str = "none") -> nn.Module:
     """``pc``: the ``parallel`` config (sequence_parallel, loss_parallel,
-    activation_checkpoint, ac_every_n, compile, reshard_after_forward)."""
+    activation_checkpoint, ac_every_n, compile, reshard_after_forward, attention_kernel).
+    ``float8``: ``train.float8``, the recipe the blocks' linears train with (none: as they are)."""
+    if float8 != "none":
+        convert_float8(model, layout, float8, fsdp=dims.uses_fsdp)
     blocks = layout.block_list(model)
     if dims.uses_cp:
         from .cp import apply_cp
 
         apply_cp(model, layout, mesh["cp"])
+    set_attention_kernel(blocks, layout, pc.attention_kernel)
     if dims.uses_tp:
         frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-        apply_tp(model, layout, mesh["tp"], sequence_parallel=pc.sequence_parallel, loss_parallel=pc.loss_parallel)
+        apply_tp(model, layout, mesh["tp"], sequence_parallel=pc.sequence_parallel, loss_parallel=pc.loss_parallel,
+                 float8=float8)
         # The TP styles re-wrap parameters they replicate (the norms under SequenceParallel
         # or none) as trainable: a frozen base (LoRA) must stay frozen.
         for name, p in model.named_parameters():
@@ -57,6 +63,20 @@ def parallelize(model: nn.Module, layout: ModelLayout, mesh: DeviceMesh, dims: P
     return model
 
 
+def set_attention_kernel(blocks, layout: ModelLayout, kernel: str) -> int:
+    """Every block's attention core (single-device or context-parallel) computes masked
+    attention with ``kernel`` (``parallel.attention_kernel``); returns how many were set."""
+    if layout.attention_core is None:
+        return 0
+    n = 0
+    for block in blocks:
+        core = layout.part(block, layout.attention_core)
+        if core is not None:
+            core.kernel = kernel
+            n += 1
+    return n
+
+
 def describe_blocks(parts, layout: ModelLayout) -> str:
     """What the blocks of this rank's ``parts`` run under, read back from the modules (not
     from the config): how many are activation-checkpointed (by mode), compiled, FSDP2 units,
@@ -71,5 +91,6 @@ def describe_blocks(parts, layout: ModelLayout) -> str:
     from .cp import ContextParallelCore
 
     cp = sum(isinstance(m, ContextParallelCore) for b in blocks for m in b.modules())
+    f8 = sum(converted(b) for b in blocks)
     return (f"{len(blocks)} blocks here: activation checkpointing {ac} | compiled {compiled} | "
-            f"FSDP2 units {fsdp} | context-parallel cores {cp}")
+            f"FSDP2 units {fsdp} | context-parallel cores {cp} | float8 linears {f8}")

@@ -21,17 +21,22 @@ output. No extra communication in the forward. The gradients of the replicated h
 TP alone, until the clipping and optimizer read them (each read all-reduces them)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
+from .float8 import is_float8
 from .layout import BlockPlan, ModelLayout
 
 
 def apply_tp(model: nn.Module, layout: ModelLayout, tp_mesh: DeviceMesh, *, sequence_parallel: bool,
-             loss_parallel: bool) -> None:
+             loss_parallel: bool, float8: str = "none") -> None:
+    """``float8``: the ``train.float8`` recipe the blocks' linears were converted with
+    (``parallel/float8.py``): under tensorwise their styles are torchao's float8 ones."""
     stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
     logits = Shard(-1) if loss_parallel else Replicate()
     # A pipeline stage lacks some of these parts: plan only those it holds.
@@ -54,21 +59,46 @@ def apply_tp(model: nn.Module, layout: ModelLayout, tp_mesh: DeviceMesh, *, sequ
         parallelize_module(tied, tp_mesh, PrepareModuleOutput(
             output_layouts=Shard(-1), desired_output_layouts=logits, use_local_output=not loss_parallel))
 
+    # torchao's float8 styles move float8 tensors through the sequence-parallel collectives
+    # (forward all-gather, backward gradients); gloo has no float8 dtype ("Invalid scalar
+    # type"), so on CPU with sequence parallel the float8 linears keep torch's styles (their
+    # DTensor weights and inputs are cast after the collectives, scales still global).
+    float8_styles = float8 == "tensorwise" and (tp_mesh.device_type == "cuda" or not sequence_parallel)
     for block in layout.block_list(model):
         bp = layout.block_plan(block)
         adapters = _detach_lora(block, bp)  # the TP styles would shard every child parameter like the weight
         parallelize_module(block, tp_mesh, _block_plan(bp, stream if bp.sequence_sharded else Replicate(),
-                                                       sequence_parallel and bp.sequence_sharded))
+                                                       sequence_parallel and bp.sequence_sharded,
+                                                       block if float8_styles else None))
         _attach_lora(block, adapters, tp_mesh, bp)
 
 
-def _block_plan(bp: BlockPlan, stream, sequence_parallel: bool) -> dict:
+def _block_plan(bp: BlockPlan, stream, sequence_parallel: bool, float8_block: Optional[nn.Module] = None) -> dict:
+    """``float8_block``: the block, when its float8 linears take torchao's float8 styles
+    (tensorwise): each float8 linear is split by Float8Colwise/RowwiseParallel (its input
+    cast to float8 with a scale global over the shards), and under sequence parallel a
+    stream input whose column-wise linears are all float8 is cast once, before its
+    all-gather (PrepareFloat8ModuleInput: the gather moves float8 bytes)."""
+    def f8(path: str) -> bool:
+        return float8_block is not None and is_float8(float8_block.get_submodule(path))
+
+    def prepare(path: str, n: int):
+        inner = [c for c in bp.colwise if c.startswith(path + ".")]
+        cls = (PrepareFloat8ModuleInput if sequence_parallel and inner and all(f8(c) for c in inner)
+               else PrepareModuleInput)
+        rest = (None,) * (n - 1)
+        return cls(input_layouts=(stream,) + rest, desired_input_layouts=(Replicate(),) + rest)
+
+    if float8_block is not None:
+        from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel, Float8RowwiseParallel,
+                                                           PrepareFloat8ModuleInput)
+    else:
+        Float8ColwiseParallel = Float8RowwiseParallel = PrepareFloat8ModuleInput = None
     plan = {
-        **{path: PrepareModuleInput(input_layouts=(stream,) + (None,) * (n - 1),
-                                    desired_input_layouts=(Replicate(),) + (None,) * (n - 1))
-           for path, n in bp.stream_inputs},
-        **{path: ColwiseParallel() for path in bp.colwise},
-        **{path: RowwiseParallel(output_layouts=stream) for path in bp.rowwise},
+        **{path: prepare(path, n) for path, n in bp.stream_inputs},
+        **{path: (Float8ColwiseParallel if f8(path) else ColwiseParallel)() for path in bp.colwise},
+        **{path: (Float8RowwiseParallel if f8(path) else RowwiseParallel)(output_layouts=stream)
+           for path in bp.rowwise},
         # A rank's heads are a shard of the heads dimension (2) of (batch, seq, heads, head_dim).
         **{path: SequenceParallel(sequence_dim=2, use_local_output=True) for path in bp.head_norms},
     }

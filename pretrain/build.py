@@ -94,7 +94,8 @@ def build_model(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Bui
 def _materialize(part: nn.Module, cfg: JobConfig, dims, mesh, device, family, param_dtype, reduce_dtype) -> None:
     seed = cfg.train.seed
     base_init = lambda tensor, std, fqn: seeded_trunc_normal_(tensor, std, fqn, seed)  # noqa: E731
-    parallelize(part, family.layout, mesh, dims, cfg.parallel, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    parallelize(part, family.layout, mesh, dims, cfg.parallel, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                float8=cfg.train.float8)
     part.to_empty(device=device)
     part.init_weights(init_fn=shard_aware_init(base_init))
     if cfg.finetune.lora.rank > 0:

@@ -52,6 +52,10 @@ class TrainConfig:
                                      choices=("auto", "bf16", "fp32"))
     num_threads: Optional[int] = knob(None, ge=1, le=4096, doc="Intra-op threads per process; null = the cores a "
                                                                "launcher bound it to, else cores / processes on the node.")
+    # parallel/float8.py converts the blocks' linears with torchao before TP/FSDP2 apply.
+    float8: str = doc_field("none", "Float8 matmuls (torchao) for the blocks' linears with dims divisible by 16; "
+                                    "weights stay fp32. tensorwise: float8 FSDP2 all-gather and TP; rowwise: per-row "
+                                    "scales. GPU sm89+.", choices=("none", "tensorwise", "rowwise"))
 
 
 @dataclass

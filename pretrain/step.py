@@ -20,6 +20,7 @@ from torch import nn
 from parallel import distributed as pdist
 from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims
+from parallel.float8 import after_optimizer_step as float8_after_optimizer_step
 from parallel.init import clip_grad_norm_, settle_grads
 from parallel.tensors import describe_layout, full_value, local_values, loss_context
 
@@ -189,6 +190,7 @@ class TrainStep:
         grad_norm = clip_grad_norm_(self.params, self.max_norm, skip=self.norm_skip, group=self.pp_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        float8_after_optimizer_step(self.parts)  # float8 all-gather: next step's weight scales
         return StepResult(loss_sum, grad_norm)
 
     def nonfinite(self, out: StepResult) -> List[str]:

@@ -115,6 +115,43 @@ def _check_train(cfg: JobConfig, family: ModelFamily) -> None:
     _choice("train.mixed_precision", t, "mixed_precision")
 
 
+def _check_float8(cfg: JobConfig, family: ModelFamily) -> None:
+    """train.float8: torchao present, a GPU that has float8 matmuls, a model with linears
+    to convert, and none of the features the module swap breaks. parallel.attention_kernel."""
+    t, p = cfg.train, cfg.parallel
+    _choice("train.float8", t, "float8")
+    _choice("parallel.attention_kernel", p, "attention_kernel")
+    if p.attention_kernel == "flex":
+        _require(_on_cuda(t), "parallel.attention_kernel", "flex",
+                 "auto or sdpa on CPU: flex attention has no CPU backward in this torch (NotImplementedError)")
+    if t.float8 == "none":
+        return
+    from parallel.float8 import eligible, load_torchao
+
+    try:
+        load_torchao()
+    except ImportError as e:
+        raise ConfigError("train.float8", t.float8, f"needs torchao (pip install torchao): {e}") from None
+    _require(cfg.finetune.lora.rank == 0, "train.float8", t.float8,
+             "none with LoRA (finetune.lora.rank > 0): the float8 module swap would drop the adapters and the "
+             "hook that adds their update")
+    if _on_cuda(t):
+        import torch
+
+        cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        _require(cap is None or cap >= (8, 9), "train.float8", t.float8,
+                 f"none on this GPU (compute capability {cap}): float8 matmuls need sm89 or newer (Ada, Hopper, "
+                 "Blackwell)")
+    import torch
+
+    with torch.device("meta"):
+        model = family.build(cfg.model, t.seq_len)
+    n = sum(eligible(mod) for block in family.layout.block_list(model) for mod in block.modules())
+    _require(n > 0, "train.float8", t.float8,
+             f"none for this model: none of its blocks' linears has in and out features that are multiples of 16 "
+             f"(float8 matmuls need them)")
+
+
 def _check_optim(cfg: JobConfig, family: ModelFamily) -> None:
     o = cfg.optim
     _choice("optim.name", o, "name")
@@ -327,8 +364,8 @@ def _check_parallel(cfg: JobConfig, world_size: int, family: ModelFamily) -> Par
 
 # Rules per config group, in the order errors are reported, after _check_schema: each is given
 # the job config and its model family.
-RULES = (_check_ranges, _check_model, _check_train, _check_optim, _check_data, _check_lora, _check_freeze,
-         _check_eval, _check_run)
+RULES = (_check_ranges, _check_model, _check_train, _check_float8, _check_optim, _check_data, _check_lora,
+         _check_freeze, _check_eval, _check_run)
 
 
 def config_warnings(cfg: JobConfig) -> list:

@@ -113,6 +113,15 @@ def test_impossible_layout_fails_in_every_worker_before_process_group(tmp_path, 
     # 65536 rows x 8 streams: the loader's states alone grew memory at 55 MB/s in start-up
     (["train.local_batch_size=65536"], 1, "train.local_batch_size"),
     (["finetune.lora.rank=4", "finetune.lora.target_modules=[]"], 1, "finetune.lora.target_modules"),
+    # Float8 (parallel/float8.py): LoRA's adapters would be dropped by the module swap; a model
+    # whose blocks have no linear with dims that are multiples of 16; an unknown recipe.
+    (["train.float8=tensorwise", "finetune.lora.rank=4", "model.init_from=/base"], 1, "train.float8"),
+    (["train.float8=rowwise", "model.dim=72", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_dim=200"],
+     1, "train.float8"),
+    (["train.float8=fp8"], 1, "train.float8"),
+    # flex attention has no CPU backward; an unknown kernel.
+    (["train.device=cpu", "parallel.attention_kernel=flex"], 1, "parallel.attention_kernel"),
+    (["parallel.attention_kernel=flash"], 1, "parallel.attention_kernel"),
 ])
 def test_validation_names_the_key(overrides, world, key):
     cfg = compose_job(*overrides)
@@ -126,6 +135,8 @@ def test_validation_names_the_key(overrides, world, key):
     (["data=chat", "data.path=/c", "model.vocab_size=128256", "parallel.pp=2"], 2),  # chat packs under PP
     (["parallel.cp=2", "parallel.pp=2", "parallel.tp=2", "data.document_masking=true"], 8),
     (["parallel.cp=4", "train.seq_len=256"], 4),
+    (["train.float8=tensorwise", "parallel.tp=2", "parallel.dp_shard=2", "finetune.freeze=[]"], 4),
+    (["train.float8=rowwise", "model=mllama_debug"], 1),
 ])
 def test_layouts_that_compose(overrides, world):
     """Document masking under pipeline parallelism was refused before positions and
