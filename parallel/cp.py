@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_gather_single, all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
-from .attention_core import attend
+from .attention_core import _tensor_key, attend
 from .layout import ModelLayout
 
 
@@ -55,7 +55,11 @@ def _window_order(x: torch.Tensor, cp: int) -> torch.Tensor:
 
 
 class ContextParallelCore(nn.Module):
-    """The attention core of one CP rank: its queries against every rank's keys."""
+    """The attention core of one CP rank: its queries against every rank's keys.
+    ``kernel`` picks the masked-attention kernel (``parallel.attention_kernel``; see
+    ``attend``)."""
+
+    kernel: str = "auto"
 
     def __init__(self, group, rank: int, cp: int):
         super().__init__()
@@ -65,14 +69,35 @@ class ContextParallelCore(nn.Module):
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         k_all = _window_order(all_gather_single_autograd(k.contiguous(), gather_dim=1, group=self.group), self.cp)
         v_all = _window_order(all_gather_single_autograd(v.contiguous(), gather_dim=1, group=self.group), self.cp)
-        doc_all = None
-        if doc_ids is not None:
-            doc_all = _window_order(all_gather_single(doc_ids.contiguous(), gather_dim=1, group=self.group), self.cp)
-        q_index = local_positions(self.rank, self.cp, q.shape[1], q.device)
-        return attend(q, k_all, v_all, q_index, doc_ids, doc_all)
+        doc_all = None if doc_ids is None else self._gathered_docs(doc_ids)
+        q_index = self._positions(q.shape[1], q.device)
+        return attend(q, k_all, v_all, q_index, doc_ids, doc_all, kernel=self.kernel)
+
+    # Every layer's core sees the same document ids and window positions in a step: they are
+    # made (and the ids gathered, one collective) once and shared by all the cores, so that
+    # the flex block mask, cached on the identity of these tensors, is built once per step
+    # too. Every rank of the cp group runs the same calls in the same order, so they agree
+    # on each hit and miss (a miss is a collective).
+    _shared_positions: dict = {}
+    _shared_docs: list = []  # [(key of doc_ids, doc_ids, the gathered ids)], at most one
+
+    def _positions(self, length: int, device) -> torch.Tensor:
+        key = (self.rank, self.cp, length, str(device))
+        if key not in self._shared_positions:
+            self._shared_positions.clear()
+            self._shared_positions[key] = local_positions(self.rank, self.cp, length, device)
+        return self._shared_positions[key]
+
+    def _gathered_docs(self, doc_ids: torch.Tensor) -> torch.Tensor:
+        key = _tensor_key(doc_ids)
+        if key and self._shared_docs and self._shared_docs[0][0] == (key, id(self.group)):
+            return self._shared_docs[0][2]
+        doc_all = _window_order(all_gather_single(doc_ids.contiguous(), gather_dim=1, group=self.group), self.cp)
+        self._shared_docs[:] = [((key, id(self.group)), doc_ids, doc_all)] if key else []
+        return doc_all
 
     def extra_repr(self) -> str:
-        return f"rank {self.rank} of cp={self.cp}"
+        return f"rank {self.rank} of cp={self.cp}" + ("" if self.kernel == "auto" else f", kernel={self.kernel}")
 
 
 def apply_cp(model: nn.Module, layout: ModelLayout, cp_mesh: DeviceMesh) -> int:
