@@ -10,6 +10,11 @@
 #               with a memory snapshot on steps 5-6: metrics hold mfu and mem_gb
 #   resume      the same run dir to step 25: resumes from step 20
 #   compile     compile + selective AC + document masking, 10 steps
+#   float8      train.float8=tensorwise, then rowwise, with compile + selective AC, 10 steps each
+#   attn        bench/attention_kernels.py: flex vs SDPA vs blockwise under document masks
+#               (forward and backward equality against fp32 SDPA, time, memory)
+#   speed       bench/train_throughput.py --gpu, the rows that matter most: 1B bf16 MFU at
+#               seq 4096, 3B bf16 vs Float8 at 8192, 1B document masks through SDPA vs flex
 #   1b-4k       Llama 3.2 1B at seq 4096, 5 steps: memory and MFU
 #   sigusr1     SIGUSR1 mid-run: exit 3 and a complete checkpoint
 #   bench-*     bench/train_throughput.py --gpu (short), finetune_memory.py --gpu,
@@ -19,6 +24,8 @@
 # Packages the machine lacks travel as wheels in .whl/ (see /work/.library/device/README.md,
 # or any pip download for the machine's Python): installed into /tmp/site when present.
 # SMOKE_DRY_RUN=1 runs the same script on CPU with small shapes (checks the script itself).
+# SMOKE_PARTS=clip,float8,...: only those parts (default: all). The speed issue's 8-minute
+# check: SMOKE_PARTS=clip,compile,float8,attn,speed SMOKE_DEADLINE_S=450.
 # SMOKE_DEADLINE_S (570): parts that would start after it are skipped, so the table still
 # comes out inside a 10-minute command; each row is written to OUT/summary.txt as it ends.
 set -u
@@ -52,6 +59,7 @@ DEBUG=(model=debug model.vocab_size=128256 data.tokenizer.kind=llama3 "train.dev
        "train.local_batch_size=$BATCH" optim.warmup_steps=2)
 
 printf '%-10s %-5s %7s  %s\n' part state time figures >"$OUT/summary.txt"
+want() { [ -z "${SMOKE_PARTS:-}" ] || [[ ",$SMOKE_PARTS," == *",$1,"* ]]; }
 RC=0
 row() {  # NAME STATE SECONDS FIGURES; a part the deadline kept from starting reads "cut"
   if [ "$RC" = 125 ]; then set -- "$1" cut 0 "not started: SMOKE_DEADLINE_S reached"; fi
@@ -93,6 +101,7 @@ sys.exit(0 if ok else 1)
 PY
 }
 
+if want clip; then
 # 1. clipping on CUDA tensors against torch's own
 part clip 60 "$PY" - "$DEV" <<'PY'
 import copy, sys, torch, torch.nn.functional as F
@@ -116,7 +125,9 @@ print(f"norm {got.item():.6g} vs torch {want.item():.6g}; max |clipped grad diff
 sys.exit(0 if torch.equal(got, want) and diff == 0 else 1)
 PY
 row clip "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/clip.log")"
+fi
 
+if want debug20; then
 # 2. debug model, bf16 (auto on CUDA), async checkpoints, profiler + memory snapshot
 RUN=$OUT/run_debug; rm -rf "$RUN"
 part debug20 150 "$PY" -m pretrain "${DEBUG[@]}" train.steps=20 checkpoint.interval=10 checkpoint.async_save=true \
@@ -132,7 +143,9 @@ part resume 120 "$PY" -m pretrain "${DEBUG[@]}" train.steps=25 checkpoint.interv
   logging.every=5 "hydra.run.dir=$RUN"
 ok=$([ $RC = 0 ] && grep -q "resumed from step 20" "$OUT/resume.log" && echo ok || echo FAIL)
 row resume "$ok" "$SECS" "$(grep -o 'resumed from step [0-9]*' "$OUT/resume.log" | head -1) | $(metrics "$RUN")"
+fi
 
+if want compile; then
 # 4. compile + selective AC + document masking
 RUN=$OUT/run_compile; rm -rf "$RUN"
 part compile 240 "$PY" -m pretrain "${DEBUG[@]}" train.steps=10 parallel.compile=true \
@@ -140,14 +153,48 @@ part compile 240 "$PY" -m pretrain "${DEBUG[@]}" train.steps=10 parallel.compile
 M=$(metrics "$RUN"); MRC=$?
 ok=$([ $RC = 0 ] && [ $MRC = 0 ] && echo ok || echo FAIL)
 row compile "$ok" "$SECS" "$M | $(grep -o 'compiled [0-9]*' "$OUT/compile.log" | head -1), $(grep -o 'graphs built: [0-9]*' "$OUT/compile.log")"
+fi
 
+if want float8; then
+# 4b. Float8 (torchao) with compile + selective AC: tensorwise, then rowwise
+for recipe in tensorwise rowwise; do
+  RUN=$OUT/run_float8_$recipe; rm -rf "$RUN"
+  part "f8-$recipe" 200 "$PY" -m pretrain "${DEBUG[@]}" train.steps=10 "train.float8=$recipe" parallel.compile=true \
+    parallel.activation_checkpoint=selective_op logging.every=5 "hydra.run.dir=$RUN"
+  M=$(metrics "$RUN"); MRC=$?
+  ok=$([ $RC = 0 ] && [ $MRC = 0 ] && grep -q "float8 linears [1-9]" "$OUT/f8-$recipe.log" && echo ok || echo FAIL)
+  row "f8-$recipe" "$ok" "$SECS" "$M | $(grep -o 'float8 linears [0-9]*' "$OUT/f8-$recipe.log" | head -1)"
+done
+fi
+
+if want attn; then
+# 4c. document-masked attention: flex vs SDPA (dense mask) vs blockwise, equality and speed
+if [ "$DEV" = cuda ]; then ATTN=(); else ATTN=(--device cpu --seqs 256 --iters 1 --warmup 0); fi
+part attn 150 "$PY" bench/attention_kernels.py "${ATTN[@]}"
+row attn "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/attn.log" | cut -c1-400)"
+fi
+
+if want speed; then
+# 4d. tokens/s and MFU: 1B bf16 at 4096, 3B bf16 vs Float8 at 8192, flex vs SDPA document masks
+if [ "$DEV" = cuda ]; then
+  part speed 420 "$PY" bench/train_throughput.py --gpu --gpu-steps 5 --gpu-warmup 2 --gpu-max-batch 8 \
+    --gpu-rows "${SPEED_ROWS:-1b-4k-sac,3b-8k-sac,3b-8k-sac-f8,1b-4k-docs-sdpa,1b-4k-docs-flex}"
+  row speed "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(grep -E 'x tokens/s' "$OUT/speed.log" | tr '\n' ' ')"
+else
+  RC=0; row speed skip 0 "needs CUDA"
+fi
+fi
+
+if want 1b-4k; then
 # 5. Llama 3.2 1B at seq 4096
 RUN=$OUT/run_1b; rm -rf "$RUN"
 part 1b-4k 240 "$PY" -m pretrain "${BIG[@]}" "train.device=$DEV" data.tokenizer.kind=llama3 train.steps=5 \
   logging.every=1 "hydra.run.dir=$RUN"
 M=$(metrics "$RUN"); MRC=$?
 row 1b-4k "$([ $RC = 0 ] && [ $MRC = 0 ] && echo ok || echo FAIL)" "$SECS" "$M"
+fi
 
+if want sigusr1; then
 # 6. SIGUSR1: checkpoint at the next step boundary, exit 3 (the run is killed if it has not
 # ended 120 s after the signal, or by the deadline)
 RUN=$OUT/run_usr1; rm -rf "$RUN"
@@ -164,17 +211,22 @@ kill -9 $PID 2>/dev/null
 wait $PID; RC=$?
 CK=$(ls "$RUN/checkpoints" 2>/dev/null | grep -v partial | tr '\n' ' ')
 row sigusr1 "$([ $RC = 3 ] && [ -n "$CK" ] && echo ok || echo FAIL)" "$((SECONDS - t0))" "exit $RC, checkpoints: $CK"
+fi
 
+if want bench; then
 # 7. the benchmarks, short
 if [ "$DEV" = cuda ]; then
-  part bench-tput 180 "$PY" bench/train_throughput.py --gpu --gpu-steps 3 --gpu-warmup 1 --gpu-max-batch 4
+  part bench-tput 180 "$PY" bench/train_throughput.py --gpu --gpu-steps 3 --gpu-warmup 1 --gpu-max-batch 4 \
+    --gpu-rows 1b-4k-eager,1b-4k
   row bench-tput "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/bench-tput.log")"
   part bench-ft 120 "$PY" bench/finetune_memory.py --gpu
   row bench-ft "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/bench-ft.log")"
   part bench-act 120 "$PY" bench/activation_memory.py --device cuda
   row bench-act "$([ $RC = 0 ] && echo ok || echo FAIL)" "$SECS" "$(tail -1 "$OUT/bench-act.log")"
 fi
+fi
 
+if want nccl; then
 # 8. multi-rank NCCL, when there are GPUs for it
 if [ "$NGPU" -ge 2 ]; then
   for layout in "fsdp2:parallel=fsdp" "tp2:parallel.tp=2 parallel.dp_shard=1 parallel.loss_parallel=true"; do
@@ -187,6 +239,7 @@ if [ "$NGPU" -ge 2 ]; then
   done
 else
   RC=0; row nccl skip 0 "1 GPU visible: the 2-rank NCCL parts need 2+"
+fi
 fi
 
 echo

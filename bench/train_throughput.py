@@ -13,6 +13,8 @@ running every variant for ``--steps`` timed steps, the order rotated per round, 
 - ``plain``: a compact Llama written in this file (RMSNorm, RoPE, GQA attention through
   ``F.scaled_dot_product_attention``, SwiGLU, tied head), ``torch.optim.AdamW`` on all
   parameters with its defaults, ``torch.nn.utils.clip_grad_norm_``;
+- ``compiled``: ``ours`` with ``parallel.compile=true`` (each block through torch.compile /
+  Inductor's C++ backend); its compile time is the warmup's overhead, reported apart;
 - ``hf``: ``transformers.LlamaForCausalLM`` (sdpa attention) from the same dims,
   logits + ``F.cross_entropy``, the same plain AdamW loop.
 Every variant clips at 1.0, reads the loss back each step and uses RoPE without Llama 3's
@@ -28,10 +30,14 @@ same per-rank batch: the median ``tokens_per_s_per_device`` after the first step
 the efficiency (2-process per-process rate / 1-process rate).
 
 ``--gpu``: on one CUDA device, Llama 3.2 1B and 3B (configs/model), bf16 autocast over
-fp32 masters as the trainer does, seq 4096, compile on/off x selective activation
-checkpointing on/off; each combination in a fresh process finds the largest micro-batch
-that fits (descending sizes, catching ``torch.cuda.OutOfMemoryError``) and reports
-tokens/s, MFU (``pretrain.observe.flops.peak_flops``) and ``torch.cuda.max_memory_allocated``.
+fp32 masters as the trainer does, the rows of ``GPU_ROWS`` (``--gpu-rows`` picks some):
+compile on/off x selective activation checkpointing on/off at seq 4096; bf16 against
+Float8 (``train.float8``) for 1B and 3B at 4096 and 8192; document masking through SDPA's
+dense mask against flex attention's block mask. Each row in a fresh process finds the
+largest micro-batch that fits (descending sizes, catching ``torch.cuda.OutOfMemoryError``)
+and reports tokens/s, MFU (``pretrain.observe.flops.peak_flops``),
+``torch.cuda.max_memory_allocated`` and, apart from tokens/s, the warmup's overhead
+(compile) and the process's whole time.
 
 The last line is machine-readable key=value pairs."""
 from __future__ import annotations
@@ -58,17 +64,19 @@ from pretrain.observe.flops import cpu_matmul_probe  # noqa: E402
 from pretrain.model.llama import flops_per_token  # noqa: E402
 from pretrain.model.llama.args import LlamaArgs  # noqa: E402
 
-VARIANTS = ("ours", "plain", "hf")
+VARIANTS = ("ours", "compiled", "plain", "hf")
 
 
 # ---------------------------------------------------------------- ours: the trainer's step
 
 def build_ours(args: LlamaArgs, seq: int, device: torch.device, *, compile_: bool = False, ac: str = "none",
-               param_dtype=torch.float32, seed: int = 0):
+               param_dtype=torch.float32, seed: int = 0, float8: str = "none", kernel: str = "auto"):
     """The one-process path of the trainer: ``pretrain.build.build_model`` (the family's
     model on meta, the layout, materialization, the seeded init), ``build_optimizer``, and
     the trainer's own ``pretrain.step.TrainStep`` called once per step (grad_accum_steps=1,
-    no document masking, no pipeline), its loss and norm read back."""
+    no pipeline), its loss and norm read back. ``float8``: ``train.float8``; ``kernel``:
+    ``parallel.attention_kernel``. ``step(inputs, labels, positions=None, doc_ids=None)``:
+    with document ids, the document-masked path."""
     from parallel.config import ParallelConfig
     from parallel.dims import ParallelDims
     from pretrain.build import build_model
@@ -77,10 +85,10 @@ def build_ours(args: LlamaArgs, seq: int, device: torch.device, *, compile_: boo
     from pretrain.step import TrainStep
 
     torch.manual_seed(seed)
-    pc = ParallelConfig(activation_checkpoint=ac, compile=compile_)
+    pc = ParallelConfig(activation_checkpoint=ac, compile=compile_, attention_kernel=kernel)
     cfg = JobConfig(model=args, parallel=pc, train=TrainConfig(seq_len=seq, seed=seed, max_norm=1.0,
                                                                mixed_precision="bf16" if param_dtype != torch.float32
-                                                               else "fp32"),
+                                                               else "fp32", float8=float8),
                     optim=OptimConfig(), finetune=FinetuneConfig())
     dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1, world_size=1)
     built = build_model(cfg, dims, device)
@@ -93,9 +101,12 @@ def build_ours(args: LlamaArgs, seq: int, device: torch.device, *, compile_: boo
     model.train()
     state = {"step": 0}
 
-    def step(inputs, labels) -> float:
+    def step(inputs, labels, positions=None, doc_ids=None) -> float:
         state["step"] += 1
-        out = train_step([{"input_ids": inputs, "labels": labels}], lr_at(state["step"]))
+        batch = {"input_ids": inputs, "labels": labels}
+        if doc_ids is not None:
+            batch.update(positions=positions, doc_ids=doc_ids)
+        out = train_step([batch], lr_at(state["step"]))
         loss = out.loss_sum.item()
         out.grad_norm.item()
         return loss
@@ -216,14 +227,18 @@ def run_default(a) -> None:
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=gen)
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     _, ours = build_ours(args, a.seq, torch.device("cpu"))
-    steps = {"ours": ours, "plain": build_plain(args, a.seq), "hf": build_hf(args, a.seq)}
+    _, compiled = build_ours(args, a.seq, torch.device("cpu"), compile_=True)
+    steps = {"ours": ours, "compiled": compiled, "plain": build_plain(args, a.seq), "hf": build_hf(args, a.seq)}
+    warm = {}
     for name in VARIANTS:
+        t0 = time.perf_counter()
         for _ in range(a.warmup):
             steps[name](inputs, labels)
+        warm[name] = time.perf_counter() - t0
     rates = {name: [] for name in VARIANTS}
     cpu = {name: [] for name in VARIANTS}  # process CPU seconds per step: less sensitive to other load
     for r in range(a.rounds):
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
         for name in order:
             c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(a.steps):
@@ -233,17 +248,21 @@ def run_default(a) -> None:
             assert math.isfinite(loss)
     tps = {n: statistics.median(v) for n, v in rates.items()}
     cps = {n: statistics.median(v) for n, v in cpu.items()}
+    # The compile time: the compiled variant's warmup beyond as many steady steps.
+    compile_s = warm["compiled"] - a.warmup * a.batch * a.seq / tps["compiled"]
     print(f"Llama dim {a.dim}, {a.layers} layers, {a.heads} heads ({a.kv_heads} kv), ffn {a.ffn}, vocab "
           f"{a.vocab} (tied), seq {a.seq} x batch {a.batch}; fp32 CPU, {torch.get_num_threads()} threads; "
           f"{fpt / 1e6:.1f} MFLOP/token; probe peak {peak / 1e9:.1f} GFLOP/s; median of {a.rounds} rounds x "
-          f"{a.steps} steps after {a.warmup} warmup")
-    print(f"{'variant':<8} {'tokens/s':>9} {'min':>8} {'max':>8} {'s/step':>7} {'cpu s/step':>10} {'MFU':>6} "
+          f"{a.steps} steps after {a.warmup} warmup; compile (the compiled variant's warmup beyond "
+          f"{a.warmup} steady steps) {compile_s:.1f} s")
+    print(f"{'variant':<9} {'tokens/s':>9} {'min':>8} {'max':>8} {'s/step':>7} {'cpu s/step':>10} {'MFU':>6} "
           f"{'ours/x':>7}")
     for n in VARIANTS:
-        print(f"{n:<8} {tps[n]:>9.0f} {min(rates[n]):>8.0f} {max(rates[n]):>8.0f} {a.batch * a.seq / tps[n]:>7.3f} "
+        print(f"{n:<9} {tps[n]:>9.0f} {min(rates[n]):>8.0f} {max(rates[n]):>8.0f} {a.batch * a.seq / tps[n]:>7.3f} "
               f"{cps[n]:>10.3f} {fpt * tps[n] / peak:>6.1%} {tps['ours'] / tps[n]:>7.3f}")
-    print(f"tokens_s_ours={tps['ours']:.0f} tokens_s_plain={tps['plain']:.0f} tokens_s_hf={tps['hf']:.0f} "
-          f"vs_plain={tps['ours'] / tps['plain']:.3f} vs_hf={tps['ours'] / tps['hf']:.3f} "
+    print(f"tokens_s_ours={tps['ours']:.0f} tokens_s_compiled={tps['compiled']:.0f} tokens_s_plain={tps['plain']:.0f} "
+          f"tokens_s_hf={tps['hf']:.0f} compiled_vs_eager={tps['compiled'] / tps['ours']:.3f} "
+          f"compile_s={compile_s:.1f} vs_plain={tps['ours'] / tps['plain']:.3f} vs_hf={tps['ours'] / tps['hf']:.3f} "
           f"mfu_ours={fpt * tps['ours'] / peak:.4f} mfu_plain={fpt * tps['plain'] / peak:.4f} "
           f"mfu_hf={fpt * tps['hf'] / peak:.4f} cpu_vs_plain={cps['plain'] / cps['ours']:.3f} "
           f"cpu_vs_hf={cps['hf'] / cps['ours']:.3f} peak_gflops={peak / 1e9:.1f} threads={torch.get_num_threads()}")
@@ -298,67 +317,147 @@ def run_scaling(a) -> None:
 # ---------------------------------------------------------------- --gpu (one CUDA device)
 
 GPU_MODELS = ("llama3_2_1b", "llama3_2_3b")
+# --gpu rows: (model, seq, float8 recipe, compile, activation checkpointing, masking), where
+# masking is none (one document per row: SDPA's causal kernel) or the attention kernel
+# under document masking (sdpa: a dense boolean mask, flex: a block mask from the ids).
+GPU_ROWS = {
+    # 1B, seq 4096: compile and AC (the MFU goal: >= 45% with compile)
+    "1b-4k-eager": ("llama3_2_1b", 4096, "none", False, "none", "none"),
+    "1b-4k-eager-sac": ("llama3_2_1b", 4096, "none", False, "selective_op", "none"),
+    "1b-4k": ("llama3_2_1b", 4096, "none", True, "none", "none"),
+    "1b-4k-sac": ("llama3_2_1b", 4096, "none", True, "selective_op", "none"),
+    # Float8 against bf16 (the goal: >= 1.25x tokens/s for 3B at 8192), compiled, selective AC
+    "1b-4k-f8": ("llama3_2_1b", 4096, "tensorwise", True, "none", "none"),
+    "1b-8k-sac": ("llama3_2_1b", 8192, "none", True, "selective_op", "none"),
+    "1b-8k-sac-f8": ("llama3_2_1b", 8192, "tensorwise", True, "selective_op", "none"),
+    "3b-4k-sac": ("llama3_2_3b", 4096, "none", True, "selective_op", "none"),
+    "3b-4k-sac-f8": ("llama3_2_3b", 4096, "tensorwise", True, "selective_op", "none"),
+    "3b-8k-sac": ("llama3_2_3b", 8192, "none", True, "selective_op", "none"),
+    "3b-8k-sac-f8": ("llama3_2_3b", 8192, "tensorwise", True, "selective_op", "none"),
+    "3b-8k-sac-f8row": ("llama3_2_3b", 8192, "rowwise", True, "selective_op", "none"),
+    # Document masking: a dense mask through SDPA against flex's block mask
+    "1b-4k-docs-sdpa": ("llama3_2_1b", 4096, "none", True, "none", "sdpa"),
+    "1b-4k-docs-flex": ("llama3_2_1b", 4096, "none", True, "none", "flex"),
+    "1b-8k-docs-sdpa": ("llama3_2_1b", 8192, "none", True, "selective_op", "sdpa"),
+    "1b-8k-docs-flex": ("llama3_2_1b", 8192, "none", True, "selective_op", "flex"),
+}
+# Documents per row under masking: lengths drawn from a geometric law of this mean, cut at
+# the window (the loader packs documents whole the same way).
+MEAN_DOC = 1024
 
 
-def gpu_one(name: str, compile_: bool, ac: str, a) -> dict:
+def doc_batch(batch: int, seq: int, device, seed: int = 0):
+    """(positions, doc_ids) of ``batch`` packed rows: documents of random lengths (mean
+    MEAN_DOC), positions restarting at each."""
+    g = torch.Generator().manual_seed(seed)
+    docs = torch.zeros(batch, seq, dtype=torch.long)
+    pos = torch.zeros(batch, seq, dtype=torch.long)
+    for b in range(batch):
+        i, d = 0, 0
+        while i < seq:
+            n = min(seq - i, 1 + int(torch.empty(1).exponential_(1 / MEAN_DOC, generator=g).item()))
+            docs[b, i:i + n] = d
+            pos[b, i:i + n] = torch.arange(n)
+            i, d = i + n, d + 1
+    return pos.to(device), docs.to(device)
+
+
+def gpu_one(row: str, a) -> dict:
+    """One --gpu row in this process: the largest micro-batch <= --gpu-max-batch that fits
+    (halving on out-of-memory), its tokens/s and MFU over --gpu-steps steps, and the
+    compile (and first-step) overhead apart: the seconds of the warmup steps beyond as many
+    steady steps."""
     from pretrain.config import load_model_file
     from pretrain.observe.flops import peak_flops
 
+    name, seq, float8, compile_, ac, masking = GPU_ROWS[row]
     args = load_model_file(REPO / "configs" / "model" / f"{name}.yaml")
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
-    model, step = build_ours(args, a.gpu_seq, device, compile_=compile_, ac=ac, param_dtype=torch.bfloat16)
-    fpt, peak = flops_per_token(args, a.gpu_seq), peak_flops(device, None)
+    kernel = "auto" if masking == "none" else masking
+    model, step = build_ours(args, seq, device, compile_=compile_, ac=ac, param_dtype=torch.bfloat16,
+                             float8=float8, kernel=kernel)
+    fpt, peak = flops_per_token(args, seq), peak_flops(device, None)
+    out = {"row": row, "model": name, "seq": seq, "float8": float8, "compile": compile_, "ac": ac,
+           "masking": masking, "batch": 0, "tokens_s": 0.0, "mfu": 0.0, "peak_gib": 0.0, "warmup_extra_s": 0.0}
     batch = a.gpu_max_batch
     while batch >= 1:
         try:
-            tokens = torch.randint(0, args.vocab_size, (batch, a.gpu_seq + 1), device=device)
+            tokens = torch.randint(0, args.vocab_size, (batch, seq + 1), device=device)
             inputs, labels = tokens[:, :-1], tokens[:, 1:]
-            for _ in range(a.gpu_warmup):
-                step(inputs, labels)
+            extra = doc_batch(batch, seq, device) if masking != "none" else (None, None)
             torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(a.gpu_warmup):
+                step(inputs, labels, *extra)
+            torch.cuda.synchronize()
+            warm = time.perf_counter() - t0
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             for _ in range(a.gpu_steps):
-                step(inputs, labels)
+                step(inputs, labels, *extra)
             torch.cuda.synchronize()
-            tps = a.gpu_steps * batch * a.gpu_seq / (time.perf_counter() - t0)
-            return {"model": name, "compile": compile_, "ac": ac, "batch": batch, "tokens_s": tps,
-                    "mfu": fpt * tps / peak, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            dt = time.perf_counter() - t0
+            tps = a.gpu_steps * batch * seq / dt
+            # FLOPs/token counts the full causal attention (a document mask skips some)
+            return {**out, "batch": batch, "tokens_s": tps, "mfu": fpt * tps / peak,
+                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    "warmup_extra_s": warm - a.gpu_warmup * dt / a.gpu_steps}
         except torch.cuda.OutOfMemoryError:
             pass
         # Out of memory: free what the failed step held (its frames went with the exception).
-        tokens = inputs = labels = None
+        tokens = inputs = labels = extra = None
         model.zero_grad(set_to_none=True)
         gc.collect()
         torch.cuda.empty_cache()
         batch //= 2
-    return {"model": name, "compile": compile_, "ac": ac, "batch": 0, "tokens_s": 0.0, "mfu": 0.0, "peak_gib": 0.0}
+    return out
 
 
 def run_gpu(a) -> None:
     rows = []
-    for name in GPU_MODELS:
-        for compile_ in (False, True):
-            for ac in ("none", "selective_op"):
-                cmd = [sys.executable, __file__, "--gpu-one", f"{name},{int(compile_)},{ac}", *sys.argv[1:]]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:  # reported, and the row left empty (batch 0)
-                    print(f"{name} compile={compile_} ac={ac} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-                    rows.append({"model": name, "compile": compile_, "ac": ac, "batch": 0, "tokens_s": 0.0,
-                                 "mfu": 0.0, "peak_gib": 0.0})
-                    continue
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    names = a.gpu_rows.split(",") if a.gpu_rows else list(GPU_ROWS)
+    unknown = [n for n in names if n not in GPU_ROWS]
+    if unknown:
+        raise SystemExit(f"--gpu-rows: unknown {unknown}; known: {', '.join(GPU_ROWS)}")
+    for row in names:
+        cmd = [sys.executable, __file__, "--gpu-one", row, *sys.argv[1:]]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:  # reported, and the row left empty (batch 0)
+            print(f"{row} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+            name, seq, float8, compile_, ac, masking = GPU_ROWS[row]
+            rows.append({"row": row, "model": name, "seq": seq, "float8": float8, "compile": compile_, "ac": ac,
+                         "masking": masking, "batch": 0, "tokens_s": 0.0, "mfu": 0.0, "peak_gib": 0.0,
+                         "warmup_extra_s": 0.0, "process_s": time.perf_counter() - t0})
+            continue
+        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), flush=True)
     import torch.cuda as tc
 
-    print(f"{tc.get_device_name(0)}, bf16 autocast over fp32 masters, seq {a.gpu_seq}, largest micro-batch "
-          f"<= {a.gpu_max_batch} that fits (halving), {a.gpu_steps} steps after {a.gpu_warmup} warmup")
-    print(f"{'model':<12} {'compile':>7} {'AC':>12} {'batch':>5} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8}")
+    print(f"{tc.get_device_name(0)}, bf16 autocast over fp32 masters, largest micro-batch <= {a.gpu_max_batch} "
+          f"that fits (halving), {a.gpu_steps} steps after {a.gpu_warmup} warmup; 'warmup+' = seconds of the "
+          f"warmup steps beyond as many steady ones (compile, autotuning, allocator), 'proc s' = the row's whole "
+          f"process; document masks: mean document {MEAN_DOC} tokens")
+    print(f"{'row':<18} {'seq':>5} {'float8':>10} {'compile':>7} {'AC':>12} {'masking':>7} {'batch':>5} "
+          f"{'tokens/s':>9} {'MFU':>6} {'peak GiB':>8} {'warmup+':>7} {'proc s':>6}")
     for r in rows:
-        print(f"{r['model']:<12} {str(r['compile']):>7} {r['ac']:>12} {r['batch']:>5} {r['tokens_s']:>9.0f} "
-              f"{r['mfu']:>6.1%} {r['peak_gib']:>8.1f}")
-    print(" ".join(f"{r['model']}_c{int(r['compile'])}_{'sac' if r['ac'] != 'none' else 'noac'}_"
-                   f"{k}={r[k]:.4g}" for r in rows for k in ("batch", "tokens_s", "mfu", "peak_gib")))
+        print(f"{r['row']:<18} {r['seq']:>5} {r['float8']:>10} {str(r['compile']):>7} {r['ac']:>12} "
+              f"{r['masking']:>7} {r['batch']:>5} {r['tokens_s']:>9.0f} {r['mfu']:>6.1%} {r['peak_gib']:>8.1f} "
+              f"{r['warmup_extra_s']:>7.1f} {r['process_s']:>6.0f}")
+    by = {r["row"]: r for r in rows}
+    ratios = {}
+    for base, other, key in (("3b-8k-sac", "3b-8k-sac-f8", "float8_3b_8k"),
+                             ("1b-8k-sac", "1b-8k-sac-f8", "float8_1b_8k"),
+                             ("1b-4k-docs-sdpa", "1b-4k-docs-flex", "flex_1b_4k"),
+                             ("1b-8k-docs-sdpa", "1b-8k-docs-flex", "flex_1b_8k")):
+        if base in by and other in by and by[base]["tokens_s"] > 0:
+            ratios[key] = by[other]["tokens_s"] / by[base]["tokens_s"]
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}x tokens/s")
+    print(" ".join([f"{r['row']}_{k}={r[k]:.4g}" for r in rows for k in ("batch", "tokens_s", "mfu", "peak_gib",
+                                                                         "warmup_extra_s")]
+                   + [f"{k}_speedup={v:.4g}" for k, v in ratios.items()]))
 
 
 def main() -> None:
@@ -380,15 +479,15 @@ def main() -> None:
     ap.add_argument("--scaling-steps", type=int, default=10)
     ap.add_argument("--scaling-rounds", type=int, default=2)
     ap.add_argument("--scaling-skip", type=int, default=3, help="--scaling: steps left out of the median")
-    ap.add_argument("--gpu-seq", type=int, default=4096)
+    ap.add_argument("--gpu-rows", default=None,
+                    help=f"--gpu: comma-separated rows (default all): {', '.join(GPU_ROWS)}")
     ap.add_argument("--gpu-max-batch", type=int, default=16)
     ap.add_argument("--gpu-steps", type=int, default=10)
     ap.add_argument("--gpu-warmup", type=int, default=3)
     ap.add_argument("--gpu-one", default=None, help=argparse.SUPPRESS)  # internal: one --gpu combination
     a = ap.parse_args()
     if a.gpu_one:
-        name, c, ac = a.gpu_one.split(",")
-        print(json.dumps(gpu_one(name, c == "1", ac, a)))
+        print(json.dumps(gpu_one(a.gpu_one, a)))
     elif a.gpu:
         run_gpu(a)
     elif a.scaling:

@@ -140,20 +140,21 @@ def test_activation_checkpointing_is_bit_identical(reference, tmp_path, tok_cach
 
 
 def test_activation_checkpointing_lowers_peak_memory():
-    """bench/activation_memory.py: one fresh process per mode, 8 blocks at seq 2048, the
+    """bench/activation_memory.py: one fresh process per mode, 8 blocks at seq 1024, the
     most bytes the step's tensors hold at once (torch.profiler's allocation counts: exact,
-    the same on a busy machine). Measured: none 179 MB; every_n 0.553, selective_op 0.644,
-    full 0.208 of it. Without the wrapper every mode is 1.0."""
+    the same on a busy machine). Measured: none 90 MB; every_n 0.554, selective_op 0.647,
+    full 0.231 of it (at seq 2048, 27 s -> 38 s alone: 180 MB, 0.554, 0.645, 0.209).
+    Without the wrapper every mode is 1.0."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "bench/activation_memory.py", "--seq", "2048", "--dim", "128",
+    proc = subprocess.run([sys.executable, "bench/activation_memory.py", "--seq", "1024", "--dim", "128",
                            "--layers", "8", "--heads", "4", "--vocab", "256"], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())
     ratio = {m: float(got[f"mem_ratio_{m}"]) for m in ("every_n", "selective_op", "full")}
-    assert float(got["peak_mb_none"]) > 150, got
+    assert float(got["peak_mb_none"]) > 75, got
     assert ratio["full"] <= 0.3 and ratio["every_n"] <= 0.65 and ratio["selective_op"] <= 0.75, ratio
     assert ratio["full"] < min(ratio["every_n"], ratio["selective_op"]), ratio
 
