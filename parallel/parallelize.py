@@ -1,6 +1,6 @@
 """``parallelize``: the one place that applies the layout to a meta-device model of any
-family, in the order that works with FSDP2 (README, "Architecture"): the context-parallel
-attention core -> TP/SP -> activation
+family, in the order that works with FSDP2 (docs/architecture.md): float8 linears
+(``train.float8``) -> the context-parallel attention core (and every core's kernel) -> TP/SP -> activation
 checkpointing -> compile per block -> FSDP2 per block then the root. What is a block, which
 linears split how, where the embedding and head are: the family's ``ModelLayout``
 (``parallel/layout.py``). The caller materializes and inits after."""
