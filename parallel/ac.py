@@ -20,9 +20,10 @@ SAVE_OPS = {
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    # Float8 training (parallel/float8.py): its matmuls, and the amax of each tensorwise
-    # scale (a scalar: recomputing it would read the whole tensor again).
-    _aten._scaled_mm.default, _aten.max.default,
+    # Float8 training (parallel/float8.py): its matmuls, and the amax of each cast's scale
+    # (a scalar for tensorwise, max; a row of them for rowwise, amax): small, and
+    # recomputing one would read the whole tensor again.
+    _aten._scaled_mm.default, _aten.max.default, _aten.amax.default,
 }
 # Flex attention (parallel/attention_core.py on CUDA) is a higher-order op.
 _flex = getattr(torch.ops.higher_order, "flex_attention", None)

@@ -143,7 +143,12 @@ mask_builds = 0
 
 def _tensor_key(t: Optional[torch.Tensor]):
     """Identity of a key tensor: its id, version counter and shape; False if it has no
-    version counter (an inference-mode tensor can change in place unseen: never cached)."""
+    version counter (an inference-mode tensor can change in place unseen: never cached).
+    A write that bypasses the version counter (through a numpy array sharing the memory,
+    ``.data``) is not seen: the mask of the old ids would be served, and on CUDA, where flex
+    skips the mask function on full blocks, queries would attend across documents. The
+    trainer's ids are a fresh tensor per batch (the loader allocates each batch's arrays;
+    on CUDA they are a device copy), which nothing writes after."""
     if t is None:
         return None
     if t.is_inference():

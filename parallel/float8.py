@@ -39,21 +39,26 @@ MULTIPLE = 16
 
 def load_torchao():
     """``torchao.float8``. Without a GPU, torchao's import warns once per CUDA extension it
-    cannot load (``Failed to load ..._C_cutlass_90a.abi3.so``); float8 training uses none
-    of them (its casts are torch ops, its matmul ``torch._scaled_mm``), so on a machine
-    without CUDA those warnings are dropped."""
+    cannot load (``Failed to load ..._C_cutlass_90a.abi3.so``) and that triton is missing;
+    float8 training uses none of them (its casts are torch ops, its matmul
+    ``torch._scaled_mm``), so on a machine without CUDA those warnings are dropped. On every
+    machine torch's pytree registry warns that torchao registers enums it now handles
+    itself (a deprecation note to torchao's authors, nothing for a user to act on): dropped."""
     import logging
 
     import torch
 
-    log = logging.getLogger("torchao")
-    level = log.level
+    quiet = [logging.getLogger("torch.utils._pytree")]
     if not torch.cuda.is_available():
+        quiet.append(logging.getLogger("torchao"))
+    levels = [log.level for log in quiet]
+    for log in quiet:
         log.setLevel(logging.ERROR)
     try:
         import torchao.float8 as f8
     finally:
-        log.setLevel(level)
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
     return f8
 
 
@@ -90,16 +95,14 @@ def convert_float8(model: nn.Module, layout: ModelLayout, recipe: str, *, fsdp: 
 
 
 def converted(model: nn.Module) -> int:
-    """How many of ``model``'s linears are float8 (read back from the modules)."""
-    try:
-        from torchao.float8.float8_linear import Float8Linear
-    except ImportError:
-        return 0
-    return sum(isinstance(m, Float8Linear) for m in model.modules())
+    """How many of ``model``'s linears are float8 (read back from the modules; by class
+    name, so a run without float8 never imports torchao)."""
+    return sum(is_float8(m) for m in model.modules())
 
 
 def is_float8(module: nn.Module) -> bool:
-    return type(module).__name__ == "Float8Linear" and type(module).__module__.startswith("torchao.")
+    """torchao's Float8Linear (or a subclass), told without importing torchao."""
+    return any(c.__name__ == "Float8Linear" and c.__module__.startswith("torchao.") for c in type(module).__mro__)
 
 
 def after_optimizer_step(parts: Iterable[nn.Module]) -> None:

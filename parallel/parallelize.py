@@ -92,5 +92,6 @@ def describe_blocks(parts, layout: ModelLayout) -> str:
 
     cp = sum(isinstance(m, ContextParallelCore) for b in blocks for m in b.modules())
     f8 = sum(converted(b) for b in blocks)
+    linears = sum(isinstance(m, nn.Linear) for b in blocks for m in b.modules())
     return (f"{len(blocks)} blocks here: activation checkpointing {ac} | compiled {compiled} | "
-            f"FSDP2 units {fsdp} | context-parallel cores {cp} | float8 linears {f8}")
+            f"FSDP2 units {fsdp} | context-parallel cores {cp} | float8 linears {f8} of {linears}")
