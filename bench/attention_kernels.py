@@ -28,23 +28,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from parallel.attention_core import attend  # noqa: E402
+from train_throughput import doc_batch  # noqa: E402  (bench/ is this script's directory)
 
 # sdpa: the dense-mask path at any size (the trainer switches to blockwise above
 # DENSE_SCORES_MAX scores); blockwise: forced at any size.
 KERNELS = {"flex": dict(kernel="flex"), "sdpa": dict(kernel="sdpa", dense_max=1 << 62),
            "blockwise": dict(kernel="sdpa", dense_max=0)}
-
-
-def documents(batch: int, seq: int, mean: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    docs = torch.zeros(batch, seq, dtype=torch.long)
-    for b in range(batch):
-        i, d = 0, 0
-        while i < seq:
-            n = min(seq - i, 1 + int(torch.empty(1).exponential_(1 / mean, generator=g).item()))
-            docs[b, i:i + n] = d
-            i, d = i + n, d + 1
-    return docs
 
 
 def sync(device) -> None:
@@ -56,7 +45,7 @@ def one(seq: int, a, device, dtype) -> dict:
     g = torch.Generator().manual_seed(1)
     shape_q, shape_kv = (a.batch, seq, a.heads, a.head_dim), (a.batch, seq, a.kv_heads, a.head_dim)
     q0, k0, v0 = (torch.randn(s, generator=g) for s in (shape_q, shape_kv, shape_kv))
-    docs = documents(a.batch, seq, a.mean_doc).to(device)
+    _, docs = doc_batch(a.batch, seq, device, mean=a.mean_doc)
     backward = device.type == "cuda"
 
     def run(name: str, inputs_dtype, with_grad: bool):

@@ -346,16 +346,16 @@ GPU_ROWS = {
 MEAN_DOC = 1024
 
 
-def doc_batch(batch: int, seq: int, device, seed: int = 0):
-    """(positions, doc_ids) of ``batch`` packed rows: documents of random lengths (mean
-    MEAN_DOC), positions restarting at each."""
+def doc_batch(batch: int, seq: int, device, seed: int = 0, mean: int = MEAN_DOC):
+    """(positions, doc_ids) of ``batch`` packed rows: documents of random lengths (geometric,
+    mean ``mean``), positions restarting at each."""
     g = torch.Generator().manual_seed(seed)
     docs = torch.zeros(batch, seq, dtype=torch.long)
     pos = torch.zeros(batch, seq, dtype=torch.long)
     for b in range(batch):
         i, d = 0, 0
         while i < seq:
-            n = min(seq - i, 1 + int(torch.empty(1).exponential_(1 / MEAN_DOC, generator=g).item()))
+            n = min(seq - i, 1 + int(torch.empty(1).exponential_(1 / mean, generator=g).item()))
             docs[b, i:i + n] = d
             pos[b, i:i + n] = torch.arange(n)
             i, d = i + n, d + 1
