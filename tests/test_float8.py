@@ -144,9 +144,12 @@ def test_float8_under_tp_and_fsdp2_over_gloo(single):
     assert rows["tpnosp_tensorwise"]["float8_tp_styles"] == 14
     assert rel(rows["tpnosp_tensorwise"]["losses"], one["tensorwise"]) <= LAYOUT_RTOL
     # Sequence parallel on gloo: torch's styles over float8 linears; rowwise always so.
-    # Rowwise moves further (measured 2.5e-6 after the first forward, 1.7e-4 at step 5): its
-    # row scales of the row-wise linears' sharded weights reach the cast through DTensor
-    # reductions that one process does not make; 1e-3, still far below a wrong shard (1e-2).
+    # Rowwise moves further (measured 2.5e-6 after the first forward, 1.7e-4 at step 5):
+    # where a matmul contracts over a sharded dim (a row-wise linear's forward, a column-wise
+    # one's input gradient), each rank scales its shard per row and its partial product is
+    # dequantized with its own scales before the sum, a finer quantization than one
+    # process's (one linear alone: 6e-3 apart, the size of e4m3 rounding); tensorwise
+    # scales are global. 1e-3, still far below a wrong shard (1e-2).
     for name, recipe, tol in (("tp2_tensorwise", "tensorwise", LAYOUT_RTOL), ("tp2_rowwise", "rowwise", 1e-3)):
         assert rows[name]["float8_linears"] == 14 and rows[name]["float8_tp_styles"] == 0
         assert rel(rows[name]["losses"], one[recipe]) <= tol, (name, rows[name]["losses"], one[recipe])
